@@ -1,0 +1,52 @@
+# torpor — the two commands are `make demo` and `make test` (see README.md).
+# Everything they need is installed on first use: Python packages into a virtualenv and
+# the Go-built tools (Kubernetes, etcd, MinIO, Helm), both cached outside the repository.
+
+SHELL := /bin/bash
+TORPOR_CACHE ?= $(HOME)/.cache/torpor
+VENV ?= $(TORPOR_CACHE)/venv-py311
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+export TORPOR_CACHE
+
+.PHONY: help setup tools lint test test-unit demo cluster bench generate clean-cache
+
+help:
+	@echo "make demo   - run the local demo (control plane, node agent, MinIO)"
+	@echo "make test   - install everything needed and run every test tier"
+	@echo "make cluster - start a local control plane + nodes + MinIO until Ctrl-C"
+	@echo "make bench  - run the benchmarks in bench/"
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+# pip is a no-op when everything is satisfied; torch comes from pip's own cache after the
+# first install.
+setup: $(PY)
+	@echo "[setup] python packages into $(VENV)"
+	$(PY) -m pip install -q -e ".[torch,operator,dev]"
+
+tools: $(PY)
+	$(PY) hack/bootstrap.py
+
+lint: setup
+	$(PY) -m ruff check .
+
+test: setup tools lint
+	$(PY) -m pytest tests
+
+test-unit: setup
+	$(PY) -m pytest tests/unit
+
+demo: setup tools
+	$(PY) hack/cluster.py --demo
+
+cluster: setup tools
+	$(PY) hack/cluster.py
+
+bench: setup tools
+	$(PY) bench/run.py
+
+clean-cache:
+	rm -rf $(TORPOR_CACHE)

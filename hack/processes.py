@@ -1,0 +1,97 @@
+"""Small process helpers shared by the local control plane, MinIO and the node agent.
+
+Why a module of its own: every server we start for tests must bind to 127.0.0.1 on a free
+port, log to a file a failing test can show, and die with the process that started it —
+even when pytest is killed — so that a red run never leaves servers behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+_PR_SET_PDEATHSIG = 1
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that was free a moment ago on ``host`` (the caller binds it soon after)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: SIGKILL it when the parent thread exits."""
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    os.setsid()
+
+
+def start_server(argv: Sequence[str], log_path: Path, env: dict[str, str] | None = None,
+                 cwd: Path | None = None) -> subprocess.Popen[bytes]:
+    """Start a long-running server that logs to ``log_path`` and dies with us."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log = open(log_path, "ab")  # noqa: SIM115 - handed to the child, closed in stop_server
+    try:
+        return subprocess.Popen(
+            list(argv), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=env, cwd=cwd, preexec_fn=_die_with_parent,
+        )
+    finally:
+        log.close()
+
+
+def stop_server(proc: subprocess.Popen[bytes] | None, timeout: float = 10.0) -> None:
+    """SIGTERM the server's process group, then SIGKILL it if it lingers."""
+    if proc is None or proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=timeout)
+
+
+class StartupError(RuntimeError):
+    """A server did not become ready; the message carries the tail of its log."""
+
+
+def log_tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return "(no log)"
+
+
+def wait_until(check: Callable[[], bool], *, timeout: float, what: str,
+               proc: subprocess.Popen[bytes] | None = None, log_path: Path | None = None,
+               interval: float = 0.1) -> None:
+    """Poll ``check`` until it is true; fail early if ``proc`` exits.
+
+    Raises:
+        StartupError: on timeout or when the watched process died, with its log tail.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if check():
+                return
+        except Exception:
+            pass
+        if proc is not None and proc.poll() is not None:
+            tail = log_tail(log_path) if log_path else ""
+            raise StartupError(f"{what}: process exited with code {proc.returncode}\n{tail}")
+        if time.monotonic() > deadline:
+            tail = log_tail(log_path) if log_path else ""
+            raise StartupError(f"{what}: not ready after {timeout:.0f}s\n{tail}")
+        time.sleep(interval)
