@@ -78,6 +78,9 @@ class ControlPlane:
         for name in reversed(list(self._procs)):
             stop_server(self._procs.pop(name))
 
+    def pids(self) -> dict[str, int]:
+        return {name: proc.pid for name, proc in self._procs.items()}
+
     def alive(self) -> dict[str, bool]:
         return {name: proc.poll() is None for name, proc in self._procs.items()}
 

@@ -95,3 +95,69 @@ def wait_until(check: Callable[[], bool], *, timeout: float, what: str,
             tail = log_tail(log_path) if log_path else ""
             raise StartupError(f"{what}: not ready after {timeout:.0f}s\n{tail}")
         time.sleep(interval)
+
+
+def descendants(pid: int) -> set[int]:
+    """``pid`` and every process below it, read from /proc (children files)."""
+    found = {pid}
+    queue = [pid]
+    while queue:
+        current = queue.pop()
+        try:
+            tasks = os.listdir(f"/proc/{current}/task")
+        except FileNotFoundError:
+            continue
+        for task in tasks:
+            try:
+                children = Path(f"/proc/{current}/task/{task}/children").read_text().split()
+            except FileNotFoundError:
+                continue
+            for child in map(int, children):
+                if child not in found:
+                    found.add(child)
+                    queue.append(child)
+    return found
+
+
+def listening_addresses(pids: set[int]) -> set[tuple[str, int]]:
+    """TCP (v4 and v6) addresses on which any of ``pids`` listens, from /proc.
+
+    Why: tests prove that nothing we start is reachable from another machine.
+    """
+    inodes: set[str] = set()
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except (FileNotFoundError, PermissionError):
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    addresses: set[tuple[str, int]] = set()
+    for table, family in (("/proc/net/tcp", 4), ("/proc/net/tcp6", 6)):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        for row in rows:
+            fields = row.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            if state == "0A" and inode in inodes:  # 0A = LISTEN
+                addresses.add(_decode_address(local, family))
+    return addresses
+
+
+def _decode_address(hex_address: str, family: int) -> tuple[str, int]:
+    host_hex, port_hex = hex_address.split(":")
+    raw = bytes.fromhex(host_hex)
+    if family == 4:
+        host = socket.inet_ntop(socket.AF_INET, raw[::-1])
+    else:
+        # /proc prints IPv6 as four little-endian 32-bit words.
+        words = b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))
+        host = socket.inet_ntop(socket.AF_INET6, words)
+    return host, int(port_hex, 16)

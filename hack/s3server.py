@@ -74,6 +74,10 @@ class MinioServer:
         stop_server(self._proc)
         self._proc = None
 
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
