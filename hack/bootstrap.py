@@ -184,7 +184,7 @@ def build_kubernetes(work: Path) -> None:
     out = bin_dir("kubernetes")
     out.mkdir(parents=True, exist_ok=True)
     run(
-        Step("kubernetes", "compile (the long one: ~20-40 min cold on 2 cores)"),
+        Step("kubernetes", "compile (the long one: ~6 min cold on 2 cores)"),
         ["go", "build", "-trimpath", "-ldflags", version_ldflags(version), "-o", str(out) + "/", *cmds],
         work,
     )
