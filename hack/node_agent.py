@@ -1,0 +1,498 @@
+"""A kubelet stand-in for tests: Nodes that run their pods as local processes.
+
+No kubelet or container runtime can run on our machines, so this agent plays kubelet for N
+Nodes (`<prefix>-0` … `<prefix>-N-1`) against a real API server:
+
+* **Nodes.** Registers each Node with capacity/allocatable (cpu 8, memory 16Gi, pods 110),
+  addresses (InternalIP 127.0.0.1, Hostname), nodeInfo and a Ready condition, then renews
+  its Lease in `kube-node-lease` and the Ready heartbeat every 10 s. The node lifecycle
+  controller removes the `node.kubernetes.io/not-ready` taint once it sees it Ready.
+  `stop()` deletes the Nodes (and the pod GC then removes their pods).
+* **Pods.** Watches all pods (list + watch, reconnecting after a 410 or a dropped
+  connection) and hands each pod bound to one of its Nodes to a `PodWorker` thread
+  (`nodeagent_pods`), which runs its containers, reports status and handles deletion.
+  The image is ignored: `command` + `args` run on the host; `python`/`python3` as
+  argv[0] mean this agent's own interpreter. The environment is the container's `env`
+  and `envFrom` (fieldRef, secretKeyRef, configMapKeyRef, resourceFieldRef), on top of a
+  few host variables (`PATH`, `HOME`, `LANG`, `LC_ALL`, `PYTHONPATH`, `VIRTUAL_ENV`),
+  `HOSTNAME` and `KUBERNETES_SERVICE_HOST`/`_PORT` (the API server; with the projected
+  service-account token, in-cluster config works). Default working directory: the pod
+  directory (an image would give "/").
+* **Volumes at their real paths.** Each container starts in its own mount and UTS
+  namespaces (`unshare --mount --uts --propagation private`, see `nodeagent_launch`),
+  where every volume directory under `<workdir>/pods/<ns>_<name>_<uid>/volumes/` is
+  bind-mounted at its `mountPath` (ConfigMap, Secret, downwardAPI and projected ones
+  read-only). Missing mount points are created, empty, on the host. ConfigMap, Secret,
+  downwardAPI and projected (incl. serviceAccountToken) volumes use kubelet's atomic
+  `..data` symlink swap and are refreshed every `configmap_sync_seconds` and at once when
+  the pod's metadata or spec changes; `subPath` mounts of them are copied once and never
+  refreshed. emptyDir and hostPath are supported; other volume types keep the pod Pending.
+* **Networking.** Every pod gets its own loopback address from 127.0.0.0/8 (127.x.y.z with
+  x ≥ 1), reported as `status.podIP` (hostIP 127.0.0.1), so two pods can listen on the same
+  port if they bind their pod IP. Name resolution is a per-pod hosts file bind-mounted at
+  `/etc/hosts`: localhost, the pod's own hostname, and for every live pod in the cluster
+  with `spec.hostname` and `spec.subdomain` the names `<h>.<sub>.<ns>.svc.cluster.local`,
+  `<h>.<sub>.<ns>.svc`, `<h>.<sub>.<ns>` and `<h>.<sub>`. It is rewritten in place (same
+  inode, which is what a bind mount follows) whenever such pods come or go. The pod's
+  hostname (`spec.hostname` or its name) is set in its UTS namespace.
+* **Logs.** A container's stdout+stderr go to
+  `<workdir>/pods/<ns>_<name>_<uid>/<container>.log` (see `NodeAgent.logs_path`);
+  `kubectl logs` does not work, as there is no kubelet API.
+* **Stopping** kills every pod process group (SIGTERM, 2 s, SIGKILL). Mounts live only in
+  the pods' namespaces, so nothing is left mounted on the host.
+
+Not done: probes, lifecycle hooks, sidecar (restartable) init containers, resource limits,
+`kubectl logs/exec/port-forward`, image pulls.
+
+Command line (runs until SIGINT/SIGTERM)::
+
+    python hack/node_agent.py --kubeconfig K --nodes 2 --workdir DIR \\
+        [--configmap-sync-seconds S] [--node-prefix torpor-node]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import platform
+import random
+import signal
+import threading
+import time
+import uuid
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+from urllib.parse import urlparse
+
+import urllib3
+
+from nodeagent_kube import MERGE, ApiError, KubeClient
+from nodeagent_pods import PodWorker, now_iso, pod_dir_name
+from nodeagent_volumes import NODE_ALLOCATABLE
+
+JsonDict = dict[str, Any]
+log = logging.getLogger("torpor.node_agent")
+
+HEARTBEAT_SECONDS = 10.0
+LEASE_SECONDS = 40
+NOT_READY_TAINT = "node.kubernetes.io/not-ready"
+HOST_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "PYTHONPATH", "VIRTUAL_ENV")
+KUBELET_VERSION = "v1.36.3"
+
+
+class NodeAgent:
+    """Registers Nodes and runs the pods bound to them; see the module docstring.
+
+    Args:
+        kubeconfig: admin kubeconfig of the API server.
+        workdir: where pod directories, volumes and logs go (`<workdir>/pods/...`).
+        nodes: how many Nodes to register.
+        configmap_sync_seconds: period of the ConfigMap/Secret/downwardAPI volume refresh
+            (kubelet's is about a minute); settable while running.
+        node_prefix: Node names are `<node_prefix>-0` … `<node_prefix>-<nodes-1>`.
+
+    Example:
+        >>> with NodeAgent(Path("admin.kubeconfig"), Path("/tmp/agent")) as agent:
+        ...     agent.logs_path(pod)
+    """
+
+    def __init__(
+        self,
+        kubeconfig: Path,
+        workdir: Path,
+        nodes: int = 2,
+        configmap_sync_seconds: float = 60.0,
+        node_prefix: str = "torpor-node",
+    ):
+        if nodes < 1:
+            raise ValueError(f"nodes must be at least 1, got {nodes}")
+        if configmap_sync_seconds <= 0:
+            raise ValueError(f"configmap_sync_seconds must be positive, got {configmap_sync_seconds}")
+        self.kubeconfig = Path(kubeconfig)
+        self.workdir = Path(workdir)
+        self.node_names = [f"{node_prefix}-{i}" for i in range(nodes)]
+        self.configmap_sync_seconds = configmap_sync_seconds
+        self.kube: KubeClient
+        self.base_env: dict[str, str] = {}
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._workers: dict[str, PodWorker] = {}  # by pod UID
+        self._pods: dict[str, JsonDict] = {}  # every pod in the cluster, by UID
+        self._threads: list[threading.Thread] = []
+        self._started = False
+        self._started_at = ""
+
+    # --- public -------------------------------------------------------------------------
+
+    def start(self, ready_timeout: float = 90.0) -> NodeAgent:
+        """Register the Nodes, start watching pods, and wait until the Nodes are Ready."""
+        (self.workdir / "pods").mkdir(parents=True, exist_ok=True)
+        self.kube = KubeClient(self.kubeconfig)
+        api = urlparse(self.kube.host)
+        self.base_env = {k: os.environ[k] for k in HOST_ENV if k in os.environ}
+        self.base_env.update(
+            KUBERNETES_SERVICE_HOST=api.hostname or "127.0.0.1", KUBERNETES_SERVICE_PORT=str(api.port or 443)
+        )
+        self._started = True
+        self._started_at = now_iso()
+        for name in self.node_names:
+            self._register(name)
+        for target, name in ((self._heartbeat_loop, "heartbeat"), (self._watch_loop, "pod-watch")):
+            thread = threading.Thread(target=target, name=f"node-agent-{name}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        self.wait_ready(ready_timeout)
+        log.info("node agent: nodes %s ready", ", ".join(self.node_names))
+        return self
+
+    def stop(self) -> None:
+        """Kill every pod process, stop watching, and delete the Nodes."""
+        if not self._started:
+            return
+        self._started = False
+        self._stop.set()
+        self.kube.close()
+        with self._lock:
+            workers = list(self._workers.values())
+        for worker in workers:
+            worker.shutdown()
+        for worker in workers:
+            worker.join()
+        for thread in self._threads:
+            thread.join(timeout=10)
+        for name in self.node_names:
+            try:
+                self.kube.delete(f"/api/v1/nodes/{name}")
+            except (ApiError, urllib3.exceptions.HTTPError) as exc:
+                log.warning("node agent: could not delete node %s: %s", name, exc)
+        log.info("node agent: stopped")
+
+    def __enter__(self) -> NodeAgent:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    def wait_ready(self, timeout: float) -> None:
+        """Wait until every Node is Ready and untainted by the node lifecycle controller.
+
+        Raises:
+            TimeoutError: a Node is still not ready after `timeout` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            pending = [n for n in self.node_names if not self._node_ready(n)]
+            if not pending:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"nodes {pending} not Ready (or still tainted {NOT_READY_TAINT}) "
+                    f"after {timeout:g}s: is kube-controller-manager running?"
+                )
+            time.sleep(0.5)
+
+    def pod_dir(self, pod: Any) -> Path:
+        """The directory of a pod (a `V1Pod` or a dictionary): volumes, logs, hosts file."""
+        if not isinstance(pod, dict):
+            pod = {
+                "metadata": {"namespace": pod.metadata.namespace, "name": pod.metadata.name, "uid": pod.metadata.uid}
+            }
+        return self.workdir / "pods" / pod_dir_name(pod)
+
+    def logs_path(self, pod: Any, container: str | None = None) -> Path:
+        """The log file of a container (default: the pod's first container)."""
+        if container is None:
+            spec = pod["spec"] if isinstance(pod, dict) else None
+            container = spec["containers"][0]["name"] if spec else pod.spec.containers[0].name
+        return self.pod_dir(pod) / f"{container}.log"
+
+    def pids(self) -> list[int]:
+        """PIDs (= process group IDs) of the containers running now."""
+        with self._lock:
+            return [pid for worker in self._workers.values() for pid in worker.pids()]
+
+    # --- nodes --------------------------------------------------------------------------
+
+    def _node_status(self) -> JsonDict:
+        now = now_iso()
+        conditions = [
+            ("MemoryPressure", "False", "KubeletHasSufficientMemory"),
+            ("DiskPressure", "False", "KubeletHasNoDiskPressure"),
+            ("PIDPressure", "False", "KubeletHasSufficientPID"),
+            ("Ready", "True", "KubeletReady"),
+        ]
+        return {
+            "conditions": [
+                {
+                    "type": t,
+                    "status": s,
+                    "reason": r,
+                    "message": "torpor node agent",
+                    "lastHeartbeatTime": now,
+                    "lastTransitionTime": self._started_at,
+                }
+                for t, s, r in conditions
+            ]
+        }
+
+    def _register(self, name: str) -> None:
+        node = {
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {
+                "name": name,
+                "labels": {
+                    "kubernetes.io/hostname": name,
+                    "kubernetes.io/os": "linux",
+                    "kubernetes.io/arch": "amd64",
+                    "torpor.dev/node-agent": "true",
+                },
+            },
+        }
+        try:
+            created = self.kube.create("/api/v1/nodes", node)
+        except ApiError as exc:
+            if exc.status != 409:
+                raise
+            created = self.kube.get(f"/api/v1/nodes/{name}")
+        status = {
+            "capacity": NODE_ALLOCATABLE,
+            "allocatable": NODE_ALLOCATABLE,
+            "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}, {"type": "Hostname", "address": name}],
+            "daemonEndpoints": {"kubeletEndpoint": {"Port": 0}},
+            "nodeInfo": {
+                "machineID": uuid.uuid5(uuid.NAMESPACE_DNS, name).hex,
+                "systemUUID": str(uuid.uuid5(uuid.NAMESPACE_DNS, name)),
+                "bootID": str(uuid.uuid4()),
+                "kernelVersion": platform.release(),
+                "osImage": "torpor node agent",
+                "containerRuntimeVersion": "torpor://0.1.0",
+                "kubeletVersion": KUBELET_VERSION,
+                "kubeProxyVersion": KUBELET_VERSION,
+                "operatingSystem": "linux",
+                "architecture": "amd64",
+            },
+            **self._node_status(),
+        }
+        self.kube.patch(f"/api/v1/nodes/{name}/status", {"status": status})
+        lease = {
+            "apiVersion": "coordination.k8s.io/v1",
+            "kind": "Lease",
+            "metadata": {
+                "name": name,
+                "namespace": "kube-node-lease",
+                "ownerReferences": [
+                    {"apiVersion": "v1", "kind": "Node", "name": name, "uid": created["metadata"]["uid"]}
+                ],
+            },
+            "spec": {"holderIdentity": name, "leaseDurationSeconds": LEASE_SECONDS, "renewTime": _micro_time()},
+        }
+        try:
+            self.kube.create("/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases", lease)
+        except ApiError as exc:
+            if exc.status != 409:
+                raise
+            self._renew_lease(name)
+        log.info("node agent: registered node %s", name)
+
+    def _renew_lease(self, name: str) -> None:
+        self.kube.patch(
+            f"/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/{name}",
+            {"spec": {"holderIdentity": name, "renewTime": _micro_time()}},
+            MERGE,
+        )
+
+    def _heartbeat_loop(self) -> None:
+        while not self._stop.wait(HEARTBEAT_SECONDS):
+            for name in self.node_names:
+                try:
+                    self._renew_lease(name)
+                    self.kube.patch(f"/api/v1/nodes/{name}/status", {"status": self._node_status()})
+                except ApiError as exc:
+                    if exc.status == 404:
+                        self._register(name)  # someone deleted it: register again, like kubelet
+                    else:
+                        log.warning("node agent: heartbeat for %s failed: %s", name, exc)
+                except urllib3.exceptions.HTTPError as exc:
+                    log.warning("node agent: heartbeat for %s failed: %s", name, exc)
+
+    def _node_ready(self, name: str) -> bool:
+        node = self.kube.get(f"/api/v1/nodes/{name}")
+        ready = any(
+            c["type"] == "Ready" and c["status"] == "True" for c in node.get("status", {}).get("conditions", [])
+        )
+        tainted = any(t["key"] == NOT_READY_TAINT for t in node.get("spec", {}).get("taints") or [])
+        return ready and not tainted
+
+    # --- pods ---------------------------------------------------------------------------
+
+    def _watch_loop(self) -> None:
+        version: str | None = None
+        while not self._stop.is_set():
+            try:
+                if version is None:
+                    version = self._relist()
+                for event in self.kube.watch("/api/v1/pods", version, timeout_seconds=random.randint(240, 360)):
+                    obj = event["object"]
+                    if event["type"] == "ERROR":
+                        log.info("node agent: watch ended: %s", obj.get("message"))
+                        if obj.get("code") == 410:
+                            version = None
+                        break
+                    version = obj["metadata"]["resourceVersion"]
+                    if event["type"] != "BOOKMARK":
+                        self._on_pod(event["type"], obj)
+            except ApiError as exc:
+                if exc.status == 410:
+                    version = None
+                    continue
+                log.warning("node agent: pod watch failed: %s", exc)
+                self._stop.wait(1.0)
+            except (urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
+                if self._stop.is_set():
+                    break
+                log.warning("node agent: pod watch interrupted (%s), reconnecting", type(exc).__name__)
+                self._stop.wait(1.0)
+
+    def _relist(self) -> str:
+        answer = self.kube.get("/api/v1/pods")
+        seen = {pod["metadata"]["uid"]: pod for pod in answer["items"]}
+        with self._lock:
+            vanished = [pod for uid, pod in self._pods.items() if uid not in seen]
+        for pod in vanished:
+            self._on_pod("DELETED", pod)
+        for pod in seen.values():
+            self._on_pod("MODIFIED", pod)
+        return answer["metadata"]["resourceVersion"]
+
+    def _on_pod(self, kind: str, pod: JsonDict) -> None:
+        uid = pod["metadata"]["uid"]
+        ours = pod["spec"].get("nodeName") in self.node_names
+        with self._lock:
+            if kind == "DELETED":
+                self._pods.pop(uid, None)
+            else:
+                self._pods[uid] = pod
+            worker = self._workers.get(uid)
+        if worker is not None:
+            worker.gone(pod) if kind == "DELETED" else worker.update(pod)
+        elif ours and kind != "DELETED" and not self._stop.is_set():
+            if (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+                if pod["metadata"].get("deletionTimestamp"):
+                    self._delete_now(pod)  # finished before we saw it: nothing to stop
+            else:
+                with self._lock:
+                    worker = PodWorker(self, pod, self._allocate_ip(pod))
+                    self._workers[uid] = worker
+                worker.start()
+        if pod["spec"].get("subdomain") or worker is not None:
+            self._refresh_hosts()
+
+    def _delete_now(self, pod: JsonDict) -> None:
+        meta = pod["metadata"]
+        try:
+            self.kube.delete(
+                f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}",
+                {"gracePeriodSeconds": 0, "preconditions": {"uid": meta["uid"]}},
+            )
+        except ApiError as exc:
+            if exc.status not in (404, 409):
+                raise
+
+    def worker_done(self, worker: PodWorker) -> None:
+        """Called by a worker thread when its pod is over."""
+        with self._lock:
+            self._workers.pop(worker.uid, None)
+        self._refresh_hosts()
+
+    def _allocate_ip(self, pod: JsonDict) -> str:
+        """A free 127.x.y.z (x ≥ 1) address; the pod's old one if it already had one. Needs `_lock`."""
+        in_use = {w.ip for w in self._workers.values()}
+        in_use |= {
+            (p.get("status") or {}).get("podIP")
+            for p in self._pods.values()
+            if p["metadata"]["uid"] != pod["metadata"]["uid"]
+        }
+        old = (pod.get("status") or {}).get("podIP", "")
+        if old.startswith("127.") and not old.startswith("127.0.") and old not in in_use:
+            return old
+        while True:
+            ip = f"127.{random.randint(1, 254)}.{random.randint(0, 255)}.{random.randint(1, 254)}"
+            if ip not in in_use:
+                return ip
+
+    def hosts_for(self, worker: PodWorker) -> str:
+        """The /etc/hosts of one pod: localhost, itself, and every pod with a subdomain."""
+        with self._lock:
+            ips = {uid: w.ip for uid, w in self._workers.items()}
+            pods = list(self._pods.values())
+        lines = [
+            "# Kubernetes-managed hosts file (torpor node agent).",
+            "127.0.0.1\tlocalhost",
+            "::1\tlocalhost ip6-localhost ip6-loopback",
+        ]
+        own = worker.pod
+        own_names = _dns_names(own)
+        own_host = own["spec"].get("hostname") or own["metadata"]["name"]
+        lines.append(f"{worker.ip}\t{' '.join([*own_names, own_host])}")
+        for pod in sorted(pods, key=lambda p: p["metadata"]["uid"]):
+            meta, status = pod["metadata"], pod.get("status") or {}
+            ip = ips.get(meta["uid"]) or status.get("podIP")
+            names = _dns_names(pod)
+            if (
+                meta["uid"] == worker.uid
+                or not names
+                or not ip
+                or meta.get("deletionTimestamp")
+                or status.get("phase") in ("Succeeded", "Failed")
+            ):
+                continue
+            lines.append(f"{ip}\t{' '.join(names)}")
+        return "\n".join(lines) + "\n"
+
+    def _refresh_hosts(self) -> None:
+        with self._lock:
+            workers = list(self._workers.values())
+        for worker in workers:
+            if worker.hosts_path.parent.exists():
+                worker.write_hosts(self.hosts_for(worker))
+
+
+def _dns_names(pod: JsonDict) -> list[str]:
+    spec, ns = pod["spec"], pod["metadata"]["namespace"]
+    host, sub = spec.get("hostname"), spec.get("subdomain")
+    if not (host and sub):
+        return []
+    return [f"{host}.{sub}.{ns}.svc.cluster.local", f"{host}.{sub}.{ns}.svc", f"{host}.{sub}.{ns}", f"{host}.{sub}"]
+
+
+def _micro_time() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{time.time_ns() // 1000 % 10**6:06d}Z"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--kubeconfig", type=Path, required=True)
+    parser.add_argument("--workdir", type=Path, required=True)
+    parser.add_argument("--nodes", type=int, default=2)
+    parser.add_argument("--configmap-sync-seconds", type=float, default=60.0)
+    parser.add_argument("--node-prefix", default="torpor-node")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    agent = NodeAgent(args.kubeconfig, args.workdir, args.nodes, args.configmap_sync_seconds, args.node_prefix)
+    with agent:
+        print(
+            f"node agent running: nodes {', '.join(agent.node_names)}; pod logs under {args.workdir}/pods", flush=True
+        )
+        stop.wait()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,611 @@
+"""One pod on a node-agent node: its directory, volumes, processes and status.
+
+A `PodWorker` thread owns one pod from the moment it is bound to one of the agent's nodes
+until it is deleted from the API server. It does, in order, what kubelet does:
+
+1. materialise the pod's volumes under `<workdir>/pods/<ns>_<name>_<uid>/volumes/`
+   (waiting, as `ContainerCreating`, while a ConfigMap or Secret is missing);
+2. run the init containers one after another, then all containers, each as a process
+   (see `nodeagent_launch`) in its own session and process group;
+3. report status (`Pending` → `Running` → `Succeeded`/`Failed`) with containerStatuses,
+   exit codes and termination messages; restart containers per `restartPolicy` with a
+   short exponential back-off (1 s doubling up to 10 s);
+4. refresh ConfigMap, Secret, downwardAPI and projected volumes every
+   `configmap_sync_seconds` and at once when the pod's metadata or spec changes;
+5. on `deletionTimestamp`: SIGTERM to every process group, wait the grace period, SIGKILL,
+   report the final status, delete the pod with grace period 0 and a UID precondition.
+
+Each container's stdout and stderr go to `<pod dir>/<container>.log` (appended across
+restarts). Its termination message file is `<pod dir>/<container>.termination-log`,
+mounted at `terminationMessagePath`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import nodeagent_volumes as volumes
+from nodeagent_kube import ApiError
+
+if TYPE_CHECKING:
+    from node_agent import NodeAgent
+
+JsonDict = dict[str, Any]
+log = logging.getLogger("torpor.node_agent")
+
+LAUNCHER = Path(__file__).with_name("nodeagent_launch.py")
+MAX_MESSAGE = 4096
+FALLBACK_LOG_LINES, FALLBACK_LOG_BYTES = 80, 2048
+BACKOFF_START, BACKOFF_MAX = 1.0, 10.0
+TICK = 0.1  # seconds between looks at the processes
+# The agent stopping: how long pod processes get between SIGTERM and SIGKILL.
+SHUTDOWN_GRACE = 2.0
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def pod_dir_name(pod: JsonDict) -> str:
+    meta = pod["metadata"]
+    return f"{meta['namespace']}_{meta['name']}_{meta['uid']}"
+
+
+@dataclass
+class Container:
+    """The runtime state of one container of the pod."""
+
+    spec: JsonDict
+    init: bool
+    log_path: Path
+    message_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+    restart_count: int = 0
+    started_at: str | None = None
+    log_offset: int = 0
+    container_id: str = ""
+    terminated: JsonDict | None = None  # the current `state.terminated`, if it ended
+    last_state: JsonDict = field(default_factory=dict)
+    waiting: tuple[str, str] = ("ContainerCreating", "")
+    next_start: float = 0.0  # monotonic time before which it must not restart
+
+    @property
+    def name(self) -> str:
+        return self.spec["name"]
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None
+
+    def status(self) -> JsonDict:
+        if self.proc is not None:
+            state: JsonDict = {"running": {"startedAt": self.started_at}}
+        elif self.terminated is not None:
+            state = {"terminated": self.terminated}
+        else:
+            reason, message = self.waiting
+            state = {"waiting": {"reason": reason, **({"message": message} if message else {})}}
+        status = {
+            "name": self.name,
+            "image": self.spec.get("image", ""),
+            "imageID": "",
+            "ready": self.proc is not None and not self.init,
+            "started": self.proc is not None,
+            "restartCount": self.restart_count,
+            "state": state,
+            "lastState": self.last_state,
+        }
+        if self.container_id and (self.proc is not None or self.terminated is not None):
+            status["containerID"] = self.container_id
+        return status
+
+
+class PodWorker(threading.Thread):
+    """Runs one pod; see the module docstring. Fed by the agent's watcher."""
+
+    def __init__(self, agent: NodeAgent, pod: JsonDict, pod_ip: str):
+        meta = pod["metadata"]
+        super().__init__(name=f"pod-{meta['namespace']}/{meta['name']}", daemon=True)
+        self.agent = agent
+        self.uid: str = meta["uid"]
+        self.key = f"{meta['namespace']}/{meta['name']}"
+        self.ip = pod_ip
+        self.dir = agent.workdir / "pods" / pod_dir_name(pod)
+        self.hosts_path = self.dir / "hosts"
+        self._pod = pod
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._changed = False
+        self._gone = False
+        self._stopping = False
+        self._start_time: str | None = None
+        self._last_sync = 0.0
+        self._last_report: JsonDict | None = None
+        self._transitions: dict[str, tuple[str, str]] = {}
+        self._tokens: dict[tuple[str, int], tuple[bytes, float]] = {}
+        spec = pod["spec"]
+        self.containers = [self._container(c, init=True) for c in spec.get("initContainers") or []] + [
+            self._container(c, init=False) for c in spec["containers"]
+        ]
+
+    def _container(self, spec: JsonDict, init: bool) -> Container:
+        return Container(
+            spec=spec,
+            init=init,
+            log_path=self.dir / f"{spec['name']}.log",
+            message_path=self.dir / f"{spec['name']}.termination-log",
+        )
+
+    # --- fed by the agent (other threads) -----------------------------------------------
+
+    def update(self, pod: JsonDict) -> None:
+        """A newer version of the pod arrived from the watch."""
+        with self._lock:
+            if _fingerprint(pod) != _fingerprint(self._pod):
+                self._changed = True
+            self._pod = pod
+        self._wake.set()
+
+    def gone(self, pod: JsonDict) -> None:
+        """The pod was removed from the API server (force-deleted or deleted by us)."""
+        with self._lock:
+            self._pod = pod
+        self._gone = True
+        self._wake.set()
+
+    def shutdown(self) -> None:
+        """The agent is stopping: kill the processes, touch nothing in the API."""
+        self._stopping = True
+        self._wake.set()
+
+    def write_hosts(self, text: str) -> None:
+        """Rewrite the pod's hosts file in place: a bind mount keeps the inode, not the name."""
+        with self._lock:
+            if not self.hosts_path.exists() or self.hosts_path.read_text() != text:
+                with open(self.hosts_path, "a+") as f:
+                    f.seek(0)
+                    f.truncate()
+                    f.write(text)
+
+    def pids(self) -> list[int]:
+        return [c.proc.pid for c in self.containers if c.proc is not None]
+
+    @property
+    def pod(self) -> JsonDict:
+        with self._lock:
+            return self._pod
+
+    # --- the thread ---------------------------------------------------------------------
+
+    def run(self) -> None:
+        try:
+            self._run()
+        except Exception:
+            log.exception("pod %s: worker failed", self.key)
+        finally:
+            self._kill_all(signal.SIGKILL)
+            self.agent.worker_done(self)
+
+    def _run(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.write_hosts(self.agent.hosts_for(self))
+        self._start_time = now_iso()
+        log.info("pod %s: assigned to %s, pod IP %s", self.key, self.pod["spec"]["nodeName"], self.ip)
+        self._report()
+        while not self._prepare_volumes():
+            if self._wait(2.0):
+                return self._finish()
+        inits = [c for c in self.containers if c.init]
+        mains = [c for c in self.containers if not c.init]
+        for container in inits:
+            if not self._run_init(container):
+                return self._finish()
+        for container in mains:
+            self._start(container)
+        self._report()
+        while not self._wait(TICK):
+            changed = False
+            for container in mains:
+                changed |= self._reap(container)
+                if not container.running and container.terminated is None and time.monotonic() >= container.next_start:
+                    self._start(container)
+                    changed = True
+            if changed:
+                self._report()
+            if all(c.terminated is not None and not self._will_restart(c) for c in mains):
+                break
+        self._finish()
+
+    def _run_init(self, container: Container) -> bool:
+        """Run one init container to success; False if the pod is finished or going away."""
+        while True:
+            if time.monotonic() >= container.next_start and not container.running:
+                self._start(container)
+                self._report()
+            while container.running:
+                if self._wait(TICK):
+                    return False
+                if self._reap(container):
+                    self._report()
+            if container.terminated is not None and container.terminated["exitCode"] == 0:
+                return True
+            if not self._will_restart(container):
+                return False
+            if self._wait(max(0.0, container.next_start - time.monotonic())):
+                return False
+            container.terminated = None
+
+    def _wait(self, timeout: float) -> bool:
+        """Sleep up to `timeout`, refreshing volumes when due; True if the pod must end now."""
+        self._wake.wait(timeout)
+        self._wake.clear()
+        if self._stopping or self._gone or self._deleting():
+            return True
+        with self._lock:
+            changed, self._changed = self._changed, False
+        if changed or time.monotonic() - self._last_sync >= self.agent.configmap_sync_seconds:
+            self._refresh_volumes()
+        return False
+
+    def _deleting(self) -> bool:
+        return bool(self.pod["metadata"].get("deletionTimestamp"))
+
+    # --- processes ----------------------------------------------------------------------
+
+    def _start(self, container: Container) -> None:
+        pod = self.pod
+        spec = container.spec
+        try:
+            env = volumes.container_env(pod, spec, self._fetcher())
+        except volumes.ConfigError as exc:
+            container.waiting = ("CreateContainerConfigError", str(exc))
+            container.next_start = time.monotonic() + 2.0
+            return
+        argv = [volumes.expand(a, env) for a in (spec.get("command") or []) + (spec.get("args") or [])]
+        if not argv:
+            container.terminated = self._terminated(container, 128, "StartError", "no command given")
+            return
+        if argv[0] in ("python", "python3"):
+            argv[0] = sys.executable
+        hostname = pod["spec"].get("hostname") or pod["metadata"]["name"]
+        full_env = {**self.agent.base_env, "HOSTNAME": hostname, **env}
+        launch = {
+            "hostname": hostname[:63],
+            "cwd": spec.get("workingDir") or str(self.dir),
+            "argv": argv,
+            "env": full_env,
+            "mounts": self._mounts(container, env),
+        }
+        spec_path = self.dir / f"{container.name}.launch.json"
+        spec_path.write_text(json.dumps(launch))
+        container.message_path.write_bytes(b"")
+        with open(container.log_path, "ab") as logf:
+            container.log_offset = logf.tell()
+            container.proc = subprocess.Popen(
+                [
+                    "unshare",
+                    "--mount",
+                    "--uts",
+                    "--propagation",
+                    "private",
+                    "--",
+                    sys.executable,
+                    str(LAUNCHER),
+                    str(spec_path),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env=full_env,
+            )
+        container.started_at = now_iso()
+        container.container_id = f"torpor://{container.proc.pid}"
+        container.terminated = None
+        log.info("pod %s: started container %s (pid %d)", self.key, container.name, container.proc.pid)
+
+    def _mounts(self, container: Container, env: dict[str, str]) -> list[JsonDict]:
+        vols = {v["name"]: v for v in self.pod["spec"].get("volumes") or []}
+        mounts = [{"source": str(self.hosts_path), "target": "/etc/hosts", "readOnly": False}]
+        message_target = container.spec.get("terminationMessagePath") or "/dev/termination-log"
+        mounts.append({"source": str(container.message_path), "target": message_target, "readOnly": False})
+        for index, vm in enumerate(container.spec.get("volumeMounts") or []):
+            volume = vols[vm["name"]]
+            source = Path(volume["hostPath"]["path"]) if "hostPath" in volume else self.dir / "volumes" / vm["name"]
+            sub = vm.get("subPath") or volumes.expand(vm.get("subPathExpr", ""), env)
+            refreshed = volumes.is_refreshed(volume)
+            if sub and refreshed:
+                # Materialised once, never refreshed: kubelet binds the file as it was.
+                copy = self.dir / "subpaths" / container.name / str(index)
+                if not copy.exists():
+                    copy.parent.mkdir(parents=True, exist_ok=True)
+                    resolved = (source / sub).resolve()
+                    if resolved.is_dir():
+                        shutil.copytree(resolved, copy)
+                    else:
+                        shutil.copy2(resolved, copy)
+                source = copy
+            elif sub:
+                source = source / sub
+                if not source.exists():
+                    source.mkdir(parents=True)
+            mounts.append(
+                {"source": str(source), "target": vm["mountPath"], "readOnly": bool(vm.get("readOnly")) or refreshed}
+            )
+        return mounts
+
+    def _reap(self, container: Container) -> bool:
+        """Record the container's end if its process exited; True if it did."""
+        proc = container.proc
+        if proc is None or proc.poll() is None:
+            return False
+        _killpg(proc.pid, signal.SIGKILL)  # whatever it left behind in its group
+        code = proc.returncode if proc.returncode >= 0 else 128 - proc.returncode
+        message = container.message_path.read_bytes()[:MAX_MESSAGE].decode(errors="replace")
+        policy = container.spec.get("terminationMessagePolicy", "File")
+        if not message and code != 0 and policy == "FallbackToLogsOnError":
+            message = _log_tail(container.log_path, container.log_offset)
+        container.proc = None
+        container.terminated = self._terminated(container, code, "Completed" if code == 0 else "Error", message)
+        log.info("pod %s: container %s exited with %d", self.key, container.name, code)
+        if self._will_restart(container):
+            delay = min(BACKOFF_MAX, BACKOFF_START * 2 ** min(container.restart_count, 10))
+            container.next_start = time.monotonic() + delay
+            container.last_state = {"terminated": container.terminated}
+            container.terminated = None
+            container.restart_count += 1
+            container.waiting = ("CrashLoopBackOff", f"back-off {delay:g}s restarting failed container")
+        return True
+
+    def _terminated(self, container: Container, code: int, reason: str, message: str) -> JsonDict:
+        terminated = {
+            "exitCode": code,
+            "reason": reason,
+            "startedAt": container.started_at or now_iso(),
+            "finishedAt": now_iso(),
+        }
+        if message:
+            terminated["message"] = message
+        return terminated
+
+    def _will_restart(self, container: Container) -> bool:
+        if self._stopping or self._gone or self._deleting():
+            return False
+        policy = self.pod["spec"].get("restartPolicy", "Always")
+        if container.init:
+            return policy != "Never" and (container.terminated or {}).get("exitCode", 1) != 0
+        if policy == "Always":
+            return True
+        return policy == "OnFailure" and (container.terminated or {}).get("exitCode", 0) != 0
+
+    def _kill_all(self, sig: signal.Signals) -> None:
+        for container in self.containers:
+            if container.proc is not None:
+                _killpg(container.proc.pid, sig)
+
+    def _terminate(self, grace: float) -> None:
+        """SIGTERM every container, wait up to `grace` seconds, then SIGKILL."""
+        if not any(c.running for c in self.containers):
+            return
+        log.info("pod %s: stopping containers, grace period %gs", self.key, grace)
+        self._kill_all(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while any(c.running for c in self.containers) and time.monotonic() < deadline:
+            self._wake.wait(TICK)
+            self._wake.clear()
+            for container in self.containers:
+                self._reap(container)
+            new_grace = self.pod["metadata"].get("deletionGracePeriodSeconds")
+            if new_grace is not None and not self._stopping:
+                deadline = min(deadline, time.monotonic() + new_grace)
+        self._kill_all(signal.SIGKILL)
+        for container in self.containers:
+            if container.proc is not None:
+                container.proc.wait()
+                self._reap(container)
+
+    # --- the end ------------------------------------------------------------------------
+
+    def _finish(self) -> None:
+        if self._stopping:
+            self._terminate(SHUTDOWN_GRACE)
+            return
+        if not (self._gone or self._deleting()):
+            self._report()
+            log.info("pod %s: %s", self.key, self._phase())
+            while not (self._stopping or self._gone or self._deleting()):
+                self._wake.wait(1.0)
+                self._wake.clear()
+            if self._stopping:
+                return
+        meta = self.pod["metadata"]
+        grace = meta.get("deletionGracePeriodSeconds")
+        if grace is None:
+            grace = self.pod["spec"].get("terminationGracePeriodSeconds", 30)
+        self._terminate(SHUTDOWN_GRACE if self._stopping else float(grace))
+        if self._gone or self._stopping:
+            return
+        self._report()
+        try:
+            self.agent.kube.delete(
+                f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}",
+                {"gracePeriodSeconds": 0, "preconditions": {"uid": self.uid}},
+            )
+            log.info("pod %s: deleted", self.key)
+        except ApiError as exc:
+            if exc.status not in (404, 409):
+                raise
+
+    # --- volumes ------------------------------------------------------------------------
+
+    def _fetcher(self) -> volumes.Fetch:
+        cache: dict[tuple[str, str, str], JsonDict | None] = {}
+        plural = {"ConfigMap": "configmaps", "Secret": "secrets"}
+
+        def fetch(kind: str, ns: str, name: str) -> JsonDict | None:
+            key = (kind, ns, name)
+            if key not in cache:
+                try:
+                    cache[key] = self.agent.kube.get(f"/api/v1/namespaces/{ns}/{plural[kind]}/{name}")
+                except ApiError as exc:
+                    if exc.status != 404:
+                        raise
+                    cache[key] = None
+            return cache[key]
+
+        return fetch
+
+    def _token(self, source: JsonDict) -> bytes:
+        audience = source.get("audience") or ""
+        ttl = int(source.get("expirationSeconds", 3607))
+        cached = self._tokens.get((audience, ttl))
+        if cached and time.monotonic() < cached[1]:
+            return cached[0]
+        pod = self.pod
+        meta = pod["metadata"]
+        sa = pod["spec"].get("serviceAccountName") or "default"
+        body = {
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenRequest",
+            "spec": {
+                "audiences": [audience] if audience else None,
+                "expirationSeconds": ttl,
+                "boundObjectRef": {"apiVersion": "v1", "kind": "Pod", "name": meta["name"], "uid": self.uid},
+            },
+        }
+        try:
+            answer = self.agent.kube.create(f"/api/v1/namespaces/{meta['namespace']}/serviceaccounts/{sa}/token", body)
+        except ApiError as exc:
+            raise volumes.ConfigError(f"cannot get a token for service account {sa}: {exc}") from exc
+        token = answer["status"]["token"].encode()
+        self._tokens[(audience, ttl)] = (token, time.monotonic() + 0.8 * ttl)
+        return token
+
+    def _write_volumes(self) -> None:
+        fetch = self._fetcher()
+        pod = self.pod
+        for volume in pod["spec"].get("volumes") or []:
+            path = self.dir / "volumes" / volume["name"]
+            if volumes.is_refreshed(volume):
+                if volumes.write_atomic(path, volumes.volume_payload(pod, volume, fetch, self._token)):
+                    log.debug("pod %s: volume %s updated", self.key, volume["name"])
+            elif "emptyDir" in volume:
+                path.mkdir(parents=True, exist_ok=True)
+            elif "hostPath" in volume:
+                host = Path(volume["hostPath"]["path"])
+                if volume["hostPath"].get("type") == "DirectoryOrCreate":
+                    host.mkdir(parents=True, exist_ok=True)
+            else:
+                kinds = sorted(set(volume) - {"name"})
+                raise volumes.ConfigError(f"volume {volume['name']}: type {kinds} is not supported by the node agent")
+
+    def _prepare_volumes(self) -> bool:
+        try:
+            self._write_volumes()
+        except volumes.ConfigError as exc:
+            for container in self.containers:
+                container.waiting = ("ContainerCreating", str(exc))
+            self._report()
+            return False
+        self._last_sync = time.monotonic()
+        return True
+
+    def _refresh_volumes(self) -> None:
+        self._last_sync = time.monotonic()
+        try:
+            self._write_volumes()
+        except (volumes.ConfigError, ApiError) as exc:
+            log.warning("pod %s: volume refresh failed: %s", self.key, exc)
+
+    # --- status -------------------------------------------------------------------------
+
+    def _phase(self) -> str:
+        inits = [c for c in self.containers if c.init]
+        mains = [c for c in self.containers if not c.init]
+        init_failed = any(c.terminated and c.terminated["exitCode"] != 0 and not self._will_restart(c) for c in inits)
+        if init_failed:
+            return "Failed"
+        if any(c.running for c in mains):
+            return "Running"
+        if mains and all(c.terminated is not None for c in mains):
+            if any(self._will_restart(c) for c in mains):
+                return "Running"
+            return "Succeeded" if all(c.terminated["exitCode"] == 0 for c in mains) else "Failed"
+        if any(c.restart_count or c.started_at for c in mains):
+            return "Running"  # restarting after a back-off
+        return "Pending"
+
+    def _condition(self, kind: str, ok: bool) -> JsonDict:
+        status = "True" if ok else "False"
+        previous = self._transitions.get(kind)
+        if previous is None or previous[0] != status:
+            self._transitions[kind] = previous = (status, now_iso())
+        return {"type": kind, "status": status, "lastProbeTime": None, "lastTransitionTime": previous[1]}
+
+    def _report(self) -> None:
+        """Patch the pod's status with what the containers are doing now."""
+        inits = [c for c in self.containers if c.init]
+        mains = [c for c in self.containers if not c.init]
+        initialized = all(c.terminated is not None and c.terminated["exitCode"] == 0 for c in inits)
+        ready = bool(mains) and all(c.running for c in mains)
+        status: JsonDict = {
+            "phase": self._phase(),
+            "hostIP": "127.0.0.1",
+            "hostIPs": [{"ip": "127.0.0.1"}],
+            "podIP": self.ip,
+            "podIPs": [{"ip": self.ip}],
+            "startTime": self._start_time,
+            "conditions": [
+                self._condition("PodReadyToStartContainers", True),
+                self._condition("Initialized", initialized),
+                self._condition("ContainersReady", ready),
+                self._condition("Ready", ready),
+            ],
+            "containerStatuses": [c.status() for c in mains],
+        }
+        if inits:
+            status["initContainerStatuses"] = [c.status() for c in inits]
+        if status == self._last_report:
+            return
+        meta = self.pod["metadata"]
+        try:
+            self.agent.kube.patch(
+                f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}/status",
+                {"metadata": {"uid": self.uid}, "status": status},
+            )
+            self._last_report = status
+        except ApiError as exc:
+            if exc.status not in (404, 409):
+                raise
+            log.debug("pod %s: status not reported: %s", self.key, exc)
+
+
+def _fingerprint(pod: JsonDict) -> str:
+    """What kubelet reacts to: metadata (less bookkeeping) and spec, not status."""
+    meta = {k: v for k, v in pod["metadata"].items() if k not in ("resourceVersion", "managedFields", "generation")}
+    return json.dumps([meta, pod.get("spec")], sort_keys=True)
+
+
+def _killpg(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def _log_tail(path: Path, offset: int) -> str:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        lines = f.read().splitlines()[-FALLBACK_LOG_LINES:]
+    return b"\n".join(lines)[-FALLBACK_LOG_BYTES:].decode(errors="replace")
