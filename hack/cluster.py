@@ -101,6 +101,8 @@ def run_demo(cp: ControlPlane, agent) -> int:
     state = pod["status"]["containerStatuses"][0]["state"]["terminated"]
     log(f"demo: pod ran on {pod['spec']['nodeName']}, phase {pod['status']['phase']}, "
         f"exit code {state['exitCode']}, termination message {state.get('message')!r}")
+    log(f"demo: its output (node agent log {agent.logs_path(pod)}):")
+    print("  " + agent.logs_path(pod).read_text().strip(), flush=True)
     print(cp.kubectl("get", "pods", "-o", "wide").stdout, flush=True)
     log("demo: the operator demo (drain, save, resume) arrives with the operator; see README")
     return 0 if pod["status"]["phase"] == "Succeeded" else 1
