@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import signal
 import sys
 import tempfile
@@ -38,6 +39,15 @@ def main(argv: list[str] | None = None) -> int:
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="torpor-cluster-"))
     workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        return run(args, workdir)
+    finally:
+        if args.workdir is None and args.demo:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def run(args: argparse.Namespace, workdir: Path) -> int:
+    """Start everything in ``workdir``; demo or wait for Ctrl-C; stop everything."""
     from node_agent import NodeAgent  # imported late: needs the kubernetes package
 
     started = time.monotonic()
