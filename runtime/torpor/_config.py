@@ -1,0 +1,180 @@
+"""``CheckpointConfig``: what the periodic saver does, validated once, torch-free.
+
+Precedence of the seeds' mutually exclusive pairs (both have a non-zero default, so "set"
+can only mean "moved away from its default"):
+
+* ``save_checkpoint_seconds > 0`` selects time-based saving and ``save_checkpoint_steps``
+  is ignored, provided it is left at its default ``1`` (or ``0``); any other value is a
+  ``ValueError`` naming both, because the caller asked for two schedules.
+* ``keep_checkpoint_per_n_minutes > 0`` selects window retention and ``keep_checkpoint_max``
+  is ignored, provided it is left at its default ``5`` (or ``0``); otherwise ``ValueError``.
+* ``save_checkpoint_steps == 0`` and ``save_checkpoint_seconds == 0``: ``ValueError``,
+  nothing would ever be saved. Both keep settings 0: every checkpoint is kept.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from torpor.retention import RetentionPolicy
+
+ENC_MODES = ("AES-GCM", "AES-CBC", "SM4-CBC")
+APPEND_INFO_NAMES = ("epoch_num", "step_num")
+NEXT_RELEASE = "it arrives with the runtime's async-save/encryption/exception-save issue"
+
+
+def is_tensor(value: object) -> bool:
+    """Whether ``value`` is a torch tensor, without importing torch (no torch, no tensors)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.Tensor)
+
+
+def check_bool(name: str, value: object, exc: type[Exception] = TypeError) -> None:
+    """Raise ``exc`` naming ``name`` and ``value`` unless ``value`` is a bool."""
+    if not isinstance(value, bool):
+        raise exc(f"{name} must be a bool, got {value!r} ({type(value).__name__})")
+
+
+def check_count(name: str, value: object) -> int:
+    """A non-negative int (bools refused: ``True`` is not a step count)."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value!r}")
+    return value
+
+
+def check_number(name: str, value: object) -> float:
+    """A finite, non-negative int or float."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def check_append_info(append_info: object) -> None:
+    """The seed's rule: a list of ``"epoch_num"``, ``"step_num"`` and dicts of str → scalar/tensor.
+
+    Raises:
+        TypeError: not a list, a dict key not a str, a value of another type.
+        ValueError: an unknown string entry.
+    """
+    if append_info is None:
+        return
+    if not isinstance(append_info, list):
+        raise TypeError(f"append_info must be a list or None, got {append_info!r} ({type(append_info).__name__})")
+    for entry in append_info:
+        if isinstance(entry, str):
+            if entry not in APPEND_INFO_NAMES:
+                raise ValueError(f"append_info entries that are str must be one of {APPEND_INFO_NAMES}, got {entry!r}")
+        elif isinstance(entry, dict):
+            for key, value in entry.items():
+                if not isinstance(key, str):
+                    raise TypeError(f"append_info dict keys must be str, got {key!r} ({type(key).__name__})")
+                if not (isinstance(value, int | float | bool | str) or is_tensor(value)):
+                    raise TypeError(
+                        f"append_info[{key!r}] must be an int, float, bool, str or Tensor, "
+                        f"got {value!r} ({type(value).__name__})"
+                    )
+        else:
+            raise TypeError(
+                f"append_info entries must be 'epoch_num', 'step_num' or a dict, got {entry!r} ({type(entry).__name__})"
+            )
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """How often to save and how many checkpoints to keep (see the module docstring).
+
+    Every field mirrors the ``CheckpointMonitor`` argument of the same name; a monitor given
+    ``config=`` takes every setting from it and ignores its own keyword arguments.
+    """
+
+    save_checkpoint_steps: int = 1
+    """Save every this many global steps. Default 1, as the seed."""
+    save_checkpoint_seconds: int | float = 0
+    """Save every this many seconds instead of by steps; 0 (default) is off."""
+    keep_checkpoint_max: int = 5
+    """Keep the newest this many complete checkpoints; 0 keeps all. Default 5."""
+    keep_checkpoint_per_n_minutes: int | float = 0
+    """Keep the newest complete checkpoint per window of this many minutes; 0 (default) off."""
+    integrated_save: bool = True
+    """True: model and optimizer state are replicated (DDP, one process) and rank 0 writes them
+    once. False: each rank's state differs (FSDP, DTensor shards) and each rank writes its own."""
+    save_network_params: bool = True
+    """Also write the network weights alone (``.network.pt``), for inference. Default True."""
+    save_trainable_params: bool = False
+    """Also write only the parameters that require grad (``.trainable.pt``), for fine-tuning."""
+    async_save: bool = False
+    """Serialise and upload in the background: not in this release (NotImplementedError)."""
+    saved_network: Any = None
+    """A module saved instead of the trained network (e.g. the EMA or the unwrapped model)."""
+    append_info: list[Any] | None = None
+    """Extra records: ``"epoch_num"``, ``"step_num"`` and dicts of str → int/float/bool/str/Tensor."""
+    enc_key: bytes | None = None
+    """Encryption key: not in this release (NotImplementedError when not None)."""
+    enc_mode: str = "AES-GCM"
+    """Encryption mode, one of AES-GCM, AES-CBC, SM4-CBC (validated already)."""
+    exception_save: bool = False
+    """Save a breakpoint checkpoint when training raises: not in this release."""
+    global_batch_size: int | None = None
+    """Samples per global step; recorded so consumed samples are known after a resume."""
+
+    def __post_init__(self) -> None:
+        steps = check_count("save_checkpoint_steps", self.save_checkpoint_steps)
+        seconds = check_number("save_checkpoint_seconds", self.save_checkpoint_seconds)
+        keep_max = check_count("keep_checkpoint_max", self.keep_checkpoint_max)
+        per_n = check_number("keep_checkpoint_per_n_minutes", self.keep_checkpoint_per_n_minutes)
+        if seconds > 0 and steps not in (0, 1):
+            raise ValueError(
+                f"save_checkpoint_steps={steps!r} and save_checkpoint_seconds={self.save_checkpoint_seconds!r} "
+                "cannot be used together; set one of them (seconds > 0 overrides only the default steps=1)"
+            )
+        if steps == 0 and seconds == 0:
+            raise ValueError(
+                "save_checkpoint_steps=0 and save_checkpoint_seconds=0: nothing would ever be saved; "
+                "set one of them > 0"
+            )
+        if per_n > 0 and keep_max not in (0, 5):
+            raise ValueError(
+                f"keep_checkpoint_max={keep_max!r} and keep_checkpoint_per_n_minutes="
+                f"{self.keep_checkpoint_per_n_minutes!r} cannot be used together; set one of them "
+                "(per_n_minutes > 0 overrides only the default keep_checkpoint_max=5)"
+            )
+        for name in ("integrated_save", "save_network_params", "save_trainable_params", "async_save",
+                     "exception_save"):
+            check_bool(name, getattr(self, name))
+        if self.saved_network is not None and not callable(getattr(self.saved_network, "state_dict", None)):
+            raise TypeError(
+                f"saved_network must be a torch.nn.Module or None, got {self.saved_network!r} "
+                f"({type(self.saved_network).__name__})"
+            )
+        check_append_info(self.append_info)
+        if self.enc_key is not None and not isinstance(self.enc_key, bytes):
+            raise TypeError(f"enc_key must be bytes or None, got {type(self.enc_key).__name__}")
+        if self.enc_mode not in ENC_MODES:
+            raise ValueError(f"enc_mode must be one of {ENC_MODES}, got {self.enc_mode!r}")
+        if self.global_batch_size is not None:
+            check_count("global_batch_size", self.global_batch_size)
+        if self.async_save:
+            raise NotImplementedError(f"async_save=True (asynchronous checkpoint saving): {NEXT_RELEASE}")
+        if self.enc_key is not None:
+            raise NotImplementedError(f"enc_key (checkpoint encryption, {self.enc_mode}): {NEXT_RELEASE}")
+        if self.exception_save:
+            raise NotImplementedError(f"exception_save=True (breakpoint checkpoint on exception): {NEXT_RELEASE}")
+
+    @property
+    def by_seconds(self) -> bool:
+        """Whether saves are timed (seconds) rather than counted (steps)."""
+        return self.save_checkpoint_seconds > 0
+
+    @property
+    def retention(self) -> RetentionPolicy:
+        """The retention policy these settings describe (per-window wins, as documented)."""
+        if self.keep_checkpoint_per_n_minutes > 0:
+            return RetentionPolicy(keep_max=0, keep_per_n_minutes=self.keep_checkpoint_per_n_minutes)
+        return RetentionPolicy(keep_max=self.keep_checkpoint_max)

@@ -1,0 +1,98 @@
+"""The few collectives the runtime needs, and their single-process fallbacks.
+
+Every function works without ``torch.distributed`` initialised (one process, or ranks that
+do not talk): rank and world size then come from ``RANK``/``WORLD_SIZE``, reductions are the
+identity and barriers return at once.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+def is_initialized() -> bool:
+    """Whether a default process group exists."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    """The global rank: the process group's, else ``RANK``, else 0."""
+    return dist.get_rank() if is_initialized() else int(os.environ.get("RANK", "0") or 0)
+
+
+def world_size() -> int:
+    """The world size: the process group's, else ``WORLD_SIZE``, else 1."""
+    return dist.get_world_size() if is_initialized() else int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def _device() -> torch.device:
+    # NCCL reduces only CUDA tensors; gloo and the rest reduce CPU tensors.
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def max_over_ranks(value: int) -> int:
+    """All-reduce MAX of one int: how "any rank asked" becomes "every rank knows".
+
+    Must be called by every rank at the same point (the callers call it at the same global
+    step on every rank).
+    """
+    if not is_initialized() or dist.get_world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op in one process)."""
+    if is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def agreed_token(preferred: str = "") -> str:
+    """A token every rank shares: ``preferred`` if given, else rank 0's random one.
+
+    Used as the run identity in ``save_id``, so manifests of one save agree across ranks
+    and differ from another run's save with the same name and step.
+    """
+    if preferred:
+        return preferred
+    token = [secrets.token_hex(6)]
+    if is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(token, src=0)
+    return str(token[0])
+
+
+def init_distributed(backend: str | None = None, timeout_seconds: float = 1800.0) -> bool:
+    """Start the default process group from the torch variables when ``WORLD_SIZE > 1``.
+
+    So one script runs alone (nothing set: returns False), under ``torchrun`` and under the
+    operator (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT`` set) unchanged.
+
+    Args:
+        backend: ``gloo``/``nccl``; default nccl when CUDA is available, else gloo.
+        timeout_seconds: collective timeout.
+
+    Returns:
+        Whether a process group is initialised.
+    """
+    if is_initialized():
+        return True
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        return False
+    chosen = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    dist.init_process_group(backend=chosen, timeout=timedelta(seconds=timeout_seconds))
+    return True
+
+
+def shutdown() -> None:
+    """Destroy the process group before exiting, so no rank leaves a half-torn-down group."""
+    if is_initialized():
+        dist.destroy_process_group()

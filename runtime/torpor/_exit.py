@@ -1,0 +1,278 @@
+"""``OnRequestExit``: stop every rank at the same step on a signal or the GracefulExit file.
+
+Differences from MindSpore's callback, each fixing a flaw of the seed:
+
+* The signal handler only records the signal, **chains** to the handler installed before it
+  (user handlers run; ``SIG_DFL``/``SIG_IGN`` and Python's ``KeyboardInterrupt`` handler are
+  not called, since the point is to not die mid-step) and is **restored** when training ends.
+* The file is watched by a background thread; the step reads a bool.
+* Ranks **OR** their requests (an all-reduce MAX at the step boundary, every step or every
+  ``check_every_n_steps``): one rank's SIGTERM stops all ranks after the same step. The seed
+  ANDs them, so a signal reaching only the preempted node's pods never stops anything.
+* It saves **once**, with full metadata, under the **global** rank, write-then-rename, then
+  (under the operator) exits with a documented code after writing a termination message
+  (see :mod:`torpor.termination`: 128 + signum, 143 for SIGTERM; 75 for the file).
+* It does not load ``{file_name}.ckpt`` at start as the seed does: resuming is explicit
+  (``resume=`` / ``TORPOR_RESUME_FROM``), so every rank loads the same checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import warnings
+from types import FrameType
+from typing import Any
+
+from torpor import _distributed
+from torpor._callbacks import Callback, RunContext
+from torpor._saving import SaveOptions, export_only, save_checkpoint
+from torpor._watching import ExitFileWatcher
+from torpor.checkpoints import Reason, check_name
+from torpor.env import RuntimeEnv
+from torpor.errors import TorporWarning
+from torpor.storage import Storage, open_storage
+from torpor.termination import (
+    EXIT_FILE_REQUEST,
+    SIGNAL_EXIT_BASE,
+    StopReason,
+    TerminationMessage,
+    signal_exit_code,
+    signal_from_exit_code,
+    signal_name,
+)
+
+UNCATCHABLE = frozenset(int(s) for s in (signal.SIGKILL, signal.SIGSTOP))
+
+
+def _check_signal(sig: object) -> int:
+    if not isinstance(sig, int) or isinstance(sig, bool):
+        raise ValueError(f"sig must be an int signal number, got {sig!r} ({type(sig).__name__})")
+    if int(sig) in UNCATCHABLE:
+        raise ValueError(f"sig={signal_name(int(sig))} cannot be caught or ignored; choose a catchable signal "
+                         "such as signal.SIGTERM")
+    if int(sig) not in {int(s) for s in signal.valid_signals()}:
+        raise ValueError(f"sig={sig!r} is not a signal number of this platform")
+    return int(sig)
+
+
+def _check_path(name: str, value: object, optional: bool = False) -> str | None:
+    if value is None and optional:
+        return None
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str):
+        raise ValueError(f"{name} must be a str, got {value!r} ({type(value).__name__})")
+    return value
+
+
+class OnRequestExit(Callback):
+    """Save and stop after the current step when asked by a signal or a JSON file.
+
+    Args:
+        save_ckpt: save ``directory/rank_{rank}/{file_name}.ckpt`` (and its manifest) on exit.
+        save_export: save a ``torch.export`` program ``{file_name}.pt2`` from the last batch's
+            inputs (rank 0; a failed export is a warning, the checkpoint still counts).
+        file_name: checkpoint name for the exit save.
+        directory: checkpoint root, a path or ``s3://bucket/prefix``.
+        sig: the signal that requests a stop; it must be catchable (not SIGKILL/SIGSTOP).
+        config_file: JSON file whose ``{"GracefulExit": 1}`` requests a stop; missing or
+            malformed is a warning only.
+        check_every_n_steps: reduce the flag across ranks every this many steps (1 = every
+            step; larger saves collectives, at the cost of up to n-1 extra steps).
+        file_poll_seconds: how often the background thread looks at ``config_file``.
+        exit_process: end the process with the documented code after the save; default
+            ``None`` means only under the operator (``TORPOR_JOB`` set).
+        integrated_save: replicated state written by rank 0 only (see ``CheckpointMonitor``).
+
+    Raises:
+        ValueError: ``save_ckpt``/``save_export`` not bool, ``file_name``/``directory`` not
+            str (or not a valid name), ``sig`` not an int or uncatchable, ``config_file`` not
+            a str, ``check_every_n_steps`` < 1 or ``file_poll_seconds`` <= 0.
+    """
+
+    order = -100
+
+    def __init__(
+        self,
+        save_ckpt: bool = True,
+        save_export: bool = True,
+        file_name: str = "Net",
+        directory: str = "./",
+        sig: int = signal.SIGTERM,
+        config_file: str | None = None,
+        *,
+        check_every_n_steps: int = 1,
+        file_poll_seconds: float = 1.0,
+        exit_process: bool | None = None,
+        integrated_save: bool = True,
+    ) -> None:
+        for name, value in (("save_ckpt", save_ckpt), ("save_export", save_export)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be a bool, got {value!r} ({type(value).__name__})")
+        if not isinstance(file_name, str):
+            raise ValueError(f"file_name must be a str, got {file_name!r} ({type(file_name).__name__})")
+        try:
+            check_name(file_name)
+        except ValueError as exc:
+            raise ValueError(f"file_name={file_name!r} is not a valid checkpoint name: {exc}") from None
+        self.directory = _check_path("directory", directory)
+        self.config_file = _check_path("config_file", config_file, optional=True)
+        self.sig = _check_signal(sig)
+        if not isinstance(check_every_n_steps, int) or isinstance(check_every_n_steps, bool) or check_every_n_steps < 1:
+            raise ValueError(f"check_every_n_steps must be an int >= 1, got {check_every_n_steps!r}")
+        poll = file_poll_seconds
+        if not isinstance(poll, int | float) or isinstance(poll, bool) or not poll > 0:
+            raise ValueError(f"file_poll_seconds must be a number > 0, got {file_poll_seconds!r}")
+        if exit_process is not None and not isinstance(exit_process, bool):
+            raise ValueError(f"exit_process must be a bool or None, got {exit_process!r}")
+        if not isinstance(integrated_save, bool):
+            raise ValueError(f"integrated_save must be a bool, got {integrated_save!r}")
+        self.save_ckpt = save_ckpt
+        self.save_export = save_export
+        self.file_name = file_name
+        self.check_every_n_steps = check_every_n_steps
+        self.file_poll_seconds = float(file_poll_seconds)
+        self.exit_process = exit_process
+        self.integrated_save = integrated_save
+        self.stop_message: TerminationMessage | None = None
+        """What happened at the stop (also written as the termination message)."""
+        self._signum: int | None = None
+        self._previous: Any = None
+        self._installed = False
+        self._watcher: ExitFileWatcher | None = None
+        self._storage: Storage | None = None
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> OnRequestExit:
+        """Configured from ``TORPOR_CHECKPOINT_URI``, ``TORPOR_EXIT_FILE``, ``TORPOR_EXIT_SIGNAL``
+        and ``TORPOR_EXIT_CHECK_STEPS``; keyword arguments override them."""
+        env = RuntimeEnv.from_environ()
+        kwargs: dict[str, Any] = {
+            "directory": env.checkpoint_uri,
+            "sig": env.exit_signal,
+            "config_file": env.exit_file,
+            "check_every_n_steps": env.exit_check_steps,
+        }
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    @property
+    def exit_directory(self) -> str:
+        """Where the exit checkpoint goes (``Loop`` resumes from here without a monitor)."""
+        return self.directory or "./"
+
+    # -- signal and file ---------------------------------------------------------------
+    def _handler(self, signum: int, frame: FrameType | None) -> None:
+        self._signum = signum  # only a flag: the step boundary does the work
+        previous = self._previous
+        if callable(previous) and previous is not signal.default_int_handler:
+            previous(signum, frame)
+
+    def _install(self) -> None:
+        if self._installed:
+            return
+        if threading.current_thread() is not threading.main_thread():
+            warnings.warn(f"OnRequestExit: signal {signal_name(self.sig)} not handled, training does not run in "
+                          "the main thread; the exit file still works", TorporWarning, stacklevel=3)
+        else:
+            self._previous = signal.signal(self.sig, self._handler)
+            self._installed = True
+        if self.config_file and self._watcher is None:
+            self._watcher = ExitFileWatcher(self.config_file, self.file_poll_seconds)
+            self._watcher.start()
+
+    def _uninstall(self) -> None:
+        if self._installed:
+            signal.signal(self.sig, self._previous if self._previous is not None else signal.SIG_DFL)
+            self._installed = False
+        if self._watcher is not None:
+            self._watcher.stop()
+            self._watcher = None
+
+    def _local_code(self) -> int:
+        if self._watcher is not None:
+            for problem in self._watcher.take_problems():
+                warnings.warn(f"OnRequestExit: {problem}", TorporWarning, stacklevel=4)
+        if self._signum is not None:
+            return signal_exit_code(self._signum)
+        if self._watcher is not None and self._watcher.requested:
+            return EXIT_FILE_REQUEST
+        return 0
+
+    # -- the step boundary -------------------------------------------------------------
+    def _check(self, run_context: RunContext) -> None:
+        local = self._local_code()
+        args = run_context.original_args()
+        if _distributed.is_initialized() and _distributed.world_size() > 1:
+            if args.cur_step_num % self.check_every_n_steps:
+                return
+            code = _distributed.max_over_ranks(local)
+        else:
+            code = local
+        if code:
+            self._stop(run_context, code, local)
+
+    def _stop(self, run_context: RunContext, code: int, local: int) -> None:
+        args = run_context.original_args()
+        env = RuntimeEnv.from_environ()
+        saved = None
+        if self._storage is None:
+            self._storage = open_storage(self.exit_directory)
+        if self.save_ckpt:
+            save_checkpoint(args, self._storage, self.file_name, Reason.EXIT,
+                            SaveOptions(integrated=self.integrated_save, export=self.save_export), env)
+            saved = self.file_name
+        elif self.save_export:
+            export_only(args, self._storage, self.file_name)
+        args.exit_saved_step = args.cur_step_num
+        _distributed.barrier()  # every rank's manifest exists before any rank reports or exits
+        signum = signal_from_exit_code(code) if code > SIGNAL_EXIT_BASE else None
+        self.stop_message = TerminationMessage(
+            reason=StopReason.SIGNAL if signum is not None else StopReason.FILE,
+            exit_code=code,
+            checkpoint=saved,
+            step=args.cur_step_num,
+            epoch=args.cur_epoch_num,
+            signal=signal_name(signum) if signum is not None else None,
+            local=local == code,
+            rank=_distributed.rank(),
+            world_size=_distributed.world_size(),
+            directory=self._storage.uri,
+            job=env.job,
+            incarnation=env.incarnation or None,
+        )
+        exit_process = env.under_operator if self.exit_process is None else self.exit_process
+        if exit_process:
+            run_context.request_exit(code, self.stop_message)
+        else:
+            run_context.request_stop()
+        self._signum = None
+
+    # -- hooks -------------------------------------------------------------------------
+    def on_train_begin(self, run_context: RunContext) -> None:
+        """Install the signal handler (chained) and start watching the file."""
+        self._install()
+
+    def on_train_step_end(self, run_context: RunContext) -> None:
+        """At the step boundary: OR the ranks' requests; if any, save once and stop."""
+        if run_context.exit_code is None:
+            self._check(run_context)
+
+    def on_train_end(self, run_context: RunContext) -> None:
+        """Restore the previous handler and stop watching (the save already happened)."""
+        self._uninstall()
+
+    def on_eval_begin(self, run_context: RunContext) -> None:
+        """Install the handler for evaluation as for training."""
+        self._install()
+
+    def on_eval_step_end(self, run_context: RunContext) -> None:
+        """As in training: a request stops evaluation after this step, with a save."""
+        if run_context.exit_code is None:
+            self._check(run_context)
+
+    def on_eval_end(self, run_context: RunContext) -> None:
+        """Restore the previous handler."""
+        self._uninstall()

@@ -1,0 +1,195 @@
+"""Finding and loading a checkpoint: ``'latest'``, a name or a path, local or ``s3://``.
+
+Only complete checkpoints are loaded; every byte is checked against its manifest (size and
+sha256) before ``torch.load(weights_only=True)`` sees it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from torpor import _distributed, _state
+from torpor.checkpoints import Checkpoint, Manifest, newest_complete, scan
+from torpor.env import RuntimeEnv
+from torpor.errors import CheckpointNotFoundError, IncompleteCheckpointError
+from torpor.storage import Storage, open_storage, read_verified
+
+_RANK_SEGMENT = re.compile(r"^rank_[0-9]+$")
+_FILE_SUFFIXES = (".manifest.json", ".network.pt", ".trainable.pt", ".ckpt", ".pt2")
+
+
+@dataclass(frozen=True)
+class LoadedCheckpoint:
+    """What a load restored, and where training continues."""
+
+    name: str
+    """Checkpoint name."""
+    directory: str
+    """Checkpoint root it came from."""
+    epoch: int
+    """Epoch in progress when saved."""
+    step: int
+    """Global steps completed when saved."""
+    step_in_epoch: int
+    """Steps of ``epoch`` completed; a resume skips that many batches."""
+    batch_num: int | None
+    """Batches per epoch of the saving run, if known."""
+    append_info: dict[str, Any]
+    """The seed's ``append_info`` as saved (scalars and tensors)."""
+    manifest: Manifest
+    """This rank's manifest (or rank 0's when this rank did not exist in the saving run)."""
+    rng: _state.RngState | None = field(default=None, repr=False)
+    """Generators at the save (this rank's); ``None`` if this rank had no shard."""
+    epoch_rng: _state.RngState | None = field(default=None, repr=False)
+    """Generators when the saved epoch's iterator was created, for the exact mid-epoch resume."""
+    consumed_samples: int | None = None
+    """``step * global_batch_size`` when the saver knew the global batch size."""
+
+
+def split_source(source: str, default_directory: str) -> tuple[str, str | None]:
+    """``(root, name)`` of a resume source; ``name`` is ``None`` for ``'latest'``.
+
+    ``'latest'`` and bare names live in ``default_directory``; a path or URI names the
+    checkpoint itself (``root/CKP-1_5``, ``root/rank_0/CKP-1_5.ckpt``).
+    """
+    if source == "latest":
+        return default_directory, None
+    if "/" not in source:
+        return default_directory, source
+    head, _, tail = source.rstrip("/").rpartition("/")
+    for suffix in _FILE_SUFFIXES:
+        if tail.endswith(suffix):
+            tail = tail[: -len(suffix)]
+            break
+    parent_head, _, parent = head.rpartition("/")
+    if _RANK_SEGMENT.match(parent):
+        head = parent_head
+    return head or "/", tail
+
+
+def find_checkpoint(storage: Storage, name: str | None) -> Checkpoint | None:
+    """The complete checkpoint ``name`` (or the newest complete one for ``None``).
+
+    Raises:
+        CheckpointNotFoundError: ``name`` is not stored at all.
+        IncompleteCheckpointError: ``name`` is stored but not complete (the message says why).
+    """
+    checkpoints = scan(storage, names=None if name is None else {name})
+    if name is None:
+        return newest_complete(checkpoints)
+    found = next((c for c in checkpoints if c.name == name), None)
+    if found is None:
+        raise CheckpointNotFoundError(f"checkpoint {name!r} not found in {storage.uri}")
+    if not found.complete:
+        raise IncompleteCheckpointError(
+            f"checkpoint {name!r} in {storage.uri} is incomplete and will not be loaded: {found.problem}"
+        )
+    return found
+
+
+def load_checkpoint(
+    source: str = "latest",
+    network: Any = None,
+    optimizer: Any = None,
+    lr_scheduler: Any = None,
+    *,
+    directory: str | None = None,
+    strict: bool = True,
+    restore_rng: bool = True,
+    required: bool = False,
+    map_location: Any = "cpu",
+) -> LoadedCheckpoint | None:
+    """Restore model, optimizer, scheduler and RNG from a checkpoint.
+
+    Args:
+        source: ``'latest'`` (the newest complete checkpoint; ``TORPOR_RESUME_FROM`` names
+            it instead when set, so every rank of a job loads the one the operator chose),
+            a checkpoint name, or a path/URI to one (``s3://b/p/CKP-1_5``).
+        network: module to load the weights into (DDP wrappers are looked through).
+        optimizer: optimizer to restore, if any.
+        lr_scheduler: LR scheduler to restore, if any.
+        directory: root for ``'latest'`` and bare names; default ``TORPOR_CHECKPOINT_URI``
+            or ``./checkpoints``.
+        strict: passed to ``load_state_dict``.
+        restore_rng: also restore python, numpy and torch generators of this rank.
+        required: raise instead of returning ``None`` when ``'latest'`` finds nothing.
+        map_location: where tensors are loaded.
+
+    Returns:
+        What was loaded, or ``None`` when ``'latest'`` found no complete checkpoint (a fresh
+        start).
+
+    Raises:
+        CheckpointNotFoundError: a named checkpoint is absent (or none, with ``required``).
+        IncompleteCheckpointError: the named checkpoint lacks a rank's manifest or its
+            manifests disagree.
+        IntegrityError: a file does not match its manifest's size or sha256.
+    """
+    env = RuntimeEnv.from_environ()
+    if source == "latest" and env.resume_from:
+        source = env.resume_from
+    root, name = split_source(source, directory or env.checkpoint_uri)
+    storage = open_storage(root)
+    found = find_checkpoint(storage, name)
+    if found is None:
+        if required:
+            raise CheckpointNotFoundError(f"no complete checkpoint in {storage.uri}")
+        return None
+    return _load(storage, found, network, optimizer, lr_scheduler, strict, restore_rng, map_location)
+
+
+def _load(storage: Storage, ckpt: Checkpoint, network: Any, optimizer: Any, lr_scheduler: Any,
+          strict: bool, restore_rng: bool, map_location: Any) -> LoadedCheckpoint:
+    rank = _distributed.rank()
+    world = ckpt.world_size or 1
+    own = ckpt.manifests.get(rank)
+    anchor = ckpt.manifests[0]
+    replicated = anchor.replicated_rank
+    if replicated is None and own is None:
+        raise IncompleteCheckpointError(
+            f"checkpoint {ckpt.name!r} holds per-rank (sharded) state for world_size {world}; "
+            f"rank {rank} has no shard in it"
+        )
+    model_manifest = ckpt.manifests[replicated] if replicated is not None else own
+    assert model_manifest is not None
+
+    def fetch(m: Manifest) -> dict[str, Any]:
+        data = read_verified(storage, m.shard.key, size=m.shard.size, sha256=m.shard.sha256)
+        return _state.decode(data, map_location)
+
+    model_payload = fetch(model_manifest)
+    own_payload = model_payload if own is model_manifest else (fetch(own) if own is not None else None)
+
+    if network is not None:
+        _state.unwrap(network).load_state_dict(model_payload["model"], strict=strict)
+    if optimizer is not None and "optimizer" in model_payload:
+        optimizer.load_state_dict(model_payload["optimizer"])
+    if lr_scheduler is not None and "lr_scheduler" in model_payload:
+        lr_scheduler.load_state_dict(model_payload["lr_scheduler"])
+
+    meta_source = own_payload if own_payload is not None else model_payload
+    meta = _state.meta_of(meta_source)
+    rng = epoch_rng = None
+    if own_payload is not None:
+        rng = _state.RngState.from_parts(meta["rng"], own_payload["rng"])
+        if meta.get("epoch_rng") is not None:
+            epoch_rng = _state.RngState.from_parts(meta["epoch_rng"], own_payload["epoch_rng"])
+        if restore_rng:
+            rng.restore()
+    info = dict(meta.get("append_info") or {})
+    info.update(meta_source.get("append_info") or {})
+    return LoadedCheckpoint(
+        name=ckpt.name,
+        directory=storage.uri,
+        epoch=int(meta["epoch"]),
+        step=int(meta["step"]),
+        step_in_epoch=int(meta["step_in_epoch"]),
+        batch_num=meta.get("batch_num"),
+        append_info=info,
+        manifest=own or anchor,
+        rng=rng,
+        epoch_rng=epoch_rng,
+        consumed_samples=meta.get("consumed_samples"),
+    )

@@ -1,0 +1,186 @@
+"""Writing one checkpoint: each rank's shard, extras and, last, its manifest.
+
+Replicated (DDP) state is written once: with ``integrated=True`` rank 0's shard holds the
+model, optimizer and scheduler, and every other rank writes only what is its own (RNG and
+loop position). Every rank writes a manifest all the same, so "complete = every rank's
+manifest exists" holds whatever the layout. With ``integrated=False`` (sharded state) each
+rank writes its own model and optimizer state.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from torpor import _distributed, _state
+from torpor._callbacks import RunArgs
+from torpor._config import is_tensor
+from torpor.checkpoints import FileEntry, FileKind, Manifest, Reason, file_key
+from torpor.env import RuntimeEnv
+from torpor.errors import TorporWarning
+from torpor.storage import Storage, sha256_hex
+
+
+@dataclass(frozen=True)
+class SaveOptions:
+    """What one save writes besides the shard."""
+
+    integrated: bool = True
+    """Replicated state: written by rank 0 only."""
+    network_params: bool = False
+    """Also ``.network.pt`` (weights only)."""
+    trainable_params: bool = False
+    """Also ``.trainable.pt`` (parameters that require grad)."""
+    export: bool = False
+    """Also ``.pt2`` (a ``torch.export`` program from the last inputs)."""
+    saved_network: Any = None
+    """Save this module instead of the trained one."""
+    append_info: list[Any] | None = None
+    """The seed's ``append_info``."""
+    global_batch_size: int | None = None
+    """Samples per global step, to record consumed samples."""
+
+
+def _append_info(args: RunArgs, entries: list[Any] | None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    scalars: dict[str, Any] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    for entry in entries or []:
+        if entry == "epoch_num":
+            scalars["epoch_num"] = args.cur_epoch_num
+        elif entry == "step_num":
+            scalars["step_num"] = args.cur_step_num
+        elif isinstance(entry, dict):
+            for key, value in entry.items():
+                if is_tensor(value):
+                    tensors[key] = value.detach().cpu().clone()
+                else:
+                    scalars[key] = value
+    return scalars, tensors
+
+
+def _export(network: Any, inputs: Any) -> bytes:
+    """A ``torch.export`` program of ``network`` on ``inputs``, in eval mode (an inference artifact)."""
+    args = tuple(inputs) if isinstance(inputs, tuple | list) else (inputs,)
+    was_training = network.training
+    network.eval()
+    try:
+        with torch.no_grad():
+            program = torch.export.export(network, args)
+        buf = io.BytesIO()
+        torch.export.save(program, buf)
+        return buf.getvalue()
+    finally:
+        network.train(was_training)
+
+
+def save_checkpoint(
+    args: RunArgs,
+    storage: Storage,
+    name: str,
+    reason: Reason,
+    options: SaveOptions,
+    env: RuntimeEnv,
+) -> Manifest:
+    """Write this rank's part of checkpoint ``name`` and return its manifest.
+
+    Every rank must call it at the same step. The manifest is written last, after every file
+    it lists is durable, so its presence proves the rank's part is complete.
+    """
+    rank, world = _distributed.rank(), _distributed.world_size()
+    holds_model = not options.integrated or rank == 0
+    network = _state.unwrap(options.saved_network if options.saved_network is not None else args.network)
+    scalars, info_tensors = _append_info(args, options.append_info)
+    rng_doc, rng_tensors = _state.RngState.capture().to_parts()
+    epoch_rng_doc, epoch_rng_tensors = (args.epoch_rng.to_parts() if args.epoch_rng is not None else (None, {}))
+    consumed = args.cur_step_num * options.global_batch_size if options.global_batch_size else None
+    meta = {
+        "name": name,
+        "reason": reason.value,
+        "epoch": args.cur_epoch_num,
+        "step": args.cur_step_num,
+        "step_in_epoch": args.step_in_epoch,
+        "batch_num": args.batch_num,
+        "rng": rng_doc,
+        "epoch_rng": epoch_rng_doc,
+        "append_info": scalars,
+        "global_batch_size": options.global_batch_size,
+        "consumed_samples": consumed,
+    }
+    payload: dict[str, Any] = {
+        "torpor_format": _state.SHARD_FORMAT,
+        "meta": json.dumps(meta),
+        "rng": rng_tensors,
+        "epoch_rng": epoch_rng_tensors,
+        "append_info": info_tensors,
+    }
+    if holds_model:
+        payload["model"] = _state.local_state(network.state_dict())
+        if args.optimizer is not None:
+            payload["optimizer"] = _state.local_state(args.optimizer.state_dict())
+        if args.lr_scheduler is not None:
+            payload["lr_scheduler"] = args.lr_scheduler.state_dict()
+
+    files = []
+
+    def put(kind: FileKind, data: bytes) -> None:
+        key = file_key(name, rank, kind)
+        storage.put_bytes(key, data)
+        files.append(FileEntry(kind, key, len(data), sha256_hex(data)))
+
+    put(FileKind.SHARD, _state.encode(payload))
+    if holds_model and options.network_params:
+        put(FileKind.NETWORK, _state.encode({"torpor_format": _state.SHARD_FORMAT, "meta": json.dumps(meta),
+                                             "model": payload["model"]}))
+    if holds_model and options.trainable_params:
+        trainable = {k: p.detach() for k, p in network.named_parameters() if p.requires_grad}
+        put(FileKind.TRAINABLE, _state.encode({"torpor_format": _state.SHARD_FORMAT, "meta": json.dumps(meta),
+                                               "model": _state.local_state(trainable)}))
+    if holds_model and options.export:
+        if args.last_inputs is None:
+            warnings.warn(f"{name}.pt2 not exported: no step has run, so there are no example inputs",
+                          TorporWarning, stacklevel=2)
+        else:
+            try:
+                put(FileKind.EXPORT, _export(network, args.last_inputs))
+            except Exception as exc:  # an export failure must not cost the checkpoint
+                warnings.warn(f"{name}.pt2 not exported, the checkpoint still counts: {type(exc).__name__}: {exc}",
+                              TorporWarning, stacklevel=2)
+    resumed = args.resumed_from
+    manifest = Manifest(
+        name=name,
+        rank=rank,
+        world_size=world,
+        epoch=args.cur_epoch_num,
+        step=args.cur_step_num,
+        step_in_epoch=args.step_in_epoch,
+        reason=reason,
+        save_id=f"{args.run_token}:{args.cur_step_num}",
+        created=time.time(),
+        files=tuple(files),
+        replicated_rank=0 if options.integrated else None,
+        job=env.job or "",
+        incarnation=env.incarnation,
+        resumed_from=resumed.name if resumed is not None else "",
+        extra={k: v for k, v in (("append_info", scalars), ("global_batch_size", options.global_batch_size),
+                                 ("consumed_samples", consumed)) if v},
+    )
+    storage.put_bytes(file_key(name, rank, FileKind.MANIFEST), manifest.to_json().encode())
+    return manifest
+
+
+def export_only(args: RunArgs, storage: Storage, name: str) -> bool:
+    """``save_ckpt=False, save_export=True``: only rank 0's ``{name}.pt2``; returns whether written."""
+    if _distributed.rank() != 0 or args.last_inputs is None:
+        return False
+    try:
+        storage.put_bytes(file_key(name, 0, FileKind.EXPORT), _export(_state.unwrap(args.network), args.last_inputs))
+    except Exception as exc:  # an export failure is a warning, as in save_checkpoint
+        warnings.warn(f"{name}.pt2 not exported: {type(exc).__name__}: {exc}", TorporWarning, stacklevel=2)
+        return False
+    return True

@@ -1,0 +1,41 @@
+"""Errors the runtime raises for integrity, storage and resume failures.
+
+Bad arguments raise the built-in ``ValueError``/``TypeError`` exactly as the MindSpore seeds
+list them; this module holds the errors a caller can act on at run time: a checkpoint that
+must not be loaded, storage that is away, a resume target that does not exist. Torch-free:
+the operator imports it.
+"""
+
+from __future__ import annotations
+
+
+class TorporError(Exception):
+    """Base of every torpor run-time error, so a caller can catch them all at once."""
+
+
+class IntegrityError(TorporError):
+    """Bytes read back do not match their manifest (size or sha256): nothing was loaded.
+
+    Raised instead of loading, because a shard that differs from what was written is either
+    corrupted or tampered with, and resuming from it would silently train on garbage.
+    """
+
+
+class StorageError(TorporError):
+    """The checkpoint store failed after its retries (network, permissions, missing bucket)."""
+
+
+class CheckpointNotFoundError(TorporError):
+    """The requested checkpoint (a name, a path or ``'latest'`` with ``required=True``) is absent."""
+
+
+class IncompleteCheckpointError(TorporError):
+    """A checkpoint lacks a rank's manifest, or its manifests disagree: it is never loaded.
+
+    Each rank writes its manifest only after its shard is durable, so a missing manifest
+    means a save that did not finish (a kill mid-save, a rank that crashed).
+    """
+
+
+class TorporWarning(UserWarning):
+    """Something was skipped but training goes on: a malformed exit file, a failed export."""
