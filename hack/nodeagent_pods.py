@@ -193,8 +193,9 @@ class PodWorker(threading.Thread):
     def run(self) -> None:
         try:
             self._run()
-        except Exception:
+        except Exception as exc:
             log.exception("pod %s: worker failed", self.key)
+            self._crashed(exc)
         finally:
             self._kill_all(signal.SIGKILL)
             self.agent.worker_done(self)
@@ -228,6 +229,17 @@ class PodWorker(threading.Thread):
             if all(c.terminated is not None and not self._will_restart(c) for c in mains):
                 break
         self._finish()
+
+    def _crashed(self, exc: Exception) -> None:
+        """Show the agent's failure in the pod's status, then still honour its deletion."""
+        for container in self.containers:
+            if not container.running and container.terminated is None:
+                container.waiting = ("RunContainerError", f"node agent: {exc!r}")
+        try:
+            self._report()
+            self._finish()
+        except Exception:
+            log.exception("pod %s: cannot clean up after the failure", self.key)
 
     def _run_init(self, container: Container) -> bool:
         """Run one init container to success; False if the pod is finished or going away."""

@@ -263,7 +263,7 @@ def resource_value(container: JsonDict, ref: JsonDict) -> str:
         raw = (resources.get("limits") or {}).get(resource)
     if raw is None:
         raw = NODE_ALLOCATABLE.get(resource, "0") if kind == "limits" else "0"
-    divisor = parse_quantity(ref.get("divisor") or "1")
+    divisor = parse_quantity(ref.get("divisor") or "1") or Decimal(1)  # the API defaults it to "0"
     return str(math.ceil(parse_quantity(raw) / divisor))
 
 

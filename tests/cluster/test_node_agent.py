@@ -196,7 +196,7 @@ def test_termination_message_falls_back_to_log_and_on_failure_restarts(
         "flaky",
         """\
         import os, sys
-        marker = "/scratch/ran-once"
+        marker = "/var/tmp/torpor-agent-test-scratch/ran-once"
         if not os.path.exists(marker):
             open(marker, "w").close()
             sys.exit(7)
@@ -204,7 +204,7 @@ def test_termination_message_falls_back_to_log_and_on_failure_restarts(
         """,
         restartPolicy="OnFailure",
         volumes=[{"name": "scratch", "emptyDir": {}}],
-        container={"volumeMounts": [{"name": "scratch", "mountPath": "/scratch"}]},
+        container={"volumeMounts": [{"name": "scratch", "mountPath": "/var/tmp/torpor-agent-test-scratch"}]},
     )
     apply(control_plane, namespace, fallback, flaky)
     pod = eventually(
