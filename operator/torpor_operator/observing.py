@@ -1,0 +1,206 @@
+"""Read-only views of what the operator observes: rank pods, nodes and checkpoints.
+
+The shell hands :func:`torpor_operator.reconciling.decide` raw API dicts; these views pick out
+the few fields a decision needs, so the decision code never digs through nested dicts and the
+tests can build inputs from a handful of values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from torpor_operator.contract import ANNOTATION_EXIT_REQUESTED, ANNOTATION_RESUME_FROM, LABEL_INCARNATION, LABEL_RANK
+
+if TYPE_CHECKING:
+    from torpor.checkpoints import Checkpoint
+
+__all__ = [
+    "CheckpointInfo",
+    "NodeView",
+    "PodView",
+    "checkpoint_infos",
+    "format_time",
+    "newest_complete",
+    "parse_time",
+    "preemption_signals",
+]
+
+
+def parse_time(value: str | None) -> datetime | None:
+    """An RFC 3339 timestamp as the API writes it (``2025-01-02T03:04:05Z``), or ``None``."""
+    if not value:
+        return None
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def format_time(value: datetime) -> str:
+    """RFC 3339 in UTC with a ``Z``, whole seconds: the form the API server stores."""
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True)
+class Termination:
+    """How the training container of a rank ended (``state.terminated`` of its status)."""
+
+    exit_code: int
+    reason: str
+    """Kubernetes' reason: ``Completed``, ``Error``, ``OOMKilled``, …"""
+    message: str
+    """The termination message: the runtime's JSON, or the log tail after a crash."""
+
+
+@dataclass(frozen=True)
+class PodView:
+    """The parts of one rank's pod that decisions read."""
+
+    name: str
+    incarnation: int
+    rank: int
+    phase: str
+    """``Pending``, ``Running``, ``Succeeded``, ``Failed`` or ``Unknown``."""
+    node: str | None
+    ready: bool
+    deleting: bool
+    """``metadata.deletionTimestamp`` is set."""
+    disruption: str | None
+    """Reason of a true ``DisruptionTarget`` condition (``EvictionByEvictionAPI``, …)."""
+    status_reason: str | None
+    """``status.reason`` of the pod (``Evicted``, ``Shutdown``, ``NodeLost``…)."""
+    termination: Termination | None
+    annotations: Mapping[str, str]
+
+    @property
+    def terminated(self) -> bool:
+        """The rank has ended for good (``restartPolicy: Never``)."""
+        return self.phase in ("Succeeded", "Failed")
+
+    @property
+    def exit_requested_at(self) -> str | None:
+        """The stop request this pod was annotated with, if any."""
+        return self.annotations.get(ANNOTATION_EXIT_REQUESTED)
+
+    @property
+    def resume_from(self) -> str | None:
+        """The checkpoint the pod was told to resume from."""
+        return self.annotations.get(ANNOTATION_RESUME_FROM)
+
+    @classmethod
+    def from_dict(cls, pod: Mapping[str, Any], container: str) -> PodView | None:
+        """View a pod; ``None`` for a pod without torpor's incarnation and rank labels."""
+        meta = pod.get("metadata") or {}
+        labels = meta.get("labels") or {}
+        try:
+            incarnation = int(labels[LABEL_INCARNATION])
+            rank = int(labels[LABEL_RANK])
+        except (KeyError, ValueError):
+            return None
+        status = pod.get("status") or {}
+        conditions = {c.get("type"): c for c in status.get("conditions") or []}
+        disruption = conditions.get("DisruptionTarget")
+        termination = None
+        for cs in status.get("containerStatuses") or []:
+            if cs.get("name") != container:
+                continue
+            terminated = (cs.get("state") or {}).get("terminated")
+            if terminated:
+                termination = Termination(
+                    exit_code=int(terminated.get("exitCode", 0)),
+                    reason=terminated.get("reason") or "",
+                    message=terminated.get("message") or "",
+                )
+        return cls(
+            name=meta.get("name", ""),
+            incarnation=incarnation,
+            rank=rank,
+            phase=status.get("phase") or "Pending",
+            node=(pod.get("spec") or {}).get("nodeName"),
+            ready=(conditions.get("Ready") or {}).get("status") == "True",
+            deleting=bool(meta.get("deletionTimestamp")),
+            disruption=(disruption.get("reason") or "DisruptionTarget")
+            if disruption and disruption.get("status") == "True" else None,
+            status_reason=status.get("reason"),
+            termination=termination,
+            annotations=dict(meta.get("annotations") or {}),
+        )
+
+
+@dataclass(frozen=True)
+class NodeView:
+    """A node's schedulability and taints."""
+
+    name: str
+    unschedulable: bool
+    taints: tuple[str, ...]
+
+    @classmethod
+    def from_dict(cls, node: Mapping[str, Any]) -> NodeView:
+        """View a Node object."""
+        spec = node.get("spec") or {}
+        return cls(
+            name=(node.get("metadata") or {}).get("name", ""),
+            unschedulable=bool(spec.get("unschedulable")),
+            taints=tuple(t.get("key", "") for t in spec.get("taints") or []),
+        )
+
+    def going_away(self, termination_taints: Iterable[str]) -> str | None:
+        """Why this node is about to be drained or removed, or ``None``."""
+        if self.unschedulable:
+            return "cordoned"
+        wanted = set(termination_taints)
+        for key in self.taints:
+            if key in wanted:
+                return f"tainted {key}"
+        return None
+
+
+def preemption_signals(pods: Iterable[PodView], nodes: Mapping[str, NodeView], taints: Iterable[str]) -> list[str]:
+    """Why the running ranks are about to be preempted, one message per signal, by rank.
+
+    A rank's own signals (deletion, ``DisruptionTarget``) come before its node's (cordon,
+    termination taint), since they are the more certain.
+    """
+    taints = tuple(taints)
+    messages = []
+    for pod in sorted(pods, key=lambda p: p.rank):
+        if pod.terminated:
+            continue
+        if pod.deleting:
+            messages.append(f"rank {pod.rank} (pod {pod.name}) is being deleted")
+        if pod.disruption:
+            messages.append(f"rank {pod.rank} (pod {pod.name}) has DisruptionTarget {pod.disruption}")
+        node = nodes.get(pod.node or "")
+        why = node.going_away(taints) if node else None
+        if why:
+            messages.append(f"node {node.name} hosting rank {pod.rank} is {why}")  # type: ignore[union-attr]
+    return messages
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """One checkpoint of the job, as far as decisions care.
+
+    ``time`` is when it was last written by the store's clock; checkpoints are ordered by
+    ``(time, step, name)``, the order the runtime's ``newest_complete`` uses, so operator and
+    runtime pick the same one.
+    """
+
+    name: str
+    step: int
+    time: datetime
+    complete: bool
+
+
+def checkpoint_infos(checkpoints: Iterable[Checkpoint]) -> list[CheckpointInfo]:
+    """Adapt the runtime's scanned checkpoints (:func:`torpor.checkpoints.scan`)."""
+    return [
+        CheckpointInfo(c.name, c.step, datetime.fromtimestamp(c.modified, UTC), c.complete) for c in checkpoints
+    ]
+
+
+def newest_complete(checkpoints: Iterable[CheckpointInfo]) -> CheckpointInfo | None:
+    """The newest complete checkpoint, or ``None``: what every rank of a new incarnation loads."""
+    complete = [c for c in checkpoints if c.complete]
+    return max(complete, key=lambda c: (c.time, c.step, c.name)) if complete else None

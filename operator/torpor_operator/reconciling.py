@@ -1,0 +1,513 @@
+"""The pure reconcile: given a TrainingJob and what was observed, what should change.
+
+:func:`decide` is the operator's whole judgement; the kopf handlers only gather its inputs
+and apply the :class:`Decision`. Deterministic child names make creation idempotent, and every
+counter moves in the same status patch as the phase change that caused it, so an operator
+killed between two steps and started again neither duplicates pods nor counts twice.
+
+Phases (docs/operator.md has the full table)::
+
+    (new) -> Pending -> Running -> Succeeded
+                 \\         |
+                  +--> Stopping --> Restarting --> Pending (next incarnation)
+                          |   \\--> Suspended --(suspend: false)--> Pending
+                          +--> Failed (maxRestarts exceeded)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from torpor_operator.builders import build_config_map, build_pdb, build_service, read_graceful_exit
+from torpor_operator.contract import ANNOTATION_EXIT_REQUESTED, LABEL_INCARNATION
+from torpor_operator.naming import JobRef, config_map_name, pdb_name, pod_name
+from torpor_operator.observing import (
+    CheckpointInfo,
+    NodeView,
+    PodView,
+    format_time,
+    newest_complete,
+    parse_time,
+    preemption_signals,
+)
+from torpor_operator.outcomes import Outcome, RankOutcome, classify
+from torpor_operator.pods import build_pod
+from torpor_operator.settings import OperatorSettings
+from torpor_operator.spec import TrainingJobSpec, check_job_name, parse_spec
+from torpor_operator.status import JobStatus, LastCheckpoint, merge_patch, set_condition
+
+__all__ = ["Decision", "Event", "Job", "ObjectRef", "decide"]
+
+#: Longest wait between two decisions while a stop is in progress, seconds: a bound on how
+#: late a missed watch event can make the operator.
+MAX_REQUEUE_SECONDS = 30.0
+
+
+@dataclass(frozen=True)
+class Job:
+    """The observed TrainingJob: identity, generation, parsed spec and status."""
+
+    ref: JobRef
+    generation: int
+    spec: TrainingJobSpec
+    status: JobStatus
+
+    @classmethod
+    def from_dict(cls, body: Mapping[str, Any]) -> Job:
+        """Parse a TrainingJob as the API returns it.
+
+        Raises:
+            torpor_operator.spec.SpecError: the spec can never work (the message names the field).
+        """
+        meta = body.get("metadata") or {}
+        check_job_name(meta.get("name", ""))
+        return cls(
+            ref=JobRef(meta.get("name", ""), meta.get("namespace", ""), meta.get("uid", "")),
+            generation=int(meta.get("generation") or 0),
+            spec=parse_spec(body.get("spec") or {}),
+            status=JobStatus.from_dict(body.get("status")),
+        )
+
+
+@dataclass(frozen=True)
+class ObjectRef:
+    """A child to delete, in the job's namespace."""
+
+    api_version: str
+    kind: str
+    name: str
+
+
+@dataclass(frozen=True)
+class Event:
+    """A Kubernetes Event to post on the job."""
+
+    type: str
+    """``Normal`` or ``Warning``."""
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What to do, in this order: create, delete, write the flag, annotate, patch status, post events."""
+
+    create: tuple[dict[str, Any], ...] = ()
+    """Objects to create; a 409 Conflict means it exists already and is not an error."""
+    delete: tuple[ObjectRef, ...] = ()
+    """Objects to delete (with their own grace period); a 404 is not an error."""
+    graceful_exit: tuple[str, int] | None = None
+    """``(ConfigMap name, value)`` to write into the GracefulExit file."""
+    annotate: tuple[tuple[str, dict[str, str]], ...] = ()
+    """``(pod name, annotations)``: touching a pod makes kubelet refresh its ConfigMap volumes."""
+    status: dict[str, Any] | None = None
+    """JSON merge patch of ``.status``; ``None`` when nothing changed."""
+    events: tuple[Event, ...] = ()
+    requeue_after: float | None = None
+    """Decide again after this many seconds even without a watch event (deadlines, backoff)."""
+
+    @property
+    def empty(self) -> bool:
+        """Nothing to do."""
+        return not (self.create or self.delete or self.graceful_exit or self.annotate or self.status or self.events)
+
+
+@dataclass
+class _Plan:
+    """The decision under construction (mutable inside :func:`decide` only)."""
+
+    status: JobStatus
+    create: list[dict[str, Any]] = field(default_factory=list)
+    delete: list[ObjectRef] = field(default_factory=list)
+    graceful_exit: tuple[str, int] | None = None
+    annotate: list[tuple[str, dict[str, str]]] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    requeue_after: float | None = None
+
+    def update(self, **changes: Any) -> None:
+        self.status = dataclasses.replace(self.status, **changes)
+
+    def requeue(self, seconds: float) -> None:
+        seconds = max(0.0, min(seconds, MAX_REQUEUE_SECONDS))
+        self.requeue_after = seconds if self.requeue_after is None else min(self.requeue_after, seconds)
+
+
+@dataclass(frozen=True)
+class _World:
+    """Everything observed, indexed for the phase functions."""
+
+    job: Job
+    pods: tuple[PodView, ...]
+    nodes: Mapping[str, NodeView]
+    checkpoints: Sequence[CheckpointInfo] | None
+    children: Mapping[tuple[str, str], Mapping[str, Any]]
+    """Services, ConfigMaps and PDBs by (kind, name)."""
+    now: datetime
+    settings: OperatorSettings
+
+    @property
+    def spec(self) -> TrainingJobSpec:
+        return self.job.spec
+
+    def pods_of(self, incarnation: int) -> list[PodView]:
+        return sorted((p for p in self.pods if p.incarnation == incarnation), key=lambda p: (p.rank, p.name))
+
+    def exists(self, kind: str, name: str) -> bool:
+        if kind == "Pod":
+            return any(p.name == name for p in self.pods)
+        return (kind, name) in self.children
+
+    def avoid_nodes(self) -> list[str]:
+        taints = self.settings.termination_taints
+        return sorted(n.name for n in self.nodes.values() if n.going_away(taints))
+
+
+def decide(
+    job: Job,
+    pods: Iterable[Mapping[str, Any]],
+    nodes: Iterable[Mapping[str, Any]],
+    checkpoints: Sequence[CheckpointInfo] | None,
+    now: datetime,
+    settings: OperatorSettings,
+    children: Iterable[Mapping[str, Any]] = (),
+) -> Decision:
+    """Decide what to do about one TrainingJob (pure: no clock, no I/O).
+
+    Args:
+        job: the observed job.
+        pods: every pod labelled with the job's name, as API dicts.
+        nodes: nodes as API dicts (at least those hosting the job's pods).
+        checkpoints: the job's checkpoints in the bucket, or ``None`` when the bucket could
+            not be listed (the ranks then resolve "newest complete" themselves).
+        now: the current time (timezone-aware).
+        settings: the operator's settings.
+        children: the job's Services, ConfigMaps and PodDisruptionBudgets, as API dicts.
+
+    Returns:
+        The actions; deciding again on the state they produce never repeats a creation or a count.
+    """
+    container = job.spec.training_container
+    views = tuple(v for v in (PodView.from_dict(p, container) for p in pods) if v is not None)
+    world = _World(
+        job=job,
+        pods=views,
+        nodes={v.name: v for v in (NodeView.from_dict(n) for n in nodes)},
+        checkpoints=checkpoints,
+        children={(c.get("kind", ""), (c.get("metadata") or {}).get("name", "")): c for c in children},
+        now=now,
+        settings=settings,
+    )
+    plan = _Plan(status=dataclasses.replace(job.status, observed_generation=job.generation))
+    _refresh_last_checkpoint(world, plan)
+    phase = job.status.phase
+    if phase is None:
+        _start(world, plan)
+    elif phase in ("Pending", "Running"):
+        _active(world, plan)
+    elif phase == "Stopping":
+        _stopping(world, plan)
+    elif phase == "Restarting":
+        _restarting(world, plan)
+    elif phase == "Suspended":
+        _suspended(world, plan)
+    _refresh_ready(world, plan)
+    return Decision(
+        create=tuple(plan.create),
+        delete=tuple(dict.fromkeys(plan.delete)),
+        graceful_exit=plan.graceful_exit,
+        annotate=tuple(plan.annotate),
+        status=merge_patch(job.status, plan.status),
+        events=tuple(plan.events),
+        requeue_after=plan.requeue_after,
+    )
+
+
+# --- status bookkeeping ------------------------------------------------------------------
+
+
+def _transition(world: _World, plan: _Plan, phase: str, event: Event) -> None:
+    """Move to ``phase``, set the conditions that follow from it, and post ``event``."""
+    s = plan.status
+    now, gen = world.now, world.job.generation
+    conditions = s.conditions
+    conditions = set_condition(conditions, "Ready", phase == "Running", phase, event.message, now, gen)
+    stopping = phase == "Stopping"
+    conditions = set_condition(conditions, "Stopping", stopping, s.stop_reason if stopping else phase,
+                               event.message if stopping else "", now, gen)
+    conditions = set_condition(conditions, "Suspended", phase == "Suspended", phase,
+                               event.message if phase == "Suspended" else "", now, gen)
+    if phase in ("Succeeded", "Failed"):
+        conditions = set_condition(conditions, phase, True, event.reason, event.message, now, gen)
+    plan.update(phase=phase, conditions=conditions)
+    plan.events.append(event)
+
+
+def _refresh_last_checkpoint(world: _World, plan: _Plan) -> None:
+    if world.checkpoints is None:
+        return
+    newest = newest_complete(world.checkpoints)
+    if newest is not None:
+        plan.update(last_checkpoint=LastCheckpoint(newest.name, newest.step, format_time(newest.time)))
+
+
+def _refresh_ready(world: _World, plan: _Plan) -> None:
+    current = world.pods_of(plan.status.incarnation) if plan.status.incarnation else []
+    ready = sum(1 for p in current if p.phase == "Running" and p.ready and not p.deleting)
+    plan.update(ready_replicas=ready, ready=f"{ready}/{world.spec.replicas}")
+
+
+# --- children ------------------------------------------------------------------------------
+
+
+def _desired_children(world: _World, incarnation: int, resume_from: str) -> list[dict[str, Any]]:
+    """Every child of an incarnation, in creation order (the ConfigMap before the pods mounting it)."""
+    ref, spec, settings = world.job.ref, world.spec, world.settings
+    objects = [build_config_map(ref, incarnation), build_service(ref, incarnation, settings.master_port)]
+    if spec.graceful_exit.drain_protection:
+        objects.append(build_pdb(ref, incarnation, spec.replicas))
+    avoid = world.avoid_nodes()
+    objects += [
+        build_pod(ref, spec, incarnation, rank, resume_from=resume_from, master_port=settings.master_port,
+                  avoid_nodes=avoid)
+        for rank in range(spec.replicas)
+    ]
+    return objects
+
+
+def _create_missing(world: _World, plan: _Plan, incarnation: int, resume_from: str, *, pods: bool) -> None:
+    """Create the incarnation's children that do not exist; pods only when ``pods``."""
+    for obj in _desired_children(world, incarnation, resume_from):
+        if obj["kind"] == "Pod" and not pods:
+            continue
+        if not world.exists(obj["kind"], obj["metadata"]["name"]):
+            plan.create.append(obj)
+    pdb = pdb_name(world.job.ref.name, incarnation)
+    if not world.spec.graceful_exit.drain_protection and world.exists("PodDisruptionBudget", pdb):
+        plan.delete.append(ObjectRef("policy/v1", "PodDisruptionBudget", pdb))
+
+
+def _delete_children_before(world: _World, plan: _Plan, incarnation: int, *, pods: bool) -> None:
+    """Delete Services, ConfigMaps, PDBs (and pods when ``pods``) of incarnations below ``incarnation``."""
+    if pods:
+        for p in world.pods:
+            if p.incarnation < incarnation and not p.deleting:
+                plan.delete.append(ObjectRef("v1", "Pod", p.name))
+    for (kind, name), obj in sorted(world.children.items()):
+        labels = (obj.get("metadata") or {}).get("labels") or {}
+        try:
+            owner_incarnation = int(labels.get(LABEL_INCARNATION, ""))
+        except ValueError:
+            continue
+        if owner_incarnation < incarnation and not (obj.get("metadata") or {}).get("deletionTimestamp"):
+            plan.delete.append(ObjectRef(obj.get("apiVersion", "v1"), kind, name))
+
+
+def _live(pods: Iterable[PodView]) -> list[PodView]:
+    return [p for p in pods if not p.terminated]
+
+
+# --- phases --------------------------------------------------------------------------------
+
+
+def _start(world: _World, plan: _Plan) -> None:
+    if world.spec.suspend:
+        _transition(world, plan, "Suspended", Event("Normal", "Suspended", "created with spec.suspend: true"))
+        return
+    plan.update(start_time=format_time(world.now))
+    _launch(world, plan, 1, "Started", "started")
+
+
+def _launch(world: _World, plan: _Plan, incarnation: int, reason: str, why: str) -> None:
+    """Start ``incarnation``: fresh children, every rank told the same checkpoint."""
+    existing = [p.resume_from for p in world.pods_of(incarnation) if p.resume_from is not None]
+    if existing:  # a half-applied launch: keep the choice the created pods already carry
+        resume_from = existing[0]
+    else:
+        newest = newest_complete(world.checkpoints or ())
+        resume_from = newest.name if newest is not None else ""
+    _delete_children_before(world, plan, incarnation, pods=True)
+    _create_missing(world, plan, incarnation, resume_from, pods=True)
+    plan.update(incarnation=incarnation, resume_from=resume_from, stop_requested_at=None, next_restart_time=None)
+    source = f"resuming from {resume_from}" if resume_from else "from scratch"
+    _transition(world, plan, "Pending", Event(
+        "Normal", reason, f"incarnation {incarnation} with {world.spec.replicas} ranks {source} ({why})"))
+
+
+def _active(world: _World, plan: _Plan) -> None:
+    """Pending or Running: watch for the end of training, failures and preemption."""
+    incarnation = plan.status.incarnation
+    current = world.pods_of(incarnation)
+    _delete_children_before(world, plan, incarnation, pods=False)
+    for p in _live(world.pods):
+        if p.incarnation < incarnation and not p.deleting:
+            plan.delete.append(ObjectRef("v1", "Pod", p.name))
+    outcomes = [classify(p) for p in current]
+    crashed = [o for o in outcomes if o.outcome is Outcome.CRASHED]
+    if crashed:
+        _begin_failure(world, plan, current, crashed)
+        return
+    ranks = {p.rank for p in current}
+    finished = [o for o in outcomes if o.outcome is Outcome.FINISHED]
+    if len(finished) == world.spec.replicas and ranks == set(range(world.spec.replicas)):
+        _finish(world, plan, incarnation)
+        return
+    ended = [o for o in outcomes if o.outcome in (Outcome.STOPPED, Outcome.KILLED)]
+    signals = [o.detail for o in ended] + preemption_signals(current, world.nodes, world.settings.termination_taints)
+    if plan.status.phase == "Running":
+        signals += [f"rank {r} (pod {pod_name(world.job.ref.name, incarnation, r)}) is gone"
+                    for r in range(world.spec.replicas) if r not in ranks]
+    if signals:
+        more = f" (and {len(signals) - 1} more)" if len(signals) > 1 else ""
+        _begin_stop(world, plan, current, "Preemption", signals[0] + more)
+        return
+    if world.spec.suspend:
+        _begin_stop(world, plan, current, "Suspend", "spec.suspend is true")
+        return
+    _create_missing(world, plan, incarnation, plan.status.resume_from or "", pods=plan.status.phase == "Pending")
+    running = [p for p in current if p.phase == "Running" and p.ready and not p.deleting]
+    if plan.status.phase == "Pending" and len(running) == world.spec.replicas:
+        _transition(world, plan, "Running", Event(
+            "Normal", "Running", f"all {world.spec.replicas} ranks of incarnation {incarnation} are running"))
+
+
+def _begin_stop(world: _World, plan: _Plan, current: list[PodView], reason: str, message: str) -> None:
+    """Write GracefulExit 1 and touch every live rank so kubelet refreshes the file at once."""
+    stamp = format_time(world.now)
+    changes: dict[str, Any] = {"stop_reason": reason, "stop_message": message, "stop_requested_at": stamp}
+    if reason == "Preemption":
+        changes["preemptions"] = plan.status.preemptions + 1
+    plan.update(**changes)
+    _request_exit(world, plan, current)
+    event = (Event("Warning", "Preempted", f"{message}; asking every rank to save and exit")
+             if reason == "Preemption" else Event("Normal", "Suspending", f"{message}; asking every rank to save"))
+    _transition(world, plan, "Stopping", event)
+    plan.requeue(world.spec.graceful_exit.exit_deadline_seconds)
+
+
+def _request_exit(world: _World, plan: _Plan, current: list[PodView]) -> None:
+    """Write the flag (unless the observed ConfigMap has it) and annotate live ranks not yet told."""
+    incarnation = plan.status.incarnation
+    name = config_map_name(world.job.ref.name, incarnation)
+    observed = world.children.get(("ConfigMap", name))
+    if observed is None or read_graceful_exit(dict(observed)) != 1:
+        plan.graceful_exit = (name, 1)
+    stamp = plan.status.stop_requested_at or format_time(world.now)
+    for p in _live(current):
+        if not p.deleting and p.exit_requested_at != stamp:
+            plan.annotate.append((p.name, {ANNOTATION_EXIT_REQUESTED: stamp}))
+
+
+def _begin_failure(world: _World, plan: _Plan, current: list[PodView], crashed: list[RankOutcome]) -> None:
+    """A rank crashed: the others cannot finish a collective without it, so delete them now."""
+    detail = crashed[0].detail + (f" (and {len(crashed) - 1} more)" if len(crashed) > 1 else "")
+    spec, s = world.spec, plan.status
+    if s.restarts >= spec.max_restarts:
+        plan.update(stop_reason="MaxRestartsExceeded", stop_message=f"{detail}; maxRestarts {spec.max_restarts} "
+                    "exhausted", stop_requested_at=format_time(world.now))
+        event = Event("Warning", "RankFailed", plan.status.stop_message or "")
+    else:
+        restarts = s.restarts + 1
+        delay = world.settings.backoff_seconds(restarts)
+        plan.update(restarts=restarts, stop_reason="Failure", stop_message=detail,
+                    stop_requested_at=format_time(world.now),
+                    next_restart_time=format_time(world.now + timedelta(seconds=delay)))
+        event = Event("Warning", "RankFailed",
+                      f"{detail}; restart {restarts}/{spec.max_restarts} in {delay:g}s from the newest checkpoint")
+    for p in _live(current):
+        if not p.deleting:
+            plan.delete.append(ObjectRef("v1", "Pod", p.name))
+    _transition(world, plan, "Stopping", event)
+    plan.requeue(world.spec.graceful_exit.exit_deadline_seconds)
+
+
+def _stopping(world: _World, plan: _Plan) -> None:
+    """Wait for every rank of the incarnation to exit; delete stragglers past the deadline."""
+    s = plan.status
+    current = world.pods_of(s.incarnation)
+    live = _live(current)
+    requested = parse_time(s.stop_requested_at) or world.now
+    deadline = requested + timedelta(seconds=world.spec.graceful_exit.exit_deadline_seconds)
+    if s.stop_reason in ("Preemption", "Suspend"):
+        if live:
+            _request_exit(world, plan, current)
+        late = [p for p in live if not p.deleting and world.now >= deadline]
+    else:
+        late = [p for p in live if not p.deleting]
+    for p in late:
+        plan.delete.append(ObjectRef("v1", "Pod", p.name))
+    if late and s.stop_reason in ("Preemption", "Suspend"):
+        ranks = ", ".join(str(p.rank) for p in late)
+        plan.events.append(Event("Warning", "ExitDeadlineExceeded",
+                                 f"ranks {ranks} did not exit within {world.spec.graceful_exit.exit_deadline_seconds}s "
+                                 "of GracefulExit; deleting them (they get SIGTERM and their grace period)"))
+    if live:
+        plan.requeue((deadline - world.now).total_seconds() if world.now < deadline else MAX_REQUEUE_SECONDS)
+        return
+    outcomes = [classify(p) for p in current]
+    finished = [o for o in outcomes if o.outcome is Outcome.FINISHED]
+    if len(finished) == world.spec.replicas:
+        _finish(world, plan, s.incarnation)
+    elif s.stop_reason == "MaxRestartsExceeded":
+        plan.update(completion_time=format_time(world.now))
+        _release(world, plan)
+        _transition(world, plan, "Failed", Event("Warning", "MaxRestartsExceeded", s.stop_message or "failed"))
+    elif world.spec.suspend:
+        _release(world, plan)
+        _transition(world, plan, "Suspended", Event("Normal", "Suspended", _saved_message(world, plan, outcomes)))
+    else:
+        restart_at = parse_time(s.next_restart_time)
+        _transition(world, plan, "Restarting", Event("Normal", "Restarting", _saved_message(world, plan, outcomes)))
+        plan.requeue((restart_at - world.now).total_seconds() if restart_at else 0.0)
+
+
+def _saved_message(world: _World, plan: _Plan, outcomes: list[RankOutcome]) -> str:
+    saved = sorted({o.checkpoint for o in outcomes if o.outcome is Outcome.STOPPED and o.checkpoint})
+    last = plan.status.last_checkpoint
+    newest = f"newest complete checkpoint {last.name} (step {last.step})" if last else "no complete checkpoint"
+    what = f"ranks saved {', '.join(saved)}; " if saved else ""
+    return f"all ranks of incarnation {plan.status.incarnation} exited after {plan.status.stop_reason}; {what}{newest}"
+
+
+def _release(world: _World, plan: _Plan) -> None:
+    """Delete the Service, ConfigMap and PDB of a job that stops for good or for a while; pods stay for their logs."""
+    _delete_children_before(world, plan, plan.status.incarnation + 1, pods=False)
+
+
+def _finish(world: _World, plan: _Plan, incarnation: int) -> None:
+    plan.update(completion_time=format_time(world.now))
+    _release(world, plan)
+    _transition(world, plan, "Succeeded", Event(
+        "Normal", "Succeeded", f"all {world.spec.replicas} ranks of incarnation {incarnation} completed"))
+
+
+def _restarting(world: _World, plan: _Plan) -> None:
+    """Start the next incarnation once the old ranks are gone and the backoff has passed."""
+    s = plan.status
+    if world.spec.suspend:
+        _release(world, plan)
+        _transition(world, plan, "Suspended", Event("Normal", "Suspended", "spec.suspend is true"))
+        return
+    stragglers = [p for p in _live(world.pods) if p.incarnation <= s.incarnation]
+    if stragglers:
+        for p in stragglers:
+            if not p.deleting:
+                plan.delete.append(ObjectRef("v1", "Pod", p.name))
+        plan.requeue(MAX_REQUEUE_SECONDS)
+        return
+    restart_at = parse_time(s.next_restart_time)
+    if restart_at is not None and world.now < restart_at:
+        plan.requeue((restart_at - world.now).total_seconds())
+        return
+    _launch(world, plan, s.incarnation + 1, "Restarted", f"after {s.stop_reason or 'a stop'}")
+
+
+def _suspended(world: _World, plan: _Plan) -> None:
+    if world.spec.suspend:
+        return
+    if plan.status.start_time is None:
+        plan.update(start_time=format_time(world.now))
+    _launch(world, plan, plan.status.incarnation + 1, "Resumed", "spec.suspend is false")

@@ -1,0 +1,165 @@
+"""Operator-wide settings, read once from ``TORPOR_*`` environment variables at start-up.
+
+Never read at import: tests and the chart set the environment before ``python -m
+torpor_operator`` starts, and unit tests build :class:`OperatorSettings` directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["DEFAULT_TERMINATION_TAINTS", "OperatorSettings", "SettingsError"]
+
+#: Taints that announce a node is about to go away. Cordoning (``spec.unschedulable``) is
+#: watched separately. Soft hints (cluster-autoscaler's ``DeletionCandidateOfClusterAutoscaler``,
+#: AWS rebalance recommendations) are left out on purpose: they often do not end in a
+#: termination, and each false alarm costs the job a save and a restart.
+DEFAULT_TERMINATION_TAINTS: tuple[str, ...] = (
+    "ToBeDeletedByClusterAutoscaler",
+    "node.kubernetes.io/out-of-service",
+    "node.cloudprovider.kubernetes.io/shutdown",
+    "cloud.google.com/impending-node-termination",
+    "aws-node-termination-handler/spot-itn",
+    "aws-node-termination-handler/scheduled-maintenance",
+    "aws-node-termination-handler/asg-lifecycle-termination",
+    "karpenter.sh/disrupted",
+)
+
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+class SettingsError(ValueError):
+    """A setting the operator cannot start with; the message names the variable and the value."""
+
+
+def _env(name: str) -> dict[str, str]:
+    return {"env": name}
+
+
+@dataclass(frozen=True)
+class OperatorSettings:
+    """Everything the operator reads from its environment. Defaults suit a single replica."""
+
+    namespaces: tuple[str, ...] = dataclasses.field(default=(), metadata=_env("TORPOR_NAMESPACES"))
+    """Namespaces to watch, comma-separated in the environment; empty (the default) watches the
+    whole cluster. A list lets the chart grant Roles instead of a ClusterRole."""
+
+    termination_taints: tuple[str, ...] = dataclasses.field(
+        default=DEFAULT_TERMINATION_TAINTS, metadata=_env("TORPOR_TERMINATION_TAINTS")
+    )
+    """Taint keys that mean "this node is going away": a rank on such a node makes the job save
+    and move. Comma-separated; default :data:`DEFAULT_TERMINATION_TAINTS` (cluster-autoscaler,
+    out-of-service, cloud spot and maintenance notices, Karpenter)."""
+
+    master_port: int = dataclasses.field(default=29500, metadata=_env("TORPOR_MASTER_PORT"))
+    """TCP port of rank 0's rendezvous (``MASTER_PORT``); 29500 is torch.distributed's default."""
+
+    backoff_base_seconds: float = dataclasses.field(default=10.0, metadata=_env("TORPOR_BACKOFF_BASE_SECONDS"))
+    """Wait before the first restart after a failure; doubled for each further failure, so a
+    job that crashes at start-up does not hammer the scheduler and the bucket."""
+
+    backoff_max_seconds: float = dataclasses.field(default=600.0, metadata=_env("TORPOR_BACKOFF_MAX_SECONDS"))
+    """Upper bound of the restart backoff, seconds."""
+
+    retention_interval_seconds: float = dataclasses.field(
+        default=60.0, metadata=_env("TORPOR_RETENTION_INTERVAL_SECONDS")
+    )
+    """How often each running job's bucket prefix is listed and pruned, and its
+    ``status.lastCheckpoint`` refreshed, seconds."""
+
+    peering: str = dataclasses.field(default="", metadata=_env("TORPOR_PEERING"))
+    """Name of the kopf peering object for several operator replicas; empty (the default)
+    runs standalone, which is right for exactly one replica."""
+
+    health_port: int = dataclasses.field(default=8080, metadata=_env("TORPOR_HEALTH_PORT"))
+    """Port of the liveness endpoint ``/healthz``; 0 turns it off."""
+
+    metrics_port: int = dataclasses.field(default=9090, metadata=_env("TORPOR_METRICS_PORT"))
+    """Port of the Prometheus ``/metrics`` endpoint; 0 turns it off."""
+
+    log_format: str = dataclasses.field(default="json", metadata=_env("TORPOR_LOG_FORMAT"))
+    """``json`` (one object per line, for log collectors) or ``plain`` (for people)."""
+
+    watch_timeout_seconds: float = dataclasses.field(default=300.0, metadata=_env("TORPOR_WATCH_TIMEOUT_SECONDS"))
+    """Server-side timeout of kopf's watch requests: a watch silently lost by a proxy is
+    re-established within this time."""
+
+    def __post_init__(self) -> None:
+        for ns in self.namespaces:
+            if not _DNS_LABEL.match(ns):
+                raise SettingsError(f"namespaces: {ns!r} is not a valid namespace name")
+        for taint in self.termination_taints:
+            if not taint or any(c.isspace() for c in taint):
+                raise SettingsError(f"termination_taints: {taint!r} is not a taint key")
+        for name in ("master_port",):
+            self._check_port(name, allow_zero=False)
+        for name in ("health_port", "metrics_port"):
+            self._check_port(name, allow_zero=True)
+        for name in ("backoff_base_seconds", "backoff_max_seconds", "retention_interval_seconds",
+                     "watch_timeout_seconds"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+                raise SettingsError(f"{name} must be a finite number of seconds > 0, got {value!r}")
+        if self.backoff_max_seconds < self.backoff_base_seconds:
+            raise SettingsError(
+                f"backoff_max_seconds ({self.backoff_max_seconds!r}) must be >= backoff_base_seconds "
+                f"({self.backoff_base_seconds!r})"
+            )
+        if self.log_format not in ("json", "plain"):
+            raise SettingsError(f"log_format must be 'json' or 'plain', got {self.log_format!r}")
+        if self.peering and not _DNS_LABEL.match(self.peering):
+            raise SettingsError(f"peering: {self.peering!r} is not a valid object name")
+
+    def _check_port(self, name: str, *, allow_zero: bool) -> None:
+        value = getattr(self, name)
+        low = 0 if allow_zero else 1
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= 65535:
+            raise SettingsError(f"{name} must be a port number in {low}..65535, got {value!r}")
+
+    def backoff_seconds(self, failures: int) -> float:
+        """Wait before the restart that follows the ``failures``-th failure (1-based)."""
+        return min(self.backoff_max_seconds, self.backoff_base_seconds * 2 ** max(0, failures - 1))
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> OperatorSettings:
+        """Read the settings from ``environ`` (pass ``os.environ`` at start-up).
+
+        Unset or empty variables keep their defaults.
+
+        Raises:
+            SettingsError: a value that does not parse or is out of range; the message names
+                the variable and the value.
+        """
+        kwargs: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            var = f.metadata["env"]
+            raw = environ.get(var, "").strip()
+            if not raw:
+                continue
+            if f.default == () or isinstance(f.default, tuple):
+                kwargs[f.name] = tuple(part.strip() for part in raw.split(",") if part.strip())
+            elif isinstance(f.default, bool):
+                kwargs[f.name] = raw.lower() in ("1", "true", "yes")
+            elif isinstance(f.default, int):
+                try:
+                    kwargs[f.name] = int(raw)
+                except ValueError:
+                    raise SettingsError(f"{var} must be an integer, got {raw!r}") from None
+            elif isinstance(f.default, float):
+                try:
+                    kwargs[f.name] = float(raw)
+                except ValueError:
+                    raise SettingsError(f"{var} must be a number, got {raw!r}") from None
+            else:
+                kwargs[f.name] = raw
+        try:
+            return cls(**kwargs)
+        except SettingsError as exc:
+            names = {f.name: f.metadata["env"] for f in dataclasses.fields(cls)}
+            field_name = str(exc).split(" ", 1)[0].rstrip(":")
+            raise SettingsError(f"{names.get(field_name, '?')}: {exc}") from None

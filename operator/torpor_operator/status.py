@@ -1,0 +1,167 @@
+"""``.status`` of a TrainingJob as a frozen dataclass, and the merge patch between two of them.
+
+The status is the operator's memory: phase, incarnation, counters, the current stop and the
+next allowed restart all live here, so an operator restarted at any point carries on without
+duplicating pods or counting a restart twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from torpor_operator.observing import format_time
+
+__all__ = ["PHASES", "Condition", "JobStatus", "LastCheckpoint", "merge_patch", "set_condition"]
+
+PHASES = ("Pending", "Running", "Stopping", "Restarting", "Succeeded", "Failed", "Suspended")
+
+
+@dataclass(frozen=True)
+class LastCheckpoint:
+    """``status.lastCheckpoint``: the newest complete checkpoint."""
+
+    name: str
+    step: int
+    time: str
+    """RFC 3339."""
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One entry of ``status.conditions`` (the usual Kubernetes shape)."""
+
+    type: str
+    status: str
+    reason: str
+    message: str
+    last_transition_time: str
+    observed_generation: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The API form (camelCase)."""
+        doc: dict[str, Any] = {
+            "type": self.type,
+            "status": self.status,
+            "reason": self.reason,
+            "message": self.message,
+            "lastTransitionTime": self.last_transition_time,
+        }
+        if self.observed_generation is not None:
+            doc["observedGeneration"] = self.observed_generation
+        return doc
+
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, Any]) -> Condition:
+        """Parse the API form; missing fields read as empty."""
+        return cls(
+            type=str(doc.get("type", "")),
+            status=str(doc.get("status", "Unknown")),
+            reason=str(doc.get("reason", "")),
+            message=str(doc.get("message", "")),
+            last_transition_time=str(doc.get("lastTransitionTime", "")),
+            observed_generation=doc.get("observedGeneration"),
+        )
+
+
+# Dataclass field -> status key. Fields with a None value are left out of the API form.
+_KEYS = {
+    "phase": "phase",
+    "incarnation": "incarnation",
+    "restarts": "restarts",
+    "preemptions": "preemptions",
+    "ready_replicas": "readyReplicas",
+    "ready": "ready",
+    "resume_from": "resumeFrom",
+    "last_checkpoint": "lastCheckpoint",
+    "stop_reason": "stopReason",
+    "stop_message": "stopMessage",
+    "stop_requested_at": "stopRequestedAt",
+    "next_restart_time": "nextRestartTime",
+    "start_time": "startTime",
+    "completion_time": "completionTime",
+    "observed_generation": "observedGeneration",
+    "conditions": "conditions",
+}
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    """The operator-owned status. Times are RFC 3339 strings, as stored by the API server."""
+
+    phase: str | None = None
+    incarnation: int = 0
+    restarts: int = 0
+    preemptions: int = 0
+    ready_replicas: int = 0
+    ready: str | None = None
+    resume_from: str | None = None
+    last_checkpoint: LastCheckpoint | None = None
+    stop_reason: str | None = None
+    stop_message: str | None = None
+    stop_requested_at: str | None = None
+    next_restart_time: str | None = None
+    start_time: str | None = None
+    completion_time: str | None = None
+    observed_generation: int | None = None
+    conditions: tuple[Condition, ...] = ()
+
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, Any] | None) -> JobStatus:
+        """Parse ``.status``; unknown keys (another tool's) are ignored."""
+        doc = doc or {}
+        kwargs: dict[str, Any] = {}
+        for name, key in _KEYS.items():
+            if doc.get(key) is None:
+                continue
+            value = doc[key]
+            if name == "last_checkpoint":
+                value = LastCheckpoint(
+                    str(value.get("name", "")), int(value.get("step", 0)), str(value.get("time", ""))
+                )
+            elif name == "conditions":
+                value = tuple(Condition.from_dict(c) for c in value)
+            kwargs[name] = value
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The API form, without unset fields."""
+        doc: dict[str, Any] = {}
+        for name, key in _KEYS.items():
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, LastCheckpoint):
+                value = dataclasses.asdict(value)
+            elif name == "conditions":
+                value = [c.to_dict() for c in value]
+            doc[key] = value
+        return doc
+
+    def condition(self, type_: str) -> Condition | None:
+        """The condition of that type, if set."""
+        return next((c for c in self.conditions if c.type == type_), None)
+
+
+def set_condition(
+    conditions: tuple[Condition, ...], type_: str, true: bool, reason: str, message: str, now: datetime,
+    generation: int | None,
+) -> tuple[Condition, ...]:
+    """Conditions with ``type_`` set; its lastTransitionTime moves only when the status flips."""
+    status = "True" if true else "False"
+    old = next((c for c in conditions if c.type == type_), None)
+    since = old.last_transition_time if old is not None and old.status == status else format_time(now)
+    new = Condition(type_, status, reason, message, since, generation)
+    others = tuple(c for c in conditions if c.type != type_)
+    return tuple(sorted((*others, new), key=lambda c: c.type))
+
+
+def merge_patch(old: JobStatus, new: JobStatus) -> dict[str, Any] | None:
+    """A JSON merge patch for ``.status`` turning ``old`` into ``new``; ``None`` if equal."""
+    before, after = old.to_dict(), new.to_dict()
+    patch: dict[str, Any] = {key: value for key, value in after.items() if before.get(key) != value}
+    patch.update({key: None for key in before if key not in after})
+    return patch or None

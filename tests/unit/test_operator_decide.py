@@ -1,0 +1,554 @@
+"""``decide`` phase by phase and signal by signal (pure, no cluster)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from test_operator_world import NOW, Cluster, ckpt, job_body, message, node, pod
+
+from torpor_operator.contract import ANNOTATION_EXIT_REQUESTED, ANNOTATION_RESUME_FROM, ENV
+from torpor_operator.reconciling import ObjectRef
+from torpor_operator.settings import OperatorSettings
+
+STAMP = "2026-01-01T12:00:00Z"
+SPOT = "cloud.google.com/impending-node-termination"
+
+
+def running(replicas: int = 2, incarnation: int = 1, **spec: Any) -> Cluster:
+    """A job whose incarnation is Running on node-a (rank 0) and node-b (rank 1…)."""
+    c = Cluster(job_body(replicas=replicas, **spec))
+    c.step()
+    c.run(node_for={r: ("node-a" if r == 0 else "node-b") for r in range(replicas)})
+    c.step()
+    assert c.status["phase"] == "Running"
+    return c
+
+
+def env_of(p: dict[str, Any]) -> dict[str, str]:
+    return {e["name"]: e.get("value", "") for e in p["spec"]["containers"][0]["env"]}
+
+
+# --- a new job ------------------------------------------------------------------------------
+
+
+def test_new_job_creates_the_first_incarnation() -> None:
+    c = Cluster(job_body())
+    d = c.decide()
+    assert [f"{o['kind']}/{o['metadata']['name']}" for o in d.create] == [
+        "ConfigMap/demo-1-exit", "Service/demo-1", "Pod/demo-1-0", "Pod/demo-1-1"]
+    assert d.status is not None
+    assert d.status["phase"] == "Pending"
+    assert d.status["incarnation"] == 1
+    assert d.status["startTime"] == STAMP
+    assert d.status["ready"] == "0/2"
+    assert d.status["observedGeneration"] == 1
+    assert [(e.type, e.reason) for e in d.events] == [("Normal", "Started")]
+    assert not d.delete and d.graceful_exit is None
+
+
+def test_new_job_resumes_from_the_newest_complete_checkpoint_left_by_an_earlier_job() -> None:
+    c = Cluster(job_body(), checkpoints=[ckpt("CKP-1_10", 10, 1), ckpt("CKP-1_20", 20, 2, complete=False)])
+    d = c.decide()
+    pods = [o for o in d.create if o["kind"] == "Pod"]
+    assert {env_of(p)[ENV.RESUME_FROM] for p in pods} == {"CKP-1_10"}
+    assert d.status is not None and d.status["resumeFrom"] == "CKP-1_10"
+    assert d.status["lastCheckpoint"] == {"name": "CKP-1_10", "step": 10, "time": "2026-01-01T11:01:00Z"}
+
+
+def test_new_suspended_job_creates_nothing() -> None:
+    c = Cluster(job_body(suspend=True))
+    d = c.decide()
+    assert not d.create
+    assert d.status is not None and d.status["phase"] == "Suspended"
+    assert d.status.get("incarnation", 0) == 0
+    assert [e.reason for e in d.events] == ["Suspended"]
+
+
+def test_drain_protection_adds_a_pdb_for_all_ranks() -> None:
+    c = Cluster(job_body(replicas=3, gracefulExit={"drainProtection": True}))
+    d = c.decide()
+    pdbs = [o for o in d.create if o["kind"] == "PodDisruptionBudget"]
+    assert len(pdbs) == 1
+    assert pdbs[0]["spec"]["minAvailable"] == 3
+
+
+# --- Pending and Running --------------------------------------------------------------------
+
+
+def test_pending_becomes_running_when_every_rank_is_ready() -> None:
+    c = Cluster(job_body())
+    c.step()
+    c.run()
+    d = c.step()
+    assert c.status["phase"] == "Running"
+    assert c.status["ready"] == "2/2"
+    assert [e.reason for e in d.events] == ["Running"]
+    ready = next(x for x in c.status["conditions"] if x["type"] == "Ready")
+    assert ready["status"] == "True"
+
+
+def test_pending_stays_pending_while_a_rank_is_not_ready() -> None:
+    c = Cluster(job_body())
+    c.step()
+    c.run()
+    c.pods["demo-1-1"]["status"] = {"phase": "Pending"}
+    d = c.step()
+    assert c.status["phase"] == "Pending"
+    assert c.status["readyReplicas"] == 1
+    assert not d.events and not d.create
+
+
+def test_pending_recreates_a_pod_missing_after_a_half_applied_launch() -> None:
+    c = Cluster(job_body())
+    c.step()
+    del c.pods["demo-1-1"]
+    d = c.decide()
+    assert [o["metadata"]["name"] for o in d.create] == ["demo-1-1"]
+    assert not d.events
+
+
+def test_running_recreates_a_deleted_config_map_but_no_pod() -> None:
+    c = running()
+    del c.children[("ConfigMap", "demo-1-exit")]
+    d = c.decide()
+    assert [o["metadata"]["name"] for o in d.create] == ["demo-1-exit"]
+
+
+def test_running_without_signals_does_nothing() -> None:
+    c = running()
+    d = c.decide()
+    assert d.empty
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (lambda c: c.nodes.__setitem__("node-b", node("node-b", unschedulable=True)),
+         "node node-b hosting rank 1 is cordoned"),
+        (lambda c: c.nodes.__setitem__("node-b", node("node-b", taints=("ToBeDeletedByClusterAutoscaler",))),
+         "node node-b hosting rank 1 is tainted ToBeDeletedByClusterAutoscaler"),
+        (lambda c: c.nodes.__setitem__("node-a", node("node-a", taints=(SPOT,))),
+         "node node-a hosting rank 0 is tainted cloud.google.com/impending-node-termination"),
+        (lambda c: c.pods["demo-1-1"]["status"]["conditions"].append(
+            {"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI"}),
+         "rank 1 (pod demo-1-1) has DisruptionTarget EvictionByEvictionAPI"),
+        (lambda c: c.pods["demo-1-0"]["metadata"].__setitem__("deletionTimestamp", "2026-01-01T11:59:00Z"),
+         "rank 0 (pod demo-1-0) is being deleted"),
+        (lambda c: c.pods.pop("demo-1-1"), "rank 1 (pod demo-1-1) is gone"),
+        (lambda c: c.exit(1, 143, message("signal", 143, "Net", 7)),
+         "rank 1 stopped on request (signal), saved Net at step 7, exit 143"),
+        (lambda c: c.exit(0, 75), "rank 0 stopped on the GracefulExit file"),
+        (lambda c: c.exit(1, 137), "rank 1 was ended by signal 9 (exit 137) without a save report"),
+        (lambda c: c.pods["demo-1-1"]["status"].update(phase="Failed", reason="Evicted"),
+         "rank 1 ended without an exit code (Evicted)"),
+    ],
+    ids=["cordon", "autoscaler-taint", "spot-taint", "disruption-target", "deletion", "vanished",
+         "saved-on-signal", "saved-on-file", "killed", "evicted"],
+)
+def test_preemption_signals_start_a_graceful_stop(change: Any, expected: str) -> None:
+    c = running()
+    change(c)
+    d = c.decide()
+    assert d.status is not None
+    assert d.status["phase"] == "Stopping"
+    assert d.status["stopReason"] == "Preemption"
+    assert d.status["stopMessage"].startswith(expected), d.status["stopMessage"]
+    assert d.status["preemptions"] == 1
+    assert "restarts" not in d.status
+    assert d.status["stopRequestedAt"] == STAMP
+    assert d.graceful_exit == ("demo-1-exit", 1)
+    live = {p["metadata"]["name"] for p in c.pods.values()
+            if p["status"]["phase"] == "Running" and "deletionTimestamp" not in p["metadata"]}
+    assert {name for name, _ in d.annotate} == live
+    assert all(a == {ANNOTATION_EXIT_REQUESTED: STAMP} for _, a in d.annotate)
+    assert [(e.type, e.reason) for e in d.events] == [("Warning", "Preempted")]
+    assert not d.delete and not d.create
+    assert d.requeue_after == 30.0
+    stopping = next(x for x in d.status["conditions"] if x["type"] == "Stopping")
+    assert (stopping["status"], stopping["reason"]) == ("True", "Preemption")
+
+
+def test_an_unlisted_taint_is_not_a_preemption() -> None:
+    c = running()
+    c.nodes["node-b"] = node("node-b", taints=("example.com/maintenance",))
+    assert c.decide().empty
+
+
+def test_termination_taints_come_from_the_settings() -> None:
+    c = running()
+    c.settings = OperatorSettings(termination_taints=("example.com/maintenance",))
+    c.nodes["node-b"] = node("node-b", taints=("example.com/maintenance",))
+    d = c.decide()
+    assert d.status is not None and d.status["phase"] == "Stopping"
+
+
+def test_a_node_without_ranks_does_not_preempt() -> None:
+    c = running()
+    c.nodes["node-c"] = node("node-c", unschedulable=True)
+    assert c.decide().empty
+
+
+def test_suspend_stops_without_counting_a_preemption() -> None:
+    c = running()
+    c.body["spec"]["suspend"] = True
+    d = c.decide()
+    assert d.status is not None
+    assert (d.status["phase"], d.status["stopReason"]) == ("Stopping", "Suspend")
+    assert "preemptions" not in d.status
+    assert d.graceful_exit == ("demo-1-exit", 1)
+    assert [(e.type, e.reason) for e in d.events] == [("Normal", "Suspending")]
+
+
+def test_a_crash_deletes_the_other_ranks_and_counts_a_restart_with_backoff() -> None:
+    c = running(replicas=3)
+    c.exit(1, 1, message("error", 1) .replace('"reason"', '"error":"RuntimeError: boom","reason"'))
+    d = c.decide()
+    assert d.status is not None
+    assert d.status["phase"] == "Stopping"
+    assert d.status["stopReason"] == "Failure"
+    assert d.status["restarts"] == 1
+    assert d.status["nextRestartTime"] == "2026-01-01T12:00:10Z"
+    assert "RuntimeError: boom" in d.status["stopMessage"]
+    assert set(d.delete) == {ObjectRef("v1", "Pod", "demo-1-0"), ObjectRef("v1", "Pod", "demo-1-2")}
+    assert d.graceful_exit is None
+    assert [(e.type, e.reason) for e in d.events] == [("Warning", "RankFailed")]
+    assert "restart 1/3 in 10s" in d.events[0].message
+
+
+@pytest.mark.parametrize(
+    ("code", "text", "reason"),
+    [(1, "Traceback ...\nValueError: x", "Error"), (2, "", "Error"), (137, "", "OOMKilled")],
+    ids=["exception-without-message", "exit-2", "oom"],
+)
+def test_crashes_without_a_runtime_message(code: int, text: str, reason: str) -> None:
+    c = running()
+    c.exit(0, code, text, term_reason=reason)
+    d = c.decide()
+    assert d.status is not None and d.status["stopReason"] == "Failure"
+
+
+@pytest.mark.parametrize(("restarts", "delay"), [(0, 10), (1, 20), (2, 40), (7, 600)])
+def test_backoff_doubles_and_is_capped(restarts: int, delay: int) -> None:
+    c = running(maxRestarts=100)
+    c.status["restarts"] = restarts
+    c.exit(1, 1)
+    d = c.decide()
+    assert d.status is not None and d.status["restarts"] == restarts + 1
+    assert f"in {delay}s" in d.events[0].message
+
+
+def test_a_crash_past_max_restarts_fails_the_job() -> None:
+    c = running(maxRestarts=2)
+    c.status["restarts"] = 2
+    c.exit(0, 1)
+    d = c.step()
+    assert d.status is not None
+    assert (d.status["stopReason"], c.status["restarts"]) == ("MaxRestartsExceeded", 2)
+    assert "maxRestarts 2 exhausted" in d.status["stopMessage"]
+    c.exit(1, 137)
+    d = c.step()
+    assert c.status["phase"] == "Failed"
+    assert c.status["completionTime"] == STAMP
+    failed = next(x for x in c.status["conditions"] if x["type"] == "Failed")
+    assert (failed["status"], failed["reason"]) == ("True", "MaxRestartsExceeded")
+    assert "exhausted" in failed["message"]
+    assert [(e.type, e.reason) for e in d.events] == [("Warning", "MaxRestartsExceeded")]
+    assert ObjectRef("v1", "Service", "demo-1") in d.delete
+    assert all(r.kind != "Pod" for r in d.delete)  # pods stay for their logs
+
+
+def test_max_restarts_zero_fails_at_the_first_crash() -> None:
+    c = running(maxRestarts=0)
+    c.exit(0, 1)
+    d = c.decide()
+    assert d.status is not None and d.status["stopReason"] == "MaxRestartsExceeded"
+
+
+def test_all_ranks_completing_succeeds() -> None:
+    c = running()
+    c.exit(0, 0, message("completed", 0, "CKP-3_1", 300))
+    d = c.step()
+    assert c.status["phase"] == "Running"  # rank 1 still running
+    assert d.status == {"readyReplicas": 1, "ready": "1/2"}
+    c.exit(1, 0, message("completed", 0, "CKP-3_1", 300))
+    d = c.step()
+    assert c.status["phase"] == "Succeeded"
+    assert c.status["completionTime"] == STAMP
+    assert [e.reason for e in d.events] == ["Succeeded"]
+    assert {(r.kind, r.name) for r in d.delete} == {("Service", "demo-1"), ("ConfigMap", "demo-1-exit")}
+    assert c.decide().empty
+
+
+def test_exit_zero_without_a_message_counts_as_finished() -> None:
+    c = running()
+    c.exit(0, 0)
+    c.exit(1, 0)
+    d = c.decide()
+    assert d.status is not None and d.status["phase"] == "Succeeded"
+
+
+# --- Stopping ------------------------------------------------------------------------------
+
+
+def preempted(**spec: Any) -> Cluster:
+    c = running(**spec)
+    c.nodes["node-b"] = node("node-b", unschedulable=True)
+    c.step()
+    assert c.status["phase"] == "Stopping"
+    return c
+
+
+def test_stopping_waits_for_the_ranks_before_the_deadline() -> None:
+    c = preempted()
+    c.later(50)
+    d = c.decide()
+    assert not d.delete and not d.create and d.graceful_exit is None and not d.annotate
+    assert d.status is None
+    assert d.requeue_after == pytest.approx(10)
+
+
+def test_stopping_rewrites_a_lost_flag_and_annotates_new_live_pods() -> None:
+    c = preempted()
+    c.children[("ConfigMap", "demo-1-exit")]["data"] = {"graceful-exit.json": '{"GracefulExit": 0}'}
+    c.pods["demo-1-1"]["metadata"]["annotations"].pop(ANNOTATION_EXIT_REQUESTED)
+    d = c.decide()
+    assert d.graceful_exit == ("demo-1-exit", 1)
+    assert d.annotate == (("demo-1-1", {ANNOTATION_EXIT_REQUESTED: STAMP}),)
+
+
+def test_stopping_deletes_stragglers_at_the_deadline_once() -> None:
+    c = preempted()
+    c.exit(0, 143, message("signal", 143, "Net", 40))
+    c.later(60)
+    d = c.step()
+    assert d.delete == (ObjectRef("v1", "Pod", "demo-1-1"),)
+    assert [(e.type, e.reason) for e in d.events] == [("Warning", "ExitDeadlineExceeded")]
+    d = c.decide()
+    assert not d.delete and not d.events
+
+
+def test_stopping_ends_in_restarting_when_every_rank_has_exited() -> None:
+    c = preempted()
+    c.checkpoints = [ckpt("CKP-1_30", 30, 5), ckpt("Net", 40, 9)]
+    c.exit_all_saved("Net", 40)
+    d = c.step()
+    assert c.status["phase"] == "Restarting"
+    assert d.requeue_after == 0.0
+    assert [e.reason for e in d.events] == ["Restarting"]
+    assert "ranks saved Net" in d.events[0].message
+    assert c.status["lastCheckpoint"]["name"] == "Net"
+    assert c.status["preemptions"] == 1 and c.status.get("restarts", 0) == 0
+
+
+def test_a_crash_while_stopping_for_a_preemption_is_not_a_failure() -> None:
+    c = preempted()
+    c.exit(0, 143, message("signal", 143, "Net", 40))
+    c.exit(1, 1, message("error", 1))
+    d = c.step()
+    assert c.status["phase"] == "Restarting"
+    assert c.status.get("restarts", 0) == 0
+    assert not any(e.reason == "RankFailed" for e in d.events)
+
+
+def test_more_signals_while_stopping_count_no_second_preemption() -> None:
+    c = preempted()
+    c.pods["demo-1-0"]["metadata"]["deletionTimestamp"] = "2026-01-01T12:00:01Z"
+    c.nodes["node-a"] = node("node-a", unschedulable=True)
+    d = c.decide()
+    assert d.status == {"readyReplicas": 1, "ready": "1/2"}
+    assert not d.events and d.graceful_exit is None
+
+
+def test_stopping_for_suspend_ends_suspended() -> None:
+    c = running()
+    c.body["spec"]["suspend"] = True
+    c.step()
+    c.exit_all_saved()
+    d = c.step()
+    assert c.status["phase"] == "Suspended"
+    assert [e.reason for e in d.events] == ["Suspended"]
+    assert {r.kind for r in d.delete} == {"Service", "ConfigMap"}
+    suspended = next(x for x in c.status["conditions"] if x["type"] == "Suspended")
+    assert suspended["status"] == "True"
+
+
+def test_stopping_ends_succeeded_when_every_rank_completed_meanwhile() -> None:
+    c = preempted()
+    c.exit(0, 0, message("completed", 0))
+    c.exit(1, 0, message("completed", 0))
+    c.step()
+    assert c.status["phase"] == "Succeeded"
+
+
+# --- Restarting ----------------------------------------------------------------------------
+
+
+def crashed() -> Cluster:
+    c = running()
+    c.exit(1, 1)
+    c.step()
+    c.exit(0, 137)
+    c.step()
+    assert c.status["phase"] == "Restarting"
+    return c
+
+
+def test_restarting_waits_for_the_backoff() -> None:
+    c = crashed()
+    c.later(4)
+    d = c.decide()
+    assert not d.create and d.status is None
+    assert d.requeue_after == pytest.approx(6)
+
+
+def test_restarting_after_the_backoff_launches_the_next_incarnation() -> None:
+    c = crashed()
+    c.checkpoints = [ckpt("CKP-1_10", 10, 1), ckpt("CKP-1_20", 20, 2), ckpt("CKP-1_30", 30, 3, complete=False)]
+    c.nodes["node-b"] = node("node-b", unschedulable=True)
+    c.later(10)
+    d = c.step()
+    assert c.status["phase"] == "Pending"
+    assert c.status["incarnation"] == 2
+    assert c.status["resumeFrom"] == "CKP-1_20"
+    assert "nextRestartTime" not in c.status and "stopRequestedAt" not in c.status
+    new = [o for o in d.create if o["kind"] == "Pod"]
+    assert [p["metadata"]["name"] for p in new] == ["demo-2-0", "demo-2-1"]
+    assert {env_of(p)[ENV.RESUME_FROM] for p in new} == {"CKP-1_20"}
+    assert {p["metadata"]["annotations"][ANNOTATION_RESUME_FROM] for p in new} == {"CKP-1_20"}
+    terms = new[0]["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert terms["nodeSelectorTerms"][0]["matchFields"] == [
+        {"key": "metadata.name", "operator": "NotIn", "values": ["node-b"]}]
+    # demo-1-0 is already being deleted; demo-1-1 ended by itself
+    assert {(r.kind, r.name) for r in d.delete} == {
+        ("Pod", "demo-1-1"), ("Service", "demo-1"), ("ConfigMap", "demo-1-exit")}
+    assert [e.reason for e in d.events] == ["Restarted"]
+    assert "resuming from CKP-1_20" in d.events[0].message
+
+
+def test_a_half_applied_launch_keeps_the_checkpoint_its_pods_carry() -> None:
+    c = crashed()
+    c.checkpoints = [ckpt("CKP-1_10", 10, 1)]
+    c.later(10)
+    d = c.decide()
+    c.apply(d, status=False)  # the operator died before patching the status
+    c.checkpoints = [ckpt("CKP-1_10", 10, 1), ckpt("CKP-1_20", 20, 2)]
+    d2 = c.step()
+    assert not d2.create
+    assert c.status["resumeFrom"] == "CKP-1_10"
+    assert c.status["incarnation"] == 2
+
+
+def test_restarting_without_a_bucket_listing_lets_the_ranks_pick_the_newest() -> None:
+    c = crashed()
+    c.checkpoints = None
+    c.later(10)
+    d = c.decide()
+    pods = [o for o in d.create if o["kind"] == "Pod"]
+    assert {env_of(p)[ENV.RESUME_FROM] for p in pods} == {""}
+
+
+def test_restarting_deletes_a_live_straggler_first() -> None:
+    c = crashed()
+    c.pods["demo-1-0"]["status"] = {"phase": "Running"}
+    c.pods["demo-1-0"]["metadata"].pop("deletionTimestamp", None)
+    c.later(10)
+    d = c.decide()
+    assert d.delete == (ObjectRef("v1", "Pod", "demo-1-0"),)
+    assert not d.create
+
+
+def test_restarting_with_suspend_goes_to_suspended() -> None:
+    c = crashed()
+    c.body["spec"]["suspend"] = True
+    d = c.step()
+    assert c.status["phase"] == "Suspended"
+    assert [e.reason for e in d.events] == ["Suspended"]
+
+
+# --- Suspended and terminal phases ---------------------------------------------------------
+
+
+def test_unsuspending_resumes_from_the_newest_checkpoint() -> None:
+    c = running()
+    c.body["spec"]["suspend"] = True
+    c.step()
+    c.exit_all_saved("Net", 40)
+    c.step()
+    assert c.decide().empty or c.decide().status is None
+    c.checkpoints = [ckpt("Net", 40, 9)]
+    c.body["spec"]["suspend"] = False
+    d = c.step()
+    assert c.status["phase"] == "Pending"
+    assert c.status["incarnation"] == 2
+    assert c.status["resumeFrom"] == "Net"
+    assert [e.reason for e in d.events] == ["Resumed"]
+    assert c.status.get("restarts", 0) == 0 and c.status.get("preemptions", 0) == 0
+
+
+def test_a_job_created_suspended_starts_on_unsuspend() -> None:
+    c = Cluster(job_body(suspend=True))
+    c.step()
+    c.body["spec"]["suspend"] = False
+    d = c.step()
+    assert c.status["incarnation"] == 1
+    assert c.status["startTime"] == STAMP
+    assert [o["metadata"]["name"] for o in d.create if o["kind"] == "Pod"] == ["demo-1-0", "demo-1-1"]
+
+
+@pytest.mark.parametrize("phase", ["Succeeded", "Failed"])
+def test_terminal_phases_do_nothing(phase: str) -> None:
+    c = running()
+    c.status["phase"] = phase
+    c.nodes["node-a"] = node("node-a", unschedulable=True)
+    c.exit(0, 1)
+    d = c.decide()
+    assert not (d.create or d.delete or d.events or d.annotate or d.graceful_exit)
+    assert d.status == {"readyReplicas": 1, "ready": "1/2"}
+
+
+# --- status details ------------------------------------------------------------------------
+
+
+def test_last_checkpoint_follows_the_bucket_and_survives_an_unreadable_listing() -> None:
+    c = running()
+    c.checkpoints = [ckpt("CKP-1_10", 10, 1), ckpt("CKP-1_20", 20, 2), ckpt("CKP-1_30", 30, 3, complete=False)]
+    d = c.step()
+    assert d.status == {"lastCheckpoint": {"name": "CKP-1_20", "step": 20, "time": "2026-01-01T11:02:00Z"}}
+    c.checkpoints = None
+    assert c.decide().empty
+
+
+def test_observed_generation_follows_the_spec() -> None:
+    c = running()
+    c.body["metadata"]["generation"] = 2
+    d = c.decide()
+    assert d.status == {"observedGeneration": 2}
+
+
+def test_condition_transition_times_move_only_on_flips() -> None:
+    c = running()
+    ready_before = next(x for x in c.status["conditions"] if x["type"] == "Ready")
+    c.later(100)
+    c.nodes["node-b"] = node("node-b", unschedulable=True)
+    c.step()
+    conditions = {x["type"]: x for x in c.status["conditions"]}
+    assert conditions["Ready"]["status"] == "False"
+    assert conditions["Ready"]["lastTransitionTime"] == "2026-01-01T12:01:40Z"
+    assert conditions["Suspended"]["lastTransitionTime"] == ready_before["lastTransitionTime"]
+
+
+def test_old_incarnation_pods_left_running_are_deleted() -> None:
+    c = running()
+    c.pods["demo-0-0"] = pod("demo", 0, 0)
+    d = c.decide()
+    assert d.delete == (ObjectRef("v1", "Pod", "demo-0-0"),)
+    assert d.status is None
+
+
+def test_start_time_is_kept_across_restarts() -> None:
+    c = crashed()
+    c.later(10)
+    c.step()
+    assert c.status["startTime"] == STAMP
+    assert NOW.isoformat().startswith("2026-01-01T12:00:00")
