@@ -94,7 +94,8 @@ def main() -> None:
     callbacks = [*torpor.callbacks_from_env(), LossLog(opts.losses, opts.step_delay), MaxSteps(opts.max_steps)]
     ctx = model.train(opts.epochs, loader, callbacks=callbacks, resume="latest")
     args = ctx.original_args()
-    print(f"rank {rank}: finished at epoch {args.cur_epoch_num} step {args.cur_step_num} loss {float(args.net_outputs):.4f}")
+    loss = float(args.net_outputs)
+    print(f"rank {rank}: finished at epoch {args.cur_epoch_num} step {args.cur_step_num} loss {loss:.4f}")
 
 
 if __name__ == "__main__":

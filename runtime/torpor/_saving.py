@@ -70,8 +70,12 @@ def _export(network: Any, inputs: Any) -> bytes:
     was_training = network.training
     network.eval()
     try:
+        # The batch dimension is left dynamic where the model allows it (Dim.AUTO
+        # specialises silently where it does not), so the program serves any batch size.
+        dynamic = tuple({0: torch.export.Dim.AUTO} if isinstance(a, torch.Tensor) and a.dim() > 0 else None
+                        for a in args)
         with torch.no_grad():
-            program = torch.export.export(network, args)
+            program = torch.export.export(network, args, dynamic_shapes=dynamic)
         buf = io.BytesIO()
         torch.export.save(program, buf)
         return buf.getvalue()

@@ -1,0 +1,137 @@
+"""Shared helpers of the runtime tests: a tiny model, real processes, polling with deadlines."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import torpor
+
+REPO = Path(__file__).resolve().parents[2]
+TRAIN = REPO / "examples" / "train.py"
+PLAIN_LOOP = REPO / "examples" / "plain_loop.py"
+
+
+def wait_for(condition: Callable[[], Any], *, timeout: float, what: str, interval: float = 0.02) -> Any:
+    """Poll ``condition`` until it returns something truthy; fail naming ``what`` at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def free_port() -> int:
+    """A loopback port free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Complete lines of a JSON-lines file (a line being written is skipped)."""
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def tiny_setup(seed: int = 0, samples: int = 64, batch_size: int = 8) -> tuple[nn.Module, nn.Module, Any, DataLoader]:
+    """A small network with dropout over shuffled synthetic data: exercises every generator."""
+    torch.manual_seed(seed)
+    x = torch.randn(samples, 6)
+    y = (x[:, :3].sum(dim=1) > 0).long()
+    loader = DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=True)
+    net = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Dropout(0.2), nn.Linear(12, 2))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    return net, nn.CrossEntropyLoss(), opt, loader
+
+
+class Recorder(torpor.Callback):
+    """Remembers every completed step's global number and loss."""
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+        self.losses: dict[int, float] = {}
+
+    def on_train_step_end(self, run_context: torpor.RunContext) -> None:
+        args = run_context.original_args()
+        self.steps.append(args.cur_step_num)
+        self.losses[args.cur_step_num] = float(args.net_outputs)
+
+
+class StopAt(torpor.Callback):
+    """Requests a stop after a given global step."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_step_end(self, run_context: torpor.RunContext) -> None:
+        if run_context.original_args().cur_step_num >= self.step:
+            run_context.request_stop()
+
+
+def child_env(extra: dict[str, str]) -> dict[str, str]:
+    """The test's environment without inherited TORPOR_* or torch variables, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("TORPOR_") and k not in {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                         "MASTER_PORT"}}
+    env.update({"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+    env.update(extra)
+    return env
+
+
+def launch_ranks(world: int, extra_env: dict[str, str], argv: list[str], logdir: Path) -> list[subprocess.Popen[bytes]]:
+    """Start ``examples/train.py`` as ``world`` ranks on loopback (gloo), logs in ``logdir``."""
+    port = free_port()
+    procs = []
+    for rank in range(world):
+        env = child_env({
+            **extra_env,
+            "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "GLOO_SOCKET_IFNAME": "lo",
+            "TORPOR_TERMINATION_LOG": str(logdir / f"termination-{rank}.json"),
+        })
+        log = open(logdir / f"rank-{rank}.log", "wb")  # noqa: SIM115 - closed with the process
+        procs.append(subprocess.Popen([sys.executable, str(TRAIN), *argv], env=env, stdout=log,
+                                      stderr=subprocess.STDOUT, cwd=logdir))
+        log.close()
+    return procs
+
+
+def wait_all(procs: list[subprocess.Popen[bytes]], logdir: Path, timeout: float = 240) -> list[int]:
+    """Exit codes of every rank; on timeout kill them and fail with their logs."""
+    deadline = time.monotonic() + timeout
+    codes = []
+    for rank, proc in enumerate(procs):
+        try:
+            codes.append(proc.wait(timeout=max(1.0, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            raise AssertionError(f"rank {rank} did not exit:\n{logs(logdir)}") from None
+    return codes
+
+
+def logs(logdir: Path) -> str:
+    """Every rank's log, for failure messages."""
+    return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(logdir.glob("rank-*.log")))
