@@ -48,7 +48,8 @@ def test_sigterm_inside_a_step_saves_ckpt_and_pt2_then_exits_143(tmp_path: Path,
         recorder = Recorder()
         exit_cb = torpor.OnRequestExit(file_name="Tiny", directory=str(tmp_path / "ck"))
         with pytest.raises(SystemExit) as info:
-            torpor.Model(net, loss_fn=loss, optimizer=opt).train(5, loader, callbacks=[KillInStep(3), exit_cb, recorder])
+            model = torpor.Model(net, loss_fn=loss, optimizer=opt)
+            model.train(5, loader, callbacks=[KillInStep(3), exit_cb, recorder])
         assert info.value.code == 143
         assert recorder.steps == [1, 2, 3]  # the step in flight finished, no further one began
         assert calls == [signal.SIGTERM]  # the earlier handler was chained ...

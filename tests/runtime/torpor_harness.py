@@ -134,4 +134,5 @@ def wait_all(procs: list[subprocess.Popen[bytes]], logdir: Path, timeout: float 
 
 def logs(logdir: Path) -> str:
     """Every rank's log, for failure messages."""
-    return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(logdir.glob("rank-*.log")))
+    files = sorted(logdir.glob("rank-*.log"))
+    return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in files)
