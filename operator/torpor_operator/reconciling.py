@@ -214,6 +214,8 @@ def decide(
         _restarting(world, plan)
     elif phase == "Suspended":
         _suspended(world, plan)
+    else:  # Succeeded, Failed: pods stay for their logs; finish a half-applied release
+        _release(world, plan)
     _refresh_ready(world, plan)
     return Decision(
         create=tuple(plan.create),
@@ -341,10 +343,7 @@ def _active(world: _World, plan: _Plan) -> None:
     """Pending or Running: watch for the end of training, failures and preemption."""
     incarnation = plan.status.incarnation
     current = world.pods_of(incarnation)
-    _delete_children_before(world, plan, incarnation, pods=False)
-    for p in _live(world.pods):
-        if p.incarnation < incarnation and not p.deleting:
-            plan.delete.append(ObjectRef("v1", "Pod", p.name))
+    _delete_children_before(world, plan, incarnation, pods=True)  # finishes a half-applied launch
     outcomes = [classify(p) for p in current]
     crashed = [o for o in outcomes if o.outcome is Outcome.CRASHED]
     if crashed:
@@ -507,6 +506,7 @@ def _restarting(world: _World, plan: _Plan) -> None:
 
 def _suspended(world: _World, plan: _Plan) -> None:
     if world.spec.suspend:
+        _release(world, plan)
         return
     if plan.status.start_time is None:
         plan.update(start_time=format_time(world.now))

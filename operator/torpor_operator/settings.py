@@ -143,8 +143,6 @@ class OperatorSettings:
                 continue
             if f.default == () or isinstance(f.default, tuple):
                 kwargs[f.name] = tuple(part.strip() for part in raw.split(",") if part.strip())
-            elif isinstance(f.default, bool):
-                kwargs[f.name] = raw.lower() in ("1", "true", "yes")
             elif isinstance(f.default, int):
                 try:
                     kwargs[f.name] = int(raw)
