@@ -359,22 +359,30 @@ class S3Storage:
                     f"{first.get('Code')} {first.get('Message')}"
                 )
 
-    def abort_stale_uploads(self, older_than: float) -> int:
-        """Abort multipart uploads under the prefix started before ``older_than`` (epoch seconds).
+    def abort_stale_uploads(self, older_than: float, keys: Iterable[str] | None = None) -> int:
+        """Abort multipart uploads started before ``older_than`` (epoch seconds).
 
         A save killed mid-upload leaves parts that cost storage but never become an object;
-        the operator's retention calls this. Returns how many uploads were aborted.
+        the operator's retention calls this. AWS lists uploads under the whole prefix; MinIO
+        lists them only for an exact key, so pass ``keys`` (e.g. the missing shards of an
+        incomplete checkpoint) to reach those too. A bucket lifecycle rule
+        (``AbortIncompleteMultipartUpload``) is the belt to these braces.
+
+        Returns:
+            How many uploads were aborted.
         """
         client = self._client()
         root = f"{self._prefix}/" if self._prefix else ""
+        prefixes = [self._key(k) for k in keys] if keys is not None else [root]
         aborted = 0
-        for page in client.get_paginator("list_multipart_uploads").paginate(Bucket=self._bucket, Prefix=root):
-            for upload in page.get("Uploads", []):
-                if upload["Initiated"].timestamp() < older_than:
-                    client.abort_multipart_upload(
-                        Bucket=self._bucket, Key=upload["Key"], UploadId=upload["UploadId"]
-                    )
-                    aborted += 1
+        for prefix in prefixes:
+            for page in client.get_paginator("list_multipart_uploads").paginate(Bucket=self._bucket, Prefix=prefix):
+                for upload in page.get("Uploads", []):
+                    if upload["Initiated"].timestamp() < older_than:
+                        client.abort_multipart_upload(
+                            Bucket=self._bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+                        )
+                        aborted += 1
         return aborted
 
     def __repr__(self) -> str:

@@ -27,8 +27,9 @@ def seeded_run(directory: Path, epochs: int, *, stop_at: int | None = None, resu
     random.seed(123)
     np.random.seed(123)
     recorder = Recorder()
+    info = ["epoch_num", {"tag": "run", "t": torch.ones(2)}]
     monitor = torpor.CheckpointMonitor(directory=str(directory), save_checkpoint_steps=save_steps,
-                                       keep_checkpoint_max=2, append_info=["epoch_num", {"tag": "run", "t": torch.ones(2)}])
+                                       keep_checkpoint_max=2, append_info=info)
     callbacks: list[torpor.Callback] = [monitor, recorder]
     if stop_at is not None:
         callbacks.append(StopAt(stop_at))
@@ -88,7 +89,8 @@ def two_rank_history(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, integrated
                                        save_network_params=False)
         model = torpor.Model(net, loss_fn=loss, optimizer=opt)
         if rank == 0:
-            with pytest.warns(torpor.TorporWarning, match=r"'CKP-1_[48]' is not complete after the save .* nothing pruned"):
+            refused = r"'CKP-1_[48]' is not complete after the save .* nothing pruned"
+            with pytest.warns(torpor.TorporWarning, match=refused):
                 model.train(1, loader, callbacks=mon)
         else:
             model.train(1, loader, callbacks=mon)
