@@ -164,7 +164,7 @@ def test_read_verified_refuses_changed_bytes(tmp_path: Path) -> None:
     store = LocalStorage(tmp_path)
     store.put_bytes("rank_0/a.ckpt", b"payload")
     assert read_verified(store, "rank_0/a.ckpt", size=7, sha256=sha256_hex(b"payload")) == b"payload"
-    with pytest.raises(IntegrityError, match="sha256 .* does not match"):
+    with pytest.raises(IntegrityError, match=r"sha256 .* does not match"):
         read_verified(store, "rank_0/a.ckpt", size=7, sha256=sha256_hex(b"PAYLOAD"))
     with pytest.raises(IntegrityError, match="size 7 does not match the manifest's size 8"):
         read_verified(store, "rank_0/a.ckpt", size=8, sha256=sha256_hex(b"payload"))
