@@ -52,8 +52,9 @@ def test_identity() -> None:
 
 
 def test_every_property_has_a_description() -> None:
+    # metadata may carry nothing but its type: the API server refuses a description there
     missing = [path for path, node in walk(schema())
-               if path not in ("<root>",) and not path.endswith("{}") and not node.get("description")]
+               if path not in ("<root>", "metadata") and not path.endswith("{}") and not node.get("description")]
     assert missing == []
 
 
