@@ -123,6 +123,8 @@ class NodeAgent:
         self._threads: list[threading.Thread] = []
         self._started = False
         self._started_at = ""
+        # Where the pod watch resumes; None means list first. Only the watch thread sets it.
+        self._watch_version: str | None = None
 
     # --- public -------------------------------------------------------------------------
 
@@ -331,24 +333,26 @@ class NodeAgent:
     # --- pods ---------------------------------------------------------------------------
 
     def _watch_loop(self) -> None:
-        version: str | None = None
+        """List, then watch from the list's resourceVersion; relist after a 410 Gone."""
         while not self._stop.is_set():
             try:
-                if version is None:
-                    version = self._relist()
-                for event in self.kube.watch("/api/v1/pods", version, timeout_seconds=random.randint(240, 360)):
+                if self._watch_version is None:
+                    self._watch_version = self._relist()
+                timeout = random.randint(240, 360)
+                for event in self.kube.watch("/api/v1/pods", self._watch_version, timeout_seconds=timeout):
                     obj = event["object"]
                     if event["type"] == "ERROR":
-                        log.info("node agent: watch ended: %s", obj.get("message"))
+                        log.info("node agent: pod watch ended: %s", obj.get("message"))
                         if obj.get("code") == 410:
-                            version = None
+                            self._watch_version = None
                         break
-                    version = obj["metadata"]["resourceVersion"]
+                    self._watch_version = obj["metadata"]["resourceVersion"]
                     if event["type"] != "BOOKMARK":
                         self._on_pod(event["type"], obj)
             except ApiError as exc:
                 if exc.status == 410:
-                    version = None
+                    log.info("node agent: pod watch expired, listing again")
+                    self._watch_version = None
                     continue
                 log.warning("node agent: pod watch failed: %s", exc)
                 self._stop.wait(1.0)

@@ -159,10 +159,15 @@ class KubeClient:
                 self._open_watches.discard(resp)
             resp.release_conn()
 
+    def cut_watches(self) -> None:
+        """Drop the connection of every open watch, as a network failure would."""
+        with self._lock:
+            watches = list(self._open_watches)
+        for resp in watches:
+            resp.shutdown()
+
     def close(self) -> None:
         """Cut off every open watch and refuse new ones; other requests still work."""
         with self._lock:
             self._closed = True
-            watches = list(self._open_watches)
-        for resp in watches:
-            resp.shutdown()
+        self.cut_watches()

@@ -9,8 +9,11 @@ pod's log file, and processes in /proc.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import signal
 import subprocess
+import sys
 import textwrap
 import threading
 import time
@@ -21,6 +24,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+import node_agent as node_agent_module
 from bootstrap import binary
 from controlplane import ControlPlane
 from node_agent import NodeAgent
@@ -453,3 +457,89 @@ def test_stopping_the_agent_leaves_no_pod_process(control_plane: ControlPlane, n
         agent.stop()
     eventually(lambda: not any(alive(pid) for pid in group), 10, f"processes {group} gone")
     assert get_json(control_plane, "node", agent.node_names[0]) is None
+
+
+def test_init_containers_run_first_and_share_volumes(
+    control_plane: ControlPlane, node_agent: NodeAgent, namespace: str
+):
+    pod = python_pod(
+        "with-init",
+        "print('main read', open('/var/tmp/torpor-agent-test-shared/from-init').read())",
+        volumes=[{"name": "shared", "emptyDir": {}}],
+        container={"volumeMounts": [{"name": "shared", "mountPath": "/var/tmp/torpor-agent-test-shared"}]},
+    )
+    pod["spec"]["initContainers"] = [
+        {
+            "name": "prepare",
+            "image": "busybox",
+            "command": ["python", "-c", "open('/var/tmp/torpor-agent-test-shared/from-init', 'w').write('prepared')"],
+            "volumeMounts": [{"name": "shared", "mountPath": "/var/tmp/torpor-agent-test-shared"}],
+        }
+    ]
+    apply(control_plane, namespace, pod)
+    done = eventually(
+        lambda: (
+            (p := get_json(control_plane, "pod", "with-init", "-n", namespace))
+            and p["status"].get("phase") == "Succeeded"
+            and p
+        ),
+        60,
+        "with-init Succeeded",
+    )
+    assert done["status"]["initContainerStatuses"][0]["state"]["terminated"]["reason"] == "Completed"
+    assert "main read prepared" in node_agent.logs_path(done).read_text()
+
+
+def test_pod_watch_survives_dropped_connections(
+    control_plane: ControlPlane, node_agent: NodeAgent, namespace: str, caplog: pytest.LogCaptureFixture
+):
+    caplog.set_level(logging.INFO, logger="torpor.node_agent")
+    for attempt in range(2):
+        node_agent.kube.cut_watches()  # as a network failure would
+        name = f"after-drop-{attempt}"
+        apply(control_plane, namespace, python_pod(name, "print('ran')"))
+        eventually(lambda n=name: phase(control_plane, namespace, n) == "Succeeded", 60, f"{name} Succeeded")
+    assert caplog.text.count("pod watch interrupted") >= 2
+
+
+def test_command_line_agent_registers_nodes_and_stops_on_sigterm(control_plane: ControlPlane, tmp_path: Path):
+    prefix = f"torpor-cli-{uuid.uuid4().hex[:6]}"
+    agent = subprocess.Popen(
+        [
+            sys.executable,
+            str(Path(node_agent_module.__file__)),
+            "--kubeconfig",
+            str(control_plane.kubeconfig),
+            "--nodes",
+            "1",
+            "--workdir",
+            str(tmp_path),
+            "--node-prefix",
+            prefix,
+            "--configmap-sync-seconds",
+            "2",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    output: list[str] = []
+    reader = threading.Thread(target=lambda: output.extend(agent.stdout or []), daemon=True)
+    reader.start()
+    try:
+        # Printed once the nodes are Ready.
+        eventually(lambda: "node agent running" in "".join(output) or agent.poll() is not None, 90, "agent ready")
+        assert agent.poll() is None, "".join(output)
+        node = get_json(control_plane, "node", f"{prefix}-0")
+        assert node is not None
+        assert [c["status"] for c in node["status"]["conditions"] if c["type"] == "Ready"] == ["True"]
+        agent.send_signal(signal.SIGTERM)
+        assert agent.wait(timeout=30) == 0
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait()
+        reader.join(timeout=10)
+        if agent.stdout is not None:
+            agent.stdout.close()
+    assert get_json(control_plane, "node", f"{prefix}-0") is None
