@@ -68,8 +68,9 @@ from urllib.parse import urlparse
 
 import urllib3
 
+from nodeagent_containers import now_iso
 from nodeagent_kube import MERGE, ApiError, KubeClient
-from nodeagent_pods import PodWorker, now_iso, pod_dir_name
+from nodeagent_pods import PodWorker, pod_dir_name
 from nodeagent_volumes import NODE_ALLOCATABLE
 
 JsonDict = dict[str, Any]
@@ -414,13 +415,16 @@ class NodeAgent:
         self._refresh_hosts()
 
     def _allocate_ip(self, pod: JsonDict) -> str:
-        """A free 127.x.y.z (x ≥ 1) address; the pod's old one if it already had one. Needs `_lock`."""
+        """A free 127.x.y.z (x ≥ 1) address, the pod's old one if it had one, the host's with
+        `hostNetwork`. Needs `_lock`."""
         in_use = {w.ip for w in self._workers.values()}
         in_use |= {
             (p.get("status") or {}).get("podIP")
             for p in self._pods.values()
             if p["metadata"]["uid"] != pod["metadata"]["uid"]
         }
+        if pod["spec"].get("hostNetwork"):
+            return "127.0.0.1"
         old = (pod.get("status") or {}).get("podIP", "")
         if old.startswith("127.") and not old.startswith("127.0.") and old not in in_use:
             return old
@@ -463,7 +467,7 @@ class NodeAgent:
             workers = list(self._workers.values())
         for worker in workers:
             if worker.hosts_path.parent.exists():
-                worker.write_hosts(self.hosts_for(worker))
+                worker.write_hosts()
 
 
 def _dns_names(pod: JsonDict) -> list[str]:

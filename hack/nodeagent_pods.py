@@ -17,27 +17,24 @@ until it is deleted from the API server. It does, in order, what kubelet does:
 
 Each container's stdout and stderr go to `<pod dir>/<container>.log` (appended across
 restarts). Its termination message file is `<pod dir>/<container>.termination-log`,
-mounted at `terminationMessagePath`.
+mounted at `terminationMessagePath`. How one container process is run and reaped:
+`nodeagent_containers`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
 import shutil
 import signal
-import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import nodeagent_volumes as volumes
+from nodeagent_containers import Container, now_iso, terminated_state
 from nodeagent_kube import ApiError
 
 if TYPE_CHECKING:
@@ -46,71 +43,15 @@ if TYPE_CHECKING:
 JsonDict = dict[str, Any]
 log = logging.getLogger("torpor.node_agent")
 
-LAUNCHER = Path(__file__).with_name("nodeagent_launch.py")
-MAX_MESSAGE = 4096
-FALLBACK_LOG_LINES, FALLBACK_LOG_BYTES = 80, 2048
 BACKOFF_START, BACKOFF_MAX = 1.0, 10.0
 TICK = 0.1  # seconds between looks at the processes
 # The agent stopping: how long pod processes get between SIGTERM and SIGKILL.
 SHUTDOWN_GRACE = 2.0
 
 
-def now_iso() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def pod_dir_name(pod: JsonDict) -> str:
     meta = pod["metadata"]
     return f"{meta['namespace']}_{meta['name']}_{meta['uid']}"
-
-
-@dataclass
-class Container:
-    """The runtime state of one container of the pod."""
-
-    spec: JsonDict
-    init: bool
-    log_path: Path
-    message_path: Path
-    proc: subprocess.Popen[bytes] | None = None
-    restart_count: int = 0
-    started_at: str | None = None
-    log_offset: int = 0
-    container_id: str = ""
-    terminated: JsonDict | None = None  # the current `state.terminated`, if it ended
-    last_state: JsonDict = field(default_factory=dict)
-    waiting: tuple[str, str] = ("ContainerCreating", "")
-    next_start: float = 0.0  # monotonic time before which it must not restart
-
-    @property
-    def name(self) -> str:
-        return self.spec["name"]
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None
-
-    def status(self) -> JsonDict:
-        if self.proc is not None:
-            state: JsonDict = {"running": {"startedAt": self.started_at}}
-        elif self.terminated is not None:
-            state = {"terminated": self.terminated}
-        else:
-            reason, message = self.waiting
-            state = {"waiting": {"reason": reason, **({"message": message} if message else {})}}
-        status = {
-            "name": self.name,
-            "image": self.spec.get("image", ""),
-            "imageID": "",
-            "ready": self.proc is not None and not self.init,
-            "started": self.proc is not None,
-            "restartCount": self.restart_count,
-            "state": state,
-            "lastState": self.last_state,
-        }
-        if self.container_id and (self.proc is not None or self.terminated is not None):
-            status["containerID"] = self.container_id
-        return status
 
 
 class PodWorker(threading.Thread):
@@ -127,6 +68,7 @@ class PodWorker(threading.Thread):
         self.hosts_path = self.dir / "hosts"
         self._pod = pod
         self._lock = threading.Lock()
+        self._hosts_lock = threading.Lock()
         self._wake = threading.Event()
         self._changed = False
         self._gone = False
@@ -171,9 +113,13 @@ class PodWorker(threading.Thread):
         self._stopping = True
         self._wake.set()
 
-    def write_hosts(self, text: str) -> None:
-        """Rewrite the pod's hosts file in place: a bind mount keeps the inode, not the name."""
-        with self._lock:
+    def write_hosts(self) -> None:
+        """Rewrite the pod's hosts file in place: a bind mount keeps the inode, not the name.
+
+        The contents are computed under the lock, so the last writer has the newest view.
+        """
+        with self._hosts_lock:
+            text = self.agent.hosts_for(self)
             if not self.hosts_path.exists() or self.hosts_path.read_text() != text:
                 with open(self.hosts_path, "a+") as f:
                     f.seek(0)
@@ -202,7 +148,7 @@ class PodWorker(threading.Thread):
 
     def _run(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.write_hosts(self.agent.hosts_for(self))
+        self.write_hosts()
         self._start_time = now_iso()
         log.info("pod %s: assigned to %s, pod IP %s", self.key, self.pod["spec"]["nodeName"], self.ip)
         self._report()
@@ -288,7 +234,7 @@ class PodWorker(threading.Thread):
             return
         argv = [volumes.expand(a, env) for a in (spec.get("command") or []) + (spec.get("args") or [])]
         if not argv:
-            container.terminated = self._terminated(container, 128, "StartError", "no command given")
+            container.terminated = terminated_state(container.started_at, 128, "StartError", "no command given")
             return
         if argv[0] in ("python", "python3"):
             argv[0] = sys.executable
@@ -301,32 +247,7 @@ class PodWorker(threading.Thread):
             "env": full_env,
             "mounts": self._mounts(container, env),
         }
-        spec_path = self.dir / f"{container.name}.launch.json"
-        spec_path.write_text(json.dumps(launch))
-        container.message_path.write_bytes(b"")
-        with open(container.log_path, "ab") as logf:
-            container.log_offset = logf.tell()
-            container.proc = subprocess.Popen(
-                [
-                    "unshare",
-                    "--mount",
-                    "--uts",
-                    "--propagation",
-                    "private",
-                    "--",
-                    sys.executable,
-                    str(LAUNCHER),
-                    str(spec_path),
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=logf,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                env=full_env,
-            )
-        container.started_at = now_iso()
-        container.container_id = f"torpor://{container.proc.pid}"
-        container.terminated = None
+        container.launch(launch, self.dir / f"{container.name}.launch.json")
         log.info("pod %s: started container %s (pid %d)", self.key, container.name, container.proc.pid)
 
     def _mounts(self, container: Container, env: dict[str, str]) -> list[JsonDict]:
@@ -361,18 +282,10 @@ class PodWorker(threading.Thread):
 
     def _reap(self, container: Container) -> bool:
         """Record the container's end if its process exited; True if it did."""
-        proc = container.proc
-        if proc is None or proc.poll() is None:
+        if not container.poll():
             return False
-        _killpg(proc.pid, signal.SIGKILL)  # whatever it left behind in its group
-        code = proc.returncode if proc.returncode >= 0 else 128 - proc.returncode
-        message = container.message_path.read_bytes()[:MAX_MESSAGE].decode(errors="replace")
-        policy = container.spec.get("terminationMessagePolicy", "File")
-        if not message and code != 0 and policy == "FallbackToLogsOnError":
-            message = _log_tail(container.log_path, container.log_offset)
-        container.proc = None
-        container.terminated = self._terminated(container, code, "Completed" if code == 0 else "Error", message)
-        log.info("pod %s: container %s exited with %d", self.key, container.name, code)
+        assert container.terminated is not None
+        log.info("pod %s: container %s exited with %d", self.key, container.name, container.terminated["exitCode"])
         if self._will_restart(container):
             delay = min(BACKOFF_MAX, BACKOFF_START * 2 ** min(container.restart_count, 10))
             container.next_start = time.monotonic() + delay
@@ -381,17 +294,6 @@ class PodWorker(threading.Thread):
             container.restart_count += 1
             container.waiting = ("CrashLoopBackOff", f"back-off {delay:g}s restarting failed container")
         return True
-
-    def _terminated(self, container: Container, code: int, reason: str, message: str) -> JsonDict:
-        terminated = {
-            "exitCode": code,
-            "reason": reason,
-            "startedAt": container.started_at or now_iso(),
-            "finishedAt": now_iso(),
-        }
-        if message:
-            terminated["message"] = message
-        return terminated
 
     def _will_restart(self, container: Container) -> bool:
         if self._stopping or self._gone or self._deleting():
@@ -405,8 +307,7 @@ class PodWorker(threading.Thread):
 
     def _kill_all(self, sig: signal.Signals) -> None:
         for container in self.containers:
-            if container.proc is not None:
-                _killpg(container.proc.pid, sig)
+            container.signal(sig)
 
     def _terminate(self, grace: float) -> None:
         """SIGTERM every container, wait up to `grace` seconds, then SIGKILL."""
@@ -609,15 +510,3 @@ def _fingerprint(pod: JsonDict) -> str:
     """What kubelet reacts to: metadata (less bookkeeping) and spec, not status."""
     meta = {k: v for k, v in pod["metadata"].items() if k not in ("resourceVersion", "managedFields", "generation")}
     return json.dumps([meta, pod.get("spec")], sort_keys=True)
-
-
-def _killpg(pgid: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
-
-
-def _log_tail(path: Path, offset: int) -> str:
-    with open(path, "rb") as f:
-        f.seek(offset)
-        lines = f.read().splitlines()[-FALLBACK_LOG_LINES:]
-    return b"\n".join(lines)[-FALLBACK_LOG_BYTES:].decode(errors="replace")
