@@ -85,9 +85,9 @@ class OperatorSettings:
     log_format: str = dataclasses.field(default="json", metadata=_env("TORPOR_LOG_FORMAT"))
     """``json`` (one object per line, for log collectors) or ``plain`` (for people)."""
 
-    watch_timeout_seconds: float = dataclasses.field(default=300.0, metadata=_env("TORPOR_WATCH_TIMEOUT_SECONDS"))
-    """Server-side timeout of kopf's watch requests: a watch silently lost by a proxy is
-    re-established within this time."""
+    watch_timeout_seconds: int = dataclasses.field(default=300, metadata=_env("TORPOR_WATCH_TIMEOUT_SECONDS"))
+    """Server-side timeout of kopf's watch requests, whole seconds (the API server takes no
+    fractions): a watch silently lost by a proxy is re-established within this time."""
 
     def __post_init__(self) -> None:
         for ns in self.namespaces:
@@ -100,8 +100,11 @@ class OperatorSettings:
             self._check_port(name, allow_zero=False)
         for name in ("health_port", "metrics_port"):
             self._check_port(name, allow_zero=True)
-        for name in ("backoff_base_seconds", "backoff_max_seconds", "retention_interval_seconds",
-                     "watch_timeout_seconds"):
+        if not isinstance(self.watch_timeout_seconds, int) or isinstance(self.watch_timeout_seconds, bool) \
+                or self.watch_timeout_seconds < 1:
+            raise SettingsError(f"watch_timeout_seconds must be a whole number of seconds >= 1, "
+                                f"got {self.watch_timeout_seconds!r}")
+        for name in ("backoff_base_seconds", "backoff_max_seconds", "retention_interval_seconds"):
             value = getattr(self, name)
             if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
                 raise SettingsError(f"{name} must be a finite number of seconds > 0, got {value!r}")

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "operator" / "torpor_operator"
-PURE = ("spec", "settings", "contract", "naming", "builders", "pods", "observing", "outcomes", "status", "reconciling")
+PURE = ("spec", "settings", "contract", "naming", "builders", "pods", "observing", "outcomes", "status", "reconciling",
+        "pruning")
 
 
 def imports(path: Path) -> set[str]:
@@ -41,3 +43,12 @@ def test_importing_the_core_loads_no_torch() -> None:
             + "print(','.join(bad))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == ""
+
+
+def test_a_bad_setting_stops_the_operator_naming_the_variable() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TORPOR_")}
+    env["TORPOR_MASTER_PORT"] = "http"
+    out = subprocess.run([sys.executable, "-m", "torpor_operator"], capture_output=True, text=True, env=env,
+                         timeout=60)
+    assert out.returncode == 2
+    assert "TORPOR_MASTER_PORT must be an integer, got 'http'" in out.stderr

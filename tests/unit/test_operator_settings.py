@@ -79,6 +79,9 @@ def test_backoff_doubles_up_to_the_cap() -> None:
                                               "backoff_base_seconds (10.0)"),
         ({"TORPOR_LOG_FORMAT": "xml"}, "TORPOR_LOG_FORMAT: log_format must be 'json' or 'plain', got 'xml'"),
         ({"TORPOR_NAMESPACES": "ok,Not_OK"}, "TORPOR_NAMESPACES: namespaces: 'Not_OK' is not a valid namespace name"),
+        ({"TORPOR_WATCH_TIMEOUT_SECONDS": "1.5"}, "TORPOR_WATCH_TIMEOUT_SECONDS must be an integer, got '1.5'"),
+        ({"TORPOR_WATCH_TIMEOUT_SECONDS": "0"},
+         "TORPOR_WATCH_TIMEOUT_SECONDS: watch_timeout_seconds must be a whole number of seconds >= 1, got 0"),
         ({"TORPOR_PEERING": "Bad Name"}, "TORPOR_PEERING: peering: 'Bad Name' is not a valid object name"),
     ],
 )

@@ -1,0 +1,143 @@
+"""The imperative shell's hands: read a job's objects from the API and apply a Decision.
+
+Synchronous (the Kubernetes client is); the kopf handlers run these calls in a worker thread.
+Every write is idempotent: a create that meets 409 Conflict found the object already there
+(creation is keyed by deterministic names), a delete that meets 404 found it gone.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from torpor_operator.builders import graceful_exit_data
+from torpor_operator.contract import API_VERSION, GROUP, KIND, LABEL_JOB, PLURAL, VERSION
+from torpor_operator.reconciling import Decision, ObjectRef
+
+__all__ = ["KubeClient"]
+
+log = logging.getLogger("torpor.applying")
+
+
+def _ignore(status: int, call: Callable[[], Any]) -> Any:
+    try:
+        return call()
+    except ApiException as exc:
+        if exc.status == status:
+            return None
+        raise
+
+
+class KubeClient:
+    """The few API calls the operator makes, each named for what it does."""
+
+    def __init__(self, api: client.ApiClient) -> None:
+        self.api = api
+        self.core = client.CoreV1Api(api)
+        self.policy = client.PolicyV1Api(api)
+        self.custom = client.CustomObjectsApi(api)
+
+    # --- reading ---
+
+    def read_job(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The TrainingJob, or ``None`` once it is gone."""
+        return _ignore(404, lambda: self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name))
+
+    def list_pods(self, namespace: str, job: str) -> list[dict[str, Any]]:
+        """Every pod of the job, all incarnations."""
+        pods = self.core.list_namespaced_pod(namespace, label_selector=f"{LABEL_JOB}={job}")
+        return [self.api.sanitize_for_serialization(p) for p in pods.items]
+
+    def list_children(self, namespace: str, job: str) -> list[dict[str, Any]]:
+        """The job's Services, ConfigMaps and PodDisruptionBudgets, with kind and apiVersion set."""
+        selector = f"{LABEL_JOB}={job}"
+        found: list[dict[str, Any]] = []
+        for kind, api_version, items in (
+            ("Service", "v1", self.core.list_namespaced_service(namespace, label_selector=selector).items),
+            ("ConfigMap", "v1", self.core.list_namespaced_config_map(namespace, label_selector=selector).items),
+            ("PodDisruptionBudget", "policy/v1",
+             self.policy.list_namespaced_pod_disruption_budget(namespace, label_selector=selector).items),
+        ):
+            for item in items:
+                obj = self.api.sanitize_for_serialization(item)
+                obj.update(kind=kind, apiVersion=api_version)
+                found.append(obj)
+        return found
+
+    # --- writing ---
+
+    def apply(self, namespace: str, job: str, decision: Decision) -> None:
+        """Apply a decision in its documented order, Events last."""
+        for obj in decision.create:
+            self._create(namespace, obj)
+        for ref in decision.delete:
+            self._delete(namespace, ref)
+        if decision.graceful_exit is not None:
+            name, value = decision.graceful_exit
+            _ignore(404, lambda: self.core.patch_namespaced_config_map(
+                name, namespace, {"data": graceful_exit_data(value)}))
+        for pod, marks in decision.annotate:
+            _ignore(404, lambda pod=pod, marks=marks: self.core.patch_namespaced_pod(
+                pod, namespace, {"metadata": {"annotations": marks}}))
+        if decision.status:
+            self.custom.patch_namespaced_custom_object_status(
+                GROUP, VERSION, namespace, PLURAL, job, {"status": decision.status})
+
+    def post_events(self, body: dict[str, Any], decision: Decision) -> None:
+        """Post the decision's Events; a failed post is logged, never fatal."""
+        for event in decision.events:
+            try:
+                self.post_event(body, event.type, event.reason, event.message)
+            except ApiException as exc:
+                log.warning("event %s on %s/%s not posted: %s", event.reason, body["metadata"].get("namespace"),
+                            body["metadata"].get("name"), exc.reason)
+
+    def post_event(self, job: dict[str, Any], type_: str, reason: str, message: str) -> None:
+        """Post a core/v1 Event on the job (kopf's own poster works only inside its handler tasks)."""
+        meta = job["metadata"]
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"name": f"{meta['name']}.{uuid.uuid4().hex[:16]}", "namespace": meta["namespace"]},
+            "involvedObject": {"apiVersion": job.get("apiVersion", API_VERSION), "kind": job.get("kind", KIND),
+                               "name": meta["name"], "namespace": meta["namespace"], "uid": meta.get("uid"),
+                               "resourceVersion": meta.get("resourceVersion")},
+            "type": type_,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": "torpor-operator"},
+            "reportingComponent": "torpor.dev/operator",
+            "reportingInstance": socket.gethostname(),
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        self.core.create_namespaced_event(meta["namespace"], event)
+
+    def _create(self, namespace: str, obj: dict[str, Any]) -> None:
+        create = {
+            "Pod": self.core.create_namespaced_pod,
+            "Service": self.core.create_namespaced_service,
+            "ConfigMap": self.core.create_namespaced_config_map,
+            "PodDisruptionBudget": self.policy.create_namespaced_pod_disruption_budget,
+        }[obj["kind"]]
+        if _ignore(409, lambda: create(namespace, obj)) is None:
+            log.info("%s %s/%s exists already", obj["kind"], namespace, obj["metadata"]["name"])
+
+    def _delete(self, namespace: str, ref: ObjectRef) -> None:
+        delete = {
+            "Pod": self.core.delete_namespaced_pod,
+            "Service": self.core.delete_namespaced_service,
+            "ConfigMap": self.core.delete_namespaced_config_map,
+            "PodDisruptionBudget": self.policy.delete_namespaced_pod_disruption_budget,
+        }[ref.kind]
+        _ignore(404, lambda: delete(ref.name, namespace, propagation_policy="Background"))
+

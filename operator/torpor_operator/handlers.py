@@ -1,0 +1,253 @@
+"""The kopf handlers: observe, call :func:`~torpor_operator.reconciling.decide`, apply.
+
+Level-triggered: every watch event of a TrainingJob, of one of its pods, or of a node hosting
+one of its pods leads to one *reconcile* of that job, which reads the job's current objects
+fresh, decides, and applies. Reconciles of one job are serialised by a lock and coalesced
+(an event that arrives while a reconcile is already waiting adds nothing: the waiting one
+will read the newer state), so a burst of pod events costs one or two passes.
+
+No kopf daemons or timers: they would put a finalizer on every TrainingJob, and a job could
+then not be deleted while the operator is down. Time-based steps (exit deadlines, restart
+backoff) are re-scheduled on the event loop from ``Decision.requeue_after``; retention runs
+in one operator-wide background task. The only finalizer is the deletion handler's, and only
+on jobs with ``checkpoint.deleteOnJobDeletion: true`` (remove it by hand —
+``kubectl patch tj NAME --type=json -p '[{"op":"remove","path":"/metadata/finalizers"}]'`` —
+if the operator is gone for good).
+
+kopf keeps its own state in annotations under ``torpor.dev/`` (the status schema is closed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import kopf
+from kubernetes import client, config
+
+from torpor_operator.applying import KubeClient
+from torpor_operator.bucket import Bucket
+from torpor_operator.contract import GROUP, LABEL_JOB, PLURAL, VERSION
+from torpor_operator.metrics import Metrics
+from torpor_operator.observing import CheckpointInfo, NodeView
+from torpor_operator.reconciling import Job, decide
+from torpor_operator.settings import OperatorSettings
+from torpor_operator.spec import SpecError
+
+__all__ = ["Shell"]
+
+log = logging.getLogger("torpor.handlers")
+
+#: Phases in which a decision may start an incarnation and must know the newest checkpoint.
+_LAUNCHING = (None, "Restarting", "Suspended", "Stopping")
+
+
+def _api_client() -> client.ApiClient:
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
+    return client.ApiClient()
+
+
+class Shell:
+    """Per-process state of the handlers: clients, caches, locks and scheduled wake-ups."""
+
+    def __init__(self, settings: OperatorSettings, kube: KubeClient, bucket: Bucket, metrics: Metrics) -> None:
+        self.settings = settings
+        self.kube = kube
+        self.bucket = bucket
+        self.metrics = metrics
+        self.nodes: dict[str, dict[str, Any]] = {}
+        self.jobs: set[tuple[str, str]] = set()
+        self.checkpoints: dict[tuple[str, str], list[CheckpointInfo]] = {}
+        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._waiting: set[tuple[str, str]] = set()
+        self._wakeups: dict[tuple[str, str], asyncio.TimerHandle] = {}
+
+    async def reconcile(self, namespace: str, name: str, *, triggered_at: float | None = None) -> None:
+        """Observe the job, decide, apply; coalesced with a reconcile already waiting."""
+        key = (namespace, name)
+        if key in self._waiting:
+            return
+        self._waiting.add(key)
+        async with self._locks.setdefault(key, asyncio.Lock()):
+            self._waiting.discard(key)
+            with self.metrics.reconcile.time():
+                await self._reconcile(key, triggered_at)
+
+    async def _reconcile(self, key: tuple[str, str], triggered_at: float | None) -> None:
+        namespace, name = key
+        body = await asyncio.to_thread(self.kube.read_job, namespace, name)
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            self.forget(key)
+            return
+        try:
+            job = Job.from_dict(body)
+        except SpecError as exc:
+            log.warning("TrainingJob %s/%s cannot run: %s", namespace, name, exc)
+            await asyncio.to_thread(self.kube.post_event, body, "Warning", "InvalidSpec", str(exc))
+            return
+        self.jobs.add(key)
+        pods, children = await asyncio.gather(
+            asyncio.to_thread(self.kube.list_pods, namespace, name),
+            asyncio.to_thread(self.kube.list_children, namespace, name),
+        )
+        checkpoints = await self._checkpoints(key, job)
+        hosts = {(p.get("spec") or {}).get("nodeName") for p in pods}
+        taints = self.settings.termination_taints
+        nodes = [n for node, n in self.nodes.items() if node in hosts or NodeView.from_dict(n).going_away(taints)]
+        decision = decide(job, pods, nodes, checkpoints, datetime.now(UTC), self.settings, children)
+        if not decision.empty:
+            await asyncio.to_thread(self.kube.apply, namespace, name, decision)
+        if decision.graceful_exit is not None and triggered_at is not None:
+            self.metrics.reaction.observe(time.monotonic() - triggered_at)
+        for event in decision.events:
+            log.info("%s/%s %s: %s", namespace, name, event.reason, event.message)
+        if decision.events:
+            await asyncio.to_thread(self.kube.post_events, body, decision)
+        self.metrics.observe(f"{namespace}/{name}", decision, job.status.phase)
+        self._schedule(key, decision.requeue_after)
+
+    async def _checkpoints(self, key: tuple[str, str], job: Job) -> list[CheckpointInfo] | None:
+        if job.status.phase in _LAUNCHING or key not in self.checkpoints:
+            try:
+                self.checkpoints[key] = await asyncio.to_thread(self.bucket.list, job.spec, job.ref)
+            except Exception as exc:  # the bucket is away: the ranks resolve "newest" themselves
+                log.warning("cannot list checkpoints of %s: %s", job.ref.key, exc)
+                return self.checkpoints.get(key)
+        return self.checkpoints[key]
+
+    def _schedule(self, key: tuple[str, str], delay: float | None) -> None:
+        if delay is None:
+            return
+        old = self._wakeups.pop(key, None)
+        if old is not None:
+            old.cancel()
+        loop = asyncio.get_running_loop()
+        self._wakeups[key] = loop.call_later(max(delay, 0.05), lambda: loop.create_task(self.reconcile(*key)))
+
+    def forget(self, key: tuple[str, str]) -> None:
+        """Drop a deleted job's caches and wake-ups."""
+        self.jobs.discard(key)
+        self.checkpoints.pop(key, None)
+        handle = self._wakeups.pop(key, None)
+        if handle is not None:
+            handle.cancel()
+        self.metrics.set_phase(f"{key[0]}/{key[1]}", None)
+
+    async def prune_all(self) -> None:
+        """One retention pass over every known job; a failing bucket skips that job this time."""
+        for key in sorted(self.jobs):
+            body = await asyncio.to_thread(self.kube.read_job, *key)
+            if body is None:
+                self.forget(key)
+                continue
+            try:
+                job = Job.from_dict(body)
+                result = await asyncio.to_thread(self.bucket.prune, job.spec, job.ref, job.status.resume_from)
+            except SpecError:
+                continue
+            except Exception as exc:
+                log.warning("retention of %s/%s failed: %s", *key, exc)
+                continue
+            self.checkpoints[key] = result.checkpoints
+            self.metrics.retention_deletions.inc(len(result.deleted))
+            await self.reconcile(*key)
+
+    async def retention_loop(self) -> None:
+        """Run :meth:`prune_all` every ``retention_interval_seconds``."""
+        while True:
+            await asyncio.sleep(self.settings.retention_interval_seconds)
+            await self.prune_all()
+
+
+def _shell(memo: kopf.Memo) -> Shell:
+    return memo["shell"]
+
+
+@kopf.on.startup()
+async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    """Apply torpor's settings to kopf and build the shell."""
+    ours: OperatorSettings = memo.get("settings") or OperatorSettings.from_env(os.environ)
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=GROUP, key="last-handled-configuration")
+    settings.posting.level = logging.WARNING
+    settings.watching.server_timeout = ours.watch_timeout_seconds
+    settings.watching.client_timeout = ours.watch_timeout_seconds + 30
+    shell = Shell(ours, KubeClient(_api_client()), Bucket(), memo.get("metrics") or Metrics())
+    memo["shell"] = shell
+    memo["retention"] = asyncio.get_running_loop().create_task(shell.retention_loop())
+
+
+@kopf.on.cleanup()
+async def stop_retention(memo: kopf.Memo, **_: Any) -> None:
+    """Stop the retention task."""
+    task = memo.get("retention")
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+async def on_job(event: dict[str, Any], namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+    """Any change of a TrainingJob, including the operator's own status patches."""
+    if event.get("type") == "DELETED":
+        _shell(memo).forget((namespace, name))
+        return
+    await _shell(memo).reconcile(namespace, name, triggered_at=time.monotonic())
+
+
+@kopf.on.event("", "v1", "pods", labels={LABEL_JOB: kopf.PRESENT})
+async def on_pod(labels: dict[str, str], namespace: str, memo: kopf.Memo, **_: Any) -> None:
+    """A rank's pod changed: started, became ready, got a DisruptionTarget, ended, vanished."""
+    await _shell(memo).reconcile(namespace, labels[LABEL_JOB], triggered_at=time.monotonic())
+
+
+@kopf.index("", "v1", "pods", labels={LABEL_JOB: kopf.PRESENT})
+def ranks_by_node(spec: dict[str, Any], labels: dict[str, str], namespace: str, **_: Any) -> dict[str, Any]:
+    """Which jobs have pods on which node, so a node event reaches only the jobs it concerns."""
+    node = spec.get("nodeName")
+    return {node: (namespace, labels[LABEL_JOB])} if node else {}
+
+
+@kopf.on.event("", "v1", "nodes")
+async def on_node(event: dict[str, Any], body: kopf.Body, name: str, memo: kopf.Memo,
+                  ranks_by_node: kopf.Index[str, tuple[str, str]], **_: Any) -> None:
+    """A node cordoned or given a termination taint: reconcile every job with a rank on it."""
+    shell = _shell(memo)
+    if event.get("type") == "DELETED":
+        shell.nodes.pop(name, None)
+        return
+    before = shell.nodes.get(name)
+    shell.nodes[name] = dict(body)
+    taints = shell.settings.termination_taints
+    was = NodeView.from_dict(before).going_away(taints) if before else None
+    now = NodeView.from_dict(dict(body)).going_away(taints)
+    if now is None or now == was:
+        return
+    triggered_at = time.monotonic()
+    jobs = sorted(set(ranks_by_node.get(name, [])))
+    await asyncio.gather(*(shell.reconcile(ns, job, triggered_at=triggered_at) for ns, job in jobs))
+
+
+@kopf.on.delete(GROUP, VERSION, PLURAL,
+                when=lambda spec, **_: bool((spec.get("checkpoint") or {}).get("deleteOnJobDeletion")))
+async def delete_checkpoints(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """``deleteOnJobDeletion: true``: remove the job's checkpoints before the job goes."""
+    try:
+        job = Job.from_dict(dict(body))
+    except SpecError as exc:
+        raise kopf.PermanentError(f"cannot delete checkpoints of an invalid job: {exc}") from exc
+    try:
+        keys = await asyncio.to_thread(_shell(memo).bucket.delete_all, job.spec, job.ref)
+    except Exception as exc:
+        raise kopf.TemporaryError(f"deleting checkpoints of {job.ref.key} failed: {exc}", delay=30) from exc
+    log.info("deleted %d checkpoint objects of %s", keys, job.ref.key)

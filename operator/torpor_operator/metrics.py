@@ -1,0 +1,46 @@
+"""Prometheus metrics of the operator, fed from the decisions it applies."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from torpor_operator.reconciling import Decision
+from torpor_operator.status import PHASES
+
+__all__ = ["Metrics"]
+
+
+class Metrics:
+    """The operator's metrics; one instance per process (the default registry)."""
+
+    def __init__(self) -> None:
+        self.jobs = Gauge("torpor_trainingjobs", "TrainingJobs by phase", ["phase"])
+        self.preemptions = Counter("torpor_preemptions_total", "Stops caused by preemption signals")
+        self.restarts = Counter("torpor_restarts_total", "Restarts after failures")
+        self.reaction = Histogram(
+            "torpor_graceful_exit_reaction_seconds",
+            "From the watch event that triggered a decision to GracefulExit written",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
+        self.reconcile = Histogram("torpor_reconcile_seconds", "One observe-decide-apply pass")
+        self.retention_deletions = Counter("torpor_retention_deleted_checkpoints_total",
+                                           "Checkpoints deleted by retention")
+        self._phases: dict[str, str] = {}
+
+    def observe(self, key: str, decision: Decision, phase: str | None) -> None:
+        """Count what a decision changed and track the job's phase."""
+        status = decision.status or {}
+        if "preemptions" in status:
+            self.preemptions.inc()
+        if "restarts" in status:
+            self.restarts.inc()
+        self.set_phase(key, status.get("phase", phase))
+
+    def set_phase(self, key: str, phase: str | None) -> None:
+        """Record a job's phase (``None`` forgets the job)."""
+        if phase is None:
+            self._phases.pop(key, None)
+        else:
+            self._phases[key] = phase
+        for name in PHASES:
+            self.jobs.labels(phase=name).set(sum(1 for p in self._phases.values() if p == name))

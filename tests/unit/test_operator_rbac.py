@@ -1,0 +1,82 @@
+"""The operator's RBAC rules file: least privilege, and enough for every call the operator makes."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import yaml
+
+PACKAGE = Path(__file__).resolve().parents[2] / "operator" / "torpor_operator"
+
+# Every Kubernetes API method the shell calls -> (group, resource, verb) it needs.
+CALLS = {
+    "get_namespaced_custom_object": ("torpor.dev", "trainingjobs", "get"),
+    "patch_namespaced_custom_object_status": ("torpor.dev", "trainingjobs/status", "patch"),
+    "list_namespaced_pod": ("", "pods", "list"),
+    "create_namespaced_pod": ("", "pods", "create"),
+    "delete_namespaced_pod": ("", "pods", "delete"),
+    "patch_namespaced_pod": ("", "pods", "patch"),
+    "list_namespaced_service": ("", "services", "list"),
+    "create_namespaced_service": ("", "services", "create"),
+    "delete_namespaced_service": ("", "services", "delete"),
+    "list_namespaced_config_map": ("", "configmaps", "list"),
+    "create_namespaced_config_map": ("", "configmaps", "create"),
+    "delete_namespaced_config_map": ("", "configmaps", "delete"),
+    "patch_namespaced_config_map": ("", "configmaps", "patch"),
+    "list_namespaced_pod_disruption_budget": ("policy", "poddisruptionbudgets", "list"),
+    "create_namespaced_pod_disruption_budget": ("policy", "poddisruptionbudgets", "create"),
+    "delete_namespaced_pod_disruption_budget": ("policy", "poddisruptionbudgets", "delete"),
+    "create_namespaced_event": ("", "events", "create"),
+}
+# What kopf does on the operator's behalf (watches of the handlers' resources, its annotations).
+KOPF = [
+    ("torpor.dev", "trainingjobs", "list"), ("torpor.dev", "trainingjobs", "watch"),
+    ("torpor.dev", "trainingjobs", "patch"), ("", "pods", "watch"), ("", "nodes", "list"), ("", "nodes", "watch"),
+    ("apiextensions.k8s.io", "customresourcedefinitions", "list"),
+]
+
+
+def rules() -> dict[str, list[dict[str, list[str]]]]:
+    return yaml.safe_load((PACKAGE / "rbac.yaml").read_text())
+
+
+def granted() -> set[tuple[str, str, str]]:
+    out = set()
+    for section in ("clusterRules", "namespacedRules"):
+        for rule in rules()[section]:
+            out |= {(g, r, v) for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
+    return out
+
+
+def test_no_wildcards_and_well_formed() -> None:
+    doc = rules()
+    assert set(doc) == {"clusterRules", "namespacedRules", "peeringRules"}
+    for section, items in doc.items():
+        for rule in items:
+            assert set(rule) == {"apiGroups", "resources", "verbs"}, section
+            for key in ("apiGroups", "resources", "verbs"):
+                assert "*" not in rule[key], f"{section}: {key} uses *"
+
+
+def test_every_call_in_the_shell_is_granted() -> None:
+    source = "\n".join(p.read_text() for p in PACKAGE.glob("*.py"))
+    called = set(re.findall(r"\.((?:get|list|create|delete|patch)_namespaced_\w+)\(", source))
+    called |= set(re.findall(r"self\.(?:core|policy|custom)\.((?:get|list|create|delete|patch)_\w+)", source))
+    assert called <= set(CALLS), f"calls missing from this test's table: {called - set(CALLS)}"
+    missing = {CALLS[c] for c in called} - granted()
+    assert not missing, f"rbac.yaml lacks {missing}"
+
+
+def test_what_kopf_needs_is_granted() -> None:
+    assert set(KOPF) <= granted()
+
+
+def test_nothing_beyond_what_is_used() -> None:
+    needed = set(CALLS.values()) | set(KOPF) | {
+        ("torpor.dev", "trainingjobs/finalizers", "update"),  # ownerReferences with blockOwnerDeletion
+        ("torpor.dev", "trainingjobs/status", "get"),
+        ("", "pods", "get"), ("", "nodes", "get"), ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),
+        ("events.k8s.io", "events", "create"),
+    }
+    assert granted() <= needed, f"granted but never used: {granted() - needed}"
