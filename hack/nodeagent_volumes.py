@@ -171,11 +171,13 @@ def _object_payload(kind: str, ns: str, src: JsonDict, fetch: Fetch, default_mod
     return payload
 
 
-def _object_data(kind: str, obj: JsonDict) -> dict[str, bytes]:
+def _object_data(kind: str, obj: JsonDict, binary: bool = True) -> dict[str, bytes]:
+    """A ConfigMap's or Secret's keys, decoded; `binary=False` leaves out `binaryData` (env)."""
     if kind == "Secret":
         return {k: base64.b64decode(v) for k, v in (obj.get("data") or {}).items()}
     data = {k: v.encode() for k, v in (obj.get("data") or {}).items()}
-    data.update({k: base64.b64decode(v) for k, v in (obj.get("binaryData") or {}).items()})
+    if binary:
+        data.update({k: base64.b64decode(v) for k, v in (obj.get("binaryData") or {}).items()})
     return data
 
 
@@ -296,7 +298,7 @@ def container_env(pod: JsonDict, container: JsonDict, fetch: Fetch) -> dict[str,
             if ref.get("optional"):
                 continue
             raise ConfigError(f'{kind.lower()} "{ref["name"]}" not found')
-        for key, value in _object_data(kind, obj).items():
+        for key, value in _object_data(kind, obj, binary=False).items():
             env[source.get("prefix", "") + key] = value.decode(errors="replace")
     for var in container.get("env") or []:
         if "valueFrom" not in var:
@@ -315,7 +317,7 @@ def container_env(pod: JsonDict, container: JsonDict, fetch: Fetch) -> dict[str,
                 else ("Secret", source["secretKeyRef"])
             )
             obj = fetch(kind, ns, ref["name"])
-            data = _object_data(kind, obj) if obj is not None else {}
+            data = _object_data(kind, obj, binary=False) if obj is not None else {}
             if ref["key"] in data:
                 env[var["name"]] = data[ref["key"]].decode(errors="replace")
             elif not ref.get("optional"):
