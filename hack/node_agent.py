@@ -34,7 +34,9 @@ Nodes (`<prefix>-0` … `<prefix>-N-1`) against a real API server:
   with `spec.hostname` and `spec.subdomain` the names `<h>.<sub>.<ns>.svc.cluster.local`,
   `<h>.<sub>.<ns>.svc`, `<h>.<sub>.<ns>` and `<h>.<sub>`. It is rewritten in place (same
   inode, which is what a bind mount follows) whenever such pods come or go. The pod's
-  hostname (`spec.hostname` or its name) is set in its UTS namespace.
+  hostname (`spec.hostname` or its name) is set in its UTS namespace. Wildcard binds
+  (`0.0.0.0`, `::`) are turned into binds of the pod IP by an LD_PRELOAD shim
+  (`nodeagent_bind`), so servers such as PyTorch's TCPStore stay private to their pod.
 * **Logs.** A container's stdout+stderr go to
   `<workdir>/pods/<ns>_<name>_<uid>/<container>.log` (see `NodeAgent.logs_path`);
   `kubectl logs` does not work, as there is no kubelet API.
@@ -68,6 +70,7 @@ from urllib.parse import urlparse
 
 import urllib3
 
+from nodeagent_bind import build_bind_shim
 from nodeagent_containers import now_iso
 from nodeagent_kube import MERGE, ApiError, KubeClient
 from nodeagent_pods import PodWorker, pod_dir_name
@@ -117,6 +120,7 @@ class NodeAgent:
         self.configmap_sync_seconds = configmap_sync_seconds
         self.kube: KubeClient
         self.base_env: dict[str, str] = {}
+        self.bind_shim: Path | None = None
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._workers: dict[str, PodWorker] = {}  # by pod UID
@@ -138,6 +142,7 @@ class NodeAgent:
         self.base_env.update(
             KUBERNETES_SERVICE_HOST=api.hostname or "127.0.0.1", KUBERNETES_SERVICE_PORT=str(api.port or 443)
         )
+        self.bind_shim = build_bind_shim(self.workdir / "lib")
         self._started = True
         self._started_at = now_iso()
         for name in self.node_names:

@@ -240,6 +240,9 @@ class PodWorker(threading.Thread):
             argv[0] = sys.executable
         hostname = pod["spec"].get("hostname") or pod["metadata"]["name"]
         full_env = {**self.agent.base_env, "HOSTNAME": hostname, **env}
+        if self.agent.bind_shim is not None:
+            full_env["TORPOR_POD_IP"] = self.ip
+            full_env["LD_PRELOAD"] = ":".join(filter(None, [str(self.agent.bind_shim), env.get("LD_PRELOAD")]))
         launch = {
             "hostname": hostname[:63],
             "cwd": spec.get("workingDir") or str(self.dir),
