@@ -125,6 +125,8 @@ class NodeAgent:
         self._lock = threading.Lock()
         self._workers: dict[str, PodWorker] = {}  # by pod UID
         self._pods: dict[str, JsonDict] = {}  # every pod in the cluster, by UID
+        # Pods whose worker is over: late events about them must not start them again.
+        self._done: set[str] = set()
         self._threads: list[threading.Thread] = []
         self._started = False
         self._started_at = ""
@@ -354,7 +356,7 @@ class NodeAgent:
                         break
                     self._watch_version = obj["metadata"]["resourceVersion"]
                     if event["type"] != "BOOKMARK":
-                        self._on_pod(event["type"], obj)
+                        self._dispatch(event["type"], obj)
             except ApiError as exc:
                 if exc.status == 410:
                     log.info("node agent: pod watch expired, listing again")
@@ -368,15 +370,22 @@ class NodeAgent:
                 log.warning("node agent: pod watch interrupted (%s), reconnecting", type(exc).__name__)
                 self._stop.wait(1.0)
 
+    def _dispatch(self, kind: str, pod: JsonDict) -> None:
+        """`_on_pod`, but one bad pod must not stop the watch for all the others."""
+        try:
+            self._on_pod(kind, pod)
+        except Exception:
+            log.exception("node agent: cannot handle %s of pod %s", kind, pod["metadata"].get("name"))
+
     def _relist(self) -> str:
         answer = self.kube.get("/api/v1/pods")
         seen = {pod["metadata"]["uid"]: pod for pod in answer["items"]}
         with self._lock:
             vanished = [pod for uid, pod in self._pods.items() if uid not in seen]
         for pod in vanished:
-            self._on_pod("DELETED", pod)
+            self._dispatch("DELETED", pod)
         for pod in seen.values():
-            self._on_pod("MODIFIED", pod)
+            self._dispatch("MODIFIED", pod)
         return answer["metadata"]["resourceVersion"]
 
     def _on_pod(self, kind: str, pod: JsonDict) -> None:
@@ -385,12 +394,15 @@ class NodeAgent:
         with self._lock:
             if kind == "DELETED":
                 self._pods.pop(uid, None)
+                done = uid in self._done
+                self._done.discard(uid)
             else:
                 self._pods[uid] = pod
+                done = uid in self._done
             worker = self._workers.get(uid)
         if worker is not None:
             worker.gone(pod) if kind == "DELETED" else worker.update(pod)
-        elif ours and kind != "DELETED" and not self._stop.is_set():
+        elif ours and kind != "DELETED" and not done and not self._stop.is_set():
             if (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
                 if pod["metadata"].get("deletionTimestamp"):
                     self._delete_now(pod)  # finished before we saw it: nothing to stop
@@ -417,6 +429,8 @@ class NodeAgent:
         """Called by a worker thread when its pod is over."""
         with self._lock:
             self._workers.pop(worker.uid, None)
+            if worker.uid in self._pods:
+                self._done.add(worker.uid)
         self._refresh_hosts()
 
     def _allocate_ip(self, pod: JsonDict) -> str:
