@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import socket
 from datetime import timedelta
 
 import torch
@@ -88,8 +89,43 @@ def init_distributed(backend: str | None = None, timeout_seconds: float = 1800.0
     if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
         return False
     chosen = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-    dist.init_process_group(backend=chosen, timeout=timedelta(seconds=timeout_seconds))
+    timeout = timedelta(seconds=timeout_seconds)
+    store = _rendezvous_store(timeout)
+    dist.init_process_group(backend=chosen, store=store, rank=int(os.environ["RANK"]),
+                            world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
     return True
+
+
+def _rendezvous_store(timeout: timedelta) -> dist.TCPStore:
+    """The TCPStore of ``MASTER_ADDR:MASTER_PORT``, whose server listens only on that address.
+
+    Why not ``init_method="env://"``: its store server listens on every interface (``::``),
+    which exposes the rendezvous beyond the pod's address and, where pods share a network
+    (our local node agent gives each pod its own loopback address), makes two jobs' rank 0
+    collide on the port. Rank 0 binds the address ``MASTER_ADDR`` resolves to and hands the
+    socket to the store; if that address is not local, it falls back to torch's default.
+    """
+    addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    world = int(os.environ["WORLD_SIZE"])
+    is_master = int(os.environ["RANK"]) == 0
+    listener = _bind_listener(addr, port) if is_master else None
+    # The store takes over the descriptor (it does not duplicate it), so the socket object
+    # must neither be closed nor garbage-collected: detach it.
+    fd = listener.detach() if listener is not None else None
+    return dist.TCPStore(addr, port, world, is_master, timeout=timeout, wait_for_workers=False,
+                         master_listen_fd=fd)
+
+
+def _bind_listener(addr: str, port: int) -> socket.socket | None:
+    try:
+        family, _, _, _, sockaddr = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM)[0]
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(sockaddr)
+        listener.listen(128)
+    except OSError:
+        return None
+    return listener
 
 
 def shutdown() -> None:
