@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import nodeagent_volumes as volumes
-from nodeagent_containers import Container, now_iso, terminated_state
+from nodeagent_containers import Container, now_iso
 from nodeagent_kube import ApiError
 
 if TYPE_CHECKING:
@@ -188,23 +188,17 @@ class PodWorker(threading.Thread):
             log.exception("pod %s: cannot clean up after the failure", self.key)
 
     def _run_init(self, container: Container) -> bool:
-        """Run one init container to success; False if the pod is finished or going away."""
+        """Run one init container to success; False if it failed for good or the pod is going away."""
         while True:
-            if time.monotonic() >= container.next_start and not container.running:
+            if not container.running and container.terminated is None and time.monotonic() >= container.next_start:
                 self._start(container)
                 self._report()
-            while container.running:
-                if self._wait(TICK):
-                    return False
-                if self._reap(container):
-                    self._report()
-            if container.terminated is not None and container.terminated["exitCode"] == 0:
-                return True
-            if not self._will_restart(container):
+            if container.terminated is not None:  # ended, and no restart is coming
+                return container.terminated["exitCode"] == 0
+            if self._wait(TICK):
                 return False
-            if self._wait(max(0.0, container.next_start - time.monotonic())):
-                return False
-            container.terminated = None
+            if self._reap(container):
+                self._report()
 
     def _wait(self, timeout: float) -> bool:
         """Sleep up to `timeout`, refreshing volumes when due; True if the pod must end now."""
@@ -234,7 +228,8 @@ class PodWorker(threading.Thread):
             return
         argv = [volumes.expand(a, env) for a in (spec.get("command") or []) + (spec.get("args") or [])]
         if not argv:
-            container.terminated = terminated_state(container.started_at, 128, "StartError", "no command given")
+            container.waiting = ("CreateContainerConfigError", "the node agent ignores images: give a command")
+            container.next_start = time.monotonic() + 2.0
             return
         if argv[0] in ("python", "python3"):
             argv[0] = sys.executable

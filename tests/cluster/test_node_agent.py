@@ -490,6 +490,26 @@ def test_init_containers_run_first_and_share_volumes(
     assert "main read prepared" in node_agent.logs_path(done).read_text()
 
 
+def test_failed_init_container_fails_the_pod_and_the_container_never_runs(
+    control_plane: ControlPlane, node_agent: NodeAgent, namespace: str
+):
+    pod = python_pod("bad-init", "print('main ran')")
+    pod["spec"]["initContainers"] = [{"name": "check", "image": "busybox", "command": ["python", "-c", "exit(4)"]}]
+    apply(control_plane, namespace, pod)
+    done = eventually(
+        lambda: (
+            (p := get_json(control_plane, "pod", "bad-init", "-n", namespace))
+            and p["status"].get("phase") == "Failed"
+            and p
+        ),
+        60,
+        "bad-init Failed",
+    )
+    assert done["status"]["initContainerStatuses"][0]["state"]["terminated"]["exitCode"] == 4
+    assert "waiting" in done["status"]["containerStatuses"][0]["state"]
+    assert not node_agent.logs_path(done).exists()
+
+
 def test_pod_watch_survives_dropped_connections(
     control_plane: ControlPlane, node_agent: NodeAgent, namespace: str, caplog: pytest.LogCaptureFixture
 ):

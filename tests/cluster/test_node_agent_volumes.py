@@ -269,29 +269,45 @@ def test_env_volumes_and_headless_service_names_are_what_the_process_sees(
     assert seen["answer"] == "rank-0"
 
 
-def test_pod_waits_for_a_missing_configmap_then_starts(
+def test_pod_waits_for_a_missing_configmap_and_secret_then_starts(
     control_plane: ControlPlane, node_agent: NodeAgent, namespace: str
 ):
+    script = "import os; print(open('/etc/torpor-agent-test/late/key').read(), os.environ['LATE_TOKEN'])"
     pod = python_pod(
         "late",
-        "print(open('/etc/torpor-agent-test/late/key').read())",
+        script,
         volumes=[{"name": "late", "configMap": {"name": "late"}}],
-        container={"volumeMounts": [{"name": "late", "mountPath": f"{BASE}/late"}]},
+        container={
+            "volumeMounts": [{"name": "late", "mountPath": f"{BASE}/late"}],
+            "env": [{"name": "LATE_TOKEN", "valueFrom": {"secretKeyRef": {"name": "late", "key": "token"}}}],
+        },
     )
     apply(control_plane, namespace, pod)
 
-    def waiting() -> str | None:
+    def waiting() -> tuple[str, str] | None:
         pod = get_json(control_plane, "pod", "late", "-n", namespace)
         statuses = (pod or {}).get("status", {}).get("containerStatuses") or [{}]
-        return statuses[0].get("state", {}).get("waiting", {}).get("message")
+        state = statuses[0].get("state", {}).get("waiting", {})
+        return (state["reason"], state.get("message", "")) if state else None
 
-    message = eventually(waiting, 30, "late waits with a message")
-    assert 'configmap "late" not found' in message
+    # Volumes first (kubelet's ContainerCreating), then the environment (CreateContainerConfigError).
+    eventually(lambda: (w := waiting()) and 'configmap "late" not found' in w[1], 30, "waits for the ConfigMap")
+    assert waiting()[0] == "ContainerCreating"
     assert get_json(control_plane, "pod", "late", "-n", namespace)["status"]["phase"] == "Pending"
     apply(
         control_plane,
         namespace,
         {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "late"}, "data": {"key": "arrived"}},
+    )
+    eventually(
+        lambda: (w := waiting()) and w[0] == "CreateContainerConfigError" and 'secret "late" not found' in w[1],
+        30,
+        "waits for the Secret",
+    )
+    apply(
+        control_plane,
+        namespace,
+        {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "late"}, "stringData": {"token": "t0k"}},
     )
     done = eventually(
         lambda: (
@@ -302,7 +318,7 @@ def test_pod_waits_for_a_missing_configmap_then_starts(
         30,
         "late Succeeded",
     )
-    assert "arrived" in node_agent.logs_path(done).read_text()
+    assert "arrived t0k" in node_agent.logs_path(done).read_text()
 
 
 def test_service_account_token_is_projected_and_works_in_cluster(
