@@ -43,8 +43,15 @@ Nodes (`<prefix>-0` … `<prefix>-N-1`) against a real API server:
 * **Stopping** kills every pod process group (SIGTERM, 2 s, SIGKILL). Mounts live only in
   the pods' namespaces, so nothing is left mounted on the host.
 
-Not done: probes, lifecycle hooks, sidecar (restartable) init containers, resource limits,
-`kubectl logs/exec/port-forward`, image pulls.
+Containers run as root on the host file system (no chroot, no cgroups): only what is
+listed above is isolated. Init containers run one after another before the containers;
+`restartPolicy` Always/OnFailure restarts with a 1 s…10 s back-off. Deletion: SIGTERM to
+each process group, the grace period, SIGKILL, final status, delete with grace 0.
+
+Not done: probes (Ready = running), lifecycle hooks, sidecar (restartable) init containers,
+resource limits, ClusterIP Services (no kube-proxy; headless names only),
+`kubectl logs/exec/port-forward`, image pulls, volume types other than those above. Mount
+points created on the host (e.g. `/etc/torpor`, `/dev/termination-log`) stay there, empty.
 
 Command line (runs until SIGINT/SIGTERM)::
 
