@@ -32,6 +32,7 @@ tools: $(PY)
 
 lint: setup
 	$(PY) -m ruff check .
+	$(VENV)/bin/lint-imports
 
 test: setup tools lint
 	$(PY) -m pytest tests
