@@ -1,7 +1,11 @@
-"""Fixtures for the operator tests: the TrainingJob CRD applied once per session."""
+"""Fixtures for the operator tests: the TrainingJob CRD applied once per session, the operator process."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,3 +23,53 @@ def trainingjob_crd(control_plane: ControlPlane) -> str:
     name = "trainingjobs.torpor.dev"
     control_plane.kubectl("wait", "--for=condition=Established", f"crd/{name}", "--timeout=60s")
     return name
+
+
+class OperatorProcess:
+    """``python -m torpor_operator`` as a child process watching one namespace."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.env = env
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "torpor_operator"], env=self.env, stdout=log,
+                                     stderr=subprocess.STDOUT)
+        log.close()
+
+    def kill(self) -> None:
+        """SIGKILL, as a crashed or evicted operator."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(30)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(30)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@pytest.fixture
+def operator_process(control_plane: ControlPlane, trainingjob_crd: str, namespace: str, s3_bucket: str,
+                     tmp_path: Path) -> Iterator[OperatorProcess]:
+    """The operator watching the test's namespace, with MinIO's credentials (``s3_bucket`` exists)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TORPOR_")}
+    env.update(KUBECONFIG=str(control_plane.kubeconfig), TORPOR_NAMESPACES=namespace, TORPOR_HEALTH_PORT="0",
+               TORPOR_METRICS_PORT="0", TORPOR_LOG_FORMAT="plain", TORPOR_RETENTION_INTERVAL_SECONDS="2",
+               TORPOR_BACKOFF_BASE_SECONDS="1")
+    op = OperatorProcess(env, tmp_path / "operator.log")
+    op.start()
+    try:
+        yield op
+    finally:
+        op.stop()
+        print(op.log()[-8000:])  # shown by pytest only when the test failed
