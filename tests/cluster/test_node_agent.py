@@ -288,6 +288,14 @@ def test_delete_sends_sigterm_then_sigkill_after_the_grace_period(
     assert not alive(container_pid(ignores))
 
 
+def test_force_delete_kills_the_process_at_once(control_plane: ControlPlane, node_agent: NodeAgent, namespace: str):
+    apply(control_plane, namespace, python_pod("forced", IGNORES_SIGTERM, terminationGracePeriodSeconds=60))
+    pod = wait_running(control_plane, namespace, "forced")
+    wait_log(node_agent, pod, "ready")
+    control_plane.kubectl("delete", "pod", "forced", "-n", namespace, "--force", "--grace-period=0")
+    eventually(lambda: not alive(container_pid(pod)), 10, "the process is gone well before its 60 s grace period")
+
+
 def test_finished_pod_is_removed_at_once_when_deleted(
     control_plane: ControlPlane, node_agent: NodeAgent, namespace: str
 ):
