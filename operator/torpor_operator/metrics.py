@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
 from torpor_operator.reconciling import Decision
 from torpor_operator.status import PHASES
@@ -13,18 +13,20 @@ __all__ = ["Metrics"]
 class Metrics:
     """The operator's metrics; one instance per process (the default registry)."""
 
-    def __init__(self) -> None:
-        self.jobs = Gauge("torpor_trainingjobs", "TrainingJobs by phase", ["phase"])
-        self.preemptions = Counter("torpor_preemptions_total", "Stops caused by preemption signals")
-        self.restarts = Counter("torpor_restarts_total", "Restarts after failures")
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        self.jobs = Gauge("torpor_trainingjobs", "TrainingJobs by phase", ["phase"], registry=registry)
+        self.preemptions = Counter("torpor_preemptions_total", "Stops caused by preemption signals",
+                                   registry=registry)
+        self.restarts = Counter("torpor_restarts_total", "Restarts after failures", registry=registry)
         self.reaction = Histogram(
             "torpor_graceful_exit_reaction_seconds",
             "From the watch event that triggered a decision to GracefulExit written",
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=registry,
         )
-        self.reconcile = Histogram("torpor_reconcile_seconds", "One observe-decide-apply pass")
+        self.reconcile = Histogram("torpor_reconcile_seconds", "One observe-decide-apply pass", registry=registry)
         self.retention_deletions = Counter("torpor_retention_deleted_checkpoints_total",
-                                           "Checkpoints deleted by retention")
+                                           "Checkpoints deleted by retention", registry=registry)
         self._phases: dict[str, str] = {}
 
     def observe(self, key: str, decision: Decision, phase: str | None) -> None:

@@ -8,6 +8,8 @@ they stay Pending and the operator's own actions are all there is to observe.
 from __future__ import annotations
 
 import json
+import socket
+import urllib.request
 from typing import Any
 
 import pytest
@@ -120,3 +122,33 @@ def test_deleting_the_job_deletes_its_children(control_plane: ControlPlane, name
     control_plane.kubectl("delete", "-n", namespace, "tj", "gone", "--wait=true", timeout=60)
     k.wait("garbage collection", lambda: k.names("pods") == [] and k.names("services") == []
            and k.names("configmaps") == [] and k.names("pdb") == [], timeout=90)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_liveness_and_metrics_endpoints(control_plane: ControlPlane, namespace: str, s3_bucket: str,
+                                        operator_process: OperatorProcess) -> None:
+    operator_process.stop()
+    health, metrics = _free_port(), _free_port()
+    operator_process.env.update(TORPOR_HEALTH_PORT=str(health), TORPOR_METRICS_PORT=str(metrics))
+    operator_process.start()
+    k = Kube(control_plane, namespace)
+    control_plane.kubectl("create", "-n", namespace, "-f", "-", input=json.dumps(job(s3_bucket, "probed")))
+    k.wait("Pending", lambda: k.status("probed").get("phase") == "Pending")
+
+    def get(port: int, path: str) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+            assert resp.status == 200
+            return resp.read().decode()
+
+    wait_for_condition(lambda: get(health, "/healthz"), timeout=30, what="/healthz")
+    def pending_counted() -> str | None:
+        text = get(metrics, "/metrics")
+        return text if 'torpor_trainingjobs{phase="Pending"} 1.0' in text else None
+
+    text = wait_for_condition(pending_counted, timeout=30, what="the Pending job in /metrics")
+    assert "torpor_reconcile_seconds_count" in text
