@@ -24,6 +24,7 @@ from typing import Any
 
 from torpor_operator.builders import build_config_map, build_pdb, build_service, read_graceful_exit
 from torpor_operator.contract import ANNOTATION_EXIT_REQUESTED, LABEL_INCARNATION
+from torpor_operator.decisions import Decision, Event, ObjectRef
 from torpor_operator.naming import JobRef, config_map_name, pdb_name, pod_name
 from torpor_operator.observing import (
     CheckpointInfo,
@@ -40,7 +41,7 @@ from torpor_operator.settings import OperatorSettings
 from torpor_operator.spec import TrainingJobSpec, check_job_name, parse_spec
 from torpor_operator.status import JobStatus, LastCheckpoint, merge_patch, set_condition
 
-__all__ = ["Decision", "Event", "Job", "ObjectRef", "decide"]
+__all__ = ["Decision", "Event", "Job", "ObjectRef", "decide"]  # the output types live in decisions.py
 
 #: Longest wait between two decisions while a stop is in progress, seconds: a bound on how
 #: late a missed watch event can make the operator.
@@ -71,49 +72,6 @@ class Job:
             spec=parse_spec(body.get("spec") or {}),
             status=JobStatus.from_dict(body.get("status")),
         )
-
-
-@dataclass(frozen=True)
-class ObjectRef:
-    """A child to delete, in the job's namespace."""
-
-    api_version: str
-    kind: str
-    name: str
-
-
-@dataclass(frozen=True)
-class Event:
-    """A Kubernetes Event to post on the job."""
-
-    type: str
-    """``Normal`` or ``Warning``."""
-    reason: str
-    message: str
-
-
-@dataclass(frozen=True)
-class Decision:
-    """What to do, in this order: create, delete, write the flag, annotate, patch status, post events."""
-
-    create: tuple[dict[str, Any], ...] = ()
-    """Objects to create; a 409 Conflict means it exists already and is not an error."""
-    delete: tuple[ObjectRef, ...] = ()
-    """Objects to delete (with their own grace period); a 404 is not an error."""
-    graceful_exit: tuple[str, int] | None = None
-    """``(ConfigMap name, value)`` to write into the GracefulExit file."""
-    annotate: tuple[tuple[str, dict[str, str]], ...] = ()
-    """``(pod name, annotations)``: touching a pod makes kubelet refresh its ConfigMap volumes."""
-    status: dict[str, Any] | None = None
-    """JSON merge patch of ``.status``; ``None`` when nothing changed."""
-    events: tuple[Event, ...] = ()
-    requeue_after: float | None = None
-    """Decide again after this many seconds even without a watch event (deadlines, backoff)."""
-
-    @property
-    def empty(self) -> bool:
-        """Nothing to do."""
-        return not (self.create or self.delete or self.graceful_exit or self.annotate or self.status or self.events)
 
 
 @dataclass

@@ -123,9 +123,19 @@ def test_pod_environment_is_the_contract() -> None:
     assert [x["name"] for x in container(pod(1))["env"]].count(ENV.RANK) == 1
 
 
+# Read by the runtime but left to its defaults (prefix, reduction interval), or set only with
+# encryption (the key as a file, never the raw key in the environment).
+ENCRYPTION_VARS = {getattr(runtime_env, n, f"TORPOR_{n}") for n in ("ENC_MODE", "ENC_KEY_FILE", "ENC_KEY")}
+UNSET_BY_DEFAULT = {runtime_env.CHECKPOINT_PREFIX, runtime_env.EXIT_CHECK_STEPS} | ENCRYPTION_VARS
+
+
 def test_the_torpor_variables_are_the_runtime_names() -> None:
     names = {x["name"] for x in container(pod(0))["env"]}
-    assert set(runtime_env.ALL) - {runtime_env.CHECKPOINT_PREFIX, runtime_env.EXIT_CHECK_STEPS} <= names
+    assert set(runtime_env.ALL) - UNSET_BY_DEFAULT <= names
+    assert {n for n in names if n.startswith("TORPOR_")} <= set(runtime_env.ALL) | {ENV.ASYNC_SAVE}
+    encrypted = spec(checkpoint={"uri": "s3://bucket/runs", "encryption": {"keySecret": "k"}})
+    names = {x["name"] for x in container(pod(0, spec=encrypted))["env"]}
+    assert {ENV.ENC_MODE, ENV.ENC_KEY_FILE} <= names & ENCRYPTION_VARS
 
 
 def test_the_runtime_reads_what_the_operator_writes() -> None:

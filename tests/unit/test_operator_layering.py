@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "operator" / "torpor_operator"
-PURE = ("spec", "settings", "contract", "naming", "builders", "pods", "observing", "outcomes", "status", "reconciling",
-        "pruning")
+PURE = ("spec", "settings", "contract", "naming", "builders", "pods", "observing", "outcomes", "status", "decisions",
+        "reconciling", "pruning")
 
 
 def imports(path: Path) -> set[str]:
