@@ -18,6 +18,7 @@ import threading
 import time
 from pathlib import Path
 
+import bootstrap
 from controlplane import ControlPlane, wait_for_condition
 from s3server import MinioServer
 
@@ -68,7 +69,9 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
                 if args.demo:
                     return run_demo(cp, agent)
                 print("\nUse it from another shell:\n")
-                print(f"  source {workdir / 'env.sh'}")
+                print(f"  export KUBECONFIG={cp.kubeconfig}")
+                print(f"  source {workdir / 'env.sh'}   # KUBECONFIG and the AWS_* variables for MinIO")
+                print(f"  export PATH={bootstrap.bin_dir('kubernetes')}:$PATH")
                 print("  kubectl get nodes\n")
                 print("Ctrl-C stops everything.", flush=True)
                 wait_for_interrupt()
