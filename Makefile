@@ -9,7 +9,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 export TORPOR_CACHE
 
-.PHONY: help setup tools lint test test-unit demo cluster bench generate clean-cache
+.PHONY: help setup tools lint test test-unit demo cluster bench generate check-generated clean-cache
 
 help:
 	@echo "make demo   - run the local demo (control plane, node agent, MinIO)"
@@ -33,6 +33,8 @@ tools: $(PY)
 lint: setup
 	$(PY) -m ruff check .
 	$(VENV)/bin/lint-imports
+	$(VENV)/bin/hadolint --failure-threshold info Dockerfile examples/demo/Dockerfile
+	$(PY) hack/generate.py --check
 
 test: setup tools lint
 	$(PY) -m pytest tests
@@ -48,6 +50,14 @@ cluster: setup tools
 
 bench: setup tools
 	$(PY) bench/run.py
+
+# The chart's CRD template, its copy of the RBAC rules, values.schema.json and the README's
+# TrainingJob reference, from their one source each.
+generate: setup
+	$(PY) hack/generate.py
+
+check-generated: setup
+	$(PY) hack/generate.py --check
 
 clean-cache:
 	rm -rf $(TORPOR_CACHE)

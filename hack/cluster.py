@@ -2,14 +2,14 @@
 """Start a local torpor playground: control plane, node agent, MinIO; Ctrl-C stops it.
 
 ``make cluster`` runs this and prints the ``KUBECONFIG`` and S3 variables to use from
-another shell. ``make demo`` runs it with ``--demo``: start everything, run a pod through
-the real scheduler and node agent, show what happened, and stop.
+another shell. ``make demo`` runs it with ``--demo``: start everything, run the operator and
+a 2-rank PyTorch TrainingJob through a ``kubectl drain`` (``hack/demo.py``), show what
+happened, and stop.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import signal
 import sys
@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 
 import bootstrap
-from controlplane import ControlPlane, wait_for_condition
+import demo
+from controlplane import ControlPlane
 from s3server import MinioServer
 
 
@@ -34,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--configmap-sync-seconds", type=float, default=10.0,
                         help="how often mounted ConfigMaps are refreshed, like kubelet's sync period (default 10)")
     parser.add_argument("--demo", action="store_true", help="run the demo, then stop")
+    demo.add_arguments(parser)
     args = parser.parse_args(argv)
     if args.nodes < 1:
         parser.error(f"--nodes must be at least 1, got {args.nodes}")
@@ -67,7 +69,7 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
                 (workdir / "env.sh").write_text("".join(f"export {k}={v}\n" for k, v in env.items()))
                 log(f"everything up in {time.monotonic() - started:.1f}s")
                 if args.demo:
-                    return run_demo(cp, agent)
+                    return demo.run_demo(cp, agent, s3, workdir, args)
                 print("\nUse it from another shell:\n")
                 print(f"  export KUBECONFIG={cp.kubeconfig}")
                 print(f"  source {workdir / 'env.sh'}   # KUBECONFIG and the AWS_* variables for MinIO")
@@ -86,39 +88,6 @@ def wait_for_interrupt() -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
-
-
-def run_demo(cp: ControlPlane, agent) -> int:
-    """A pod through the real scheduler and node agent, with its exit reported back."""
-    log("demo: nodes")
-    print(cp.kubectl("get", "nodes", "-o", "wide").stdout, flush=True)
-    manifest = {
-        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "hello", "namespace": "default"},
-        "spec": {"restartPolicy": "Never", "containers": [{
-            "name": "main", "image": "python:3.11",
-            "command": [sys.executable, "-c",
-                        "import os,socket; print('hello from', os.environ['NODE'], socket.gethostname());"
-                        "open('/dev/termination-log','w').write('{\"reason\": \"demo\"}')"],
-            "env": [{"name": "NODE", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}],
-        }]},
-    }
-    log("demo: kubectl apply a pod; the scheduler places it, the node agent runs it")
-    wait_for_condition(lambda: cp.kubectl("apply", "-f", "-", input=json.dumps(manifest), check=False).returncode == 0,
-                       timeout=60, what="pod admitted")
-
-    def finished() -> dict | None:
-        pod = json.loads(cp.kubectl("get", "pod", "hello", "-o", "json").stdout)
-        return pod if pod.get("status", {}).get("phase") in ("Succeeded", "Failed") else None
-
-    pod = wait_for_condition(finished, timeout=120, what="pod hello to finish")
-    state = pod["status"]["containerStatuses"][0]["state"]["terminated"]
-    log(f"demo: pod ran on {pod['spec']['nodeName']}, phase {pod['status']['phase']}, "
-        f"exit code {state['exitCode']}, termination message {state.get('message')!r}")
-    log(f"demo: its output (node agent log {agent.logs_path(pod)}):")
-    print("  " + agent.logs_path(pod).read_text().strip(), flush=True)
-    print(cp.kubectl("get", "pods", "-o", "wide").stdout, flush=True)
-    log("demo: the operator demo (drain, save, resume) arrives with the operator; see README")
-    return 0 if pod["status"]["phase"] == "Succeeded" else 1
 
 
 if __name__ == "__main__":
