@@ -160,8 +160,14 @@ def set_condition(
 
 
 def merge_patch(old: JobStatus, new: JobStatus) -> dict[str, Any] | None:
-    """A JSON merge patch for ``.status`` turning ``old`` into ``new``; ``None`` if equal."""
+    """A JSON merge patch for ``.status`` turning ``old`` into ``new``; ``None`` if equal.
+
+    The first patch of a job (``old`` has no phase) carries every field, zero counters
+    included: ``kubectl get tj`` shows ``0`` restarts and preemptions rather than blanks.
+    """
     before, after = old.to_dict(), new.to_dict()
+    if old.phase is None and new.phase is not None:
+        before = {}
     patch: dict[str, Any] = {key: value for key, value in after.items() if before.get(key) != value}
     patch.update({key: None for key in before if key not in after})
     return patch or None
