@@ -201,3 +201,27 @@ def test_operator_image_has_no_torch_and_runs_as_non_root() -> None:
     assert "USER 10001" in text
     assert 'ENTRYPOINT ["python", "-m", "torpor_operator"]' in text
     assert text.count("FROM ") >= 2 and "slim" in text
+
+
+def readme_commands(prefix: str) -> list[list[str]]:
+    """Shell commands of the README's code blocks that start with ``prefix``, continuation lines joined."""
+    import shlex
+
+    text = (ROOT / "README.md").read_text().replace("\\\n", " ")
+    return [shlex.split(line.split("#", 1)[0]) for line in text.splitlines() if line.startswith(prefix)]
+
+
+def test_the_readme_quickstart_helm_install_renders_with_the_built_images() -> None:
+    (install,) = readme_commands("helm install torpor charts/torpor")
+    args = [a for a in install[4:] if a != "--wait"]
+    docs = [d for d in yaml.safe_load_all(helm("template", "torpor", str(CHART), *args).stdout) if d]
+    (deploy,) = by_kind(docs, "Deployment")
+    image = deploy["spec"]["template"]["spec"]["containers"][0]["image"]
+    builds = {cmd[cmd.index("-t") + 1] for cmd in readme_commands("docker build")}
+    assert image in builds
+    (load,) = readme_commands("kind load docker-image")
+    assert set(load[3:-2]) == builds
+    job = yaml.safe_load((ROOT / "examples" / "demo" / "trainingjob.yaml").read_text())
+    assert job["spec"]["template"]["spec"]["containers"][0]["image"] in builds
+    env = {e["name"]: e.get("value") for e in deploy["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["AWS_ENDPOINT_URL"] == job["spec"]["checkpoint"]["endpoint"]
