@@ -25,15 +25,16 @@ def main() -> None:
     opt = torch.optim.Adam(net.parameters(), lr=1e-2)
     loss_fn = nn.MSELoss()
 
-    loop = torpor.Loop(net, opt, callbacks=torpor.callbacks_from_env(), resume="latest")  # torpor
-    for epoch in loop.epochs(5):  # torpor: was range(1, 6)
-        for xb, yb in loop.batches(loader):  # torpor: was loader
-            opt.zero_grad()
-            loss = loss_fn(net(xb), yb)
-            loss.backward()
-            opt.step()
-            loop.step_end(loss, inputs=(xb,))  # torpor
-        print(f"epoch {epoch} loss {loss.item():.4f}")
+    # torpor: "with" lets exception_save (TORPOR_* / CheckpointMonitor) see a crash in the body.
+    with torpor.Loop(net, opt, callbacks=torpor.callbacks_from_env(), resume="latest") as loop:  # torpor
+        for epoch in loop.epochs(5):  # torpor: was range(1, 6)
+            for xb, yb in loop.batches(loader):  # torpor: was loader
+                opt.zero_grad()
+                loss = loss_fn(net(xb), yb)
+                loss.backward()
+                opt.step()
+                loop.step_end(loss, inputs=(xb,))  # torpor
+            print(f"epoch {epoch} loss {loss.item():.4f}")
     start = loop.loaded.name if loop.loaded else "scratch"
     print(f"done at step {loop.args.cur_step_num}, started from {start}")
 

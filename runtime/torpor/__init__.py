@@ -10,7 +10,7 @@ What a training script uses::
 Importing ``torpor`` does not import torch: the torch-dependent names below are loaded on
 first use, so the operator can import the torch-free modules (:mod:`torpor.checkpoints`,
 :mod:`torpor.retention`, :mod:`torpor.storage`, :mod:`torpor.env`,
-:mod:`torpor.termination`, :mod:`torpor.errors`) without torch installed.
+:mod:`torpor.termination`, :mod:`torpor.errors`, :mod:`torpor.crypto`) without torch installed.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from torpor._callbacks import Callback, RunArgs, RunContext
 from torpor._config import CheckpointConfig
 from torpor.errors import (
+    AsyncSaveError,
     CheckpointNotFoundError,
     IncompleteCheckpointError,
     IntegrityError,
@@ -50,6 +51,7 @@ _LAZY = {
 }
 
 __all__ = [
+    "AsyncSaveError",
     "Callback",
     "CheckpointConfig",
     "CheckpointMonitor",

@@ -111,6 +111,14 @@ class Callback:
     def on_train_end(self, run_context: RunContext) -> None:
         """After training, also after a requested stop."""
 
+    def on_train_exception(self, run_context: RunContext, exc: BaseException) -> None:
+        """An exception escaped a training step (torpor's addition to the seeds' hooks).
+
+        Called before the exception propagates on to the caller, which always gets it
+        unchanged; ``on_train_end`` is not called after it. ``CheckpointMonitor`` writes its
+        breakpoint checkpoint here, ``OnRequestExit`` restores the signal handler.
+        """
+
     def on_eval_begin(self, run_context: RunContext) -> None:
         """Before evaluation."""
 

@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from torpor.retention import RetentionPolicy
 
 ENC_MODES = ("AES-GCM", "AES-CBC", "SM4-CBC")
 APPEND_INFO_NAMES = ("epoch_num", "step_num")
-NEXT_RELEASE = "it arrives with the runtime's async-save/encryption/exception-save issue"
+ASYNC_ERRORS = ("record", "raise")
 
 
 def is_tensor(value: object) -> bool:
@@ -110,19 +110,29 @@ class CheckpointConfig:
     save_trainable_params: bool = False
     """Also write only the parameters that require grad (``.trainable.pt``), for fine-tuning."""
     async_save: bool = False
-    """Serialise and upload in the background: not in this release (NotImplementedError)."""
+    """Snapshot the state to CPU memory at the step boundary, then serialise, encrypt and upload
+    in a background thread while training goes on. At most one save is in flight: a save that
+    falls due while the previous one still runs waits for it (memory stays at one snapshot,
+    and checkpoints complete in order). The exit save and the end of training wait for it."""
     saved_network: Any = None
     """A module saved instead of the trained network (e.g. the EMA or the unwrapped model)."""
     append_info: list[Any] | None = None
     """Extra records: ``"epoch_num"``, ``"step_num"`` and dicts of str → int/float/bool/str/Tensor."""
-    enc_key: bytes | None = None
-    """Encryption key: not in this release (NotImplementedError when not None)."""
+    enc_key: bytes | None = field(default=None, repr=False)
+    """Encryption key (16/24/32 bytes for AES, 16 for SM4); ``None`` writes plaintext. Never
+    written to a manifest or a log (hidden from ``repr``)."""
     enc_mode: str = "AES-GCM"
-    """Encryption mode, one of AES-GCM, AES-CBC, SM4-CBC (validated already)."""
+    """Encryption mode: ``AES-GCM`` (default), ``AES-CBC`` or ``SM4-CBC`` (CBC + HMAC-SHA256)."""
     exception_save: bool = False
-    """Save a breakpoint checkpoint when training raises: not in this release."""
+    """When an exception escapes a training step, write ``{prefix}-{epoch}_{step}_breakpoint``
+    (reason ``exception``) and re-raise the original exception unchanged."""
     global_batch_size: int | None = None
     """Samples per global step; recorded so consumed samples are known after a resume."""
+    async_errors: str = "record"
+    """What a failed background save does at the next step boundary: ``"record"`` (default)
+    logs it and appends it to ``CheckpointMonitor.save_errors``, and training goes on (a
+    storage outage should not end a long run; the next save tries again); ``"raise"`` raises
+    :class:`torpor.errors.AsyncSaveError` from it. Never silent either way."""
 
     def __post_init__(self) -> None:
         steps = check_count("save_checkpoint_steps", self.save_checkpoint_steps)
@@ -158,14 +168,14 @@ class CheckpointConfig:
             raise TypeError(f"enc_key must be bytes or None, got {type(self.enc_key).__name__}")
         if self.enc_mode not in ENC_MODES:
             raise ValueError(f"enc_mode must be one of {ENC_MODES}, got {self.enc_mode!r}")
+        if self.enc_key is not None:
+            from torpor.crypto import check_key
+
+            check_key(self.enc_key, self.enc_mode)
         if self.global_batch_size is not None:
             check_count("global_batch_size", self.global_batch_size)
-        if self.async_save:
-            raise NotImplementedError(f"async_save=True (asynchronous checkpoint saving): {NEXT_RELEASE}")
-        if self.enc_key is not None:
-            raise NotImplementedError(f"enc_key (checkpoint encryption, {self.enc_mode}): {NEXT_RELEASE}")
-        if self.exception_save:
-            raise NotImplementedError(f"exception_save=True (breakpoint checkpoint on exception): {NEXT_RELEASE}")
+        if self.async_errors not in ASYNC_ERRORS:
+            raise ValueError(f"async_errors must be one of {ASYNC_ERRORS}, got {self.async_errors!r}")
 
     @property
     def by_seconds(self) -> bool:

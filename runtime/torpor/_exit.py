@@ -18,6 +18,7 @@ Differences from MindSpore's callback, each fixing a flaw of the seed:
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
@@ -26,11 +27,13 @@ from types import FrameType
 from typing import Any
 
 from torpor import _distributed
+from torpor._background import drain_all
 from torpor._callbacks import Callback, RunContext
 from torpor._saving import SaveOptions, export_only, save_checkpoint
 from torpor._watching import ExitFileWatcher
 from torpor.checkpoints import Reason, check_name
-from torpor.env import RuntimeEnv
+from torpor.crypto import Encryption, check_key
+from torpor.env import RuntimeEnv, read_enc_key
 from torpor.errors import TorporWarning
 from torpor.storage import Storage, open_storage
 from torpor.termination import (
@@ -43,6 +46,7 @@ from torpor.termination import (
     signal_name,
 )
 
+_log = logging.getLogger("torpor")
 UNCATCHABLE = frozenset(int(s) for s in (signal.SIGKILL, signal.SIGSTOP))
 
 
@@ -85,6 +89,13 @@ class OnRequestExit(Callback):
         exit_process: end the process with the documented code after the save; default
             ``None`` means only under the operator (``TORPOR_JOB`` set).
         integrated_save: replicated state written by rank 0 only (see ``CheckpointMonitor``).
+        enc_key: encrypt the exit checkpoint with this key (as ``CheckpointMonitor``);
+            ``from_env`` reads it from ``TORPOR_ENC_KEY_FILE``/``TORPOR_ENC_KEY``.
+        enc_mode: ``AES-GCM``, ``AES-CBC`` or ``SM4-CBC``.
+
+    Before its own save it waits for every background (``async_save``) save in flight, so
+    a checkpoint being uploaded when the signal came still completes; a failure of one is
+    logged, and the exit save goes ahead.
 
     Raises:
         ValueError: ``save_ckpt``/``save_export`` not bool, ``file_name``/``directory`` not
@@ -107,6 +118,8 @@ class OnRequestExit(Callback):
         file_poll_seconds: float = 1.0,
         exit_process: bool | None = None,
         integrated_save: bool = True,
+        enc_key: bytes | None = None,
+        enc_mode: str = "AES-GCM",
     ) -> None:
         for name, value in (("save_ckpt", save_ckpt), ("save_export", save_export)):
             if not isinstance(value, bool):
@@ -129,6 +142,8 @@ class OnRequestExit(Callback):
             raise ValueError(f"exit_process must be a bool or None, got {exit_process!r}")
         if not isinstance(integrated_save, bool):
             raise ValueError(f"integrated_save must be a bool, got {integrated_save!r}")
+        self.encryption = Encryption(*check_key(enc_key, enc_mode)) if enc_key is not None else None
+        """The cipher of the exit checkpoint, or ``None``."""
         self.save_ckpt = save_ckpt
         self.save_export = save_export
         self.file_name = file_name
@@ -154,6 +169,8 @@ class OnRequestExit(Callback):
             "sig": env.exit_signal,
             "config_file": env.exit_file,
             "check_every_n_steps": env.exit_check_steps,
+            "enc_key": read_enc_key(),
+            "enc_mode": env.enc_mode or "AES-GCM",
         }
         kwargs.update(overrides)
         return cls(**kwargs)
@@ -220,9 +237,12 @@ class OnRequestExit(Callback):
         saved = None
         if self._storage is None:
             self._storage = open_storage(self.exit_directory)
+        for label, exc in drain_all():  # a save in flight completes before the exit save starts
+            _log.error("background save of %r failed before the exit save: %s: %s", label, type(exc).__name__, exc)
         if self.save_ckpt:
             save_checkpoint(args, self._storage, self.file_name, Reason.EXIT,
-                            SaveOptions(integrated=self.integrated_save, export=self.save_export), env)
+                            SaveOptions(integrated=self.integrated_save, export=self.save_export), env,
+                            self.encryption)
             saved = self.file_name
         elif self.save_export:
             export_only(args, self._storage, self.file_name)
@@ -262,6 +282,10 @@ class OnRequestExit(Callback):
 
     def on_train_end(self, run_context: RunContext) -> None:
         """Restore the previous handler and stop watching (the save already happened)."""
+        self._uninstall()
+
+    def on_train_exception(self, run_context: RunContext, exc: BaseException) -> None:
+        """Training died: put the previous signal handler back and stop watching the file."""
         self._uninstall()
 
     def on_eval_begin(self, run_context: RunContext) -> None:

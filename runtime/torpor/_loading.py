@@ -11,10 +11,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from torpor import _distributed, _state
-from torpor.checkpoints import Checkpoint, Manifest, newest_complete, scan
-from torpor.env import RuntimeEnv
-from torpor.errors import CheckpointNotFoundError, IncompleteCheckpointError
-from torpor.storage import Storage, open_storage, read_verified
+from torpor.checkpoints import Checkpoint, FileEntry, Manifest, newest_complete, scan
+from torpor.crypto import Encryption, encrypted_mode, is_encrypted
+from torpor.env import RuntimeEnv, read_enc_key
+from torpor.errors import CheckpointNotFoundError, IncompleteCheckpointError, IntegrityError
+from torpor.storage import Storage, open_storage, read_verified_fast
 
 _RANK_SEGMENT = re.compile(r"^rank_[0-9]+$")
 _FILE_SUFFIXES = (".manifest.json", ".network.pt", ".trainable.pt", ".ckpt", ".pt2")
@@ -100,6 +101,8 @@ def load_checkpoint(
     restore_rng: bool = True,
     required: bool = False,
     map_location: Any = "cpu",
+    enc_key: bytes | None = None,
+    enc_mode: str | None = None,
 ) -> LoadedCheckpoint | None:
     """Restore model, optimizer, scheduler and RNG from a checkpoint.
 
@@ -116,6 +119,9 @@ def load_checkpoint(
         restore_rng: also restore python, numpy and torch generators of this rank.
         required: raise instead of returning ``None`` when ``'latest'`` finds nothing.
         map_location: where tensors are loaded.
+        enc_key: key of encrypted checkpoints; default: ``TORPOR_ENC_KEY_FILE`` /
+            ``TORPOR_ENC_KEY`` when set. With a key, plaintext shards are refused.
+        enc_mode: expected mode; default: the one named in the shard's header.
 
     Returns:
         What was loaded, or ``None`` when ``'latest'`` found no complete checkpoint (a fresh
@@ -125,9 +131,13 @@ def load_checkpoint(
         CheckpointNotFoundError: a named checkpoint is absent (or none, with ``required``).
         IncompleteCheckpointError: the named checkpoint lacks a rank's manifest or its
             manifests disagree.
-        IntegrityError: a file does not match its manifest's size or sha256.
+        IntegrityError: a file does not match its manifest's size or sha256, a wrong key,
+            a modified encrypted chunk, or a plaintext shard where a key was given.
+        ValueError: the shard is encrypted and no key was given.
     """
     env = RuntimeEnv.from_environ()
+    if enc_key is None:
+        enc_key = read_enc_key()
     if source == "latest" and env.resume_from:
         source = env.resume_from
     root, name = split_source(source, directory or env.checkpoint_uri)
@@ -137,11 +147,37 @@ def load_checkpoint(
         if required:
             raise CheckpointNotFoundError(f"no complete checkpoint in {storage.uri}")
         return None
-    return _load(storage, found, network, optimizer, lr_scheduler, strict, restore_rng, map_location)
+    keys = (enc_key, enc_mode or env.enc_mode)
+    return _load(storage, found, network, optimizer, lr_scheduler, strict, restore_rng, map_location, keys)
+
+
+def read_shard(storage: Storage, entry: FileEntry, enc_key: bytes | None, enc_mode: str | None) -> Any:
+    """The verified, decrypted bytes of one file (parallel ranged reads on S3).
+
+    Raises:
+        IntegrityError: size/sha256 mismatch, wrong key, modified chunk, or a plaintext file
+            where a key was given (an attacker swapping in a plaintext shard must not work).
+        ValueError: the file is encrypted and no key was given.
+    """
+    data = read_verified_fast(storage, entry.key, size=entry.size, sha256=entry.sha256)
+    if is_encrypted(data):
+        mode = encrypted_mode(data)
+        if enc_key is None:
+            raise ValueError(f"{storage.uri}/{entry.key} is encrypted ({mode or 'unknown mode'}) and no enc_key was "
+                             "given; pass enc_key= or set TORPOR_ENC_KEY_FILE")
+        if mode is None:
+            raise IntegrityError(f"{storage.uri}/{entry.key}: unknown encryption mode in its header; refusing to "
+                                 "load it")
+        return Encryption(enc_key, enc_mode or mode).decrypt(data)
+    if enc_key is not None:
+        raise IntegrityError(f"{storage.uri}/{entry.key} is not encrypted but an enc_key was given; refusing to "
+                             "load a plaintext shard in its place")
+    return data
 
 
 def _load(storage: Storage, ckpt: Checkpoint, network: Any, optimizer: Any, lr_scheduler: Any,
-          strict: bool, restore_rng: bool, map_location: Any) -> LoadedCheckpoint:
+          strict: bool, restore_rng: bool, map_location: Any,
+          keys: tuple[bytes | None, str | None] = (None, None)) -> LoadedCheckpoint:
     rank = _distributed.rank()
     world = ckpt.world_size or 1
     own = ckpt.manifests.get(rank)
@@ -156,8 +192,7 @@ def _load(storage: Storage, ckpt: Checkpoint, network: Any, optimizer: Any, lr_s
     assert model_manifest is not None
 
     def fetch(m: Manifest) -> dict[str, Any]:
-        data = read_verified(storage, m.shard.key, size=m.shard.size, sha256=m.shard.sha256)
-        return _state.decode(data, map_location)
+        return _state.decode(read_shard(storage, m.shard, *keys), map_location)
 
     model_payload = fetch(model_manifest)
     own_payload = model_payload if own is model_manifest else (fetch(own) if own is not None else None)

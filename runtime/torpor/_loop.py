@@ -15,6 +15,7 @@ match an uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -29,6 +30,15 @@ from torpor.termination import (
     TerminationMessage,
     write_termination_message,
 )
+
+
+def _encryption_of(callbacks: list[Callback]) -> Any:
+    """The cipher of the first callback that writes encrypted checkpoints, if any."""
+    for cb in callbacks:
+        enc = getattr(cb, "encryption", None)
+        if enc is not None:
+            return enc
+    return None
 
 
 def _directory_of(callbacks: list[Callback], env: RuntimeEnv) -> str:
@@ -59,7 +69,12 @@ def exit_if_requested(ctx: RunContext, env: RuntimeEnv) -> None:
 
 
 class Loop:
-    """Drives callbacks from a user's loop; see the module docstring for the five lines."""
+    """Drives callbacks from a user's loop; see the module docstring for the five lines.
+
+    Used as a context manager (``with torpor.Loop(...) as loop:``), an exception escaping the
+    loop body reaches the callbacks' ``on_train_exception`` first (``exception_save``), then
+    the caller, unchanged.
+    """
 
     def __init__(
         self,
@@ -98,6 +113,30 @@ class Loop:
         self._started = False
         self._epoch_open = False
 
+    def __enter__(self) -> Loop:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+        if isinstance(exc, Exception):
+            self.handle_exception(exc)
+        return False  # never swallow: the caller gets the original exception and traceback
+
+    def handle_exception(self, exc: BaseException) -> None:
+        """Run every callback's ``on_train_exception`` once for ``exc`` (it is not raised here).
+
+        A callback that fails while handling it adds a note to ``exc`` instead of replacing it.
+        """
+        if getattr(exc, "_torpor_handled", False):
+            return
+        with contextlib.suppress(AttributeError, TypeError):
+            exc._torpor_handled = True  # type: ignore[attr-defined]
+        for cb in self.callbacks:
+            try:
+                cb.on_train_exception(self.run_context, exc)
+            except Exception as hook_exc:
+                exc.add_note(f"torpor: {type(cb).__name__}.on_train_exception failed: "
+                             f"{type(hook_exc).__name__}: {hook_exc}")
+
     @property
     def should_stop(self) -> bool:
         """Whether a callback requested a stop."""
@@ -106,8 +145,11 @@ class Loop:
     def _restore(self) -> None:
         if self.resume is None:
             return
+        enc = _encryption_of(self.callbacks)
         loaded = load_checkpoint(self.resume, self.args.network, self.args.optimizer, self.args.lr_scheduler,
-                                 directory=_directory_of(self.callbacks, self.env))
+                                 directory=_directory_of(self.callbacks, self.env),
+                                 enc_key=enc.key if enc is not None else None,
+                                 enc_mode=enc.mode if enc is not None else None)
         if loaded is None:
             return
         self.loaded = loaded

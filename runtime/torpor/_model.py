@@ -131,6 +131,7 @@ class Model:
                 if self.lr_scheduler is not None and self.scheduler_interval == "epoch":
                     self.lr_scheduler.step()
         except Exception as exc:
+            loop.handle_exception(exc)  # exception_save; the exception itself goes on unchanged
             if loop.exit_process:
                 write_termination_message(loop.error_message(exc), loop.env.termination_log)
             raise

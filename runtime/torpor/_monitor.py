@@ -11,22 +11,27 @@ wrote it.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import time
 import warnings
 from typing import Any
 
-from torpor import _distributed
+from torpor import _distributed, _state
+from torpor._background import BackgroundSaver
 from torpor._callbacks import Callback, RunContext
 from torpor._config import CheckpointConfig
-from torpor._saving import SaveOptions, save_checkpoint
-from torpor.checkpoints import ManifestCache, Reason, checkpoint_name, delete_checkpoints, scan
-from torpor.env import RuntimeEnv
-from torpor.errors import TorporWarning
+from torpor._saving import SaveOptions, capture, save_checkpoint, write_pending
+from torpor.checkpoints import ManifestCache, Reason, check_name, checkpoint_name, delete_checkpoints, scan
+from torpor.crypto import Encryption
+from torpor.env import RuntimeEnv, read_enc_key
+from torpor.errors import AsyncSaveError, TorporWarning
 from torpor.retention import candidates, to_delete
 from torpor.storage import Storage, open_storage
 
 DEFAULT_DIRECTORY = "./checkpoints"
+_log = logging.getLogger("torpor")
 
 
 class CheckpointMonitor(Callback):
@@ -44,20 +49,26 @@ class CheckpointMonitor(Callback):
         integrated_save: replicated state written once by rank 0 (False: every rank its shard).
         save_network_params: also write ``.network.pt`` (weights only).
         save_trainable_params: also write ``.trainable.pt`` (trainable parameters only).
-        async_save: not in this release (``NotImplementedError``).
+        async_save: snapshot at the step boundary, write in a background thread (one save in
+            flight; the next due save waits for it; the end of training and an exit save wait
+            for it too). See ``async_errors`` for failures.
         saved_network: save this module instead of the trained network.
         append_info: ``"epoch_num"``, ``"step_num"`` and dicts of str → int/float/bool/str/Tensor.
-        enc_key: not in this release (``NotImplementedError`` when not ``None``).
+        enc_key: bytes encrypting every file (see :mod:`torpor.crypto`); ``None``: plaintext.
         enc_mode: ``AES-GCM``, ``AES-CBC`` or ``SM4-CBC``.
-        exception_save: not in this release (``NotImplementedError`` when True).
+        exception_save: an exception escaping a training step writes
+            ``{prefix}-{epoch}_{step}_breakpoint`` (reason ``exception``), then the exception
+            reaches the caller unchanged.
         global_batch_size: samples per global step, to record consumed samples.
+        async_errors: ``"record"`` (log, append to :attr:`save_errors`, train on) or
+            ``"raise"`` (:class:`torpor.errors.AsyncSaveError` at the next step boundary).
 
     Raises:
         ValueError: ``prefix`` not a str or containing ``/``; ``directory`` not a str; a
             negative count; both members of a mutually exclusive pair set.
         TypeError: ``config`` not a ``CheckpointConfig``; a setting of the wrong type; bad
             ``append_info`` entries.
-        NotImplementedError: ``async_save``, ``enc_key`` or ``exception_save`` requested.
+        ValueError: also a key length ``enc_mode`` does not take (naming both).
     """
 
     def __init__(
@@ -79,6 +90,8 @@ class CheckpointMonitor(Callback):
         enc_mode: str = "AES-GCM",
         exception_save: bool = False,
         global_batch_size: int | None = None,
+        *,
+        async_errors: str = "record",
     ) -> None:
         if not isinstance(prefix, str) or "/" in prefix:
             raise ValueError(f"prefix must be a str without '/', got {prefix!r}")
@@ -104,6 +117,7 @@ class CheckpointMonitor(Callback):
                 enc_mode=enc_mode,
                 exception_save=exception_save,
                 global_batch_size=global_batch_size or None,
+                async_errors=async_errors,
             )
         self.prefix = prefix
         self.directory = os.fspath(directory) if directory is not None else DEFAULT_DIRECTORY
@@ -116,14 +130,27 @@ class CheckpointMonitor(Callback):
         self._cache = ManifestCache()
         self._last_step: int | None = None
         self._last_time = time.monotonic()
+        self.encryption = Encryption(config.enc_key, config.enc_mode) if config.enc_key is not None else None
+        """The cipher every file is written with, or ``None``."""
+        self.save_errors: list[AsyncSaveError] = []
+        """Background saves that failed (``async_errors="record"``), in order."""
+        self.stalls: list[float] = []
+        """Seconds training waited at each save's step boundary (snapshot, or the whole
+        synchronous save)."""
+        self._staging = _state.Staging()
+        self._saver = BackgroundSaver(f"torpor-save-{prefix}") if config.async_save else None
 
     @classmethod
     def from_env(cls, **overrides: Any) -> CheckpointMonitor:
         """Configured from ``TORPOR_CHECKPOINT_URI``, ``TORPOR_CHECKPOINT_PREFIX``,
-        ``TORPOR_SAVE_STEPS``/``TORPOR_SAVE_SECONDS`` and ``TORPOR_KEEP_MAX``/
-        ``TORPOR_KEEP_PER_N_MINUTES``; keyword arguments override them."""
+        ``TORPOR_SAVE_STEPS``/``TORPOR_SAVE_SECONDS``, ``TORPOR_KEEP_MAX``/
+        ``TORPOR_KEEP_PER_N_MINUTES``, ``TORPOR_ASYNC_SAVE``, ``TORPOR_ENC_MODE`` and the key
+        from ``TORPOR_ENC_KEY_FILE`` (or ``TORPOR_ENC_KEY``); keyword arguments override them."""
         env = RuntimeEnv.from_environ()
         kwargs: dict[str, Any] = {
+            "async_save": env.async_save,
+            "enc_key": read_enc_key(),
+            "enc_mode": env.enc_mode or "AES-GCM",
             "prefix": env.checkpoint_prefix,
             "directory": env.checkpoint_uri,
             "save_checkpoint_steps": env.save_steps if env.save_steps is not None else (0 if env.save_seconds else 1),
@@ -160,45 +187,125 @@ class CheckpointMonitor(Callback):
             return bool(_distributed.max_over_ranks(late))
         return step % cfg.save_checkpoint_steps == 0
 
+    @property
+    def in_flight(self) -> bool:
+        """Whether a background save is running now."""
+        return self._saver is not None and self._saver.in_flight
+
+    def wait(self) -> None:
+        """Wait for the background save in flight and report its failure, if any."""
+        if self._saver is not None:
+            self._saver.wait()
+            self._report()
+
+    def _report(self) -> None:
+        failure = self._saver.take_error() if self._saver is not None else None
+        if failure is None:
+            return
+        label, exc = failure
+        error = AsyncSaveError(f"background save of checkpoint {label!r} to {self.directory} failed: "
+                               f"{type(exc).__name__}: {exc}; it is incomplete and will not be resumed from")
+        error.__cause__ = exc
+        _log.error("%s", error, exc_info=exc)
+        self.save_errors.append(error)
+        if self.config.async_errors == "raise":
+            raise error
+
     def on_train_step_end(self, run_context: RunContext) -> None:
-        """Save when due, unless ``OnRequestExit`` already saved this step."""
+        """Report a failed background save, then save when due (unless an exit save ran)."""
         args = run_context.original_args()
+        self._report()
         if args.exit_saved_step == args.cur_step_num:
             return
         if self._due(args.cur_step_num):
             self._save(run_context, Reason.PERIODIC)
 
     def on_train_end(self, run_context: RunContext) -> None:
-        """Save the last step if it was not saved (not after an exit save: that is the last)."""
+        """Wait for the save in flight; save the last step if it was not saved (not after an
+        exit save: that is the last)."""
+        self.wait()
         args = run_context.original_args()
         if args.exit_saved_step is not None or args.cur_step_num == 0 or self._last_step == args.cur_step_num:
             return
-        self._save(run_context, Reason.FINAL)
+        self._save(run_context, Reason.FINAL, background=False)
 
-    def _save(self, run_context: RunContext, reason: Reason) -> None:
+    def on_train_exception(self, run_context: RunContext, exc: BaseException) -> None:
+        """``exception_save``: write ``{prefix}-{epoch}_{step}_breakpoint`` with this rank's state.
+
+        Each rank that raised writes its own full state (no barrier: the other ranks may be
+        blocked in a collective); a failure to save is attached to the original exception as
+        a note, never raised in its place.
+        """
+        if self._saver is not None:
+            self._saver.wait()
+            with contextlib.suppress(AsyncSaveError):
+                self._report()
+        if not self.config.exception_save:
+            return
         args = run_context.original_args()
+        name = check_name(f"{checkpoint_name(self.prefix, args.cur_epoch_num, args.step_in_epoch)}_breakpoint")
+        try:
+            save_checkpoint(args, self.storage, name, Reason.EXCEPTION, self._options(integrated=False),
+                            RuntimeEnv.from_environ(), self.encryption)
+        except Exception as save_exc:
+            _log.error("breakpoint checkpoint %s not saved: %s: %s", name, type(save_exc).__name__, save_exc)
+            exc.add_note(f"torpor: the breakpoint checkpoint {name!r} could not be saved: "
+                         f"{type(save_exc).__name__}: {save_exc}")
+            return
+        self.saved.append(name)
+        exc.add_note(f"torpor: breakpoint checkpoint {name!r} saved in {self.directory}")
+
+    def _options(self, integrated: bool | None = None) -> SaveOptions:
         cfg = self.config
-        name = checkpoint_name(self.prefix, args.cur_epoch_num, args.step_in_epoch)
-        options = SaveOptions(
-            integrated=cfg.integrated_save,
+        return SaveOptions(
+            integrated=cfg.integrated_save if integrated is None else integrated,
             network_params=cfg.save_network_params,
             trainable_params=cfg.save_trainable_params,
             saved_network=cfg.saved_network,
             append_info=cfg.append_info,
             global_batch_size=cfg.global_batch_size,
         )
-        save_checkpoint(args, self.storage, name, reason, options, RuntimeEnv.from_environ())
+
+    def _save(self, run_context: RunContext, reason: Reason, background: bool = True) -> None:
+        args = run_context.original_args()
+        name = checkpoint_name(self.prefix, args.cur_epoch_num, args.step_in_epoch)
+        env = RuntimeEnv.from_environ()
+        resumed = args.resumed_from.name if args.resumed_from is not None else None
+        started = time.perf_counter()
+        if self._saver is not None and background:
+            self._saver.wait()
+            self._report()
+            pending = capture(args, name, reason, self._options(), env, staging=self._staging)
+            storage, encryption, prune = self.storage, self.encryption, _distributed.rank() == 0
+
+            def job() -> str:
+                write_pending(pending, storage, encryption)
+                if prune:
+                    self._prune(name, resumed, require_complete=False)
+                return name
+
+            self._saver.submit(name, job)
+            self.saved.append(name)
+            self.stalls.append(time.perf_counter() - started)
+            self._last_step = args.cur_step_num
+            self._last_time = time.monotonic()
+            return
+        save_checkpoint(args, self.storage, name, reason, self._options(), env, self.encryption)
         self.saved.append(name)
         self._last_step = args.cur_step_num
         self._last_time = time.monotonic()
         _distributed.barrier()  # every rank's manifest is written: the checkpoint is complete
+        self.stalls.append(time.perf_counter() - started)
         if _distributed.rank() == 0:
-            self._prune(name, args.resumed_from.name if args.resumed_from is not None else None)
+            self._prune(name, resumed)
 
-    def _prune(self, newest: str, resumed_from: str | None) -> None:
+    def _prune(self, newest: str, resumed_from: str | None, require_complete: bool = True) -> None:
+        """Apply retention. In the background (``require_complete=False``) other ranks may
+        still be uploading ``newest``; it is protected and not yet counted, so for a moment
+        one checkpoint more than ``keep_checkpoint_max`` may exist."""
         checkpoints = scan(self.storage, cache=self._cache)
         mine = next((c for c in checkpoints if c.name == newest), None)
-        if mine is None or not mine.complete:
+        if require_complete and (mine is None or not mine.complete):
             warnings.warn(f"checkpoint {newest!r} is not complete after the save "
                           f"({mine.problem if mine else 'not listed'}); nothing pruned", TorporWarning, stacklevel=3)
             return

@@ -21,10 +21,11 @@ import torch
 from torpor import _distributed, _state
 from torpor._callbacks import RunArgs
 from torpor._config import is_tensor
-from torpor.checkpoints import FileEntry, FileKind, Manifest, Reason, file_key
+from torpor.checkpoints import FileEntry, FileKind, Manifest, Reason, file_key, parse_key
+from torpor.crypto import Encryption
 from torpor.env import RuntimeEnv
 from torpor.errors import TorporWarning
-from torpor.storage import Storage, sha256_hex
+from torpor.storage import ObjectWriter, Storage, open_writer
 
 
 @dataclass(frozen=True)
@@ -83,18 +84,38 @@ def _export(network: Any, inputs: Any) -> bytes:
         network.train(was_training)
 
 
-def save_checkpoint(
+@dataclass
+class PendingSave:
+    """Everything one rank's save writes, captured at the step boundary.
+
+    Capturing is the only part that must happen while training waits; :func:`write_pending`
+    can then run in the same thread (synchronous save) or in the background (async save).
+    """
+
+    name: str
+    reason: Reason
+    rank: int
+    world_size: int
+    files: list[tuple[FileKind, Any]]
+    """``(kind, payload)``: a dict for ``torch.save`` or ready ``bytes`` (the export), shard first."""
+    manifest_fields: dict[str, Any]
+    """The manifest's fields other than ``files`` and ``created``."""
+
+
+def capture(
     args: RunArgs,
-    storage: Storage,
     name: str,
     reason: Reason,
     options: SaveOptions,
     env: RuntimeEnv,
-) -> Manifest:
-    """Write this rank's part of checkpoint ``name`` and return its manifest.
+    staging: _state.Staging | None = None,
+) -> PendingSave:
+    """Collect this rank's part of checkpoint ``name``.
 
-    Every rank must call it at the same step. The manifest is written last, after every file
-    it lists is durable, so its presence proves the rank's part is complete.
+    Args:
+        staging: copy every tensor into these reused CPU buffers (async saves: the optimizer
+            will change the originals in place); ``None`` keeps references (synchronous saves
+            write them before training resumes).
     """
     rank, world = _distributed.rank(), _distributed.world_size()
     holds_model = not options.integrated or rank == 0
@@ -129,53 +150,131 @@ def save_checkpoint(
             payload["optimizer"] = _state.local_state(args.optimizer.state_dict())
         if args.lr_scheduler is not None:
             payload["lr_scheduler"] = args.lr_scheduler.state_dict()
+        if options.trainable_params:
+            payload["_trainable"] = _state.local_state(
+                {k: p.detach() for k, p in network.named_parameters() if p.requires_grad})
+    if staging is not None:
+        payload = staging.snapshot(payload)
+    trainable = payload.pop("_trainable", None)
 
-    files = []
-
-    def put(kind: FileKind, data: bytes) -> None:
-        key = file_key(name, rank, kind)
-        storage.put_bytes(key, data)
-        files.append(FileEntry(kind, key, len(data), sha256_hex(data)))
-
-    put(FileKind.SHARD, _state.encode(payload))
+    files: list[tuple[FileKind, Any]] = [(FileKind.SHARD, payload)]
     if holds_model and options.network_params:
-        put(FileKind.NETWORK, _state.encode({"torpor_format": _state.SHARD_FORMAT, "meta": json.dumps(meta),
-                                             "model": payload["model"]}))
-    if holds_model and options.trainable_params:
-        trainable = {k: p.detach() for k, p in network.named_parameters() if p.requires_grad}
-        put(FileKind.TRAINABLE, _state.encode({"torpor_format": _state.SHARD_FORMAT, "meta": json.dumps(meta),
-                                               "model": _state.local_state(trainable)}))
+        files.append((FileKind.NETWORK, {"torpor_format": _state.SHARD_FORMAT, "meta": json.dumps(meta),
+                                         "model": payload["model"]}))
+    if trainable is not None:
+        files.append((FileKind.TRAINABLE, {"torpor_format": _state.SHARD_FORMAT, "meta": json.dumps(meta),
+                                           "model": trainable}))
     if holds_model and options.export:
         if args.last_inputs is None:
             warnings.warn(f"{name}.pt2 not exported: no step has run, so there are no example inputs",
                           TorporWarning, stacklevel=2)
         else:
             try:
-                put(FileKind.EXPORT, _export(network, args.last_inputs))
+                files.append((FileKind.EXPORT, _export(network, args.last_inputs)))
             except Exception as exc:  # an export failure must not cost the checkpoint
                 warnings.warn(f"{name}.pt2 not exported, the checkpoint still counts: {type(exc).__name__}: {exc}",
                               TorporWarning, stacklevel=2)
     resumed = args.resumed_from
-    manifest = Manifest(
-        name=name,
-        rank=rank,
-        world_size=world,
-        epoch=args.cur_epoch_num,
-        step=args.cur_step_num,
-        step_in_epoch=args.step_in_epoch,
-        reason=reason,
-        save_id=f"{args.run_token}:{args.cur_step_num}",
-        created=time.time(),
-        files=tuple(files),
-        replicated_rank=0 if options.integrated else None,
-        job=env.job or "",
-        incarnation=env.incarnation,
-        resumed_from=resumed.name if resumed is not None else "",
-        extra={k: v for k, v in (("append_info", scalars), ("global_batch_size", options.global_batch_size),
-                                 ("consumed_samples", consumed)) if v},
-    )
-    storage.put_bytes(file_key(name, rank, FileKind.MANIFEST), manifest.to_json().encode())
+    fields = {
+        "name": name,
+        "rank": rank,
+        "world_size": world,
+        "epoch": args.cur_epoch_num,
+        "step": args.cur_step_num,
+        "step_in_epoch": args.step_in_epoch,
+        "reason": reason,
+        "save_id": f"{args.run_token}:{args.cur_step_num}",
+        "replicated_rank": 0 if options.integrated else None,
+        "job": env.job or "",
+        "incarnation": env.incarnation,
+        "resumed_from": resumed.name if resumed is not None else "",
+        "extra": {k: v for k, v in (("append_info", scalars), ("global_batch_size", options.global_batch_size),
+                                    ("consumed_samples", consumed)) if v},
+    }
+    return PendingSave(name, reason, rank, world, files, fields)
+
+
+class _EncryptingSink:
+    """What ``torch.save`` writes into: encrypts chunk by chunk on the way to the store."""
+
+    def __init__(self, writer: ObjectWriter, encryption: Encryption) -> None:
+        self._writer = writer
+        self._enc = encryption.encryptor()
+
+    def write(self, data: Any) -> int:
+        for record in self._enc.update(data):
+            self._writer.write(record)
+        return len(memoryview(data))
+
+    def flush(self) -> None:
+        """``torch.save`` flushes; the records go out as they are sealed."""
+
+    def finish(self) -> None:
+        for record in self._enc.finalize():
+            self._writer.write(record)
+
+
+def write_file(storage: Storage, key: str, content: Any, encryption: Encryption | None) -> FileEntry:
+    """Serialise ``content`` (a payload dict or bytes) straight into the store.
+
+    ``torch.save`` hands each tensor's storage to the writer as a memoryview: with the
+    streaming writers of :mod:`torpor.storage` those bytes go into upload parts (and through
+    the cipher) without a serialised copy of the whole shard ever existing.
+    """
+    writer = open_writer(storage, key)
+    try:
+        sink: Any = _EncryptingSink(writer, encryption) if encryption is not None else writer
+        if isinstance(content, bytes | bytearray | memoryview):
+            sink.write(content)
+        else:
+            torch.save(content, sink)
+        if encryption is not None:
+            sink.finish()
+        writer.close()
+    except BaseException:
+        if not writer.closed:
+            writer.abort()
+        raise
+    return FileEntry(FileKind(_kind_of(key)), key, writer.size, writer.sha256)
+
+
+def _kind_of(key: str) -> str:
+    parts = parse_key(key)
+    assert parts is not None, key
+    return parts.kind.value
+
+
+def write_pending(pending: PendingSave, storage: Storage, encryption: Encryption | None = None) -> Manifest:
+    """Write every file of ``pending``, then, last, its manifest; returns the manifest.
+
+    The manifest goes out only after every file it lists is durable (each writer's ``close``
+    returns once the object exists), so its presence proves this rank's part is complete.
+    """
+    files = [write_file(storage, file_key(pending.name, pending.rank, kind), content, encryption)
+             for kind, content in pending.files]
+    fields = dict(pending.manifest_fields)
+    if encryption is not None:
+        fields["extra"] = {**fields["extra"], "encryption": encryption.mode}  # the mode, never the key
+    manifest = Manifest(created=time.time(), files=tuple(files), **fields)
+    storage.put_bytes(file_key(pending.name, pending.rank, FileKind.MANIFEST), manifest.to_json().encode())
     return manifest
+
+
+def save_checkpoint(
+    args: RunArgs,
+    storage: Storage,
+    name: str,
+    reason: Reason,
+    options: SaveOptions,
+    env: RuntimeEnv,
+    encryption: Encryption | None = None,
+) -> Manifest:
+    """Write this rank's part of checkpoint ``name`` now and return its manifest.
+
+    Every rank must call it at the same step. The manifest is written last, after every file
+    it lists is durable, so its presence proves the rank's part is complete.
+    """
+    return write_pending(capture(args, name, reason, options, env), storage, encryption)
 
 
 def export_only(args: RunArgs, storage: Storage, name: str) -> bool:

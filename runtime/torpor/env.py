@@ -20,6 +20,13 @@ Variable                       Meaning (default when unset)
 ``TORPOR_SAVE_SECONDS``        Periodic save every S seconds; overrides steps (``0``)
 ``TORPOR_KEEP_MAX``            Keep the newest N complete checkpoints (``5``)
 ``TORPOR_KEEP_PER_N_MINUTES``  Keep the newest per N-minute window; overrides keep max (``0``)
+``TORPOR_ASYNC_SAVE``          ``1``/``true``: periodic saves upload in the background (``0``)
+``TORPOR_ENC_MODE``            ``AES-GCM``, ``AES-CBC`` or ``SM4-CBC`` (``AES-GCM`` when a key
+                               is given)
+``TORPOR_ENC_KEY_FILE``        File holding the encryption key, e.g. a mounted Secret (none);
+                               see :func:`torpor.crypto.parse_key` for the accepted forms
+``TORPOR_ENC_KEY``             The key itself, for local runs (``hex:…`` or ``base64:…``);
+                               the file wins when both are set. Never logged or recorded
 ``TORPOR_TERMINATION_LOG``     Where the JSON termination message goes
                                (``/dev/termination-log``)
 ``TORPOR_JOB``                 ``namespace/name`` of the TrainingJob. Its presence means "under
@@ -35,8 +42,8 @@ Variable                       Meaning (default when unset)
 ``AWS_DEFAULT_REGION``
 =============================  ==============================================================
 
-Reserved for the next release (async save, encryption): ``TORPOR_ASYNC_SAVE``,
-``TORPOR_ENC_MODE``, ``TORPOR_ENC_KEY_FILE``.
+The key is read by :func:`read_enc_key` when a ``from_env()`` constructor runs; it is never
+part of :class:`RuntimeEnv` (whose ``repr`` may be logged) nor of any manifest.
 """
 
 from __future__ import annotations
@@ -60,9 +67,14 @@ KEEP_PER_N_MINUTES = "TORPOR_KEEP_PER_N_MINUTES"
 TERMINATION_LOG = "TORPOR_TERMINATION_LOG"
 JOB = "TORPOR_JOB"
 INCARNATION = "TORPOR_INCARNATION"
+ASYNC_SAVE = "TORPOR_ASYNC_SAVE"
+ENC_MODE = "TORPOR_ENC_MODE"
+ENC_KEY_FILE = "TORPOR_ENC_KEY_FILE"
+ENC_KEY = "TORPOR_ENC_KEY"
 
 ALL = (CHECKPOINT_URI, CHECKPOINT_PREFIX, EXIT_FILE, EXIT_SIGNAL, EXIT_CHECK_STEPS, RESUME_FROM,
-       SAVE_STEPS, SAVE_SECONDS, KEEP_MAX, KEEP_PER_N_MINUTES, TERMINATION_LOG, JOB, INCARNATION)
+       SAVE_STEPS, SAVE_SECONDS, KEEP_MAX, KEEP_PER_N_MINUTES, TERMINATION_LOG, JOB, INCARNATION, ASYNC_SAVE,
+       ENC_MODE, ENC_KEY_FILE, ENC_KEY)
 """Every ``TORPOR_*`` variable the runtime reads."""
 
 DEFAULT_CHECKPOINT_URI = "./checkpoints"
@@ -93,6 +105,41 @@ def _float(environ: Mapping[str, str], name: str, default: float) -> float:
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got {raw!r}")
     return value
+
+
+def _bool(environ: Mapping[str, str], name: str) -> bool:
+    raw = environ.get(name, "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise ValueError(f"{name} must be 1/0, true/false, yes/no or on/off, got {environ[name]!r}")
+
+
+def read_enc_key(environ: Mapping[str, str] | None = None) -> bytes | None:
+    """The encryption key from ``TORPOR_ENC_KEY_FILE`` (preferred) or ``TORPOR_ENC_KEY``.
+
+    Returns ``None`` when neither is set. The key is returned, never stored or printed.
+
+    Raises:
+        ValueError: the file cannot be read, or the value is malformed; the message names
+            the variable and the file, never the key.
+    """
+    from torpor.crypto import parse_key  # cryptography only when a key is asked for
+
+    env = os.environ if environ is None else environ
+    path = env.get(ENC_KEY_FILE, "").strip()
+    if path:
+        try:
+            with open(path, "rb") as f:
+                raw = f.read()
+        except OSError as exc:
+            raise ValueError(f"{ENC_KEY_FILE}={path!r} cannot be read: {exc.strerror}") from None
+        return parse_key(raw, f"{ENC_KEY_FILE}={path!r}")
+    value = env.get(ENC_KEY, "")
+    if value:
+        return parse_key(value.encode(), ENC_KEY)
+    return None
 
 
 def parse_signal(raw: str) -> int:
@@ -146,6 +193,12 @@ class RuntimeEnv:
     """TrainingJob ``namespace/name``; set means "under the operator"."""
     incarnation: str = ""
     """Incarnation of the job, recorded in manifests."""
+    async_save: bool = False
+    """``TORPOR_ASYNC_SAVE``: periodic saves upload in the background."""
+    enc_mode: str | None = None
+    """``TORPOR_ENC_MODE`` if set (the key is read separately, see :func:`read_enc_key`)."""
+    enc_key_file: str | None = None
+    """``TORPOR_ENC_KEY_FILE`` if set: where the key is, not the key."""
 
     @property
     def under_operator(self) -> bool:
@@ -175,4 +228,7 @@ class RuntimeEnv:
             termination_log=env.get(TERMINATION_LOG, "").strip() or DEFAULT_TERMINATION_LOG,
             job=env.get(JOB, "").strip() or None,
             incarnation=env.get(INCARNATION, "").strip(),
+            async_save=_bool(env, ASYNC_SAVE),
+            enc_mode=env.get(ENC_MODE, "").strip() or None,
+            enc_key_file=env.get(ENC_KEY_FILE, "").strip() or None,
         )

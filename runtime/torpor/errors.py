@@ -25,6 +25,16 @@ class StorageError(TorporError):
     """The checkpoint store failed after its retries (network, permissions, missing bucket)."""
 
 
+class AsyncSaveError(TorporError):
+    """A background (``async_save=True``) save failed; its cause is chained (``__cause__``).
+
+    Raised at the first step boundary after the failure when the monitor's ``async_errors``
+    is ``"raise"``; with ``"record"`` (the default) it is logged and appended to
+    ``CheckpointMonitor.save_errors`` instead and training goes on. Either way the failed
+    checkpoint has no manifest for this rank, so it is incomplete and never resumed from.
+    """
+
+
 class CheckpointNotFoundError(TorporError):
     """The requested checkpoint (a name, a path or ``'latest'`` with ``required=True``) is absent."""
 

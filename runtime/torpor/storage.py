@@ -23,11 +23,14 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
+import threading
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -175,6 +178,10 @@ class LocalStorage:
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
+    def writer(self, key: str) -> ObjectWriter:
+        """Streams into a temp file, then fsync and rename: atomic and durable on ``close``."""
+        return _LocalWriter(self, key)
+
     def delete_many(self, keys: Iterable[str]) -> None:
         for key in keys:
             self._path(key).unlink(missing_ok=True)
@@ -203,11 +210,27 @@ class S3Settings:
     max_concurrency: int = 8
     """Parts in flight per transfer; enough to fill a NIC without starving the training process."""
     max_attempts: int = 8
-    """Attempts per request in botocore's ``standard`` retry mode (exponential backoff, jitter)."""
+    """Attempts per request in botocore's ``standard`` retry mode (exponential backoff, jitter).
+    ``AWS_MAX_ATTEMPTS`` (boto3's own variable) overrides it, see :meth:`from_environ`."""
     connect_timeout: float = 10.0
     """Seconds to connect; short, since a retry is cheaper than a hung save in a grace period."""
     read_timeout: float = 60.0
     """Seconds to wait for a response before the request is retried."""
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] | None = None) -> S3Settings:
+        """Defaults, with ``AWS_MAX_ATTEMPTS`` honoured as boto3 users expect.
+
+        Raises:
+            ValueError: ``AWS_MAX_ATTEMPTS`` is not a positive integer (named with its value).
+        """
+        env = os.environ if environ is None else environ
+        raw = env.get("AWS_MAX_ATTEMPTS", "").strip()
+        if not raw:
+            return cls()
+        if not raw.isdigit() or int(raw) < 1:
+            raise ValueError(f"AWS_MAX_ATTEMPTS must be a positive integer, got {raw!r}")
+        return cls(max_attempts=int(raw))
 
     def __post_init__(self) -> None:
         for field in ("multipart_threshold", "multipart_chunksize", "max_concurrency", "max_attempts"):
@@ -235,9 +258,12 @@ class S3Storage:
             raise ValueError(f"bucket must be a non-empty string, got {bucket!r}")
         self._bucket = bucket
         self._prefix = prefix.strip("/")
-        self._settings = settings or S3Settings()
+        self._settings = settings or S3Settings.from_environ()
         self._client_obj: Any = None
         self._transfer: Any = None
+        self._pool: Any = None
+        self._buffers: list[bytearray] = []
+        self._lock = threading.Lock()
 
     @property
     def uri(self) -> str:
@@ -267,6 +293,11 @@ class S3Storage:
                 connect_timeout=s.connect_timeout,
                 read_timeout=s.read_timeout,
                 s3={"addressing_style": "path"} if endpoint else {},
+                # Whole-file sha256 in the manifest already guards every byte end to end, and
+                # SigV4 signs each part's sha256 over plain HTTP; a CRC32 per part on top is
+                # CPU the save cannot spare.
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
             )
             self._client_obj = boto3.session.Session().client("s3", endpoint_url=endpoint, config=config)
             self._transfer = TransferConfig(
@@ -303,6 +334,111 @@ class S3Storage:
         except BotoCoreError as exc:
             raise self._fail("get", key, exc) from exc
         return buf.getvalue()
+
+    # -- streaming -------------------------------------------------------------------
+    def _executor(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self._settings.max_concurrency, thread_name_prefix="torpor-s3")
+            return self._pool
+
+    def _take_buffer(self) -> bytearray:
+        with self._lock:
+            return self._buffers.pop() if self._buffers else bytearray(self._settings.multipart_chunksize)
+
+    def _give_buffer(self, buf: bytearray) -> None:
+        with self._lock:
+            if len(self._buffers) <= self._settings.max_concurrency:
+                self._buffers.append(buf)
+
+    def writer(self, key: str) -> ObjectWriter:
+        """A streaming writer: bytes go out as multipart parts while the caller still writes.
+
+        Parts are staged in buffers kept between saves (no allocation, no page faults after
+        the first save); at most ``max_concurrency`` parts are in flight, so memory stays at
+        ``(max_concurrency + 1) * multipart_chunksize`` whatever the object's size. The object
+        appears only when :meth:`ObjectWriter.close` completes the upload (atomic, durable).
+        """
+        return _S3Writer(self, key)
+
+    def get_verified(self, key: str, *, size: int, sha256: str) -> bytes | bytearray:
+        """Read ``key`` with parallel ranged GETs and check size and sha256 as parts arrive.
+
+        Raises:
+            IntegrityError: size or sha256 differ from the manifest's.
+            FileNotFoundError: the key is absent.
+        """
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        part = self._settings.multipart_chunksize
+        if size <= part:
+            return _check(self, key, self.get_bytes(key), size, sha256)
+        client = self._client()
+        out = bytearray(size)
+        view = memoryview(out)
+
+        def fetch(start: int) -> int:
+            end = min(start + part, size)
+            reply = client.get_object(Bucket=self._bucket, Key=self._key(key), Range=f"bytes={start}-{end - 1}")
+            body = reply["Body"]
+            pos = start
+            try:
+                while pos < end:
+                    chunk = body.read(min(1 << 20, end - pos))
+                    if not chunk:
+                        break
+                    view[pos:pos + len(chunk)] = chunk
+                    pos += len(chunk)
+            finally:
+                body.close()
+            return pos - start
+
+        digest = hashlib.sha256()
+        try:
+            futures = [(start, self._executor().submit(fetch, start)) for start in range(0, size, part)]
+            got = 0
+            for start, future in futures:  # hash in order while later parts still download
+                n = future.result()
+                got += n
+                digest.update(view[start:start + n])
+                if n != min(part, size - start):
+                    break
+        except ClientError as exc:
+            if _is_not_found(exc) or _code(exc) == "InvalidRange":
+                if _is_not_found(exc):
+                    raise FileNotFoundError(f"{self.uri}/{key}") from exc
+                raise IntegrityError(f"{self.uri}/{key}: shorter than the manifest's size {size}; "
+                                     "refusing to load it") from exc
+            raise self._fail("get", key, exc) from exc
+        except BotoCoreError as exc:
+            raise self._fail("get", key, exc) from exc
+        finally:
+            view.release()
+        if got != size:
+            raise IntegrityError(f"{self.uri}/{key}: size {got} does not match the manifest's size {size}; "
+                                 "the shard is truncated or was replaced, refusing to load it")
+        if self.exists_size(key) != size:
+            raise IntegrityError(f"{self.uri}/{key}: the object is larger than the manifest's size {size}; "
+                                 "refusing to load it")
+        if digest.hexdigest() != sha256:
+            raise IntegrityError(
+                f"{self.uri}/{key}: sha256 {digest.hexdigest()} does not match the manifest's sha256 {sha256}; "
+                "the shard is corrupted or was modified, refusing to load it")
+        return out  # a bytearray: no copy of a GiB just to freeze it
+
+    def exists_size(self, key: str) -> int | None:
+        """The object's size, or ``None`` when absent."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            reply = self._client().head_object(Bucket=self._bucket, Key=self._key(key))
+        except ClientError as exc:
+            if _is_not_found(exc):
+                return None
+            raise self._fail("head", key, exc) from exc
+        except BotoCoreError as exc:
+            raise self._fail("head", key, exc) from exc
+        return int(reply["ContentLength"])
 
     def list(self, prefix: str = "") -> list[ObjectInfo]:
         from botocore.exceptions import BotoCoreError, ClientError
@@ -389,9 +525,221 @@ class S3Storage:
         return f"S3Storage({self.uri!r})"
 
 
+def _code(exc: Exception) -> str:
+    return str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
+
+
 def _is_not_found(exc: Exception) -> bool:
-    code = str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
-    return code in {"404", "NoSuchKey", "NotFound"}
+    return _code(exc) in {"404", "NoSuchKey", "NotFound"}
+
+
+def _check(storage: Storage, key: str, data: bytes | bytearray, size: int, sha256: str) -> bytes | bytearray:
+    if len(data) != size:
+        raise IntegrityError(
+            f"{storage.uri}/{key}: size {len(data)} does not match the manifest's size {size}; "
+            "the shard is truncated or was replaced, refusing to load it"
+        )
+    digest = sha256_hex(data)
+    if digest != sha256:
+        raise IntegrityError(
+            f"{storage.uri}/{key}: sha256 {digest} does not match the manifest's sha256 {sha256}; "
+            "the shard is corrupted or was modified, refusing to load it"
+        )
+    return data
+
+
+class ObjectWriter:
+    """Streams one object into a store; ``close`` makes it appear atomically and durably.
+
+    Counts the bytes and their sha256 on the way, so the manifest entry costs no second pass.
+    The base class buffers everything and calls ``put_bytes`` (any :class:`Storage`);
+    backends override it to stream.
+    """
+
+    def __init__(self, storage: Storage, key: str) -> None:
+        """Start writing ``key`` of ``storage``."""
+        self.storage = storage
+        self.key = key
+        self.size = 0
+        self._digest = hashlib.sha256()
+        self._parts: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        """Append ``data`` (consumed before returning: the caller may reuse its buffer)."""
+        view = memoryview(data).cast("B")
+        self._digest.update(view)
+        self.size += len(view)
+        self._put(view)
+        return len(view)
+
+    def flush(self) -> None:
+        """Nothing to do: ``close`` is what makes bytes durable (``torch.save`` calls it)."""
+
+    def _put(self, view: memoryview) -> None:
+        self._parts.append(bytes(view))
+
+    @property
+    def sha256(self) -> str:
+        """Hex sha256 of everything written so far."""
+        return self._digest.hexdigest()
+
+    def close(self) -> None:
+        """Store the object; returns once it is durable."""
+        self.closed = True
+        self.storage.put_bytes(self.key, b"".join(self._parts))
+        self._parts = []
+
+    def abort(self) -> None:
+        """Give up: nothing is stored (best effort; never raises)."""
+        self.closed = True
+        self._parts = []
+
+
+def open_writer(storage: Storage, key: str) -> ObjectWriter:
+    """The streaming writer of ``storage`` when it has one, else a buffering one."""
+    make = getattr(storage, "writer", None)
+    return make(key) if callable(make) else ObjectWriter(storage, key)
+
+
+def read_verified_fast(storage: Storage, key: str, *, size: int, sha256: str) -> bytes | bytearray:
+    """:func:`read_verified`, through parallel ranged reads where the store has them."""
+    fetch = getattr(storage, "get_verified", None)
+    if callable(fetch):
+        return fetch(key, size=size, sha256=sha256)  # type: ignore[no-any-return]
+    return read_verified(storage, key, size=size, sha256=sha256)
+
+
+class _LocalWriter(ObjectWriter):
+    """Writes to a hidden temp file beside the target, fsyncs, renames (see ``put_bytes``)."""
+
+    def __init__(self, storage: LocalStorage, key: str) -> None:
+        super().__init__(storage, key)
+        self._path = storage._path(key)
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = self._path.parent / f".{self._path.name}.tmp-{uuid.uuid4().hex[:8]}"
+        self._file = open(self._tmp, "wb")  # noqa: SIM115 - closed in close()/abort()
+
+    def _put(self, view: memoryview) -> None:
+        self._file.write(view)
+
+    def close(self) -> None:
+        self.closed = True
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            os.replace(self._tmp, self._path)
+        except BaseException:
+            self.abort()
+            raise
+        _fsync_dir(self._path.parent)
+
+    def abort(self) -> None:
+        self.closed = True
+        with contextlib.suppress(OSError):
+            self._file.close()
+        self._tmp.unlink(missing_ok=True)
+
+
+class _S3Writer(ObjectWriter):
+    """Multipart upload fed as bytes arrive; one PUT when the object fits in one part."""
+
+    def __init__(self, storage: S3Storage, key: str) -> None:
+        super().__init__(storage, key)
+        self._s3 = storage
+        self._client = storage._client()
+        self._full_key = storage._key(key)
+        self._part_size = storage._settings.multipart_chunksize
+        self._slots = threading.BoundedSemaphore(storage._settings.max_concurrency)
+        self._buf: bytearray | None = None
+        self._fill = 0
+        self._upload_id: str | None = None
+        self._futures: list[Future[dict[str, Any]]] = []
+
+    def _put(self, view: memoryview) -> None:
+        while len(view):
+            if self._buf is None:
+                self._buf = self._s3._take_buffer()
+                self._fill = 0
+            take = min(self._part_size - self._fill, len(view))
+            self._buf[self._fill:self._fill + take] = view[:take]
+            self._fill += take
+            view = view[take:]
+            if self._fill == self._part_size and len(view):
+                self._send_part()  # a full part with more to come (the last one waits for close)
+
+    def _send_part(self) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        buf, fill = self._buf, self._fill
+        assert buf is not None
+        self._buf = None
+        for done in [f for f in self._futures if f.done()]:
+            done.result()  # a failed part fails the save now, not after the whole upload
+        try:
+            if self._upload_id is None:
+                self._upload_id = self._client.create_multipart_upload(
+                    Bucket=self._s3.bucket, Key=self._full_key)["UploadId"]
+        except (BotoCoreError, ClientError) as exc:
+            self._s3._give_buffer(buf)
+            raise self._s3._fail("put", self.key, exc) from exc
+        number = len(self._futures) + 1
+        self._slots.acquire()  # backpressure: at most max_concurrency parts in flight
+
+        def upload() -> dict[str, Any]:
+            try:
+                body = buf if fill == len(buf) else bytes(memoryview(buf)[:fill])
+                reply = self._client.upload_part(Bucket=self._s3.bucket, Key=self._full_key, PartNumber=number,
+                                                 UploadId=self._upload_id, Body=body)
+                return {"PartNumber": number, "ETag": reply["ETag"]}
+            finally:
+                self._s3._give_buffer(buf)
+                self._slots.release()
+
+        self._futures.append(self._s3._executor().submit(upload))
+
+    def close(self) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        self.closed = True
+        try:
+            if self._upload_id is None:
+                body = bytes(memoryview(self._buf)[:self._fill]) if self._buf is not None else b""
+                if self._buf is not None:
+                    self._s3._give_buffer(self._buf)
+                    self._buf = None
+                self._client.put_object(Bucket=self._s3.bucket, Key=self._full_key, Body=body)
+                return
+            if self._buf is not None:
+                self._send_part()
+            parts = [f.result() for f in self._futures]
+            self._client.complete_multipart_upload(Bucket=self._s3.bucket, Key=self._full_key,
+                                                   UploadId=self._upload_id, MultipartUpload={"Parts": parts})
+        except (BotoCoreError, ClientError) as exc:
+            self.abort()
+            raise self._s3._fail("put", self.key, exc) from exc
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        self.closed = True
+        for f in self._futures:
+            f.cancel()
+        for f in self._futures:
+            with contextlib.suppress(BaseException):
+                f.result()
+        if self._buf is not None:
+            self._s3._give_buffer(self._buf)
+            self._buf = None
+        if self._upload_id is not None:
+            # Best effort: with the store away this fails too, and the operator's retention
+            # aborts the stale upload later (abort_stale_uploads).
+            with contextlib.suppress(Exception):
+                self._client.abort_multipart_upload(Bucket=self._s3.bucket, Key=self._full_key,
+                                                    UploadId=self._upload_id)
+            self._upload_id = None
 
 
 def open_storage(uri: str | os.PathLike[str], *, s3: S3Settings | None = None) -> Storage:

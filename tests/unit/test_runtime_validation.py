@@ -90,9 +90,11 @@ def test_on_request_exit_accepts_the_seed_defaults_and_signal_enums(tmp_path) ->
         ({"enc_key": "secret"}, TypeError, ["enc_key", "str"]),
         ({"enc_mode": "AES-ECB"}, ValueError, ["enc_mode", "'AES-ECB'"]),
         ({"global_batch_size": -8}, ValueError, ["global_batch_size", "-8"]),
-        ({"async_save": True}, NotImplementedError, ["async_save", "asynchronous"]),
-        ({"enc_key": b"0" * 16}, NotImplementedError, ["enc_key", "encryption", "AES-GCM"]),
-        ({"exception_save": True}, NotImplementedError, ["exception_save", "breakpoint"]),
+        ({"async_save": "yes"}, TypeError, ["async_save", "'yes'"]),
+        ({"exception_save": 1}, TypeError, ["exception_save", "1"]),
+        ({"enc_key": b"0" * 20}, ValueError, ["enc_key of 20 bytes", "'AES-GCM'", "16, 24 or 32"]),
+        ({"enc_key": b"0" * 32, "enc_mode": "SM4-CBC"}, ValueError, ["enc_key of 32 bytes", "'SM4-CBC'", "16"]),
+        ({"async_errors": "ignore"}, ValueError, ["async_errors", "'ignore'"]),
     ],
 )
 def test_checkpoint_monitor_rejects(kwargs: dict, exc: type[Exception], fragments: list[str]) -> None:
