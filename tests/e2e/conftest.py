@@ -73,8 +73,9 @@ class Operator:
 
 @pytest.fixture(scope="module")
 def operator(control_plane: ControlPlane, trainingjob_crd: str, node_agent: Any, minio: MinioServer,
-             tmp_path_factory: pytest.TempPathFactory) -> Iterator[Operator]:
-    """One operator for the module's tests: 1 s restart backoff, retention every 2 s."""
+             tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Operator]:
+    """One operator for the module's tests: 1 s restart backoff, retention every 2 s; a module's
+    ``OPERATOR_ENV`` dictionary overrides these settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TORPOR_")}
     env.update(minio.env())
     env.update(KUBECONFIG=str(control_plane.kubeconfig), TORPOR_HEALTH_PORT="0", TORPOR_METRICS_PORT="0",
@@ -82,6 +83,7 @@ def operator(control_plane: ControlPlane, trainingjob_crd: str, node_agent: Any,
                TORPOR_WATCH_TIMEOUT_SECONDS="60",
                # rank 0 listens on all addresses: a port of its own keeps it clear of other work here
                TORPOR_MASTER_PORT=str(free_port()))
+    env.update(getattr(request.module, "OPERATOR_ENV", {}))
     op = Operator(env, tmp_path_factory.mktemp("operator") / "operator.log")
     op.start()
     try:
@@ -120,7 +122,8 @@ class Env:
 
     def reasons(self, name: str = "mlp") -> list[str]:
         events = self.get("events", "--field-selector", f"involvedObject.kind=TrainingJob,involvedObject.name={name}")
-        return [e["reason"] for e in sorted(events["items"], key=lambda e: e["metadata"]["creationTimestamp"])]
+        # in the order written: timestamps have whole seconds, resource versions of one etcd increase
+        return [e["reason"] for e in sorted(events["items"], key=lambda e: int(e["metadata"]["resourceVersion"]))]
 
     def wait(self, what: str, predicate: Callable[[], Any], timeout: float = 90) -> Any:
         return wait_for_condition(predicate, timeout=timeout, what=what)
@@ -227,6 +230,8 @@ def e2e(control_plane: ControlPlane, namespace: str, s3_bucket: str, minio: Mini
         yield env
     finally:
         env.uncordon_all()
+        if operator.proc is None or operator.proc.poll() is not None:  # a test killed it and failed
+            operator.start()
         print(f"--- after {time.monotonic() - started:.0f}s; pods:")
         print(control_plane.kubectl("get", "-n", namespace, "pods", "-o", "wide", check=False).stdout)
         print(control_plane.kubectl("get", "-n", namespace, "tj", "-o", "wide", check=False).stdout)
