@@ -14,6 +14,7 @@ asks for it (:meth:`BackgroundSaver.take_error`, at the next step boundary) or u
 
 from __future__ import annotations
 
+import logging
 import threading
 import weakref
 from collections.abc import Callable
@@ -97,3 +98,23 @@ def drain_all() -> list[tuple[str, BaseException]]:
         if failure is not None:
             failures.append(failure)
     return failures
+
+
+def warm_in_background(storage: Any) -> None:
+    """Build ``storage``'s client in a daemon thread (``S3Storage.warm``), if it has one.
+
+    Creating a boto3 client takes a second or more on a busy machine; doing it when training
+    starts keeps it out of the first save and, above all, out of the exit save's grace
+    period. A failure here is only logged: the save itself reports for real.
+    """
+    warm = getattr(storage, "warm", None)
+    if not callable(warm):
+        return
+
+    def run() -> None:
+        try:
+            warm()
+        except Exception as exc:
+            logging.getLogger("torpor").debug("warming the checkpoint store failed: %s", exc)
+
+    threading.Thread(target=run, name="torpor-warm-store", daemon=True).start()

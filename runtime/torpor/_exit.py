@@ -27,7 +27,7 @@ from types import FrameType
 from typing import Any
 
 from torpor import _distributed
-from torpor._background import drain_all
+from torpor._background import drain_all, warm_in_background
 from torpor._callbacks import Callback, RunContext
 from torpor._saving import SaveOptions, export_only, save_checkpoint
 from torpor._watching import ExitFileWatcher
@@ -272,8 +272,12 @@ class OnRequestExit(Callback):
 
     # -- hooks -------------------------------------------------------------------------
     def on_train_begin(self, run_context: RunContext) -> None:
-        """Install the signal handler (chained) and start watching the file."""
+        """Install the signal handler (chained), start watching the file and open the store
+        (its client is built in the background: the exit save must not wait for it)."""
         self._install()
+        if self._storage is None:
+            self._storage = open_storage(self.exit_directory)
+        warm_in_background(self._storage)
 
     def on_train_step_end(self, run_context: RunContext) -> None:
         """At the step boundary: OR the ranks' requests; if any, save once and stop."""

@@ -19,7 +19,7 @@ import warnings
 from typing import Any
 
 from torpor import _distributed, _state
-from torpor._background import BackgroundSaver
+from torpor._background import BackgroundSaver, warm_in_background
 from torpor._callbacks import Callback, RunContext
 from torpor._config import CheckpointConfig
 from torpor._saving import SaveOptions, capture, save_checkpoint, write_pending
@@ -174,10 +174,11 @@ class CheckpointMonitor(Callback):
         return self._storage
 
     def on_train_begin(self, run_context: RunContext) -> None:
-        """Start the clocks; a resumed run counts from the step it resumed at."""
+        """Start the clocks (a resumed run counts from the step it resumed at); open the store."""
         args = run_context.original_args()
         self._last_step = args.resumed_from.step if args.resumed_from is not None else None
         self._last_time = time.monotonic()
+        warm_in_background(self.storage)
 
     def _due(self, step: int) -> bool:
         cfg = self.config

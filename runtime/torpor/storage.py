@@ -203,12 +203,16 @@ def _fsync_dir(path: Path) -> None:
 class S3Settings:
     """How :class:`S3Storage` talks to S3; defaults suit checkpoints of MiB to GiB."""
 
-    multipart_threshold: int = 16 * 1024 * 1024
-    """Bytes above which uploads go multipart. 16 MiB: small shards stay one PUT (one round trip)."""
-    multipart_chunksize: int = 16 * 1024 * 1024
-    """Part size in bytes. 16 MiB keeps a 1 GiB shard at 64 parts, well under the 10,000 limit."""
-    max_concurrency: int = 8
-    """Parts in flight per transfer; enough to fill a NIC without starving the training process."""
+    multipart_threshold: int = 32 * 1024 * 1024
+    """Bytes above which uploads go multipart: shards up to one part stay one PUT (one round trip)."""
+    multipart_chunksize: int = 32 * 1024 * 1024
+    """Part size in bytes (also the ranged-GET size of parallel reads). Measured with
+    ``bench/bench_save.py --sweep`` (see bench/README.md): 32 MiB parts beat 8, 16 and 64 MiB;
+    a 1 GiB shard is 32 parts, far under the 10,000-part limit."""
+    max_concurrency: int = 4
+    """Parts in flight per transfer. Measured: 4 beat 2 and 8 (more threads only contend for
+    the CPU that hashing and the server need); the streaming writer's memory is
+    ``(max_concurrency + 1) * multipart_chunksize``."""
     max_attempts: int = 8
     """Attempts per request in botocore's ``standard`` retry mode (exponential backoff, jitter).
     ``AWS_MAX_ATTEMPTS`` (boto3's own variable) overrides it, see :meth:`from_environ`."""
@@ -264,6 +268,7 @@ class S3Storage:
         self._pool: Any = None
         self._buffers: list[bytearray] = []
         self._lock = threading.Lock()
+        self._client_lock = threading.Lock()
 
     @property
     def uri(self) -> str:
@@ -279,7 +284,18 @@ class S3Storage:
             raise ValueError(f"key must be a non-empty relative key, got {key!r}")
         return f"{self._prefix}/{key}" if self._prefix else key
 
+    def warm(self) -> None:
+        """Create the boto3 client now (a second or more of imports and model loading on a
+        busy machine), so the first save after a SIGTERM does not pay for it."""
+        self._client()
+
     def _client(self) -> Any:
+        if self._client_obj is not None:
+            return self._client_obj
+        with self._client_lock:
+            return self._make_client()
+
+    def _make_client(self) -> Any:
         if self._client_obj is None:
             import boto3
             from boto3.s3.transfer import TransferConfig
@@ -299,13 +315,14 @@ class S3Storage:
                 request_checksum_calculation="when_required",
                 response_checksum_validation="when_required",
             )
-            self._client_obj = boto3.session.Session().client("s3", endpoint_url=endpoint, config=config)
             self._transfer = TransferConfig(
                 multipart_threshold=s.multipart_threshold,
                 multipart_chunksize=s.multipart_chunksize,
                 max_concurrency=s.max_concurrency,
                 use_threads=True,
             )
+            # Published last: a reader that sees the client also sees the transfer config.
+            self._client_obj = boto3.session.Session().client("s3", endpoint_url=endpoint, config=config)
         return self._client_obj
 
     def _fail(self, action: str, key: str, exc: Exception) -> StorageError:

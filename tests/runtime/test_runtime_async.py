@@ -103,7 +103,7 @@ def test_sigterm_during_an_async_upload_waits_for_it_then_saves_the_exit_checkpo
     monkeypatch.setenv("TORPOR_JOB", "ns/job")
     monkeypatch.setenv("TORPOR_TERMINATION_LOG", str(tmp_path / "termination-log"))
     uri = f"s3://{s3_bucket}/sigterm"
-    net, loss, opt, loader = wide_setup(width=1024)  # ~12 MiB with momentum: a multipart upload
+    net, loss, opt, loader = wide_setup(width=1024)  # ~8 MiB with momentum: the upload takes a moment
     monitor = torpor.CheckpointMonitor(directory=uri, save_checkpoint_steps=3, keep_checkpoint_max=0,
                                        async_save=True, save_network_params=False)
     exit_cb = torpor.OnRequestExit(file_name="Net", directory=uri, save_export=False)
