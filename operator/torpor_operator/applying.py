@@ -87,8 +87,9 @@ class KubeClient:
             _ignore(404, lambda pod=pod, marks=marks: self.core.patch_namespaced_pod(
                 pod, namespace, {"metadata": {"annotations": marks}}))
         if decision.status:
-            self.custom.patch_namespaced_custom_object_status(
-                GROUP, VERSION, namespace, PLURAL, job, {"status": decision.status})
+            # 404: the job was deleted since it was read; its children go with it
+            _ignore(404, lambda: self.custom.patch_namespaced_custom_object_status(
+                GROUP, VERSION, namespace, PLURAL, job, {"status": decision.status}))
 
     def post_events(self, body: dict[str, Any], decision: Decision) -> None:
         """Post the decision's Events; a failed post is logged, never fatal."""
