@@ -7,6 +7,7 @@ Every write is idempotent: a create that meets 409 Conflict found the object alr
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import uuid
@@ -35,6 +36,15 @@ def _ignore(status: int, call: Callable[[], Any]) -> Any:
         raise
 
 
+def _items(response: Any) -> list[dict[str, Any]]:
+    """The items of a raw list response, as the API sent them.
+
+    Lists are read unparsed (``_preload_content=False``): building the client's model objects
+    and serialising them back to dictionaries cost most of a reconcile's CPU.
+    """
+    return list(json.loads(response.data).get("items") or [])
+
+
 class KubeClient:
     """The few API calls the operator makes, each named for what it does."""
 
@@ -52,21 +62,19 @@ class KubeClient:
 
     def list_pods(self, namespace: str, job: str) -> list[dict[str, Any]]:
         """Every pod of the job, all incarnations."""
-        pods = self.core.list_namespaced_pod(namespace, label_selector=f"{LABEL_JOB}={job}")
-        return [self.api.sanitize_for_serialization(p) for p in pods.items]
+        return _items(self.core.list_namespaced_pod(namespace, label_selector=f"{LABEL_JOB}={job}",
+                                                    _preload_content=False))
 
     def list_children(self, namespace: str, job: str) -> list[dict[str, Any]]:
         """The job's Services, ConfigMaps and PodDisruptionBudgets, with kind and apiVersion set."""
         selector = f"{LABEL_JOB}={job}"
         found: list[dict[str, Any]] = []
-        for kind, api_version, items in (
-            ("Service", "v1", self.core.list_namespaced_service(namespace, label_selector=selector).items),
-            ("ConfigMap", "v1", self.core.list_namespaced_config_map(namespace, label_selector=selector).items),
-            ("PodDisruptionBudget", "policy/v1",
-             self.policy.list_namespaced_pod_disruption_budget(namespace, label_selector=selector).items),
+        for kind, api_version, listing in (
+            ("Service", "v1", self.core.list_namespaced_service),
+            ("ConfigMap", "v1", self.core.list_namespaced_config_map),
+            ("PodDisruptionBudget", "policy/v1", self.policy.list_namespaced_pod_disruption_budget),
         ):
-            for item in items:
-                obj = self.api.sanitize_for_serialization(item)
+            for obj in _items(listing(namespace, label_selector=selector, _preload_content=False)):
                 obj.update(kind=kind, apiVersion=api_version)
                 found.append(obj)
         return found

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -40,3 +41,27 @@ def test_a_status_patch_of_a_job_deleted_meanwhile_is_not_an_error() -> None:
 def test_other_status_patch_failures_surface() -> None:
     with pytest.raises(ApiException):
         kube_with(StatusAnswers(500)).apply("ns", "job", Decision(status={"phase": "Running"}))
+
+
+class RawLists:
+    """Stands in for CoreV1Api/PolicyV1Api: list calls answer raw JSON, as with ``_preload_content=False``."""
+
+    def __init__(self, items: dict[str, list[dict[str, Any]]]) -> None:
+        self.items = items
+
+    def __getattr__(self, call: str) -> Any:
+        def listing(namespace: str, *, label_selector: str, _preload_content: bool) -> Any:
+            assert _preload_content is False and label_selector == "torpor.dev/job=demo"
+            return type("Raw", (), {"data": json.dumps({"items": self.items.get(call, [])}).encode()})()
+        return listing
+
+
+def test_lists_are_read_as_the_api_sends_them() -> None:
+    pod = {"metadata": {"name": "demo-1-0", "labels": {"torpor.dev/job": "demo"}}, "spec": {"nodeName": "n"},
+           "status": {"containerStatuses": [{"state": {"terminated": {"exitCode": 75}}}]}}
+    kube = KubeClient(client.ApiClient())
+    kube.core = RawLists({"list_namespaced_pod": [pod], "list_namespaced_config_map": [{"metadata": {"name": "c"}}]})  # type: ignore[assignment]
+    kube.policy = RawLists({"list_namespaced_pod_disruption_budget": [{"metadata": {"name": "p"}}]})  # type: ignore[assignment]
+    assert kube.list_pods("ns", "demo") == [pod]
+    assert [(c["kind"], c["apiVersion"], c["metadata"]["name"]) for c in kube.list_children("ns", "demo")] == [
+        ("ConfigMap", "v1", "c"), ("PodDisruptionBudget", "policy/v1", "p")]
