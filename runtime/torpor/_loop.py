@@ -8,6 +8,10 @@
             opt.zero_grad(); loss = loss_fn(net(x), y); loss.backward(); opt.step()
             loop.step_end(loss, inputs=(x,))           # +1
 
+Written as ``with torpor.Loop(...) as loop:``, an exception escaping the body first reaches
+the callbacks' ``on_train_exception`` (``CheckpointMonitor(exception_save=True)`` writes its
+breakpoint checkpoint there), then the caller, unchanged.
+
 On resume, ``epochs`` starts at the saved epoch and ``batches`` skips the batches that epoch
 had already consumed, with the generators rewound so the data order and every random draw
 match an uninterrupted run.

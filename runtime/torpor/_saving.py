@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from torpor import _distributed, _state
@@ -197,6 +198,51 @@ def capture(
     return PendingSave(name, reason, rank, world, files, fields)
 
 
+def _storage_ranges(content: Any) -> list[tuple[int, int]]:
+    """``(start, end)`` addresses of every CPU tensor storage in ``content``."""
+    ranges = []
+    stack = [content]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, torch.Tensor):
+            if value.device.type == "cpu":
+                storage = value.untyped_storage()
+                ranges.append((storage.data_ptr(), storage.data_ptr() + storage.nbytes()))
+        elif isinstance(value, dict):
+            stack.extend(value.values())
+        elif isinstance(value, list | tuple):
+            stack.extend(value)
+    return ranges
+
+
+class _TorchSink:
+    """What ``torch.save`` writes into without encryption.
+
+    ``torch.save`` hands over each tensor's storage as a memoryview of the tensor's own
+    memory, which stays alive and unchanged until the save returns (the caller holds the
+    payload; async saves write a staged copy). Those views are lent to the writer, which can
+    then upload them without copying; anything else (headers, pickle data in torch's own
+    transient buffers) is copied before ``write`` returns.
+    """
+
+    def __init__(self, writer: ObjectWriter, content: Any) -> None:
+        self._writer = writer
+        self._ranges = _storage_ranges(content)
+
+    def _lendable(self, view: memoryview) -> bool:
+        if len(view) < (1 << 20) or not self._ranges:
+            return False
+        start = int(np.frombuffer(view, dtype=np.uint8).ctypes.data)
+        return any(lo <= start and start + len(view) <= hi for lo, hi in self._ranges)
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        return self._writer.write(view, borrow=self._lendable(view))
+
+    def flush(self) -> None:
+        """``torch.save`` flushes; nothing is buffered here."""
+
+
 class _EncryptingSink:
     """What ``torch.save`` writes into: encrypts chunk by chunk on the way to the store."""
 
@@ -206,7 +252,7 @@ class _EncryptingSink:
 
     def write(self, data: Any) -> int:
         for record in self._enc.update(data):
-            self._writer.write(record)
+            self._writer.write(record, borrow=True)  # fresh bytes, kept alive by the view
         return len(memoryview(data))
 
     def flush(self) -> None:
@@ -214,7 +260,7 @@ class _EncryptingSink:
 
     def finish(self) -> None:
         for record in self._enc.finalize():
-            self._writer.write(record)
+            self._writer.write(record, borrow=True)
 
 
 _CRC_LOCK = threading.Lock()
@@ -260,7 +306,7 @@ def write_file(storage: Storage, key: str, content: Any, encryption: Encryption 
     """
     writer = open_writer(storage, key)
     try:
-        sink: Any = _EncryptingSink(writer, encryption) if encryption is not None else writer
+        sink: Any = _EncryptingSink(writer, encryption) if encryption is not None else _TorchSink(writer, content)
         if isinstance(content, bytes | bytearray | memoryview):
             sink.write(content)
         else:

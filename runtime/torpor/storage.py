@@ -269,6 +269,7 @@ class S3Storage:
         self._buffers: list[bytearray] = []
         self._lock = threading.Lock()
         self._client_lock = threading.Lock()
+        self._raw_obj: Any = None
 
     @property
     def uri(self) -> str:
@@ -285,9 +286,10 @@ class S3Storage:
         return f"{self._prefix}/{key}" if self._prefix else key
 
     def warm(self) -> None:
-        """Create the boto3 client now (a second or more of imports and model loading on a
+        """Create the boto3 clients now (a second or more of imports and model loading on a
         busy machine), so the first save after a SIGTERM does not pay for it."""
         self._client()
+        self._raw_client()
 
     def _client(self) -> Any:
         if self._client_obj is not None:
@@ -295,26 +297,32 @@ class S3Storage:
         with self._client_lock:
             return self._make_client()
 
+    def _new_client(self, parameter_validation: bool = True) -> Any:
+        import boto3
+        from botocore.config import Config
+
+        s = self._settings
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+        config = Config(
+            retries={"max_attempts": s.max_attempts, "mode": "standard"},
+            max_pool_connections=max(10, 2 * s.max_concurrency),
+            connect_timeout=s.connect_timeout,
+            read_timeout=s.read_timeout,
+            s3={"addressing_style": "path"} if endpoint else {},
+            # Whole-file sha256 in the manifest already guards every byte end to end, and
+            # SigV4 signs each part's sha256 over plain HTTP; a CRC32 per part on top is
+            # CPU the save cannot spare.
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+            parameter_validation=parameter_validation,
+        )
+        return boto3.session.Session().client("s3", endpoint_url=endpoint, config=config)
+
     def _make_client(self) -> Any:
         if self._client_obj is None:
-            import boto3
             from boto3.s3.transfer import TransferConfig
-            from botocore.config import Config
 
             s = self._settings
-            endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
-            config = Config(
-                retries={"max_attempts": s.max_attempts, "mode": "standard"},
-                max_pool_connections=max(10, 2 * s.max_concurrency),
-                connect_timeout=s.connect_timeout,
-                read_timeout=s.read_timeout,
-                s3={"addressing_style": "path"} if endpoint else {},
-                # Whole-file sha256 in the manifest already guards every byte end to end, and
-                # SigV4 signs each part's sha256 over plain HTTP; a CRC32 per part on top is
-                # CPU the save cannot spare.
-                request_checksum_calculation="when_required",
-                response_checksum_validation="when_required",
-            )
             self._transfer = TransferConfig(
                 multipart_threshold=s.multipart_threshold,
                 multipart_chunksize=s.multipart_chunksize,
@@ -322,8 +330,21 @@ class S3Storage:
                 use_threads=True,
             )
             # Published last: a reader that sees the client also sees the transfer config.
-            self._client_obj = boto3.session.Session().client("s3", endpoint_url=endpoint, config=config)
+            self._client_obj = self._new_client()
         return self._client_obj
+
+    def _raw_client(self) -> Any:
+        """A client for upload parts whose body may be a memoryview (zero-copy parts).
+
+        botocore's parameter validation accepts only bytes, bytearray or file objects as a
+        body, although its signer and urllib3 take any buffer; this client skips the
+        validation, and is used for nothing but ``upload_part`` calls built here.
+        """
+        if self._raw_obj is None:
+            with self._client_lock:
+                if self._raw_obj is None:
+                    self._raw_obj = self._new_client(parameter_validation=False)
+        return self._raw_obj
 
     def _fail(self, action: str, key: str, exc: Exception) -> StorageError:
         return StorageError(f"{action} {self.uri}/{key} failed after retries: {exc}")
@@ -394,47 +415,52 @@ class S3Storage:
         out = bytearray(size)
         view = memoryview(out)
 
-        def fetch(start: int) -> int:
+        def fetch(start: int) -> tuple[int, int]:
             end = min(start + part, size)
             reply = client.get_object(Bucket=self._bucket, Key=self._key(key), Range=f"bytes={start}-{end - 1}")
+            total = int(str(reply.get("ContentRange", "")).rpartition("/")[2] or -1)
             body = reply["Body"]
             pos = start
             try:
-                while pos < end:
-                    chunk = body.read(min(1 << 20, end - pos))
-                    if not chunk:
+                while pos < end:  # straight from the socket into the buffer: no chunk copies
+                    n = body.readinto(view[pos:end])
+                    if not n:
                         break
-                    view[pos:pos + len(chunk)] = chunk
-                    pos += len(chunk)
+                    pos += n
             finally:
                 body.close()
-            return pos - start
+            return pos - start, total
 
         digest = hashlib.sha256()
+        got, total = 0, -1
+        futures: list[tuple[int, Future[tuple[int, int]]]] = []
         try:
             futures = [(start, self._executor().submit(fetch, start)) for start in range(0, size, part)]
-            got = 0
             for start, future in futures:  # hash in order while later parts still download
-                n = future.result()
+                n, total = future.result()
                 got += n
                 digest.update(view[start:start + n])
                 if n != min(part, size - start):
                     break
         except ClientError as exc:
-            if _is_not_found(exc) or _code(exc) == "InvalidRange":
-                if _is_not_found(exc):
-                    raise FileNotFoundError(f"{self.uri}/{key}") from exc
+            if _is_not_found(exc):
+                raise FileNotFoundError(f"{self.uri}/{key}") from exc
+            if _code(exc) == "InvalidRange":
                 raise IntegrityError(f"{self.uri}/{key}: shorter than the manifest's size {size}; "
                                      "refusing to load it") from exc
             raise self._fail("get", key, exc) from exc
         except BotoCoreError as exc:
             raise self._fail("get", key, exc) from exc
         finally:
-            view.release()
-        if got != size:
-            raise IntegrityError(f"{self.uri}/{key}: size {got} does not match the manifest's size {size}; "
-                                 "the shard is truncated or was replaced, refusing to load it")
-        if self.exists_size(key) != size:
+            for _, future in futures:
+                future.cancel()
+            with contextlib.suppress(BufferError):  # a part still writing after a failure
+                view.release()
+        if got != size or total not in (size, -1):
+            raise IntegrityError(f"{self.uri}/{key}: size {total if total >= 0 else got} does not match the "
+                                 f"manifest's size {size}; the shard is truncated or was replaced, refusing to "
+                                 "load it")
+        if total == -1 and self.exists_size(key) != size:  # a server without Content-Range
             raise IntegrityError(f"{self.uri}/{key}: the object is larger than the manifest's size {size}; "
                                  "refusing to load it")
         if digest.hexdigest() != sha256:
@@ -582,18 +608,25 @@ class ObjectWriter:
         self._parts: list[bytes] = []
         self.closed = False
 
-    def write(self, data: bytes | bytearray | memoryview) -> int:
-        """Append ``data`` (consumed before returning: the caller may reuse its buffer)."""
+    def write(self, data: bytes | bytearray | memoryview, *, borrow: bool = False) -> int:
+        """Append ``data``.
+
+        Args:
+            data: the bytes.
+            borrow: the caller guarantees ``data`` stays alive and unchanged until
+                :meth:`close` returns, so a backend may send it without copying it first.
+                Without it, ``data`` is consumed before ``write`` returns.
+        """
         view = memoryview(data).cast("B")
         self._digest.update(view)
         self.size += len(view)
-        self._put(view)
+        self._put(view, borrow)
         return len(view)
 
     def flush(self) -> None:
         """Nothing to do: ``close`` is what makes bytes durable (``torch.save`` calls it)."""
 
-    def _put(self, view: memoryview) -> None:
+    def _put(self, view: memoryview, borrow: bool) -> None:
         self._parts.append(bytes(view))
 
     @property
@@ -637,7 +670,7 @@ class _LocalWriter(ObjectWriter):
         self._tmp = self._path.parent / f".{self._path.name}.tmp-{uuid.uuid4().hex[:8]}"
         self._file = open(self._tmp, "wb")  # noqa: SIM115 - closed in close()/abort()
 
-    def _put(self, view: memoryview) -> None:
+    def _put(self, view: memoryview, borrow: bool) -> None:
         self._file.write(view)
 
     def close(self) -> None:
@@ -674,8 +707,15 @@ class _S3Writer(ObjectWriter):
         self._upload_id: str | None = None
         self._futures: list[Future[dict[str, Any]]] = []
 
-    def _put(self, view: memoryview) -> None:
+    def _put(self, view: memoryview, borrow: bool) -> None:
+        part = self._part_size
         while len(view):
+            if borrow and self._buf is None and len(view) >= part:
+                # A whole part of memory the caller keeps alive (a tensor's storage): send it
+                # as it is, no copy into a staging buffer.
+                self._send_part(view[:part])
+                view = view[part:]
+                continue
             if self._buf is None:
                 self._buf = self._s3._take_buffer()
                 self._fill = 0
@@ -686,12 +726,15 @@ class _S3Writer(ObjectWriter):
             if self._fill == self._part_size and len(view):
                 self._send_part()  # a full part with more to come (the last one waits for close)
 
-    def _send_part(self) -> None:
+    def _send_part(self, borrowed: memoryview | None = None) -> None:
         from botocore.exceptions import BotoCoreError, ClientError
 
-        buf, fill = self._buf, self._fill
-        assert buf is not None
-        self._buf = None
+        if borrowed is not None:
+            buf, fill, pooled = borrowed, len(borrowed), False
+        else:
+            assert self._buf is not None
+            buf, fill, pooled = self._buf, self._fill, True
+            self._buf = None
         for done in [f for f in self._futures if f.done()]:
             done.result()  # a failed part fails the save now, not after the whole upload
         try:
@@ -699,7 +742,8 @@ class _S3Writer(ObjectWriter):
                 self._upload_id = self._client.create_multipart_upload(
                     Bucket=self._s3.bucket, Key=self._full_key)["UploadId"]
         except (BotoCoreError, ClientError) as exc:
-            self._s3._give_buffer(buf)
+            if pooled:
+                self._s3._give_buffer(buf)  # type: ignore[arg-type]
             raise self._s3._fail("put", self.key, exc) from exc
         number = len(self._futures) + 1
         self._slots.acquire()  # backpressure: at most max_concurrency parts in flight
@@ -707,11 +751,12 @@ class _S3Writer(ObjectWriter):
         def upload() -> dict[str, Any]:
             try:
                 body = buf if fill == len(buf) else bytes(memoryview(buf)[:fill])
-                reply = self._client.upload_part(Bucket=self._s3.bucket, Key=self._full_key, PartNumber=number,
-                                                 UploadId=self._upload_id, Body=body)
+                reply = self._s3._raw_client().upload_part(Bucket=self._s3.bucket, Key=self._full_key,
+                                                           PartNumber=number, UploadId=self._upload_id, Body=body)
                 return {"PartNumber": number, "ETag": reply["ETag"]}
             finally:
-                self._s3._give_buffer(buf)
+                if pooled:
+                    self._s3._give_buffer(buf)  # type: ignore[arg-type]
                 self._slots.release()
 
         self._futures.append(self._s3._executor().submit(upload))

@@ -1,0 +1,86 @@
+"""Shared pieces of the benchmarks: a MinIO of their own, a state of a given size, timing.
+
+Not a benchmark itself (``bench/run.py`` runs ``bench_*.py`` only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+for extra in (REPO / "hack", REPO / "runtime"):
+    if str(extra) not in sys.path:
+        sys.path.insert(0, str(extra))
+
+MIB = 1024 * 1024
+
+
+def parser(description: str, size_mib: int = 1024, repeat: int = 2) -> argparse.ArgumentParser:
+    """Flags every benchmark takes: the state size and how many times each side runs."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--size-mib", type=int, default=size_mib, help=f"state size in MiB (default {size_mib})")
+    p.add_argument("--repeat", type=int, default=repeat, help=f"runs per side, best kept (default {repeat})")
+    return p
+
+
+@contextlib.contextmanager
+def minio() -> Iterator[str]:
+    """A fresh MinIO on loopback with a bucket; yields the bucket and sets the AWS_* variables."""
+    import boto3
+
+    from s3server import MinioServer
+
+    with tempfile.TemporaryDirectory(prefix="torpor-bench-") as tmp, MinioServer(Path(tmp)) as server:
+        os.environ.update(server.env())
+        boto3.session.Session().client("s3").create_bucket(Bucket="bench")
+        yield "bench"
+
+
+def make_state(size_mib: int, tensor_mib: int = 64) -> dict:
+    """A model-like state dict: float32 tensors of ``tensor_mib`` each (random, incompressible)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    state = {}
+    left = size_mib * MIB // 4
+    i = 0
+    while left > 0:
+        n = min(left, tensor_mib * MIB // 4)
+        state[f"layer{i}.weight"] = torch.randn(n, generator=gen)
+        left -= n
+        i += 1
+    return state
+
+
+def state_bytes(state: dict) -> int:
+    """Tensor bytes in ``state``."""
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def best_of(repeat: int, fn: Callable[[], object]) -> float:
+    """Fastest wall time of ``repeat`` runs of ``fn`` (least disturbed by other load)."""
+    times = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
+def median(values: list[float]) -> float:
+    """Median, for per-step and per-checkpoint samples."""
+    return statistics.median(values)
+
+
+def load_note() -> str:
+    """The machine's load when the benchmark ran, printed with the results."""
+    one, five, _ = os.getloadavg()
+    return f"cpus={os.cpu_count()} loadavg(1m,5m)={one:.2f},{five:.2f}"
