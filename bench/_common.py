@@ -75,6 +75,21 @@ def best_of(repeat: int, fn: Callable[[], object]) -> float:
     return min(times)
 
 
+def interleaved(repeat: int, sides: dict[str, Callable[[], object]]) -> dict[str, float]:
+    """Fastest time of each side over ``repeat`` rounds that run the sides in turn (ABAB…).
+
+    On a machine shared with other work the load drifts during a run; alternating the sides
+    exposes both to the same drift, where running one side after the other would not.
+    """
+    best = {name: float("inf") for name in sides}
+    for _ in range(repeat):
+        for name, fn in sides.items():
+            started = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - started)
+    return best
+
+
 def median(values: list[float]) -> float:
     """Median, for per-step and per-checkpoint samples."""
     return statistics.median(values)

@@ -22,11 +22,11 @@ import shutil
 import tempfile
 import uuid
 
-from _common import MIB, best_of, load_note, make_state, minio, parser, state_bytes
+from _common import MIB, best_of, interleaved, load_note, make_state, minio, parser, state_bytes
 
 
 def main() -> None:
-    p = parser(__doc__.splitlines()[0])
+    p = parser(__doc__.splitlines()[0], repeat=3)
     p.add_argument("--sweep", action="store_true", help="also try part sizes x concurrencies")
     opts = p.parse_args()
 
@@ -56,8 +56,8 @@ def main() -> None:
 
         results: dict[str, float] = {}
         ours()  # warm-up: the part buffers are allocated once and reused by every later save
-        results["baseline torch.save+upload_fileobj"] = best_of(opts.repeat, baseline)
-        results["torpor streaming writer"] = best_of(opts.repeat, ours)
+        results.update(interleaved(opts.repeat, {"baseline torch.save+upload_fileobj": baseline,
+                                                 "torpor streaming writer": ours}))
         gcm = Encryption(b"k" * 32, "AES-GCM")
         results["torpor + AES-GCM"] = best_of(1, lambda: ours(enc=gcm))
 

@@ -6,7 +6,12 @@ sha256) before ``torch.load(weights_only=True)`` sees it.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import mmap
+import os
 import re
+import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -161,18 +166,88 @@ def read_shard(storage: Storage, entry: FileEntry, enc_key: bytes | None, enc_mo
     """
     data = read_verified_fast(storage, entry.key, size=entry.size, sha256=entry.sha256)
     if is_encrypted(data):
-        mode = encrypted_mode(data)
-        if enc_key is None:
-            raise ValueError(f"{storage.uri}/{entry.key} is encrypted ({mode or 'unknown mode'}) and no enc_key was "
-                             "given; pass enc_key= or set TORPOR_ENC_KEY_FILE")
-        if mode is None:
-            raise IntegrityError(f"{storage.uri}/{entry.key}: unknown encryption mode in its header; refusing to "
-                                 "load it")
-        return Encryption(enc_key, enc_mode or mode).decrypt(data)
+        return b"".join(_decrypting(storage, entry, iter([data]), enc_key, enc_mode))
     if enc_key is not None:
         raise IntegrityError(f"{storage.uri}/{entry.key} is not encrypted but an enc_key was given; refusing to "
                              "load a plaintext shard in its place")
     return data
+
+
+def _scratch_dir(size: int) -> str | None:
+    """A RAM-backed directory with room for ``size`` bytes (twice, for safety), else ``None``.
+
+    ``/dev/shm`` is often tiny in containers (64 MiB by default), so its free space is
+    checked rather than assumed.
+    """
+    path = "/dev/shm"
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    free = st.f_bavail * st.f_frsize
+    return path if os.access(path, os.W_OK) and free > 2 * size + (64 << 20) else None
+
+
+def load_shard(storage: Storage, entry: FileEntry, enc_key: bytes | None, enc_mode: str | None,
+               map_location: Any = "cpu") -> dict[str, Any]:
+    """Verify, decrypt and deserialise one file, with as few copies as the store allows.
+
+    Large S3 shards are downloaded (parallel, verified) into a memory-mapped file in
+    ``/dev/shm`` that ``torch.load(mmap=True)`` then uses in place: the tensors' bytes are
+    the downloaded pages, where a ``BytesIO`` would copy them twice. The file is unlinked
+    as soon as it is mapped. Elsewhere (small files, local stores, no room in ``/dev/shm``)
+    the bytes are read into memory.
+
+    Raises:
+        IntegrityError: see :func:`read_shard`.
+        ValueError: the file is encrypted and no key was given; not a torpor shard.
+    """
+    scratch = _scratch_dir(entry.size) if hasattr(storage, "get_verified") and entry.size > (64 << 20) else None
+    if scratch is None:
+        return _state.decode(read_shard(storage, entry, enc_key, enc_mode), map_location)
+    fd, path = tempfile.mkstemp(prefix=".torpor-load-", dir=scratch)
+    try:
+        os.ftruncate(fd, entry.size)
+        with mmap.mmap(fd, entry.size) as mapped:
+            storage.get_verified(entry.key, size=entry.size, sha256=entry.sha256, into=mapped)  # type: ignore[attr-defined]
+            encrypted = crypto_header(mapped)
+        if encrypted:  # decrypt into a second file, chunk by chunk, then map that one
+            plain_fd, plain_path = tempfile.mkstemp(prefix=".torpor-plain-", dir=scratch)
+            try:
+                with open(path, "rb") as source, os.fdopen(plain_fd, "wb") as sink:
+                    chunks = iter(lambda: source.read(8 << 20), b"")
+                    for chunk in _decrypting(storage, entry, chunks, enc_key, enc_mode):
+                        sink.write(chunk)
+                os.unlink(path)
+                path = plain_path
+            except BaseException:
+                os.unlink(plain_path)
+                raise
+        elif enc_key is not None:
+            raise IntegrityError(f"{storage.uri}/{entry.key} is not encrypted but an enc_key was given; refusing "
+                                 "to load a plaintext shard in its place")
+        return _state.decode_file(path, map_location)
+    finally:
+        os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def crypto_header(mapped: mmap.mmap) -> bool:
+    """Whether a mapped file starts with the encryption header."""
+    return is_encrypted(mapped[:16])
+
+
+def _decrypting(storage: Storage, entry: FileEntry, pieces: Any, enc_key: bytes | None,
+                enc_mode: str | None) -> Any:
+    head = next(pieces, b"")
+    mode = encrypted_mode(head)
+    if enc_key is None:
+        raise ValueError(f"{storage.uri}/{entry.key} is encrypted ({mode or 'unknown mode'}) and no enc_key was "
+                         "given; pass enc_key= or set TORPOR_ENC_KEY_FILE")
+    if mode is None:
+        raise IntegrityError(f"{storage.uri}/{entry.key}: unknown encryption mode in its header; refusing to load it")
+    return Encryption(enc_key, enc_mode or mode).decrypt_chunks(itertools.chain([head], pieces))
 
 
 def _load(storage: Storage, ckpt: Checkpoint, network: Any, optimizer: Any, lr_scheduler: Any,
@@ -192,7 +267,7 @@ def _load(storage: Storage, ckpt: Checkpoint, network: Any, optimizer: Any, lr_s
     assert model_manifest is not None
 
     def fetch(m: Manifest) -> dict[str, Any]:
-        return _state.decode(read_shard(storage, m.shard, *keys), map_location)
+        return load_shard(storage, m.shard, *keys, map_location)
 
     model_payload = fetch(model_manifest)
     own_payload = model_payload if own is model_manifest else (fetch(own) if own is not None else None)

@@ -200,6 +200,17 @@ class Staging:
         return value
 
 
+def decode_file(path: str, map_location: Any = "cpu") -> dict[str, Any]:
+    """:func:`decode` of a file, memory-mapped: tensors use the file's pages in place.
+
+    The caller may unlink the file once this returns (the mapping keeps the pages).
+    """
+    payload = torch.load(path, map_location=map_location, weights_only=True, mmap=True)
+    if not isinstance(payload, dict) or payload.get("torpor_format") != SHARD_FORMAT:
+        raise ValueError(f"not a torpor shard of format {SHARD_FORMAT} (got {type(payload).__name__})")
+    return payload
+
+
 def meta_of(payload: dict[str, Any]) -> dict[str, Any]:
     """The JSON metadata stored in a shard."""
     return json.loads(payload["meta"])

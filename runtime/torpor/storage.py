@@ -31,6 +31,7 @@ import threading
 import uuid
 from collections.abc import Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -399,8 +400,16 @@ class S3Storage:
         """
         return _S3Writer(self, key)
 
-    def get_verified(self, key: str, *, size: int, sha256: str) -> bytes | bytearray:
+    def get_verified(self, key: str, *, size: int, sha256: str, into: Any = None) -> Any:
         """Read ``key`` with parallel ranged GETs and check size and sha256 as parts arrive.
+
+        Args:
+            into: a writable buffer of exactly ``size`` bytes to read into (e.g. a memory
+                map of a file ``torch.load(mmap=True)`` then uses in place); default: a new
+                bytearray.
+
+        Returns:
+            The buffer holding the verified bytes.
 
         Raises:
             IntegrityError: size or sha256 differ from the manifest's.
@@ -409,11 +418,13 @@ class S3Storage:
         from botocore.exceptions import BotoCoreError, ClientError
 
         part = self._settings.multipart_chunksize
-        if size <= part:
+        if size <= part and into is None:
             return _check(self, key, self.get_bytes(key), size, sha256)
         client = self._client()
-        out = bytearray(size)
-        view = memoryview(out)
+        out = bytearray(size) if into is None else into
+        view = memoryview(out).cast("B")
+        if len(view) != size:
+            raise ValueError(f"into must hold exactly size={size} bytes, got {len(view)}")
 
         def fetch(start: int) -> tuple[int, int]:
             end = min(start + part, size)
@@ -454,6 +465,7 @@ class S3Storage:
         finally:
             for _, future in futures:
                 future.cancel()
+            wait_futures([f for _, f in futures])  # no part may still write into the buffer
             with contextlib.suppress(BufferError):  # a part still writing after a failure
                 view.release()
         if got != size or total not in (size, -1):
@@ -467,7 +479,7 @@ class S3Storage:
             raise IntegrityError(
                 f"{self.uri}/{key}: sha256 {digest.hexdigest()} does not match the manifest's sha256 {sha256}; "
                 "the shard is corrupted or was modified, refusing to load it")
-        return out  # a bytearray: no copy of a GiB just to freeze it
+        return out  # the buffer itself: no copy of a GiB just to freeze it
 
     def exists_size(self, key: str) -> int | None:
         """The object's size, or ``None`` when absent."""

@@ -87,3 +87,27 @@ def test_tensor_memory_is_uploaded_in_place_and_reads_back_exactly(s3_bucket: st
     loaded = _state.ViewReader(store.get_verified("rank_0/t.ckpt", size=entry.size, sha256=entry.sha256))
     back = torch.load(loaded, weights_only=True)
     assert torch.equal(back["w"], state["w"]) and torch.equal(back["nested"]["v"], state["nested"]["v"])
+
+
+def test_large_shards_load_through_a_mapped_file_and_leave_nothing_behind(s3_bucket: str) -> None:
+    import torch
+
+    from torpor._loading import load_shard
+    from torpor._saving import write_file
+    from torpor.crypto import Encryption
+
+    store = S3Storage(s3_bucket, "mapped")
+    state = {"w": torch.randn(20 * MIB), "torpor_format": 1}  # 80 MiB: above the mapped-load threshold
+    gcm = Encryption(os.urandom(32), "AES-GCM")
+    plain = write_file(store, "rank_0/p.ckpt", state, None)
+    sealed = write_file(store, "rank_0/s.ckpt", state, gcm)
+    before = set(os.listdir("/dev/shm"))
+    assert torch.equal(load_shard(store, plain, None, None)["w"], state["w"])
+    assert torch.equal(load_shard(store, sealed, gcm.key, None)["w"], state["w"])
+    with pytest.raises(IntegrityError, match="wrong encryption key"):
+        load_shard(store, sealed, os.urandom(32), None)
+    with pytest.raises(IntegrityError, match="not encrypted"):
+        load_shard(store, plain, gcm.key, None)
+    with pytest.raises(IntegrityError, match="sha256"):
+        load_shard(store, type(plain)(plain.kind, plain.key, plain.size, "0" * 64), None, None)
+    assert set(os.listdir("/dev/shm")) == before
