@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import pytest
 
-from conftest import Env
 from torpor.retention import RetentionPolicy, candidates, to_delete
+
+if TYPE_CHECKING:  # the fixtures' types; conftest modules are not importable by name in one session
+    from conftest import Env
 
 pytestmark = pytest.mark.cluster
 
@@ -24,8 +28,9 @@ def test_a_crashing_rank_restarts_from_the_latest_checkpoint_then_fails_past_max
     e2e.wait("a periodic checkpoint", lambda: e2e.status().get("lastCheckpoint"), timeout=120)
 
     e2e.break_losses()
-    stopping = e2e.wait_phase("Stopping", restarts=1)
-    assert stopping["stopReason"] == "Failure", stopping
+    # counted with the move to Stopping, which may last less than one poll: wait for the count
+    counted = e2e.wait("the crash counted", lambda: (st := e2e.status()).get("restarts") == 1 and st)
+    assert counted["phase"] in ("Stopping", "Restarting", "Pending"), counted
     e2e.losses().rmdir()  # incarnation 2 can write again (it starts after a 1 s backoff at least)
 
     status = e2e.wait_phase("Running", incarnation=2, timeout=120)

@@ -5,12 +5,15 @@ rank's node, with and without drainProtection, on the real control plane, node a
 from __future__ import annotations
 
 import subprocess
+from typing import TYPE_CHECKING
 
 import pytest
 
 from bootstrap import binary
-from conftest import Env
 from torpor.checkpoints import Reason
+
+if TYPE_CHECKING:  # the fixtures' types; conftest modules are not importable by name in one session
+    from conftest import Env
 
 pytestmark = pytest.mark.cluster
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from kubernetes import client, watch
 
-from conftest import Env
+if TYPE_CHECKING:  # the fixtures' types; conftest modules are not importable by name in one session
+    from conftest import Env
+
 
 pytestmark = pytest.mark.cluster
 

@@ -55,7 +55,8 @@ class Kube:
 
     def reasons(self) -> list[str]:
         events = self.get("events", "--field-selector", "involvedObject.kind=TrainingJob")["items"]
-        return [e["reason"] for e in sorted(events, key=lambda e: e["metadata"]["creationTimestamp"])]
+        # in the order written: timestamps have whole seconds, resource versions of one etcd increase
+        return [e["reason"] for e in sorted(events, key=lambda e: int(e["metadata"]["resourceVersion"]))]
 
     def patch(self, spec: dict[str, Any], name: str = "shell") -> None:
         self.cp.kubectl("patch", "-n", self.ns, "tj", name, "--type=merge", "-p", json.dumps({"spec": spec}))
