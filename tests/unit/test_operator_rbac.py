@@ -34,6 +34,9 @@ KOPF = [
     ("torpor.dev", "trainingjobs", "list"), ("torpor.dev", "trainingjobs", "watch"),
     ("torpor.dev", "trainingjobs", "patch"), ("", "pods", "watch"), ("", "nodes", "list"), ("", "nodes", "watch"),
     ("apiextensions.k8s.io", "customresourcedefinitions", "list"),
+    # kopf lists and watches namespaces at start-up even for a fixed namespace list; without
+    # them it logs a 403 and falls back to the given list.
+    ("", "namespaces", "list"), ("", "namespaces", "watch"),
 ]
 
 
