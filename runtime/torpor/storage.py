@@ -96,19 +96,7 @@ def read_verified(storage: Storage, key: str, *, size: int, sha256: str) -> byte
         IntegrityError: size or sha256 differ; the message names the key and both values.
         FileNotFoundError: the key is absent.
     """
-    data = storage.get_bytes(key)
-    if len(data) != size:
-        raise IntegrityError(
-            f"{storage.uri}/{key}: size {len(data)} does not match the manifest's size {size}; "
-            "the shard is truncated or was replaced, refusing to load it"
-        )
-    digest = sha256_hex(data)
-    if digest != sha256:
-        raise IntegrityError(
-            f"{storage.uri}/{key}: sha256 {digest} does not match the manifest's sha256 {sha256}; "
-            "the shard is corrupted or was modified, refusing to load it"
-        )
-    return data
+    return bytes(_check(storage, key, storage.get_bytes(key), size, sha256))
 
 
 class LocalStorage:

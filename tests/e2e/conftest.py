@@ -11,7 +11,6 @@ import copy
 import json
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,6 +20,7 @@ import pytest
 import yaml
 
 from controlplane import ControlPlane, wait_for_condition
+from operator_process import OperatorProcess
 from processes import free_port
 from s3server import MinioServer
 
@@ -39,41 +39,9 @@ def trainingjob_crd(control_plane: ControlPlane) -> str:
     return name
 
 
-class Operator:
-    """``python -m torpor_operator`` as a child process, cluster-wide, with MinIO's credentials."""
-
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
-        self.env = env
-        self.log_path = log_path
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "torpor_operator"], env=self.env, stdout=log,
-                                         stderr=subprocess.STDOUT)
-
-    def kill(self) -> None:
-        """SIGKILL, as an operator whose node died or that ran out of memory."""
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait(30)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(30)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-
 @pytest.fixture(scope="module")
 def operator(control_plane: ControlPlane, trainingjob_crd: str, node_agent: Any, minio: MinioServer,
-             tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Operator]:
+             tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[OperatorProcess]:
     """One operator for the module's tests: 1 s restart backoff, retention every 2 s; a module's
     ``OPERATOR_ENV`` dictionary overrides these settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TORPOR_")}
@@ -84,7 +52,7 @@ def operator(control_plane: ControlPlane, trainingjob_crd: str, node_agent: Any,
                # rank 0 listens on all addresses: a port of its own keeps it clear of other work here
                TORPOR_MASTER_PORT=str(free_port()))
     env.update(getattr(request.module, "OPERATOR_ENV", {}))
-    op = Operator(env, tmp_path_factory.mktemp("operator") / "operator.log")
+    op = OperatorProcess(env, tmp_path_factory.mktemp("operator") / "operator.log")
     op.start()
     try:
         yield op
@@ -96,7 +64,7 @@ class Env:
     """One test's namespace, bucket and helpers to run the example TrainingJob in them."""
 
     def __init__(self, cp: ControlPlane, namespace: str, bucket: str, minio: MinioServer, agent: Any,
-                 op: Operator, tmp: Path) -> None:
+                 op: OperatorProcess, tmp: Path) -> None:
         self.cp, self.ns, self.bucket, self.minio = cp, namespace, bucket, minio
         self.agent, self.op, self.tmp = agent, op, tmp
         self.cordoned: list[str] = []
@@ -218,7 +186,7 @@ class Env:
 
 @pytest.fixture
 def e2e(control_plane: ControlPlane, namespace: str, s3_bucket: str, minio: MinioServer, node_agent: Any,
-        operator: Operator, tmp_path: Path) -> Iterator[Env]:
+        operator: OperatorProcess, tmp_path: Path) -> Iterator[Env]:
     """A namespace with the example's S3 Secret, served by the module's operator."""
     secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": CREDENTIALS_SECRET},
               "stringData": {"AWS_ACCESS_KEY_ID": minio.access_key, "AWS_SECRET_ACCESS_KEY": minio.secret_key}}

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from controlplane import ControlPlane
+from operator_process import OperatorProcess
 
 CRD = Path(__file__).resolve().parents[2] / "crds" / "trainingjobs.yaml"
 
@@ -23,39 +22,6 @@ def trainingjob_crd(control_plane: ControlPlane) -> str:
     name = "trainingjobs.torpor.dev"
     control_plane.kubectl("wait", "--for=condition=Established", f"crd/{name}", "--timeout=60s")
     return name
-
-
-class OperatorProcess:
-    """``python -m torpor_operator`` as a child process watching one namespace."""
-
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
-        self.env = env
-        self.log_path = log_path
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "torpor_operator"], env=self.env, stdout=log,
-                                     stderr=subprocess.STDOUT)
-        log.close()
-
-    def kill(self) -> None:
-        """SIGKILL, as a crashed or evicted operator."""
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait(30)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(30)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
 
 
 @pytest.fixture

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from conftest import OperatorProcess
 from controlplane import ControlPlane, wait_for_condition
+from operator_process import OperatorProcess
 
 pytestmark = pytest.mark.cluster
 
