@@ -13,8 +13,12 @@ N-minute window although it documents the latest, and forgets files of an earlie
 * Both 0: every complete checkpoint is kept.
 * The newest complete checkpoint and every ``protected`` name (the one the run resumed
   from) are never deleted, whatever the policy says.
-* An incomplete checkpoint older than the newest complete one is a leftover of an
-  interrupted save and is deleted; one newer than it may still be being written and is kept.
+* An incomplete checkpoint older than the newest complete one *and* at a lower step is a
+  leftover of an interrupted save and is deleted; any other may still be being written and
+  is kept. The step matters because ranks finish a save at different moments: a fast rank's
+  shard of step 18 can be listed before a slow rank completes step 16, so by time alone the
+  in-flight step 18 would look stale. (The cost: an incomplete checkpoint from an earlier run
+  with a higher step than anything complete now lingers until deleted by hand.)
 * Everything in the listing counts, whichever run wrote it.
 
 Torch-free; the operator imports it.
@@ -103,6 +107,7 @@ def to_delete(
 
     doomed = [c.name for c in complete if c.name not in keep and c.name not in keep_always]
     doomed += [c.name for c in pool
-               if not c.complete and _order(c) < _order(newest) and c.name not in keep_always]
+               if not c.complete and _order(c) < _order(newest) and c.step < newest.step
+               and c.name not in keep_always]
     order = {c.name: i for i, c in enumerate(pool)}
     return sorted(set(doomed), key=order.__getitem__)
