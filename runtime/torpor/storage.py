@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from torpor.errors import IntegrityError, StorageError
+from torpor.transfer import PART_CHECKSUM_ALGORITHM, RangeReader, direct_reads_possible, part_checksum, presigned_get
 
 S3_DELETE_BATCH = 1000
 """Objects per ``DeleteObjects`` call: the S3 API's own maximum, so pruning is one call per 1000."""
@@ -286,7 +287,7 @@ class S3Storage:
         with self._client_lock:
             return self._make_client()
 
-    def _new_client(self, parameter_validation: bool = True) -> Any:
+    def _new_client(self, parameter_validation: bool = True, sign_payload: bool = True) -> Any:
         import boto3
         from botocore.config import Config
 
@@ -297,10 +298,12 @@ class S3Storage:
             max_pool_connections=max(10, 2 * s.max_concurrency),
             connect_timeout=s.connect_timeout,
             read_timeout=s.read_timeout,
-            s3={"addressing_style": "path"} if endpoint else {},
-            # Whole-file sha256 in the manifest already guards every byte end to end, and
-            # SigV4 signs each part's sha256 over plain HTTP; a CRC32 per part on top is
-            # CPU the save cannot spare.
+            s3=({"addressing_style": "path"} if endpoint else {})
+            | ({} if sign_payload else {"payload_signing_enabled": False}),
+            # Whole-file sha256 in the manifest already guards every byte end to end; the
+            # streaming writer's parts carry a CRC32 of their own (torpor.transfer), so
+            # botocore's automatic one would be a second.
+            signature_version="s3v4",  # requests use it anyway; presigned URLs would default to SigV2
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
             parameter_validation=parameter_validation,
@@ -327,12 +330,14 @@ class S3Storage:
 
         botocore's parameter validation accepts only bytes, bytearray or file objects as a
         body, although its signer and urllib3 take any buffer; this client skips the
-        validation, and is used for nothing but ``upload_part`` calls built here.
+        validation, and is used for nothing but ``upload_part`` calls built here. It also
+        leaves the payload unsigned: each part carries its CRC32 instead (see
+        :mod:`torpor.transfer`).
         """
         if self._raw_obj is None:
             with self._client_lock:
                 if self._raw_obj is None:
-                    self._raw_obj = self._new_client(parameter_validation=False)
+                    self._raw_obj = self._new_client(parameter_validation=False, sign_payload=False)
         return self._raw_obj
 
     def _fail(self, action: str, key: str, exc: Exception) -> StorageError:
@@ -414,14 +419,23 @@ class S3Storage:
         if len(view) != size:
             raise ValueError(f"into must hold exactly size={size} bytes, got {len(view)}")
 
+        url = presigned_get(client, self._bucket, self._key(key))
+        direct = None
+        if direct_reads_possible(url):
+            direct = RangeReader(url, name=f"{self.uri}/{key}", max_attempts=self._settings.max_attempts,
+                                 timeout=self._settings.read_timeout, ca_bundle=os.environ.get("AWS_CA_BUNDLE") or None)
+
         def fetch(start: int) -> tuple[int, int]:
             end = min(start + part, size)
-            reply = client.get_object(Bucket=self._bucket, Key=self._key(key), Range=f"bytes={start}-{end - 1}")
-            total = int(str(reply.get("ContentRange", "")).rpartition("/")[2] or -1)
-            body = reply["Body"]
+            if direct is not None:  # socket -> buffer, no copies (see torpor.transfer)
+                reply = direct.read_into(view[start:end], start)
+                return reply.received, reply.total
+            got = client.get_object(Bucket=self._bucket, Key=self._key(key), Range=f"bytes={start}-{end - 1}")
+            total = int(str(got.get("ContentRange", "")).rpartition("/")[2] or -1)
+            body = got["Body"]
             pos = start
             try:
-                while pos < end:  # straight from the socket into the buffer: no chunk copies
+                while pos < end:
                     n = body.readinto(view[pos:end])
                     if not n:
                         break
@@ -454,6 +468,8 @@ class S3Storage:
             for _, future in futures:
                 future.cancel()
             wait_futures([f for _, f in futures])  # no part may still write into the buffer
+            if direct is not None:
+                direct.close()
             with contextlib.suppress(BufferError):  # a part still writing after a failure
                 view.release()
         if got != size or total not in (size, -1):
@@ -740,7 +756,7 @@ class _S3Writer(ObjectWriter):
         try:
             if self._upload_id is None:
                 self._upload_id = self._client.create_multipart_upload(
-                    Bucket=self._s3.bucket, Key=self._full_key)["UploadId"]
+                    Bucket=self._s3.bucket, Key=self._full_key, ChecksumAlgorithm=PART_CHECKSUM_ALGORITHM)["UploadId"]
         except (BotoCoreError, ClientError) as exc:
             if pooled:
                 self._s3._give_buffer(buf)  # type: ignore[arg-type]
@@ -751,9 +767,11 @@ class _S3Writer(ObjectWriter):
         def upload() -> dict[str, Any]:
             try:
                 body = buf if fill == len(buf) else bytes(memoryview(buf)[:fill])
-                reply = self._s3._raw_client().upload_part(Bucket=self._s3.bucket, Key=self._full_key,
-                                                           PartNumber=number, UploadId=self._upload_id, Body=body)
-                return {"PartNumber": number, "ETag": reply["ETag"]}
+                crc = part_checksum(body)
+                reply = self._s3._raw_client().upload_part(
+                    Bucket=self._s3.bucket, Key=self._full_key, PartNumber=number, UploadId=self._upload_id,
+                    Body=body, ChecksumAlgorithm=PART_CHECKSUM_ALGORITHM, ChecksumCRC32=crc)
+                return {"PartNumber": number, "ETag": reply["ETag"], "ChecksumCRC32": crc}
             finally:
                 if pooled:
                     self._s3._give_buffer(buf)  # type: ignore[arg-type]

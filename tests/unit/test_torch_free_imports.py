@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-TORCH_FREE = ["torpor", "torpor.checkpoints", "torpor.retention", "torpor.storage", "torpor.env",
+TORCH_FREE = ["torpor", "torpor.checkpoints", "torpor.retention", "torpor.storage", "torpor.transfer", "torpor.env",
               "torpor.termination", "torpor.errors", "torpor.crypto"]
 
 
