@@ -6,9 +6,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+from processes import start_server, stop_server
+
 
 class OperatorProcess:
-    """``python -m torpor_operator`` as a child process, its output in ``log_path``."""
+    """``python -m torpor_operator`` as a child process, its output in ``log_path``.
+
+    Started like every server of the test harness (``processes.start_server``): in a session of
+    its own and SIGKILLed by the kernel when the test runner dies, so a killed pytest leaves
+    no operator acting on the control plane of the next run.
+    """
 
     def __init__(self, env: dict[str, str], log_path: Path) -> None:
         self.env = env
@@ -16,9 +23,7 @@ class OperatorProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "torpor_operator"], env=self.env, stdout=log,
-                                         stderr=subprocess.STDOUT)
+        self.proc = start_server([sys.executable, "-m", "torpor_operator"], self.log_path, env=self.env)
 
     def kill(self) -> None:
         """SIGKILL, as an operator whose node died or that ran out of memory."""
@@ -27,13 +32,8 @@ class OperatorProcess:
         self.proc.wait(30)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(30)
+        """SIGTERM, as Kubernetes stops a pod; SIGKILL if it has not exited after 30 s."""
+        stop_server(self.proc, timeout=30)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
