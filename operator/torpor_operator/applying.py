@@ -22,7 +22,11 @@ from torpor_operator.builders import graceful_exit_data
 from torpor_operator.contract import API_VERSION, GROUP, KIND, LABEL_JOB, PLURAL, VERSION
 from torpor_operator.reconciling import Decision, ObjectRef
 
-__all__ = ["KubeClient"]
+__all__ = ["PEERING_GROUP", "PEERING_VERSION", "KubeClient"]
+
+#: kopf's peering resources (crds/kopfpeerings.yaml).
+PEERING_GROUP = "kopf.dev"
+PEERING_VERSION = "v1"
 
 log = logging.getLogger("torpor.applying")
 
@@ -34,6 +38,15 @@ def _ignore(status: int, call: Callable[[], Any]) -> Any:
         if exc.status == status:
             return None
         raise
+
+
+def _missing_namespace(exc: ApiException) -> bool:
+    """A 404 that names a namespace (not a resource type the API server does not serve)."""
+    try:
+        details = json.loads(exc.body or "").get("details") or {}
+    except ValueError:  # "404 page not found": the resource type itself is unknown
+        return False
+    return exc.status == 404 and details.get("kind") == "namespaces"
 
 
 def _items(response: Any) -> list[dict[str, Any]]:
@@ -81,6 +94,36 @@ class KubeClient:
         return found
 
     # --- writing ---
+
+    def ensure_peering(self, name: str, namespace: str | None) -> bool:
+        """Create kopf's peering object ``name`` unless it exists: a ClusterKopfPeering when
+        ``namespace`` is ``None``, else a KopfPeering in ``namespace``.
+
+        kopf never creates it, and without it a replica with peering waits, paused, forever.
+
+        Returns:
+            ``False`` when ``namespace`` does not exist, ``True`` when the object exists now.
+
+        Raises:
+            ApiException: 404 when the kopf.dev peering CRDs are not installed; any other
+                refusal.
+        """
+        kind = "ClusterKopfPeering" if namespace is None else "KopfPeering"
+        body = {"apiVersion": f"{PEERING_GROUP}/{PEERING_VERSION}", "kind": kind, "metadata": {"name": name}}
+        try:
+            if namespace is None:
+                self.custom.create_cluster_custom_object(PEERING_GROUP, PEERING_VERSION, "clusterkopfpeerings", body)
+            else:
+                self.custom.create_namespaced_custom_object(PEERING_GROUP, PEERING_VERSION, namespace,
+                                                            "kopfpeerings", body)
+        except ApiException as exc:
+            if exc.status == 409:
+                return True
+            if _missing_namespace(exc):
+                return False
+            raise
+        log.info("created %s %s%s", kind, name, f" in {namespace}" if namespace else "")
+        return True
 
     def apply(self, namespace: str, job: str, decision: Decision) -> None:
         """Apply a decision in its documented order, Events last."""

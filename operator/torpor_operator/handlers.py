@@ -29,6 +29,7 @@ from typing import Any
 
 import kopf
 from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
 
 from torpor_operator.applying import KubeClient
 from torpor_operator.bucket import Bucket
@@ -181,9 +182,37 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = ours.watch_timeout_seconds
     settings.watching.client_timeout = ours.watch_timeout_seconds + 30
+    # read by kopf's peering tasks, which start only after the startup handlers
+    settings.peering.lifetime = ours.peering_lifetime_seconds
     shell = Shell(ours, KubeClient(_api_client()), Bucket(), memo.get("metrics") or Metrics())
     memo["shell"] = shell
     memo["retention"] = asyncio.get_running_loop().create_task(shell.retention_loop())
+
+
+@kopf.on.startup()
+async def create_peering(memo: kopf.Memo, **_: Any) -> None:
+    """With ``TORPOR_PEERING``: create the peering object(s) kopf will keep its records in.
+
+    Runs after :func:`configure` (kopf runs startup handlers in the order they are defined)
+    and before kopf's peering starts. Retried every 10 s while the peering CRDs are missing.
+    """
+    shell = _shell(memo)
+    name = shell.settings.peering
+    if not name:
+        return
+    for namespace in shell.settings.namespaces or (None,):
+        try:
+            exists = await asyncio.to_thread(shell.kube.ensure_peering, name, namespace)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            raise kopf.TemporaryError(
+                f"cannot create the peering object {name!r}: the kopf.dev peering CRDs are not installed "
+                f"(the chart installs them with operator.peering; or kubectl apply -f crds/kopfpeerings.yaml)",
+                delay=10) from exc
+        if not exists:
+            log.warning("namespace %s does not exist: no KopfPeering %s there; if it is created later, create "
+                        "the KopfPeering too (or restart the operator), or kopf pauses every replica", namespace, name)
 
 
 @kopf.on.cleanup()

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["DEFAULT_TERMINATION_TAINTS", "OperatorSettings", "SettingsError"]
+__all__ = ["DEFAULT_TERMINATION_TAINTS", "OperatorSettings", "SettingsError", "start_up_priority"]
 
 #: Taints that announce a node is about to go away. Cordoning (``spec.unschedulable``) is
 #: watched separately. Soft hints (cluster-autoscaler's ``DeletionCandidateOfClusterAutoscaler``,
@@ -32,13 +32,48 @@ DEFAULT_TERMINATION_TAINTS: tuple[str, ...] = (
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
+#: Bounds of an explicit peering priority: kopf stores it as a JSON number in the peering
+#: object, and integers beyond 2**53 do not survive every JSON reader exactly.
+PRIORITY_LIMIT = 2**53 - 1
+#: Bounds of the peering lifetime, seconds. kopf refreshes a record 5-10 s before it ends, at
+#: least every second: below 5 s a slow keep-alive PATCH would let a working replica look dead;
+#: above an hour a crashed replica would block its standby for longer than anyone waits.
+PEERING_LIFETIME_BOUNDS = (5, 3600)
+
 
 class SettingsError(ValueError):
     """A setting the operator cannot start with; the message names the variable and the value."""
 
 
-def _env(name: str) -> dict[str, str]:
-    return {"env": name}
+def _env(name: str, parse: type | None = None) -> dict[str, Any]:
+    """Field metadata: the variable, and how to parse it when the default's type does not say."""
+    return {"env": name, "parse": parse}
+
+
+def start_up_priority(started_ns: int, tiebreak: int) -> int:
+    """The kopf peering priority of a replica that sets none, from its start time.
+
+    Earlier starts get higher priorities, so the replica that has been working longest keeps
+    working: a rollout's new pod or a restarted container joins as a standby instead of pausing
+    the active replica, and takes over when that one exits (at once) or dies (after its peering
+    lifetime). ``tiebreak`` (a random 0..999, drawn at start-up) separates replicas started in
+    the same millisecond: two equal priorities would pause both. The value is negative, about
+    -1.8e15 in 2025, so any explicit priority >= 0 outranks every replica that sets none.
+
+    Args:
+        started_ns: the start time, ``time.time_ns()``.
+        tiebreak: 0..999.
+
+    Raises:
+        ValueError: ``tiebreak`` outside 0..999 or a negative ``started_ns``.
+
+    Example:
+        >>> start_up_priority(1_700_000_000_123_456_789, 7)
+        -1700000000123007
+    """
+    if not 0 <= tiebreak <= 999 or started_ns < 0:
+        raise ValueError(f"started_ns must be >= 0 and tiebreak in 0..999, got {started_ns!r}, {tiebreak!r}")
+    return -(started_ns // 1_000_000 * 1000 + tiebreak)
 
 
 @dataclass(frozen=True)
@@ -74,7 +109,23 @@ class OperatorSettings:
 
     peering: str = dataclasses.field(default="", metadata=_env("TORPOR_PEERING"))
     """Name of the kopf peering object for several operator replicas; empty (the default)
-    runs standalone, which is right for exactly one replica."""
+    runs standalone, which is right for exactly one replica. The operator creates the object
+    at start-up (a ClusterKopfPeering, or a KopfPeering per watched namespace); kopf's peering
+    CRDs (``crds/kopfpeerings.yaml``) must be installed."""
+
+    peering_priority: int | None = dataclasses.field(default=None, metadata=_env("TORPOR_PEERING_PRIORITY", int))
+    """kopf peering priority of this replica: it acts only while no live replica has a higher or
+    equal one (equal priorities pause both). Unset (the default): drawn at start-up by
+    :func:`start_up_priority`, so the longest-running replica leads and replicas of one
+    Deployment never tie. Set it only for a replica that must take over from the deployed ones
+    (a debugging session: any value >= 0 does); the same value on several replicas pauses them
+    all. Within +-(2**53 - 1)."""
+
+    peering_lifetime_seconds: int = dataclasses.field(default=60, metadata=_env("TORPOR_PEERING_LIFETIME_SECONDS"))
+    """How long a replica's peering keep-alive stays valid, whole seconds (kopf's
+    ``settings.peering.lifetime``; kopf refreshes it 5-10 s before it ends). A replica that dies
+    without exiting (SIGKILL, node loss) is replaced by a standby after at most this long; one
+    that exits hands over at once. 5..3600, default 60 (kopf's)."""
 
     health_port: int = dataclasses.field(default=8080, metadata=_env("TORPOR_HEALTH_PORT"))
     """Port of the liveness endpoint ``/healthz``; 0 turns it off."""
@@ -100,8 +151,7 @@ class OperatorSettings:
             self._check_port(name, allow_zero=False)
         for name in ("health_port", "metrics_port"):
             self._check_port(name, allow_zero=True)
-        if not isinstance(self.watch_timeout_seconds, int) or isinstance(self.watch_timeout_seconds, bool) \
-                or self.watch_timeout_seconds < 1:
+        if not _is_int(self.watch_timeout_seconds) or self.watch_timeout_seconds < 1:
             raise SettingsError(f"watch_timeout_seconds must be a whole number of seconds >= 1, "
                                 f"got {self.watch_timeout_seconds!r}")
         for name in ("backoff_base_seconds", "backoff_max_seconds", "retention_interval_seconds"):
@@ -117,11 +167,19 @@ class OperatorSettings:
             raise SettingsError(f"log_format must be 'json' or 'plain', got {self.log_format!r}")
         if self.peering and not _DNS_LABEL.match(self.peering):
             raise SettingsError(f"peering: {self.peering!r} is not a valid object name")
+        priority = self.peering_priority
+        if priority is not None and (not _is_int(priority) or abs(priority) > PRIORITY_LIMIT):
+            raise SettingsError(f"peering_priority must be an integer within +-{PRIORITY_LIMIT}, got {priority!r}")
+        low, high = PEERING_LIFETIME_BOUNDS
+        lifetime = self.peering_lifetime_seconds
+        if not _is_int(lifetime) or not low <= lifetime <= high:
+            raise SettingsError(f"peering_lifetime_seconds must be a whole number of seconds in {low}..{high}, "
+                                f"got {lifetime!r}")
 
     def _check_port(self, name: str, *, allow_zero: bool) -> None:
         value = getattr(self, name)
         low = 0 if allow_zero else 1
-        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= 65535:
+        if not _is_int(value) or not low <= value <= 65535:
             raise SettingsError(f"{name} must be a port number in {low}..65535, got {value!r}")
 
     def backoff_seconds(self, failures: int) -> float:
@@ -144,14 +202,15 @@ class OperatorSettings:
             raw = environ.get(var, "").strip()
             if not raw:
                 continue
-            if f.default == () or isinstance(f.default, tuple):
+            kind = f.metadata["parse"] or type(f.default)
+            if kind is tuple:
                 kwargs[f.name] = tuple(part.strip() for part in raw.split(",") if part.strip())
-            elif isinstance(f.default, int):
+            elif kind is int:
                 try:
                     kwargs[f.name] = int(raw)
                 except ValueError:
                     raise SettingsError(f"{var} must be an integer, got {raw!r}") from None
-            elif isinstance(f.default, float):
+            elif kind is float:
                 try:
                     kwargs[f.name] = float(raw)
                 except ValueError:
@@ -164,3 +223,7 @@ class OperatorSettings:
             names = {f.name: f.metadata["env"] for f in dataclasses.fields(cls)}
             field_name = str(exc).split(" ", 1)[0].rstrip(":")
             raise SettingsError(f"{names.get(field_name, '?')}: {exc}") from None
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -29,6 +29,14 @@ CALLS = {
     "delete_namespaced_pod_disruption_budget": ("policy", "poddisruptionbudgets", "delete"),
     "create_namespaced_event": ("", "events", "create"),
 }
+# Calls made only with TORPOR_PEERING, granted by peeringRules.
+PEERING_CALLS = {
+    "create_cluster_custom_object": ("kopf.dev", "clusterkopfpeerings", "create"),
+    "create_namespaced_custom_object": ("kopf.dev", "kopfpeerings", "create"),
+}
+# What kopf's peering does: watch the peering objects, patch its keep-alive into their status.
+KOPF_PEERING = [(g, r, v) for g in ("kopf.dev",) for r in ("kopfpeerings", "clusterkopfpeerings")
+                for v in ("list", "watch", "patch")]
 # What kopf does on the operator's behalf (watches of the handlers' resources, its annotations).
 KOPF = [
     ("torpor.dev", "trainingjobs", "list"), ("torpor.dev", "trainingjobs", "watch"),
@@ -44,9 +52,9 @@ def rules() -> dict[str, list[dict[str, list[str]]]]:
     return yaml.safe_load((PACKAGE / "rbac.yaml").read_text())
 
 
-def granted() -> set[tuple[str, str, str]]:
+def granted(sections: tuple[str, ...] = ("clusterRules", "namespacedRules")) -> set[tuple[str, str, str]]:
     out = set()
-    for section in ("clusterRules", "namespacedRules"):
+    for section in sections:
         for rule in rules()[section]:
             out |= {(g, r, v) for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
     return out
@@ -66,9 +74,19 @@ def test_every_call_in_the_shell_is_granted() -> None:
     source = "\n".join(p.read_text() for p in PACKAGE.glob("*.py"))
     called = set(re.findall(r"\.((?:get|list|create|delete|patch)_namespaced_\w+)\(", source))
     called |= set(re.findall(r"self\.(?:core|policy|custom)\.((?:get|list|create|delete|patch)_\w+)", source))
-    assert called <= set(CALLS), f"calls missing from this test's table: {called - set(CALLS)}"
-    missing = {CALLS[c] for c in called} - granted()
+    assert called <= set(CALLS) | set(PEERING_CALLS), \
+        f"calls missing from this test's tables: {called - set(CALLS) - set(PEERING_CALLS)}"
+    missing = {CALLS[c] for c in called if c in CALLS} - granted()
     assert not missing, f"rbac.yaml lacks {missing}"
+    missing = {PEERING_CALLS[c] for c in called if c in PEERING_CALLS} - granted(("peeringRules",))
+    assert not missing, f"rbac.yaml's peeringRules lack {missing}"
+
+
+def test_peering_rules_are_what_peering_uses() -> None:
+    needed = set(PEERING_CALLS.values()) | set(KOPF_PEERING)
+    assert needed <= granted(("peeringRules",))
+    unused = granted(("peeringRules",)) - needed
+    assert not unused, f"granted but never used: {unused}"
 
 
 def test_what_kopf_needs_is_granted() -> None:

@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from torpor_operator.settings import DEFAULT_TERMINATION_TAINTS, OperatorSettings, SettingsError
+from torpor_operator.settings import DEFAULT_TERMINATION_TAINTS, OperatorSettings, SettingsError, start_up_priority
 
 
 def test_defaults() -> None:
@@ -21,6 +21,8 @@ def test_defaults() -> None:
     assert "ToBeDeletedByClusterAutoscaler" in s.termination_taints
     assert s.master_port == 29500
     assert s.peering == ""
+    assert s.peering_priority is None  # drawn at start-up
+    assert s.peering_lifetime_seconds == 60
 
 
 def test_every_field_has_a_variable_and_a_docstring() -> None:
@@ -50,6 +52,8 @@ def test_from_env_parses_every_kind() -> None:
         "TORPOR_METRICS_PORT": "9999",
         "TORPOR_LOG_FORMAT": "plain",
         "TORPOR_WATCH_TIMEOUT_SECONDS": "10",
+        "TORPOR_PEERING_PRIORITY": "-7",
+        "TORPOR_PEERING_LIFETIME_SECONDS": "6",
         "UNRELATED": "x",
     })
     assert s.namespaces == ("team-a", "team-b")
@@ -57,6 +61,7 @@ def test_from_env_parses_every_kind() -> None:
     assert (s.master_port, s.health_port, s.metrics_port) == (23456, 0, 9999)
     assert (s.backoff_base_seconds, s.backoff_max_seconds) == (0.5, 8.0)
     assert (s.peering, s.log_format, s.watch_timeout_seconds) == ("torpor", "plain", 10.0)
+    assert (s.peering_priority, s.peering_lifetime_seconds) == (-7, 6)
 
 
 def test_backoff_doubles_up_to_the_cap() -> None:
@@ -83,6 +88,14 @@ def test_backoff_doubles_up_to_the_cap() -> None:
         ({"TORPOR_WATCH_TIMEOUT_SECONDS": "0"},
          "TORPOR_WATCH_TIMEOUT_SECONDS: watch_timeout_seconds must be a whole number of seconds >= 1, got 0"),
         ({"TORPOR_PEERING": "Bad Name"}, "TORPOR_PEERING: peering: 'Bad Name' is not a valid object name"),
+        ({"TORPOR_PEERING_PRIORITY": "high"}, "TORPOR_PEERING_PRIORITY must be an integer, got 'high'"),
+        ({"TORPOR_PEERING_PRIORITY": str(2**53)},
+         f"TORPOR_PEERING_PRIORITY: peering_priority must be an integer within +-{2**53 - 1}, got {2**53}"),
+        ({"TORPOR_PEERING_LIFETIME_SECONDS": "4"}, "TORPOR_PEERING_LIFETIME_SECONDS: peering_lifetime_seconds must "
+                                                   "be a whole number of seconds in 5..3600, got 4"),
+        ({"TORPOR_PEERING_LIFETIME_SECONDS": "3601"}, "peering_lifetime_seconds must be a whole number of seconds in "
+                                                      "5..3600, got 3601"),
+        ({"TORPOR_PEERING_LIFETIME_SECONDS": "7.5"}, "TORPOR_PEERING_LIFETIME_SECONDS must be an integer, got '7.5'"),
     ],
 )
 def test_errors_name_the_variable_and_the_value(env: dict[str, str], expected: str) -> None:
@@ -96,6 +109,27 @@ def test_direct_construction_names_the_field() -> None:
         OperatorSettings(termination_taints=("a b",))
     with pytest.raises(SettingsError, match=r"master_port must be a port number in 1\.\.65535, got True"):
         OperatorSettings(master_port=True)
+
+
+def test_peering_bounds_are_inclusive() -> None:
+    assert OperatorSettings(peering_lifetime_seconds=5).peering_lifetime_seconds == 5
+    assert OperatorSettings(peering_lifetime_seconds=3600).peering_lifetime_seconds == 3600
+    for priority in (0, 2**53 - 1, -(2**53 - 1)):
+        assert OperatorSettings(peering_priority=priority).peering_priority == priority
+    with pytest.raises(SettingsError, match=r"peering_priority must be an integer within \+-\d+, got True"):
+        OperatorSettings(peering_priority=True)
+
+
+def test_start_up_priority_prefers_the_earlier_start_and_never_ties_within_a_millisecond() -> None:
+    started = 1_700_000_000_123_000_000  # ns, the start of a millisecond
+    assert start_up_priority(started, 0) > start_up_priority(started + 1_000_000, 999)  # 1 ms later loses
+    same_ms = {start_up_priority(started + offset, tiebreak) for offset in (0, 999_999) for tiebreak in range(1000)}
+    assert len(same_ms) == 1000  # within a millisecond, only the tiebreak decides
+    now = start_up_priority(1_760_000_000 * 10**9, 999)
+    assert -(2**53 - 1) < now < 0  # JSON-safe and below any explicit priority >= 0
+    assert OperatorSettings(peering_priority=now).peering_priority == now
+    with pytest.raises(ValueError, match=r"tiebreak in 0\.\.999, got 1, 1000"):
+        start_up_priority(1, 1000)
 
 
 def test_settings_are_frozen() -> None:
