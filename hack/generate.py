@@ -10,6 +10,8 @@ source                                      generated
 ``crds/trainingjobs.yaml``                  ``charts/torpor/templates/trainingjobs-crd.yaml``
                                             (wrapped in ``crds.enabled``, ``crds.keep``) and
                                             the TrainingJob reference in ``README.md``
+``crds/kopfpeerings.yaml``                  ``charts/torpor/templates/kopfpeerings-crd.yaml``
+                                            (the same, and only with ``operator.peering``)
 ``operator/torpor_operator/rbac.yaml``      ``charts/torpor/files/rbac.yaml``
 ``charts/torpor/values.yaml`` (comments)    ``charts/torpor/values.schema.json``
 ==========================================  ==================================================
@@ -34,6 +36,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 CRD = ROOT / "crds" / "trainingjobs.yaml"
+PEERING_CRDS = ROOT / "crds" / "kopfpeerings.yaml"
 RULES = ROOT / "operator" / "torpor_operator" / "rbac.yaml"
 CHART = ROOT / "charts" / "torpor"
 VALUES = CHART / "values.yaml"
@@ -48,33 +51,42 @@ class GenerateError(Exception):
     """A source the generator cannot turn into its copy; the message says what to fix."""
 
 
-# -- the CRD template ------------------------------------------------------------------------
-def crd_template(source: str) -> str:
-    """The chart's CRD template: the source's ``spec`` verbatim under templated metadata."""
-    crd = yaml.safe_load(source)
-    if set(crd) != {"apiVersion", "kind", "metadata", "spec"} or set(crd["metadata"]) != {"name"}:
-        raise GenerateError(f"{CRD.name}: expected apiVersion, kind, metadata.name and spec only")
+# -- the CRD templates -----------------------------------------------------------------------
+def crd_template(source: str, path: Path = CRD, condition: str = ".Values.crds.enabled") -> str:
+    """The chart's template of a CRD file: each document's ``spec`` verbatim under templated
+    metadata, all of them rendered only when ``condition`` holds."""
+    rel = path.relative_to(ROOT)
     if "{{" in source or "}}" in source:
-        raise GenerateError(f"{CRD.name}: contains '{{{{' or '}}}}', which Helm would read as a template")
-    lines = source.splitlines()
-    spec_at = lines.index("spec:")
-    return "\n".join([
-        f"{{{{- /* Generated from crds/trainingjobs.yaml by hack/generate.py; run `{COMMAND}`, never edit. */}}}}",
-        "{{- if .Values.crds.enabled }}",
-        f"apiVersion: {crd['apiVersion']}",
-        f"kind: {crd['kind']}",
-        "metadata:",
-        f"  name: {crd['metadata']['name']}",
-        "  labels:",
-        '    {{- include "torpor.labels" . | nindent 4 }}',
-        "  {{- if .Values.crds.keep }}",
-        "  annotations:",
-        "    helm.sh/resource-policy: keep",
-        "  {{- end }}",
-        *lines[spec_at:],
-        "{{- end }}",
-        "",
-    ])
+        raise GenerateError(f"{path.name}: contains '{{{{' or '}}}}', which Helm would read as a template")
+    documents: list[list[str]] = [[]]
+    for line in source.splitlines():
+        if line == "---":
+            documents.append([])
+        else:
+            documents[-1].append(line)
+    out = [f"{{{{- /* Generated from {rel} by hack/generate.py; run `{COMMAND}`, never edit. */}}}}",
+           f"{{{{- if {condition} }}}}"]
+    for number, lines in enumerate(documents):
+        crd = yaml.safe_load("\n".join(lines))
+        if not isinstance(crd, dict) or set(crd) != {"apiVersion", "kind", "metadata", "spec"} \
+                or set(crd["metadata"]) != {"name"} or "spec:" not in lines:
+            raise GenerateError(f"{path.name}: document {number + 1}: expected apiVersion, kind, metadata.name "
+                                f"and spec only")
+        out += ["---"] if number else []
+        out += [
+            f"apiVersion: {crd['apiVersion']}",
+            f"kind: {crd['kind']}",
+            "metadata:",
+            f"  name: {crd['metadata']['name']}",
+            "  labels:",
+            '    {{- include "torpor.labels" . | nindent 4 }}',
+            "  {{- if .Values.crds.keep }}",
+            "  annotations:",
+            "    helm.sh/resource-policy: keep",
+            "  {{- end }}",
+            *lines[lines.index("spec:"):],
+        ]
+    return "\n".join([*out, "{{- end }}", ""])
 
 
 # -- the rules file --------------------------------------------------------------------------
@@ -216,6 +228,8 @@ def outputs() -> dict[Path, str]:
     schema = values_schema(VALUES.read_text())
     return {
         CHART / "templates" / "trainingjobs-crd.yaml": crd_template(crd),
+        CHART / "templates" / "kopfpeerings-crd.yaml": crd_template(
+            PEERING_CRDS.read_text(), PEERING_CRDS, "and .Values.crds.enabled .Values.operator.peering"),
         CHART / "files" / "rbac.yaml": rules_copy(RULES.read_text()),
         CHART / "values.schema.json": json.dumps(schema, indent=2, ensure_ascii=False) + "\n",
         README: readme_with_reference(README.read_text(), crd_reference(crd)),

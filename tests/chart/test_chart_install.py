@@ -22,6 +22,7 @@ import yaml
 
 from bootstrap import binary, ensure
 from controlplane import ControlPlane, wait_for_condition
+from operator_process import OperatorProcess
 from processes import free_port
 from s3server import MinioServer
 
@@ -30,6 +31,7 @@ pytestmark = pytest.mark.cluster
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "torpor"
 CRD_NAME = "trainingjobs.torpor.dev"
+PEERING_CRD_NAMES = ("clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev")
 RELEASE = "torpor"
 
 
@@ -42,11 +44,12 @@ def helm(cp: ControlPlane, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def adopt_crd(cp: ControlPlane, namespace: str) -> None:
-    """Hand an already applied CRD (other test tiers apply crds/ directly) to this release, as Helm documents."""
-    if cp.kubectl("get", "crd", CRD_NAME, check=False).returncode == 0:
-        cp.kubectl("label", "crd", CRD_NAME, "--overwrite", "app.kubernetes.io/managed-by=Helm")
-        cp.kubectl("annotate", "crd", CRD_NAME, "--overwrite", f"meta.helm.sh/release-name={RELEASE}",
-                   f"meta.helm.sh/release-namespace={namespace}")
+    """Hand already applied CRDs (other test tiers apply crds/ directly) to this release, as Helm documents."""
+    for name in (CRD_NAME, *PEERING_CRD_NAMES):
+        if cp.kubectl("get", "crd", name, check=False).returncode == 0:
+            cp.kubectl("label", "crd", name, "--overwrite", "app.kubernetes.io/managed-by=Helm")
+            cp.kubectl("annotate", "crd", name, "--overwrite", f"meta.helm.sh/release-name={RELEASE}",
+                       f"meta.helm.sh/release-namespace={namespace}")
 
 
 @pytest.fixture
@@ -206,6 +209,49 @@ def test_the_operator_with_only_the_service_account_token_carries_a_job_through_
         operator.wait(30)
         if cordoned:
             cp.kubectl("uncordon", cordoned)
+
+
+def test_peering_with_only_the_service_account_token(control_plane: ControlPlane, namespace: str,
+                                                     minio: MinioServer, tmp_path: Path) -> None:
+    """operator.peering: the chart installs kopf's CRDs, and an operator with nothing but the chart's
+    token creates its KopfPeering, keeps its record there and acts (no request refused)."""
+    cp = control_plane
+    adopt_crd(cp, namespace)
+    helm(cp, "install", RELEASE, str(CHART), "--namespace", namespace, "--wait", "--timeout", "120s",
+         "--set", "replicaCount=0", "--set", f"watchNamespaces={{{namespace}}}", "--set", "operator.peering=torpor")
+    operator = None
+    try:
+        for name in PEERING_CRD_NAMES:
+            crd = json.loads(cp.kubectl("get", "crd", name, "-o", "json").stdout)
+            assert crd["metadata"]["annotations"]["meta.helm.sh/release-name"] == RELEASE
+            assert {c["type"]: c["status"] for c in crd["status"]["conditions"]}["Established"] == "True"
+        notes = helm(cp, "get", "notes", RELEASE, "-n", namespace).stdout
+        assert f"kubectl get kopfpeering -n {namespace} torpor -o yaml" in notes
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("TORPOR_", "AWS_", "KUBECONFIG"))}
+        env.update(KUBECONFIG=str(token_kubeconfig(cp, namespace, RELEASE, tmp_path / "sa-kubeconfig")),
+                   TORPOR_NAMESPACES=namespace, TORPOR_HEALTH_PORT="0", TORPOR_METRICS_PORT="0",
+                   TORPOR_LOG_FORMAT="plain", TORPOR_PEERING="torpor", TORPOR_PEERING_LIFETIME_SECONDS="10",
+                   POD_ID="torpor-0")
+        operator = OperatorProcess(env, tmp_path / "operator.log")
+        operator.start()
+
+        def resumed() -> bool:
+            assert operator is not None and operator.proc is not None and operator.proc.poll() is None, operator.log()
+            return "Resuming operations after the pause" in operator.log()
+
+        wait_for_condition(resumed, timeout=60, what="the operator to act")
+        peering = json.loads(cp.kubectl("get", "kopfpeering", "torpor", "-n", namespace, "-o", "json").stdout)
+        assert set(peering["status"]) == {"torpor-0"}
+        assert peering["status"]["torpor-0"]["lifetime"] == 10
+        refused = [line for line in operator.log().splitlines() if "403" in line or "forbidden" in line.lower()]
+        assert refused == [], refused[:5]
+    finally:
+        if operator is not None:
+            operator.stop()
+            print(operator.log()[-4000:])
+        helm(cp, "uninstall", RELEASE, "--namespace", namespace, "--wait")
+    for name in PEERING_CRD_NAMES:
+        assert cp.kubectl("get", "crd", name, check=False).returncode == 0, "crds.keep leaves the peering CRDs"
 
 
 def test_the_readme_manifests_are_accepted_by_the_api_server(control_plane: ControlPlane, namespace: str,

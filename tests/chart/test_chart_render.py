@@ -58,7 +58,7 @@ def test_helm_lint_is_clean(sets: tuple[str, ...]) -> None:
 
 def test_rendered_crd_equals_the_source_and_is_kept() -> None:
     source = yaml.safe_load((ROOT / "crds" / "trainingjobs.yaml").read_text())
-    (crd,) = by_kind(render(), "CustomResourceDefinition")
+    (crd,) = by_kind(render(), "CustomResourceDefinition")  # no peering: no kopf CRDs
     assert crd["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
     assert crd["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "Helm"
     crd["metadata"] = {"name": crd["metadata"]["name"]}
@@ -66,6 +66,50 @@ def test_rendered_crd_equals_the_source_and_is_kept() -> None:
     (crd,) = by_kind(render("crds.keep=false"), "CustomResourceDefinition")
     assert "annotations" not in crd["metadata"]
     assert not by_kind(render("crds.enabled=false"), "CustomResourceDefinition")
+
+
+PEERING_CRDS = [d for d in yaml.safe_load_all((ROOT / "crds" / "kopfpeerings.yaml").read_text()) if d]
+
+
+@pytest.mark.parametrize("sets", [("operator.peering=torpor",), ("operator.peering=torpor", "watchNamespaces={a,b}")],
+                         ids=["cluster-wide", "namespaced"])
+def test_peering_installs_kopfs_crds_as_written_in_crds(sets: tuple[str, ...]) -> None:
+    crds = {c["metadata"]["name"]: c for c in by_kind(render(*sets), "CustomResourceDefinition")}
+    assert set(crds) == {"trainingjobs.torpor.dev", "clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev"}
+    for source in PEERING_CRDS:
+        crd = crds[source["metadata"]["name"]]
+        assert crd["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
+        crd["metadata"] = {"name": crd["metadata"]["name"]}
+        assert crd == source
+    assert {c["spec"]["scope"] for c in PEERING_CRDS} == {"Cluster", "Namespaced"}
+    for crd in PEERING_CRDS:  # kopf writes one record per replica, keyed by its identity
+        status = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
+        assert status["x-kubernetes-preserve-unknown-fields"] is True
+    # the peering object itself is the operator's to create (Helm cannot create an object of a
+    # kind its own release defines); the chart renders none
+    docs = render(*sets)
+    assert not [d for d in docs if d["apiVersion"].startswith("kopf.dev/")]
+    kept = {c["metadata"]["name"]: c["metadata"].get("annotations") for c in
+            by_kind(render(*sets, "crds.keep=false"), "CustomResourceDefinition")}
+    assert len(kept) == 3 and set(kept.values()) == {None}
+    assert not by_kind(render(*sets, "crds.enabled=false"), "CustomResourceDefinition")
+
+
+def test_peering_rolls_updates_and_names_replicas_by_pod() -> None:
+    (deploy,) = by_kind(render("operator.peering=torpor", "replicaCount=2", "operator.peeringLifetimeSeconds=20"),
+                        "Deployment")
+    assert deploy["spec"]["replicas"] == 2
+    assert deploy["spec"]["strategy"] == {"type": "RollingUpdate",
+                                          "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+    env = {e["name"]: e for e in deploy["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["TORPOR_PEERING"]["value"] == "torpor"
+    assert env["TORPOR_PEERING_LIFETIME_SECONDS"]["value"] == "20"
+    assert env["POD_ID"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert "TORPOR_PEERING_PRIORITY" not in env  # drawn per replica: one shared value would pause them all
+    (deploy,) = by_kind(render(), "Deployment")
+    env = {e["name"] for e in deploy["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert deploy["spec"]["strategy"] == {"type": "Recreate"}
+    assert not env & {"TORPOR_PEERING_LIFETIME_SECONDS", "POD_ID"}
 
 
 def test_cluster_wide_mode_is_one_cluster_role_with_every_rule() -> None:
@@ -143,7 +187,8 @@ def test_metrics_service_and_service_monitor() -> None:
 @pytest.mark.parametrize("bad, field", [("operator.logFormat=xml", "logFormat"),
                                         ("operator.metricsPort=70000", "metricsPort"),
                                         ("operator.healthPorts=1", "healthPorts"),
-                                        ("watchNamespaces={Team_A}", "watchNamespaces")])
+                                        ("watchNamespaces={Team_A}", "watchNamespaces"),
+                                        ("operator.peeringLifetimeSeconds=4", "peeringLifetimeSeconds")])
 def test_the_generated_schema_rejects_bad_values(bad: str, field: str) -> None:
     proc = helm("template", "tp", str(CHART), "--set", bad, check=False)
     assert proc.returncode != 0
