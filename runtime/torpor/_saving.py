@@ -252,7 +252,10 @@ class _EncryptingSink:
 
     def write(self, data: Any) -> int:
         for record in self._enc.update(data):
-            self._writer.write(record, borrow=True)  # fresh bytes, kept alive by the view
+            # Copied into the warm staging buffer, not lent: lending would keep ~40 fresh 4 MiB
+            # records alive until their parts upload, each new one page-faulting in (measured:
+            # AES-GCM save 4.0 s -> 6.5 s per GiB), where a freed record's memory is reused.
+            self._writer.write(record)
         return len(memoryview(data))
 
     def flush(self) -> None:
@@ -260,7 +263,7 @@ class _EncryptingSink:
 
     def finish(self) -> None:
         for record in self._enc.finalize():
-            self._writer.write(record, borrow=True)
+            self._writer.write(record)
 
 
 _CRC_LOCK = threading.Lock()

@@ -47,6 +47,48 @@ def part_checksum(body: bytes | bytearray | memoryview) -> str:
     return base64.b64encode(zlib.crc32(body).to_bytes(4, "big")).decode("ascii")
 
 
+class PartBody:
+    """One upload part made of several buffers, sent without joining them.
+
+    A part is usually a few hundred bytes of torch's zip headers (staged) followed by many
+    MiB of a tensor's own memory (lent): joining them would copy the tensor. botocore takes
+    the ``len()`` for ``Content-Length``; urllib3 iterates and hands each buffer to
+    ``sendall``; a retry calls ``seek(0)``, after which the iteration simply starts again.
+    """
+
+    def __init__(self, pieces: list[memoryview]) -> None:
+        """Wrap ``pieces`` (kept alive and unchanged by the caller until the upload returns)."""
+        self._pieces = pieces
+        self._size = sum(len(p) for p in pieces)
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __iter__(self) -> Any:
+        return iter(self._pieces)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        """Rewind for a retry (the only seek botocore makes)."""
+        if (offset, whence) != (0, 0):
+            raise ValueError(f"PartBody can only rewind to the start, got seek({offset}, {whence})")
+        return 0
+
+    def tell(self) -> int:
+        """Always at the start: iteration is stateless."""
+        return 0
+
+    def checksum(self) -> str:
+        """:func:`part_checksum` of the whole part."""
+        crc = 0
+        for piece in self._pieces:
+            crc = zlib.crc32(piece, crc)
+        return base64.b64encode(crc.to_bytes(4, "big")).decode("ascii")
+
+    def tobytes(self) -> bytes:
+        """The part as one ``bytes`` (for small objects sent in one PUT)."""
+        return b"".join(self._pieces)
+
+
 def direct_reads_possible(url: str) -> bool:
     """Whether a GET of ``url`` may bypass botocore: not when a proxy would carry it."""
     parts = urlsplit(url)

@@ -13,7 +13,7 @@ import torpor.storage
 from s3server import MinioServer
 from torpor.errors import IntegrityError, StorageError
 from torpor.storage import S3Settings, S3Storage, open_writer
-from torpor.transfer import RangeReader, direct_reads_possible, part_checksum, presigned_get
+from torpor.transfer import PartBody, RangeReader, direct_reads_possible, part_checksum, presigned_get
 
 pytestmark = pytest.mark.s3
 MIB = 1024 * 1024
@@ -43,7 +43,7 @@ def test_every_uploaded_part_carries_a_crc32_the_server_keeps(s3_bucket: str) ->
 def test_a_part_whose_bytes_do_not_match_its_crc32_is_refused_and_nothing_appears(
         s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
     store = five_mib_parts(s3_bucket)
-    monkeypatch.setattr(torpor.storage, "part_checksum", lambda body: part_checksum(b"not these bytes"))
+    monkeypatch.setattr(PartBody, "checksum", lambda body: part_checksum(b"not these bytes"))
     writer = open_writer(store, "rank_0/bad.ckpt")
     with pytest.raises(StorageError, match=r"put s3://.*/xfer/rank_0/bad\.ckpt failed"):
         writer.write(os.urandom(11 * MIB))
