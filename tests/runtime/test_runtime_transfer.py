@@ -118,3 +118,33 @@ def test_reads_go_through_botocore_when_a_proxy_would_carry_them(
     writer.write(data)
     writer.close()
     assert bytes(store.get_verified("rank_0/fallback.ckpt", size=len(data), sha256=writer.sha256)) == data
+
+
+def test_a_part_retried_after_a_server_error_is_sent_again_whole(s3_bucket: str) -> None:
+    from botocore.awsrequest import AWSResponse
+
+    store = five_mib_parts(s3_bucket)
+    failed: set[int] = set()
+
+    def fail_each_part_once(request: object, **_: object) -> AWSResponse | None:
+        number = int(str(getattr(request, "url", "")).split("partNumber=")[1].split("&")[0])
+        if number in failed:
+            return None
+        failed.add(number)
+
+        class Raw:  # what botocore reads an error response's body from
+            def stream(self, **_: object) -> list[bytes]:
+                return [b"<Error><Code>InternalError</Code></Error>"]
+
+        return AWSResponse(getattr(request, "url", ""), 500, {}, Raw())
+
+    store._raw_client().meta.events.register("before-send.s3.UploadPart", fail_each_part_once)
+    header, tensor = os.urandom(300), os.urandom(11 * MIB)
+    writer = open_writer(store, "rank_0/retried.ckpt")
+    writer.write(header)  # staged
+    writer.write(memoryview(tensor), borrow=True)  # lent: each part is header/tensor pieces
+    writer.close()
+    assert failed == {1, 2, 3}
+    data = header + tensor
+    assert bytes(store.get_verified("rank_0/retried.ckpt", size=len(data), sha256=hashlib.sha256(data).hexdigest())) \
+        == data
