@@ -31,7 +31,7 @@ def main() -> None:
     nbytes = state_bytes(state)
     state["torpor_format"] = 1  # what makes it a torpor shard for the loader
     print(f"[resume] state {nbytes / MIB:.0f} MiB in {len(state) - 1} tensors; {load_note()}", flush=True)
-    with minio() as bucket:
+    with minio(on_disk=opts.minio_on_disk) as bucket:
         store = S3Storage(bucket, "torpor")
         plain = write_file(store, "rank_0/plain.ckpt", state, None)
         gcm = Encryption(b"k" * 32, "AES-GCM")

@@ -22,7 +22,7 @@ import shutil
 import tempfile
 import uuid
 
-from _common import MIB, best_of, interleaved, load_note, make_state, minio, parser, state_bytes
+from _common import MIB, best_of, empty_bucket, interleaved, load_note, make_state, minio, parser, state_bytes
 
 
 def main() -> None:
@@ -40,7 +40,7 @@ def main() -> None:
     state = make_state(opts.size_mib)
     nbytes = state_bytes(state)
     print(f"[save] state {nbytes / MIB:.0f} MiB in {len(state)} tensors; {load_note()}", flush=True)
-    with minio() as bucket:
+    with minio(on_disk=opts.minio_on_disk) as bucket:
         client = boto3.session.Session().client("s3")
 
         def baseline() -> None:
@@ -57,9 +57,11 @@ def main() -> None:
         results: dict[str, float] = {}
         ours()  # warm-up: the part buffers are allocated once and reused by every later save
         results.update(interleaved(opts.repeat, {"baseline torch.save+upload_fileobj": baseline,
-                                                 "torpor streaming writer": ours}))
+                                                 "torpor streaming writer": ours},
+                                   after=lambda: empty_bucket(bucket)))
         gcm = Encryption(b"k" * 32, "AES-GCM")
         results["torpor + AES-GCM"] = best_of(1, lambda: ours(enc=gcm))
+        empty_bucket(bucket)
 
         if opts.sweep:
             for part in (8, 16, 32, 64):
@@ -69,6 +71,7 @@ def main() -> None:
                                              max_concurrency=conc))
                     ours(s)
                     t = best_of(opts.repeat, lambda s=s: ours(s))
+                    empty_bucket(bucket)
                     print(f"[save] sweep part={part}MiB concurrency={conc}: {nbytes / MIB / t:.0f} MiB/s", flush=True)
 
         tmp = tempfile.mkdtemp(prefix="torpor-dcp-")

@@ -52,7 +52,7 @@ def main() -> None:
 
     per_rank = opts.size_mib // opts.world
     print(f"[sigterm] {opts.world} ranks x {per_rank} MiB; {load_note()}", flush=True)
-    with minio() as bucket:
+    with minio(on_disk=opts.minio_on_disk) as bucket:
         client = boto3.session.Session().client("s3")
         body = os.urandom(32 * MIB)
         parts = per_rank * opts.world // 32

@@ -52,7 +52,7 @@ def main() -> None:
 
     print(f"[stall] state {opts.size_mib} MiB, save every {opts.every} steps of {opts.step_ms:.0f} ms; "
           f"{load_note()}", flush=True)
-    with minio() as bucket:
+    with minio(on_disk=opts.minio_on_disk) as bucket:
         sync = run(False, f"s3://{bucket}/sync")
         print(f"[stall] synchronous stalls: {', '.join(f'{s:.2f}' for s in sync)} s", flush=True)
         asyn = run(True, f"s3://{bucket}/async")
