@@ -228,6 +228,7 @@ class _TorchSink:
     def __init__(self, writer: ObjectWriter, content: Any) -> None:
         self._writer = writer
         self._ranges = _storage_ranges(content)
+        self.error: BaseException | None = None
 
     def _lendable(self, view: memoryview) -> bool:
         if len(view) < (1 << 20) or not self._ranges:
@@ -237,7 +238,11 @@ class _TorchSink:
 
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
-        return self._writer.write(view, borrow=self._lendable(view))
+        try:
+            return self._writer.write(view, borrow=self._lendable(view))
+        except BaseException as exc:
+            self.error = self.error or exc  # torch.save swallows it; write_file re-raises it
+            raise
 
     def flush(self) -> None:
         """``torch.save`` flushes; nothing is buffered here."""
@@ -249,8 +254,16 @@ class _EncryptingSink:
     def __init__(self, writer: ObjectWriter, encryption: Encryption) -> None:
         self._writer = writer
         self._enc = encryption.encryptor()
+        self.error: BaseException | None = None
 
     def write(self, data: Any) -> int:
+        try:
+            return self._write(data)
+        except BaseException as exc:
+            self.error = self.error or exc  # torch.save swallows it; write_file re-raises it
+            raise
+
+    def _write(self, data: Any) -> int:
         for record in self._enc.update(data):
             # Copied into the warm staging buffer, not lent: lending would keep ~40 fresh 4 MiB
             # records alive until their parts upload, each new one page-faulting in (measured:
@@ -314,7 +327,14 @@ def write_file(storage: Storage, key: str, content: Any, encryption: Encryption 
             sink.write(content)
         else:
             with _without_zip_crc32():
-                torch.save(content, sink)
+                try:
+                    torch.save(content, sink)
+                except Exception:
+                    # torch's zip writer turns an exception in our write() into "unexpected
+                    # pos"; the store's own error is the one that says what went wrong.
+                    if sink.error is not None:
+                        raise sink.error from None
+                    raise
         if encryption is not None:
             sink.finish()
         writer.close()

@@ -767,9 +767,9 @@ class _S3Writer(ObjectWriter):
         from botocore.exceptions import BotoCoreError, ClientError
 
         body, staging = self._take_part()
-        for done in [f for f in self._futures if f.done()]:
-            done.result()  # a failed part fails the save now, not after the whole upload
         try:
+            for done in [f for f in self._futures if f.done()]:
+                done.result()  # a failed part fails the save now, not after the whole upload
             if self._upload_id is None:
                 self._upload_id = self._client.create_multipart_upload(
                     Bucket=self._s3.bucket, Key=self._full_key, ChecksumAlgorithm=PART_CHECKSUM_ALGORITHM)["UploadId"]

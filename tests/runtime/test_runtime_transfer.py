@@ -148,3 +148,17 @@ def test_a_part_retried_after_a_server_error_is_sent_again_whole(s3_bucket: str)
     data = header + tensor
     assert bytes(store.get_verified("rank_0/retried.ckpt", size=len(data), sha256=hashlib.sha256(data).hexdigest())) \
         == data
+
+
+def test_a_failed_upload_during_torch_save_surfaces_as_the_storage_error(
+        s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from torpor._saving import write_file
+
+    store = five_mib_parts(s3_bucket)
+    monkeypatch.setattr(PartBody, "checksum", lambda body: part_checksum(b"not these bytes"))
+    state = {f"w{i}": torch.randn(2 * MIB // 4) for i in range(12)}  # 24 MiB: parts fail while torch writes
+    with pytest.raises(StorageError, match=r"put s3://.*/xfer/rank_0/CKP-1_1\.ckpt failed"):
+        write_file(store, "rank_0/CKP-1_1.ckpt", state, None)
+    assert not store.exists("rank_0/CKP-1_1.ckpt")
