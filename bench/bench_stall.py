@@ -18,7 +18,7 @@ from _common import MIB, load_note, median, minio, parser
 
 def main() -> None:
     p = parser(__doc__.splitlines()[0], size_mib=1024)
-    p.add_argument("--saves", type=int, default=3, help="checkpoints per side (default 3)")
+    p.add_argument("--saves", type=int, default=5, help="checkpoints per side (default 5; the median is reported)")
     p.add_argument("--every", type=int, default=60, help="steps between saves (default 60)")
     p.add_argument("--step-ms", type=float, default=200.0, help="time per training step in ms (default 200)")
     opts = p.parse_args()

@@ -22,7 +22,7 @@ from torpor import _distributed, _state
 from torpor._background import BackgroundSaver, warm_in_background
 from torpor._callbacks import Callback, RunContext
 from torpor._config import CheckpointConfig
-from torpor._saving import SaveOptions, capture, save_checkpoint, write_pending
+from torpor._saving import SaveOptions, capture, reserve_staging, save_checkpoint, write_pending
 from torpor.checkpoints import ManifestCache, Reason, check_name, checkpoint_name, delete_checkpoints, scan
 from torpor.crypto import Encryption
 from torpor.env import RuntimeEnv, read_enc_key
@@ -179,6 +179,8 @@ class CheckpointMonitor(Callback):
         self._last_step = args.resumed_from.step if args.resumed_from is not None else None
         self._last_time = time.monotonic()
         warm_in_background(self.storage)
+        if self._saver is not None:
+            reserve_staging(self._staging, args, self._options())
 
     def _due(self, step: int) -> bool:
         cfg = self.config

@@ -198,6 +198,15 @@ def capture(
     return PendingSave(name, reason, rank, world, files, fields)
 
 
+def reserve_staging(staging: _state.Staging, args: RunArgs, options: SaveOptions) -> None:
+    """Make the staging buffers for the model this rank will snapshot (see ``Staging.reserve``)."""
+    if options.integrated and _distributed.rank() != 0:
+        return  # only rank 0 writes replicated model state
+    network = _state.unwrap(options.saved_network if options.saved_network is not None else args.network)
+    if callable(getattr(network, "state_dict", None)):
+        staging.reserve({"model": _state.local_state(network.state_dict())})
+
+
 def _storage_ranges(content: Any) -> list[tuple[int, int]]:
     """``(start, end)`` addresses of every CPU tensor storage in ``content``."""
     ranges = []

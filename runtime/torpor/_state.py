@@ -177,6 +177,28 @@ class Staging:
             del self._buffers[key]
         return copied
 
+    def reserve(self, state: Any) -> None:
+        """Allocate and touch the buffers ``state``'s tensors will need, before any save.
+
+        The first snapshot would otherwise pay the page faults of every buffer inside a
+        step boundary (2.5-3 s for 1 GiB on a loaded 2-core machine); at train begin they
+        cost the same once, outside any step. Buffers of tensors that appear only later
+        (optimizer moments) are still made by the first snapshot.
+        """
+        def visit(value: Any, path: tuple[Any, ...]) -> None:
+            if isinstance(value, torch.Tensor):
+                key = (*path, tuple(value.shape), value.dtype)
+                if key not in self._buffers:
+                    self._buffers[key] = torch.zeros(value.shape, dtype=value.dtype, device="cpu")
+            elif isinstance(value, dict):
+                for k, v in value.items():
+                    visit(v, (*path, k))
+            elif isinstance(value, list | tuple):
+                for i, v in enumerate(value):
+                    visit(v, (*path, i))
+
+        visit(state, ())
+
     @property
     def nbytes(self) -> int:
         """Bytes held in staging buffers."""

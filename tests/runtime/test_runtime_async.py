@@ -247,3 +247,26 @@ def test_a_modified_encrypted_shard_is_refused_even_with_a_matching_manifest(s3_
     store.put_bytes("rank_0/CKP-1_12.manifest.json", dataclasses.replace(doc, files=files).to_json().encode())
     with pytest.raises(torpor.IntegrityError, match="failed authentication"):
         torpor.load_checkpoint("CKP-1_12", wide_setup(width=32)[0], directory=uri, enc_key=key)
+
+
+def test_async_staging_is_reserved_at_train_begin_and_reused_by_the_first_snapshot(s3_bucket: str) -> None:
+    net, loss, opt, loader = wide_setup(width=512, samples=32)
+    monitor = torpor.CheckpointMonitor(directory=f"s3://{s3_bucket}/reserve", save_checkpoint_steps=2,
+                                       async_save=True, save_network_params=False)
+    model_bytes = sum(t.numel() * t.element_size() for t in net.state_dict().values())
+    seen: dict[str, object] = {}
+
+    class Probe(torpor.Callback):
+        order = -100  # before the monitor's first save at step 2
+
+        def on_train_step_end(self, run_context: torpor.RunContext) -> None:
+            if run_context.original_args().cur_step_num == 1:
+                seen["reserved"] = monitor._staging.nbytes
+                seen["pointers"] = {b.data_ptr() for b in monitor._staging._buffers.values()}
+
+    torpor.Model(net, loss_fn=loss, optimizer=opt).train(1, loader, callbacks=[monitor, Probe()])
+    monitor.wait()
+    assert seen["reserved"] == model_bytes  # before any checkpoint was due
+    after = {b.data_ptr() for b in monitor._staging._buffers.values()}
+    assert seen["pointers"] <= after  # the snapshots copied into the reserved buffers
+    assert monitor.save_errors == [] and len(monitor.saved) >= 2
