@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import os
 import secrets
+import socket
 import sys
 import time
 
@@ -39,23 +40,27 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     kopf.configure(verbose=args.verbose,
                    log_format=kopf.LogFormat.JSON if settings.log_format == "json" else kopf.LogFormat.PLAIN)
+    # kopf's identity in the peering records (kopf reads POD_ID too); known here, the shell can
+    # tell from the records whether kopf has paused this replica
+    identity = os.environ.get("POD_ID") or f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(3)}"
     if settings.peering:
         drawn = settings.peering_priority is None
         if drawn:
             priority = start_up_priority(time.time_ns(), secrets.randbelow(1000))
             settings = dataclasses.replace(settings, peering_priority=priority)
-        log.info("peering %r (%s) with priority %d (%s) and a lifetime of %d s; acting only while no live "
-                 "replica has a higher or equal priority", settings.peering,
-                 "namespaced" if settings.namespaces else "cluster-wide", settings.peering_priority,
+        log.info("peering %r (%s) as %s with priority %d (%s) and a lifetime of %d s; acting only while no "
+                 "live replica has a higher or equal priority", settings.peering,
+                 "namespaced" if settings.namespaces else "cluster-wide", identity, settings.peering_priority,
                  "drawn at start-up: the earliest-started replica leads" if drawn else "TORPOR_PEERING_PRIORITY",
                  settings.peering_lifetime_seconds)
     if settings.metrics_port:
         start_http_server(settings.metrics_port)
-    memo = kopf.Memo(settings=settings, metrics=Metrics())
+    memo = kopf.Memo(settings=settings, metrics=Metrics(), identity=identity)
     asyncio.run(kopf.operator(
         standalone=not settings.peering,
         peering_name=settings.peering or None,
         priority=settings.peering_priority,
+        identity=identity,
         clusterwide=not settings.namespaces,
         namespaces=list(settings.namespaces),
         liveness_endpoint=f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None,

@@ -74,6 +74,17 @@ class KubeClient:
         """The TrainingJob, or ``None`` once it is gone."""
         return _ignore(404, lambda: self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name))
 
+    def read_peering(self, name: str, namespace: str | None) -> dict[str, Any] | None:
+        """The records (``status``) of kopf's peering object ``name`` — the ClusterKopfPeering when
+        ``namespace`` is ``None``, else the KopfPeering there — or ``None`` if it does not exist."""
+        if namespace is None:
+            body = _ignore(404, lambda: self.custom.get_cluster_custom_object(
+                PEERING_GROUP, PEERING_VERSION, "clusterkopfpeerings", name))
+        else:
+            body = _ignore(404, lambda: self.custom.get_namespaced_custom_object(
+                PEERING_GROUP, PEERING_VERSION, namespace, "kopfpeerings", name))
+        return None if body is None else dict(body.get("status") or {})
+
     def list_pods(self, namespace: str, job: str) -> list[dict[str, Any]]:
         """Every pod of the job, all incarnations."""
         return _items(self.core.list_namespaced_pod(namespace, label_selector=f"{LABEL_JOB}={job}",

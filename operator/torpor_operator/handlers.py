@@ -15,6 +15,11 @@ on jobs with ``checkpoint.deleteOnJobDeletion: true`` (remove it by hand —
 if the operator is gone for good).
 
 kopf keeps its own state in annotations under ``torpor.dev/`` (the status schema is closed).
+
+With peering, kopf stops a paused replica's watches but tells no handler; scheduled reconciles
+and retention passes first ask :meth:`Shell.acting`, which reads the peering records with
+kopf's rule (:mod:`torpor_operator.peering`), so an outranked replica stops those as well.
+When kopf resumes a replica it lists every job again, and reconciles schedule afresh.
 """
 
 from __future__ import annotations
@@ -30,12 +35,14 @@ from typing import Any
 import kopf
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
+from urllib3.exceptions import HTTPError
 
 from torpor_operator.applying import KubeClient
 from torpor_operator.bucket import Bucket
 from torpor_operator.contract import GROUP, LABEL_JOB, PLURAL, VERSION
 from torpor_operator.metrics import Metrics
 from torpor_operator.observing import CheckpointInfo, NodeView
+from torpor_operator.peering import blockers
 from torpor_operator.reconciling import Job, decide
 from torpor_operator.settings import OperatorSettings
 from torpor_operator.spec import SpecError
@@ -46,6 +53,9 @@ log = logging.getLogger("torpor.handlers")
 
 #: Phases in which a decision may start an incarnation and must know the newest checkpoint.
 _LAUNCHING = (None, "Restarting", "Suspended", "Stopping")
+#: How long one reading of the peering records answers :meth:`Shell.acting`, seconds: a burst of
+#: wake-ups costs one GET; kopf itself reacts to a record within about this long.
+_ACTING_CACHE_SECONDS = 1.0
 
 
 def _api_client() -> client.ApiClient:
@@ -59,11 +69,14 @@ def _api_client() -> client.ApiClient:
 class Shell:
     """Per-process state of the handlers: clients, caches, locks and scheduled wake-ups."""
 
-    def __init__(self, settings: OperatorSettings, kube: KubeClient, bucket: Bucket, metrics: Metrics) -> None:
+    def __init__(self, settings: OperatorSettings, kube: KubeClient, bucket: Bucket, metrics: Metrics,
+                 identity: str | None = None) -> None:
         self.settings = settings
         self.kube = kube
         self.bucket = bucket
         self.metrics = metrics
+        self.identity = identity
+        self._acting: tuple[float, bool] | None = None
         self.nodes: dict[str, dict[str, Any]] = {}
         self.jobs: set[tuple[str, str]] = set()
         self.checkpoints: dict[tuple[str, str], list[CheckpointInfo]] = {}
@@ -131,7 +144,46 @@ class Shell:
         if old is not None:
             old.cancel()
         loop = asyncio.get_running_loop()
-        self._wakeups[key] = loop.call_later(max(delay, 0.05), lambda: loop.create_task(self.reconcile(*key)))
+        self._wakeups[key] = loop.call_later(max(delay, 0.05), lambda: loop.create_task(self._wake(key)))
+
+    async def _wake(self, key: tuple[str, str]) -> None:
+        # dropped when paused: kopf lists every job again on resuming, and that reconcile reschedules
+        if await self.acting():
+            await self.reconcile(*key)
+
+    async def acting(self) -> bool:
+        """Whether kopf lets this replica act: always when standalone; with peering, while no live
+        replica of a higher or equal priority has a record in the peering object(s). Unknown
+        (unreadable records, no identity) counts as paused and as acting respectively."""
+        settings = self.settings
+        if not settings.peering or self.identity is None:
+            return True
+        now = time.monotonic()
+        if self._acting is not None and now - self._acting[0] < _ACTING_CACHE_SECONDS:
+            return self._acting[1]
+        priority = settings.peering_priority if settings.peering_priority is not None else 0  # kopf's default
+        blocking: list[str] = []
+        for namespace in settings.namespaces or (None,):
+            try:
+                records = await asyncio.to_thread(self.kube.read_peering, settings.peering, namespace)
+            except (ApiException, HTTPError) as exc:
+                log.warning("cannot read the peering %s: %s; acting as a standby until it can be read",
+                            settings.peering, exc)
+                records = None
+            if records is None:  # kopf, too, stays paused without the object
+                blocking.append(f"(no peering object {settings.peering}{f' in {namespace}' if namespace else ''})")
+            else:
+                blocking += blockers(records, self.identity, priority, datetime.now(UTC))
+        acting = not blocking
+        if self._acting is None or self._acting[1] != acting:
+            if acting:
+                log.info("peering %s: no live replica of priority >= %d; scheduled reconciles and retention run "
+                         "here", settings.peering, priority)
+            else:
+                log.info("peering %s: %s outrank this replica (priority %d); no scheduled reconciles or retention "
+                         "here", settings.peering, ", ".join(blocking), priority)
+        self._acting = (now, acting)
+        return acting
 
     def forget(self, key: tuple[str, str]) -> None:
         """Drop a deleted job's caches and wake-ups."""
@@ -165,7 +217,8 @@ class Shell:
         """Run :meth:`prune_all` every ``retention_interval_seconds``."""
         while True:
             await asyncio.sleep(self.settings.retention_interval_seconds)
-            await self.prune_all()
+            if await self.acting():
+                await self.prune_all()
 
 
 def _shell(memo: kopf.Memo) -> Shell:
@@ -184,7 +237,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.watching.client_timeout = ours.watch_timeout_seconds + 30
     # read by kopf's peering tasks, which start only after the startup handlers
     settings.peering.lifetime = ours.peering_lifetime_seconds
-    shell = Shell(ours, KubeClient(_api_client()), Bucket(), memo.get("metrics") or Metrics())
+    shell = Shell(ours, KubeClient(_api_client()), Bucket(), memo.get("metrics") or Metrics(), memo.get("identity"))
     memo["shell"] = shell
     memo["retention"] = asyncio.get_running_loop().create_task(shell.retention_loop())
 
