@@ -1,4 +1,4 @@
-"""Fixtures for the operator tests: the TrainingJob CRD applied once per session, the operator process."""
+"""Fixtures for the operator tests: the CRDs applied once per session, the operator process."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from controlplane import ControlPlane
 from operator_process import OperatorProcess
 
 CRD = Path(__file__).resolve().parents[2] / "crds" / "trainingjobs.yaml"
+PEERING_CRDS = CRD.with_name("kopfpeerings.yaml")
 
 
 @pytest.fixture(scope="session")
@@ -22,6 +23,17 @@ def trainingjob_crd(control_plane: ControlPlane) -> str:
     name = "trainingjobs.torpor.dev"
     control_plane.kubectl("wait", "--for=condition=Established", f"crd/{name}", "--timeout=60s")
     return name
+
+
+@pytest.fixture(scope="session")
+def peering_crds(control_plane: ControlPlane) -> tuple[str, str]:
+    """crds/kopfpeerings.yaml applied (server-side) and Established; returns the two CRD names."""
+    applied = control_plane.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(PEERING_CRDS),
+                                    check=False)
+    assert applied.returncode == 0, f"the API server refused crds/kopfpeerings.yaml: {applied.stderr}"
+    names = ("clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev")
+    control_plane.kubectl("wait", "--for=condition=Established", *(f"crd/{n}" for n in names), "--timeout=60s")
+    return names
 
 
 @pytest.fixture
