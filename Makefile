@@ -8,6 +8,10 @@ VENV ?= $(TORPOR_CACHE)/venv-py311
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 export TORPOR_CACHE
+# The virtualenv is shared by every checkout on the machine (torch is 5 GB), so its editable
+# install points at whichever checkout ran `make setup` last. This checkout's code comes
+# first on the path for every command and every process they start (pods, operators).
+export PYTHONPATH := $(CURDIR)/runtime:$(CURDIR)/operator$(if $(PYTHONPATH),:$(PYTHONPATH))
 
 .PHONY: help setup tools lint test test-unit demo cluster bench generate check-generated clean-cache
 
