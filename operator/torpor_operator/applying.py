@@ -154,6 +154,11 @@ class KubeClient:
             _ignore(404, lambda: self.custom.patch_namespaced_custom_object_status(
                 GROUP, VERSION, namespace, PLURAL, job, {"status": decision.status}))
 
+    def patch_status(self, namespace: str, job: str, patch: dict[str, Any]) -> None:
+        """Merge-patch the job's ``.status`` (a deleted job is not an error)."""
+        _ignore(404, lambda: self.custom.patch_namespaced_custom_object_status(
+            GROUP, VERSION, namespace, PLURAL, job, {"status": patch}))
+
     def post_events(self, body: dict[str, Any], decision: Decision) -> None:
         """Post the decision's Events; a failed post is logged, never fatal."""
         for event in decision.events:

@@ -46,6 +46,7 @@ from torpor_operator.peering import blockers
 from torpor_operator.reconciling import Job, decide
 from torpor_operator.settings import OperatorSettings
 from torpor_operator.spec import SpecError
+from torpor_operator.status import JobStatus, invalid_spec, merge_patch
 
 __all__ = ["Shell"]
 
@@ -104,7 +105,14 @@ class Shell:
         try:
             job = Job.from_dict(body)
         except SpecError as exc:
+            old = JobStatus.from_dict(body.get("status"))
+            new = invalid_spec(old, str(exc), body["metadata"].get("generation"), datetime.now(UTC))
+            if new is None:
+                return  # already recorded for this generation: no second Event
             log.warning("TrainingJob %s/%s cannot run: %s", namespace, name, exc)
+            patch = merge_patch(old, new)
+            if patch:
+                await asyncio.to_thread(self.kube.patch_status, namespace, name, patch)
             await asyncio.to_thread(self.kube.post_event, body, "Warning", "InvalidSpec", str(exc))
             return
         self.jobs.add(key)

@@ -15,7 +15,7 @@ from typing import Any
 
 from torpor_operator.observing import format_time
 
-__all__ = ["PHASES", "Condition", "JobStatus", "LastCheckpoint", "merge_patch", "set_condition"]
+__all__ = ["PHASES", "Condition", "JobStatus", "LastCheckpoint", "invalid_spec", "merge_patch", "set_condition"]
 
 PHASES = ("Pending", "Running", "Stopping", "Restarting", "Succeeded", "Failed", "Suspended")
 
@@ -157,6 +157,22 @@ def set_condition(
     new = Condition(type_, status, reason, message, since, generation)
     others = tuple(c for c in conditions if c.type != type_)
     return tuple(sorted((*others, new), key=lambda c: c.type))
+
+
+def invalid_spec(status: JobStatus, message: str, generation: int | None, now: datetime) -> JobStatus | None:
+    """The status recording that this generation's spec cannot run; ``None`` if it already does.
+
+    ``Ready`` goes False with reason ``InvalidSpec`` and the message naming the field; the
+    caller posts a Warning Event only when this returns a status, so a job the operator cannot
+    run gets one Event per distinct problem, not one per reconcile (its own status patch
+    triggers the next one). A valid spec later sets ``Ready`` from its phase again.
+    """
+    old = status.condition("Ready")
+    if (old is not None and old.reason == "InvalidSpec" and old.message == message
+            and status.observed_generation == generation):
+        return None
+    conditions = set_condition(status.conditions, "Ready", False, "InvalidSpec", message, now, generation)
+    return dataclasses.replace(status, conditions=conditions, observed_generation=generation)
 
 
 def merge_patch(old: JobStatus, new: JobStatus) -> dict[str, Any] | None:
