@@ -11,11 +11,13 @@ Credentials and endpoint come from the operator's own environment (boto3's usual
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from torpor.checkpoints import Checkpoint, ManifestCache, delete_checkpoints, scan
-from torpor.storage import Storage, open_storage
+from torpor.storage import Storage, open_storage, s3_client
 from torpor_operator.naming import JobRef
 from torpor_operator.observing import CheckpointInfo, checkpoint_infos
 from torpor_operator.pruning import stale_upload_keys, to_prune
@@ -46,10 +48,21 @@ class Bucket:
 
     def __init__(self) -> None:
         self._caches: dict[str, ManifestCache] = {}
+        self._client: Any = None
+        self._lock = threading.Lock()
+
+    def _shared_client(self) -> Any:
+        """One boto3 client for every job: credentials and endpoint are the operator's own, and
+        a client per job cost ~100 client builds (and their log lines) for 100 jobs."""
+        with self._lock:
+            if self._client is None:
+                self._client = s3_client()
+            return self._client
 
     def _storage(self, spec: TrainingJobSpec, job: JobRef) -> tuple[str, Storage]:
         uri = spec.checkpoint.job_uri(job.namespace, job.name)
-        return uri, open_storage(uri)
+        client = self._shared_client() if uri.startswith("s3://") else None
+        return uri, open_storage(uri, client=client)
 
     def scan(self, spec: TrainingJobSpec, job: JobRef) -> list[Checkpoint]:
         """Every checkpoint under the job's prefix, judged complete or not."""

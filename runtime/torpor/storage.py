@@ -246,8 +246,15 @@ class S3Storage:
     S3-compatible server supports).
     """
 
-    def __init__(self, bucket: str, prefix: str = "", settings: S3Settings | None = None) -> None:
-        """Open ``s3://bucket/prefix``. No request is made until the first operation."""
+    def __init__(self, bucket: str, prefix: str = "", settings: S3Settings | None = None, *,
+                 client: Any = None) -> None:
+        """Open ``s3://bucket/prefix``. No request is made until the first operation.
+
+        Args:
+            client: a boto3 S3 client (from :func:`s3_client`) to share with other stores; the
+                operator opens one prefix per job and would otherwise build a client per job.
+                Default: this store makes its own on first use.
+        """
         if not bucket:
             raise ValueError(f"bucket must be a non-empty string, got {bucket!r}")
         self._bucket = bucket
@@ -260,6 +267,7 @@ class S3Storage:
         self._lock = threading.Lock()
         self._client_lock = threading.Lock()
         self._raw_obj: Any = None
+        self._shared = client
 
     @property
     def uri(self) -> str:
@@ -288,27 +296,7 @@ class S3Storage:
             return self._make_client()
 
     def _new_client(self, parameter_validation: bool = True, sign_payload: bool = True) -> Any:
-        import boto3
-        from botocore.config import Config
-
-        s = self._settings
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
-        config = Config(
-            retries={"max_attempts": s.max_attempts, "mode": "standard"},
-            max_pool_connections=max(10, 2 * s.max_concurrency),
-            connect_timeout=s.connect_timeout,
-            read_timeout=s.read_timeout,
-            s3=({"addressing_style": "path"} if endpoint else {})
-            | ({} if sign_payload else {"payload_signing_enabled": False}),
-            # Whole-file sha256 in the manifest already guards every byte end to end; the
-            # streaming writer's parts carry a CRC32 of their own (torpor.transfer), so
-            # botocore's automatic one would be a second.
-            signature_version="s3v4",  # requests use it anyway; presigned URLs would default to SigV2
-            request_checksum_calculation="when_required",
-            response_checksum_validation="when_required",
-            parameter_validation=parameter_validation,
-        )
-        return boto3.session.Session().client("s3", endpoint_url=endpoint, config=config)
+        return s3_client(self._settings, parameter_validation=parameter_validation, sign_payload=sign_payload)
 
     def _make_client(self) -> Any:
         if self._client_obj is None:
@@ -322,7 +310,7 @@ class S3Storage:
                 use_threads=True,
             )
             # Published last: a reader that sees the client also sees the transfer config.
-            self._client_obj = self._new_client()
+            self._client_obj = self._shared if self._shared is not None else self._new_client()
         return self._client_obj
 
     def _raw_client(self) -> Any:
@@ -837,8 +825,40 @@ class _S3Writer(ObjectWriter):
             self._upload_id = None
 
 
-def open_storage(uri: str | os.PathLike[str], *, s3: S3Settings | None = None) -> Storage:
+def s3_client(settings: S3Settings | None = None, *, parameter_validation: bool = True,
+              sign_payload: bool = True) -> Any:
+    """A boto3 S3 client configured as :class:`S3Storage` uses it (thread-safe, shareable).
+
+    Endpoint and credentials from boto3's usual sources (``AWS_ENDPOINT_URL`` selects
+    path-style addressing for MinIO and other S3-compatible stores).
+    """
+    import boto3
+    from botocore.config import Config
+
+    s = settings or S3Settings.from_environ()
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+    config = Config(
+        retries={"max_attempts": s.max_attempts, "mode": "standard"},
+        max_pool_connections=max(10, 2 * s.max_concurrency),
+        connect_timeout=s.connect_timeout,
+        read_timeout=s.read_timeout,
+        s3=({"addressing_style": "path"} if endpoint else {})
+        | ({} if sign_payload else {"payload_signing_enabled": False}),
+        # Whole-file sha256 in the manifest already guards every byte end to end; the
+        # streaming writer's parts carry a CRC32 of their own (torpor.transfer), so
+        # botocore's automatic one would be a second.
+        signature_version="s3v4",  # requests use it anyway; presigned URLs would default to SigV2
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+        parameter_validation=parameter_validation,
+    )
+    return boto3.session.Session().client("s3", endpoint_url=endpoint, config=config)
+
+
+def open_storage(uri: str | os.PathLike[str], *, s3: S3Settings | None = None, client: Any = None) -> Storage:
     """Open a store from ``s3://bucket/prefix``, ``file:///path`` or a plain path.
+
+    ``client`` (a boto3 S3 client, see :func:`s3_client`) is shared by S3 stores opened with it.
 
     Raises:
         ValueError: an ``s3://`` URI without a bucket, or an unsupported scheme.
@@ -851,7 +871,7 @@ def open_storage(uri: str | os.PathLike[str], *, s3: S3Settings | None = None) -
         bucket, _, prefix = uri[len("s3://"):].partition("/")
         if not bucket:
             raise ValueError(f"storage uri {uri!r} names no bucket; expected s3://bucket/prefix")
-        return S3Storage(bucket, prefix, s3)
+        return S3Storage(bucket, prefix, s3, client=client)
     if uri.startswith("file://"):
         return LocalStorage(uri[len("file://"):])
     if "://" in uri:

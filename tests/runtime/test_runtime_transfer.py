@@ -162,3 +162,15 @@ def test_a_failed_upload_during_torch_save_surfaces_as_the_storage_error(
     with pytest.raises(StorageError, match=r"put s3://.*/xfer/rank_0/CKP-1_1\.ckpt failed"):
         write_file(store, "rank_0/CKP-1_1.ckpt", state, None)
     assert not store.exists("rank_0/CKP-1_1.ckpt")
+
+
+def test_stores_opened_with_one_client_share_it(s3_bucket: str) -> None:
+    from torpor.storage import open_storage, s3_client
+
+    client = s3_client()
+    a = open_storage(f"s3://{s3_bucket}/job-a", client=client)
+    b = open_storage(f"s3://{s3_bucket}/job-b", client=client)
+    a.put_bytes("rank_0/x", b"a")
+    b.put_bytes("rank_0/x", b"b")
+    assert (a.get_bytes("rank_0/x"), b.get_bytes("rank_0/x")) == (b"a", b"b")
+    assert a._client() is b._client() is client  # type: ignore[attr-defined]
