@@ -13,13 +13,12 @@ from __future__ import annotations
 import json
 import ssl
 import subprocess
-import time
 import urllib.request
 from pathlib import Path
 
 from bootstrap import binary, ensure
 from pki import Pki, make_pki
-from processes import free_port, start_server, stop_server, wait_until
+from processes import free_port, poll, start_server, stop_server, wait_until
 
 SERVICE_CIDR = "10.0.0.0/24"
 
@@ -217,15 +216,9 @@ def _https_ok(url: str) -> bool:
 
 
 def wait_for_condition(predicate, *, timeout: float, what: str, interval: float = 0.2):
-    """Poll ``predicate`` (returning a truthy value) until it succeeds; return that value."""
-    deadline = time.monotonic() + timeout
-    last_exc: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            value = predicate()
-            if value:
-                return value
-        except Exception as exc:
-            last_exc = exc
-        time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}" + (f": {last_exc}" if last_exc else ""))
+    """Poll ``predicate`` (returning a truthy value) until it succeeds; return that value.
+
+    Exceptions count as "not yet" (the API server may still be starting); ``TimeoutError``
+    at the deadline.
+    """
+    return poll(predicate, timeout=timeout, what=what, interval=interval, retry_errors=True, error=TimeoutError)

@@ -16,6 +16,9 @@ import subprocess
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 _PR_SET_PDEATHSIG = 1
 
@@ -71,6 +74,35 @@ def log_tail(path: Path, lines: int = 30) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except FileNotFoundError:
         return "(no log)"
+
+
+def poll(check: Callable[[], T], *, timeout: float, what: str, interval: float = 0.1,
+         retry_errors: bool = False, error: type[Exception] = AssertionError) -> T:
+    """Call ``check`` until it returns something truthy, and return that.
+
+    The one polling loop of the test harness (awaiting a condition, never sleeping a guess).
+
+    Args:
+        retry_errors: an exception from ``check`` means "not yet" (a server still starting);
+            the last one is named in the failure. Otherwise it propagates at once.
+        error: raised at the deadline, naming ``what`` and the last value or exception.
+    """
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        try:
+            value = check()
+        except Exception as exc:
+            if not retry_errors:
+                raise
+            last = exc
+        else:
+            if value:
+                return value
+            last = value
+        if time.monotonic() > deadline:
+            raise error(f"timed out after {timeout:g}s waiting for {what} (last: {last!r})")
+        time.sleep(interval)
 
 
 def wait_until(check: Callable[[], bool], *, timeout: float, what: str,

@@ -29,6 +29,7 @@ from bootstrap import binary
 from controlplane import ControlPlane
 from node_agent import NodeAgent
 from nodeagent_kube import ApiError, KubeClient
+from processes import poll
 
 pytestmark = pytest.mark.cluster
 
@@ -41,15 +42,7 @@ JsonDict = dict[str, Any]
 
 def eventually(check: Callable[[], T], timeout: float, what: str, interval: float = 0.2) -> T:
     """Poll `check` until it returns something truthy, and return that; fail after `timeout`."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while True:
-        last = check()
-        if last:
-            return last
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not true after {timeout:g}s (last: {last!r})")
-        time.sleep(interval)
+    return poll(check, timeout=timeout, what=what, interval=interval)
 
 
 def get_json(cp: ControlPlane, *args: str) -> JsonDict | None:

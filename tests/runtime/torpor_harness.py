@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import torpor
-from processes import free_port  # the one loopback free-port helper (hack/)
+from processes import free_port, poll  # the one free-port helper and the one polling loop (hack/)
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN = REPO / "examples" / "train.py"
@@ -24,15 +24,8 @@ PLAIN_LOOP = REPO / "examples" / "plain_loop.py"
 
 
 def wait_for(condition: Callable[[], Any], *, timeout: float, what: str, interval: float = 0.02) -> Any:
-    """Poll ``condition`` until it returns something truthy; fail naming ``what`` at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
+    """Poll ``condition`` until it returns something truthy (fast: steps are milliseconds)."""
+    return poll(condition, timeout=timeout, what=what, interval=interval)
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
