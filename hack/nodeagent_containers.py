@@ -26,6 +26,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from processes import die_with_starting_thread
+
 JsonDict = dict[str, Any]
 
 LAUNCHER = Path(__file__).with_name("nodeagent_launch.py")
@@ -85,6 +87,9 @@ class Container:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 env=spec["env"],
+                # The pod's worker thread starts it and kills it before ending, so the death
+                # signal fires only if the whole agent (or the pytest hosting it) is killed.
+                preexec_fn=die_with_starting_thread,
             )
         self.started_at = now_iso()
         self.container_id = f"torpor://{self.proc.pid}"

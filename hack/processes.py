@@ -30,10 +30,24 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
+# Resolved once in the parent: loading a library between fork and exec, with other threads
+# about, can deadlock on the dynamic loader's lock.
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl
+
+
+def die_with_starting_thread() -> None:
+    """A ``preexec_fn``: SIGKILL the child when the thread that started it exits.
+
+    Linux ties the death signal to the forking *thread*, so start such children from a thread
+    that outlives them (the main thread, or a worker that kills them before it ends); then
+    they also die when our whole process is killed, teardown or not.
+    """
+    _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 def _die_with_parent() -> None:
-    """Runs in the child before exec: SIGKILL it when the parent thread exits."""
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    """Runs in the child before exec: SIGKILL it when the parent thread exits; own session."""
+    die_with_starting_thread()
     os.setsid()
 
 

@@ -564,3 +564,31 @@ def test_command_line_agent_registers_nodes_and_stops_on_sigterm(control_plane: 
         if agent.stdout is not None:
             agent.stdout.close()
     assert get_json(control_plane, "node", f"{prefix}-0") is None
+
+
+def test_pod_processes_die_when_the_agent_is_killed_without_teardown(
+        control_plane: ControlPlane, namespace: str, tmp_path: Path):
+    """SIGKILL of the agent (a pytest killed by CI's timeout) must not leave training running."""
+    prefix = f"torpor-kill-{uuid.uuid4().hex[:6]}"
+    node = f"{prefix}-0"
+    agent = subprocess.Popen(
+        [sys.executable, str(Path(node_agent_module.__file__)), "--kubeconfig", str(control_plane.kubeconfig),
+         "--nodes", "1", "--workdir", str(tmp_path), "--node-prefix", prefix],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        eventually(lambda: (get_json(control_plane, "node", node) or {}).get("status", {}).get("conditions"), 90,
+                   f"node {node} registered")
+        control_plane.kubectl("cordon", node)  # nothing else lands on a node about to lose its agent
+        apply(control_plane, namespace, python_pod("orphan", "import time; time.sleep(600)", nodeName=node))
+        pid = container_pid(wait_running(control_plane, namespace, "orphan"))
+        assert alive(pid)
+        agent.kill()
+        agent.wait(timeout=30)
+        eventually(lambda: not alive(pid), 10, f"pod process {pid} gone after the agent's SIGKILL")
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait()
+        control_plane.kubectl("delete", "pod", "orphan", "-n", namespace, "--grace-period=0", "--force",
+                              "--ignore-not-found", check=False)
+        control_plane.kubectl("delete", "node", node, "--ignore-not-found", check=False)
