@@ -8,17 +8,17 @@ from pathlib import Path
 
 import boto3
 import pytest
+from torpor_harness import five_mib_parts
 
 from torpor.errors import IntegrityError
-from torpor.storage import LocalStorage, S3Settings, S3Storage, open_writer
+from torpor.storage import LocalStorage, S3Storage, open_writer
 
 pytestmark = pytest.mark.s3
 MIB = 1024 * 1024
 
 
 def small_parts(bucket: str) -> S3Storage:
-    return S3Storage(bucket, "stream", S3Settings(multipart_chunksize=5 * MIB, multipart_threshold=5 * MIB,
-                                                  max_concurrency=2))
+    return five_mib_parts(bucket, "stream")
 
 
 def test_streamed_multipart_upload_and_parallel_verified_read(s3_bucket: str) -> None:

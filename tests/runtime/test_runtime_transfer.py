@@ -8,11 +8,12 @@ from pathlib import Path
 
 import boto3
 import pytest
+from torpor_harness import five_mib_parts as harness_parts
 
 import torpor.storage
 from s3server import MinioServer
 from torpor.errors import IntegrityError, StorageError
-from torpor.storage import S3Settings, S3Storage, open_writer
+from torpor.storage import S3Storage, open_writer
 from torpor.transfer import PartBody, RangeReader, direct_reads_possible, part_checksum, presigned_get
 
 pytestmark = pytest.mark.s3
@@ -20,8 +21,7 @@ MIB = 1024 * 1024
 
 
 def five_mib_parts(bucket: str) -> S3Storage:
-    return S3Storage(bucket, "xfer", S3Settings(multipart_chunksize=5 * MIB, multipart_threshold=5 * MIB,
-                                                max_concurrency=2))
+    return harness_parts(bucket, "xfer")
 
 
 def test_every_uploaded_part_carries_a_crc32_the_server_keeps(s3_bucket: str) -> None:

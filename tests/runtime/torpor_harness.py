@@ -122,3 +122,12 @@ def logs(logdir: Path) -> str:
     """Every rank's log, for failure messages."""
     files = sorted(logdir.glob("rank-*.log"))
     return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in files)
+
+
+def five_mib_parts(bucket: str, prefix: str) -> Any:
+    """An S3 store with the smallest parts S3 allows and 2 in flight: multipart paths in MiBs."""
+    from torpor.storage import S3Settings, S3Storage
+
+    mib = 1024 * 1024
+    return S3Storage(bucket, prefix, S3Settings(multipart_chunksize=5 * mib, multipart_threshold=5 * mib,
+                                                max_concurrency=2))
