@@ -510,17 +510,7 @@ class S3Storage:
         return found
 
     def exists(self, key: str) -> bool:
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        try:
-            self._client().head_object(Bucket=self._bucket, Key=self._key(key))
-        except ClientError as exc:
-            if _is_not_found(exc):
-                return False
-            raise self._fail("head", key, exc) from exc
-        except BotoCoreError as exc:
-            raise self._fail("head", key, exc) from exc
-        return True
+        return self.exists_size(key) is not None
 
     def delete_many(self, keys: Iterable[str]) -> None:
         from botocore.exceptions import BotoCoreError, ClientError
