@@ -122,8 +122,8 @@ def capture(
             write them before training resumes).
     """
     rank, world = _distributed.rank(), _distributed.world_size()
-    holds_model = not options.integrated or rank == 0
-    network = _state.unwrap(options.saved_network if options.saved_network is not None else args.network)
+    holds_model = _holds_model(options)
+    network = _network(args, options)
     scalars, info_tensors = _append_info(args, options.append_info)
     rng_doc, rng_tensors = _state.RngState.capture().to_parts()
     epoch_rng_doc, epoch_rng_tensors = (args.epoch_rng.to_parts() if args.epoch_rng is not None else (None, {}))
@@ -198,12 +198,20 @@ def capture(
     return PendingSave(name, reason, rank, world, files, fields)
 
 
+def _holds_model(options: SaveOptions) -> bool:
+    """Whether this rank writes model state (replicated state is written by rank 0 only)."""
+    return not options.integrated or _distributed.rank() == 0
+
+
+def _network(args: RunArgs, options: SaveOptions) -> Any:
+    """The module whose state is saved, without DDP/compile wrappers."""
+    return _state.unwrap(options.saved_network if options.saved_network is not None else args.network)
+
+
 def reserve_staging(staging: _state.Staging, args: RunArgs, options: SaveOptions) -> None:
     """Make the staging buffers for the model this rank will snapshot (see ``Staging.reserve``)."""
-    if options.integrated and _distributed.rank() != 0:
-        return  # only rank 0 writes replicated model state
-    network = _state.unwrap(options.saved_network if options.saved_network is not None else args.network)
-    if callable(getattr(network, "state_dict", None)):
+    network = _network(args, options)
+    if _holds_model(options) and callable(getattr(network, "state_dict", None)):
         staging.reserve({"model": _state.local_state(network.state_dict())})
 
 
@@ -224,7 +232,30 @@ def _storage_ranges(content: Any) -> list[tuple[int, int]]:
     return ranges
 
 
-class _TorchSink:
+class _Sink:
+    """What ``torch.save`` writes into: keeps the first exception of ``write``.
+
+    torch's zip writer swallows an exception raised in ``write`` and fails later with
+    "unexpected pos"; :func:`write_file` re-raises the kept one instead.
+    """
+
+    error: BaseException | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self._write(data)
+        except BaseException as exc:
+            self.error = self.error or exc
+            raise
+
+    def _write(self, data: Any) -> int:
+        raise NotImplementedError
+
+    def flush(self) -> None:
+        """``torch.save`` flushes; nothing is buffered here."""
+
+
+class _TorchSink(_Sink):
     """What ``torch.save`` writes into without encryption.
 
     ``torch.save`` hands over each tensor's storage as a memoryview of the tensor's own
@@ -237,7 +268,6 @@ class _TorchSink:
     def __init__(self, writer: ObjectWriter, content: Any) -> None:
         self._writer = writer
         self._ranges = _storage_ranges(content)
-        self.error: BaseException | None = None
 
     def _lendable(self, view: memoryview) -> bool:
         if len(view) < (1 << 20) or not self._ranges:
@@ -245,32 +275,17 @@ class _TorchSink:
         start = int(np.frombuffer(view, dtype=np.uint8).ctypes.data)
         return any(lo <= start and start + len(view) <= hi for lo, hi in self._ranges)
 
-    def write(self, data: Any) -> int:
+    def _write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
-        try:
-            return self._writer.write(view, borrow=self._lendable(view))
-        except BaseException as exc:
-            self.error = self.error or exc  # torch.save swallows it; write_file re-raises it
-            raise
-
-    def flush(self) -> None:
-        """``torch.save`` flushes; nothing is buffered here."""
+        return self._writer.write(view, borrow=self._lendable(view))
 
 
-class _EncryptingSink:
+class _EncryptingSink(_Sink):
     """What ``torch.save`` writes into: encrypts chunk by chunk on the way to the store."""
 
     def __init__(self, writer: ObjectWriter, encryption: Encryption) -> None:
         self._writer = writer
         self._enc = encryption.encryptor()
-        self.error: BaseException | None = None
-
-    def write(self, data: Any) -> int:
-        try:
-            return self._write(data)
-        except BaseException as exc:
-            self.error = self.error or exc  # torch.save swallows it; write_file re-raises it
-            raise
 
     def _write(self, data: Any) -> int:
         for record in self._enc.update(data):

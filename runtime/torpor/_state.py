@@ -185,19 +185,7 @@ class Staging:
         cost the same once, outside any step. Buffers of tensors that appear only later
         (optimizer moments) are still made by the first snapshot.
         """
-        def visit(value: Any, path: tuple[Any, ...]) -> None:
-            if isinstance(value, torch.Tensor):
-                key = (*path, tuple(value.shape), value.dtype)
-                if key not in self._buffers:
-                    self._buffers[key] = torch.zeros(value.shape, dtype=value.dtype, device="cpu")
-            elif isinstance(value, dict):
-                for k, v in value.items():
-                    visit(v, (*path, k))
-            elif isinstance(value, list | tuple):
-                for i, v in enumerate(value):
-                    visit(v, (*path, i))
-
-        visit(state, ())
+        self._copy(state, ())  # the copy is what touches the pages; snapshot() overwrites it
 
     @property
     def nbytes(self) -> int:

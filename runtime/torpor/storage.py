@@ -706,8 +706,6 @@ class _S3Writer(ObjectWriter):
         self._filled = 0  # bytes of the current part so far
         self._staging: bytearray | None = None  # the current part's buffer for copied bytes
         self._staged = 0  # bytes used in it
-        self._open_piece = -1  # index in _pieces of the staged piece still growing, if any
-        self._open_from = 0  # where that piece starts in the staging buffer
         self._upload_id: str | None = None
         self._futures: list[Future[dict[str, Any]]] = []
 
@@ -730,15 +728,15 @@ class _S3Writer(ObjectWriter):
         start, end = self._staged, self._staged + len(data)
         self._staging[start:end] = data
         self._staged = end
-        if self._pieces and self._open_piece == len(self._pieces) - 1:  # right after staged bytes: grow it
-            self._pieces[-1] = memoryview(self._staging)[self._open_from:end]
+        last = self._pieces[-1] if self._pieces else None
+        if last is not None and last.obj is self._staging:  # staged bytes just before: grow that piece
+            self._pieces[-1] = memoryview(self._staging)[start - len(last):end]
         else:
-            self._open_piece, self._open_from = len(self._pieces), start
             self._pieces.append(memoryview(self._staging)[start:end])
 
     def _take_part(self) -> tuple[PartBody, bytearray | None]:
         body, staging = PartBody(self._pieces), self._staging
-        self._pieces, self._filled, self._staging, self._staged, self._open_piece = [], 0, None, 0, -1
+        self._pieces, self._filled, self._staging, self._staged = [], 0, None, 0
         return body, staging
 
     def _send_part(self) -> None:

@@ -38,13 +38,16 @@ PART_CHECKSUM_ALGORITHM = "CRC32"
 """The S3 ``ChecksumAlgorithm`` of every uploaded part."""
 
 
-def part_checksum(body: bytes | bytearray | memoryview) -> str:
-    """Base64 of the big-endian CRC32 of ``body``: the value of ``x-amz-checksum-crc32``.
+def part_checksum(*pieces: bytes | bytearray | memoryview) -> str:
+    """Base64 of the big-endian CRC32 of the pieces, in order: ``x-amz-checksum-crc32``.
 
     ``zlib.crc32`` releases the GIL on large buffers, so upload threads compute theirs in
     parallel.
     """
-    return base64.b64encode(zlib.crc32(body).to_bytes(4, "big")).decode("ascii")
+    crc = 0
+    for piece in pieces:
+        crc = zlib.crc32(piece, crc)
+    return base64.b64encode(crc.to_bytes(4, "big")).decode("ascii")
 
 
 class PartBody:
@@ -79,10 +82,7 @@ class PartBody:
 
     def checksum(self) -> str:
         """:func:`part_checksum` of the whole part."""
-        crc = 0
-        for piece in self._pieces:
-            crc = zlib.crc32(piece, crc)
-        return base64.b64encode(crc.to_bytes(4, "big")).decode("ascii")
+        return part_checksum(*self._pieces)
 
     def tobytes(self) -> bytes:
         """The part as one ``bytes`` (for small objects sent in one PUT)."""
