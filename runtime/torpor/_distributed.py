@@ -10,10 +10,14 @@ from __future__ import annotations
 import os
 import secrets
 import socket
+from collections.abc import Sequence
 from datetime import timedelta
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 def is_initialized() -> bool:
@@ -49,6 +53,42 @@ def max_over_ranks(value: int) -> int:
     t = torch.tensor([value], dtype=torch.int64, device=_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t.item())
+
+
+def max_each(values: Sequence[int]) -> list[int]:
+    """Element-wise all-reduce MAX of a few ints in **one** collective.
+
+    How several per-rank facts (stop requested, data exhausted, a save failed, ...) become
+    facts every rank knows at the same point without one collective per fact.
+    """
+    if not is_initialized() or dist.get_world_size() == 1:
+        return [int(v) for v in values]
+    t = torch.tensor([int(v) for v in values], dtype=torch.int64, device=_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [int(v) for v in t.tolist()]
+
+
+def all_ok(ok: bool) -> bool:
+    """Whether ``ok`` holds on every rank: the barrier that also carries the outcome.
+
+    A bare barrier after a save leaves the other ranks waiting forever when one rank's save
+    raised before reaching it; with this every rank reaches the same point either way and
+    learns whether all of them succeeded, so they all act the same.
+    """
+    return max_each([0 if ok else 1])[0] == 0
+
+
+def broadcast_object(obj: T, src: int = 0) -> T:
+    """``obj`` as rank ``src`` has it, on every rank (identity in one process).
+
+    For decisions one rank makes for all (which checkpoint to load), so that ranks never
+    resolve them independently and disagree.
+    """
+    if not is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
 
 
 def barrier() -> None:
