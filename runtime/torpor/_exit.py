@@ -9,7 +9,11 @@ Differences from MindSpore's callback, each fixing a flaw of the seed:
 * Ranks **OR** their requests (an all-reduce MAX at the step boundary, every step or every
   ``check_every_n_steps``): one rank's SIGTERM stops all ranks after the same step. The seed
   ANDs them, so a signal reaching only the preempted node's pods never stops anything.
-* It saves **once**, with full metadata, under the **global** rank, write-then-rename, then
+* It saves **once**, with full metadata, under the **global** rank, write-then-rename, under a
+  name of its own, ``{file_name}-{epoch}_{step}`` (``Net-2_7``) where the seed always writes
+  ``{file_name}.ckpt``: a second stop then never rewrites the checkpoint the run resumed
+  from, and a kill part-way through it leaves that one intact (see :mod:`torpor.checkpoints`;
+  a name already stored gets ``-v{n}``). Then
   (under the operator) exits with a documented code after writing a termination message
   (see :mod:`torpor.termination`: 128 + signum, 143 for SIGTERM; 75 for the file).
 * It does not load ``{file_name}.ckpt`` at start as the seed does: resuming is explicit
@@ -29,9 +33,9 @@ from typing import Any
 from torpor import _distributed
 from torpor._background import drain_all, warm_in_background
 from torpor._callbacks import Callback, RunContext
-from torpor._saving import SaveOptions, export_only, save_checkpoint
+from torpor._saving import SaveOptions, export_only, save_checkpoint, taken_names
 from torpor._watching import ExitFileWatcher
-from torpor.checkpoints import Reason, check_name
+from torpor.checkpoints import Reason, check_name, checkpoint_name, unique_name
 from torpor.crypto import Encryption, check_key
 from torpor.env import RuntimeEnv, read_enc_key
 from torpor.errors import TorporWarning
@@ -75,10 +79,12 @@ class OnRequestExit(Callback):
     """Save and stop after the current step when asked by a signal or a JSON file.
 
     Args:
-        save_ckpt: save ``directory/rank_{rank}/{file_name}.ckpt`` (and its manifest) on exit.
-        save_export: save a ``torch.export`` program ``{file_name}.pt2`` from the last batch's
-            inputs (rank 0; a failed export is a warning, the checkpoint still counts).
-        file_name: checkpoint name for the exit save.
+        save_ckpt: save ``directory/rank_{rank}/{file_name}-{epoch}_{step}.ckpt`` (and its
+            manifest) on exit; ``step`` is the step within ``epoch``, as periodic names.
+        save_export: save a ``torch.export`` program ``{file_name}-{epoch}_{step}.pt2`` from
+            the last batch's inputs (rank 0; a failed export is a warning, the checkpoint
+            still counts).
+        file_name: name prefix of the exit save (the seed's fixed name, now with the step).
         directory: checkpoint root, a path or ``s3://bucket/prefix``.
         sig: the signal that requests a stop; it must be catchable (not SIGKILL/SIGSTOP).
         config_file: JSON file whose ``{"GracefulExit": 1}`` requests a stop; missing or
@@ -158,6 +164,7 @@ class OnRequestExit(Callback):
         self._installed = False
         self._watcher: ExitFileWatcher | None = None
         self._storage: Storage | None = None
+        self._taken: set[str] | None = None
 
     @classmethod
     def from_env(cls, **overrides: Any) -> OnRequestExit:
@@ -239,13 +246,17 @@ class OnRequestExit(Callback):
             self._storage = open_storage(self.exit_directory)
         for label, exc in drain_all():  # a save in flight completes before the exit save starts
             _log.error("background save of %r failed before the exit save: %s: %s", label, type(exc).__name__, exc)
+        if self._taken is None:  # a stop without on_train_begin (evaluation alone)
+            self._taken = taken_names(self._storage)
+        name = unique_name(checkpoint_name(self.file_name, args.cur_epoch_num, args.step_in_epoch), self._taken)
+        self._taken.add(name)
         if self.save_ckpt:
-            save_checkpoint(args, self._storage, self.file_name, Reason.EXIT,
+            save_checkpoint(args, self._storage, name, Reason.EXIT,
                             SaveOptions(integrated=self.integrated_save, export=self.save_export), env,
                             self.encryption)
-            saved = self.file_name
+            saved = name
         elif self.save_export:
-            export_only(args, self._storage, self.file_name)
+            export_only(args, self._storage, name)
         args.exit_saved_step = args.cur_step_num
         _distributed.barrier()  # every rank's manifest exists before any rank reports or exits
         signum = signal_from_exit_code(code) if code > SIGNAL_EXIT_BASE else None
@@ -262,6 +273,7 @@ class OnRequestExit(Callback):
             directory=self._storage.uri,
             job=env.job,
             incarnation=env.incarnation or None,
+            resumed_from=args.resumed_from.name if args.resumed_from is not None else None,
         )
         exit_process = env.under_operator if self.exit_process is None else self.exit_process
         if exit_process:
@@ -272,12 +284,14 @@ class OnRequestExit(Callback):
 
     # -- hooks -------------------------------------------------------------------------
     def on_train_begin(self, run_context: RunContext) -> None:
-        """Install the signal handler (chained), start watching the file and open the store
-        (its client is built in the background: the exit save must not wait for it)."""
+        """Install the signal handler (chained), start watching the file, open the store and
+        learn the names already taken in it (rank 0 lists), so the exit save spends no time
+        on either."""
         self._install()
         if self._storage is None:
             self._storage = open_storage(self.exit_directory)
         warm_in_background(self._storage)
+        self._taken = taken_names(self._storage)
 
     def on_train_step_end(self, run_context: RunContext) -> None:
         """At the step boundary: OR the ranks' requests; if any, save once and stop."""

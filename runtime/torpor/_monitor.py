@@ -2,16 +2,19 @@
 
 Names and layout follow the seed (``{prefix}-{epoch}_{step}.ckpt`` under ``rank_{rank}/``,
 no ``_1``/``_2`` prefix suffixes after a restart), plus a per-rank manifest written after the
-shard (see :mod:`torpor.checkpoints`). Precedence of the mutually exclusive settings is in
-:mod:`torpor._config`; retention is :mod:`torpor.retention`, applied by rank 0 only after
-the new checkpoint is complete (a barrier, then a listing proves it), never to the
-checkpoint the run resumed from, and to every checkpoint in the directory, whichever run
-wrote it.
+shard (see :mod:`torpor.checkpoints`); a name already stored (an earlier run reached the same
+step) is never rewritten, the save takes ``{name}-v{n}``. Precedence of the mutually
+exclusive settings is in :mod:`torpor._config`; retention is :mod:`torpor.retention`, applied
+by rank 0 only after the new checkpoint is complete (a barrier, then a listing proves it),
+never to the checkpoint the run resumed from, and to every checkpoint **of this monitor's
+prefix** in the directory, whichever run wrote it: a second monitor (``prefix='best'``,
+keep 1) and another experiment sharing the directory keep theirs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -22,8 +25,17 @@ from torpor import _distributed, _state
 from torpor._background import BackgroundSaver, warm_in_background
 from torpor._callbacks import Callback, RunContext
 from torpor._config import CheckpointConfig
-from torpor._saving import SaveOptions, capture, reserve_staging, save_checkpoint, write_pending
-from torpor.checkpoints import ManifestCache, Reason, check_name, checkpoint_name, delete_checkpoints, scan
+from torpor._saving import SaveOptions, capture, reserve_staging, save_checkpoint, taken_names, write_pending
+from torpor.checkpoints import (
+    BREAKPOINT_SUFFIX,
+    ManifestCache,
+    Reason,
+    checkpoint_name,
+    delete_checkpoints,
+    in_scope,
+    scan,
+    unique_name,
+)
 from torpor.crypto import Encryption
 from torpor.env import RuntimeEnv, read_enc_key
 from torpor.errors import AsyncSaveError, TorporWarning
@@ -58,7 +70,10 @@ class CheckpointMonitor(Callback):
         enc_mode: ``AES-GCM``, ``AES-CBC`` or ``SM4-CBC``.
         exception_save: an exception escaping a training step writes
             ``{prefix}-{epoch}_{step}_breakpoint`` (reason ``exception``), then the exception
-            reaches the caller unchanged.
+            reaches the caller unchanged. ``step`` counts completed steps only: an exception
+            during step N records N-1 (the weights are as the exception left them). A
+            breakpoint is never resumed by ``'latest'`` nor chosen by the operator; load it by
+            name.
         global_batch_size: samples per global step, to record consumed samples.
         async_errors: ``"record"`` (log, append to :attr:`save_errors`, train on) or
             ``"raise"`` (:class:`torpor.errors.AsyncSaveError` at the next step boundary).
@@ -130,6 +145,8 @@ class CheckpointMonitor(Callback):
         self._cache = ManifestCache()
         self._last_step: int | None = None
         self._last_time = time.monotonic()
+        self._taken: set[str] = set()
+        self._done_step: int | None = None
         self.encryption = Encryption(config.enc_key, config.enc_mode) if config.enc_key is not None else None
         """The cipher every file is written with, or ``None``."""
         self.save_errors: list[AsyncSaveError] = []
@@ -178,7 +195,9 @@ class CheckpointMonitor(Callback):
         args = run_context.original_args()
         self._last_step = args.resumed_from.step if args.resumed_from is not None else None
         self._last_time = time.monotonic()
+        self._done_step = args.cur_step_num
         warm_in_background(self.storage)
+        self._taken = taken_names(self.storage)
         if self._saver is not None:
             reserve_staging(self._staging, args, self._options())
 
@@ -217,6 +236,7 @@ class CheckpointMonitor(Callback):
     def on_train_step_end(self, run_context: RunContext) -> None:
         """Report a failed background save, then save when due (unless an exit save ran)."""
         args = run_context.original_args()
+        self._done_step = args.cur_step_num  # this step is done: a later exception does not undo it
         self._report()
         if args.exit_saved_step == args.cur_step_num:
             return
@@ -237,7 +257,10 @@ class CheckpointMonitor(Callback):
 
         Each rank that raised writes its own full state (no barrier: the other ranks may be
         blocked in a collective); a failure to save is attached to the original exception as
-        a note, never raised in its place.
+        a note, never raised in its place. A step counts as done once this monitor's
+        ``on_train_step_end`` has run for it, so an exception inside step N (``cur_step_num``
+        already counts it, see :class:`RunArgs`) records step N-1 and one step less of the
+        epoch.
         """
         if self._saver is not None:
             self._saver.wait()
@@ -246,7 +269,13 @@ class CheckpointMonitor(Callback):
         if not self.config.exception_save:
             return
         args = run_context.original_args()
-        name = check_name(f"{checkpoint_name(self.prefix, args.cur_epoch_num, args.step_in_epoch)}_breakpoint")
+        unfinished = args.cur_step_num - self._done_step if self._done_step is not None else 0
+        if unfinished > 0:
+            args = dataclasses.replace(args, cur_step_num=args.cur_step_num - unfinished,
+                                       step_in_epoch=max(0, args.step_in_epoch - unfinished))
+        base = checkpoint_name(self.prefix, args.cur_epoch_num, args.step_in_epoch) + BREAKPOINT_SUFFIX
+        name = unique_name(base, self._taken)
+        self._taken.add(name)
         try:
             save_checkpoint(args, self.storage, name, Reason.EXCEPTION, self._options(integrated=False),
                             RuntimeEnv.from_environ(), self.encryption)
@@ -271,7 +300,8 @@ class CheckpointMonitor(Callback):
 
     def _save(self, run_context: RunContext, reason: Reason, background: bool = True) -> None:
         args = run_context.original_args()
-        name = checkpoint_name(self.prefix, args.cur_epoch_num, args.step_in_epoch)
+        name = unique_name(checkpoint_name(self.prefix, args.cur_epoch_num, args.step_in_epoch), self._taken)
+        self._taken.add(name)
         env = RuntimeEnv.from_environ()
         resumed = args.resumed_from.name if args.resumed_from is not None else None
         started = time.perf_counter()
@@ -306,7 +336,7 @@ class CheckpointMonitor(Callback):
         """Apply retention. In the background (``require_complete=False``) other ranks may
         still be uploading ``newest``; it is protected and not yet counted, so for a moment
         one checkpoint more than ``keep_checkpoint_max`` may exist."""
-        checkpoints = scan(self.storage, cache=self._cache)
+        checkpoints = [c for c in scan(self.storage, cache=self._cache) if in_scope(c.name, {self.prefix})]
         mine = next((c for c in checkpoints if c.name == newest), None)
         if require_complete and (mine is None or not mine.complete):
             warnings.warn(f"checkpoint {newest!r} is not complete after the save "

@@ -391,6 +391,18 @@ def write_pending(pending: PendingSave, storage: Storage, encryption: Encryption
     return manifest
 
 
+def taken_names(storage: Storage) -> set[str]:
+    """Every checkpoint name in the store, as rank 0 lists it, on every rank.
+
+    A save picks :func:`torpor.checkpoints.unique_name` against these, so it never rewrites a
+    stored checkpoint; one rank lists, so every rank derives the same name.
+    """
+    listed: list[str] = []
+    if _distributed.rank() == 0 or not _distributed.is_initialized():
+        listed = sorted({p.name for obj in storage.list() if (p := parse_key(obj.key)) is not None})
+    return set(_distributed.broadcast_object(listed))
+
+
 def save_checkpoint(
     args: RunArgs,
     storage: Storage,

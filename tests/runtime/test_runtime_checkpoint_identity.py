@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from torpor_harness import REPO, Recorder, child_env, launch_ranks, logs, read_jsonl, tiny_setup, wait_all
 
 import torpor
@@ -100,7 +101,7 @@ def test_resume_from_env_falls_back_to_the_next_older_complete_one(
         loaded = torpor.load_checkpoint("latest", net, directory=str(tmp_path), restore_rng=False)
     assert loaded is not None and (loaded.name, loaded.step, loaded.skipped) == ("CKP-1_4", 4, ("CKP-1_8",))
     monkeypatch.delenv("TORPOR_RESUME_FROM")
-    with pytest.warns(torpor.TorporWarning, match="'CKP-1_4' instead"):
+    with pytest.warns(torpor.TorporWarning, match="trying the next older complete checkpoint 'CKP-1_4'"):
         latest = torpor.load_checkpoint("latest", directory=str(tmp_path), restore_rng=False)
     assert latest is not None and latest.name == "CKP-1_4"
     # A name the user wrote in code means that one: it raises rather than load another.
@@ -161,16 +162,11 @@ def test_a_second_monitors_retention_and_another_experiments_checkpoints_are_kep
     other, *_ = tiny_setup(seed=5)  # another experiment, same directory, newer checkpoints
     mon = torpor.CheckpointMonitor(prefix="other", directory=str(tmp_path), save_checkpoint_steps=8,
                                    save_network_params=False)
-    torpor.Model(other, loss_fn=loss, optimizer=torch_sgd(other)).train(2, loader, callbacks=mon)
+    other_opt = torch.optim.SGD(other.parameters(), lr=0.1)
+    torpor.Model(other, loss_fn=loss, optimizer=other_opt).train(2, loader, callbacks=mon)
     net, loss, opt, loader = tiny_setup()
     recorder = Recorder()
     mine = torpor.CheckpointMonitor(directory=str(tmp_path), save_checkpoint_steps=100, save_network_params=False)
     ctx = torpor.Model(net, loss_fn=loss, optimizer=opt).train(2, loader, callbacks=[mine, recorder], resume="latest")
     assert ctx.original_args().resumed_from.name == "CKP-1_8" and recorder.steps[0] == 9
     assert "other-2_8" in complete_names(tmp_path)  # and nobody pruned the other experiment
-
-
-def torch_sgd(net):  # noqa: ANN001, ANN201
-    import torch
-
-    return torch.optim.SGD(net.parameters(), lr=0.1)

@@ -30,7 +30,7 @@ class SigtermAt(torpor.Callback):
 if opts.kill_after_shard:
     write_file = _saving.write_file
 
-    def write_then_die(storage, key, content, encryption):  # noqa: ANN001, ANN202 - same signature
+    def write_then_die(storage, key, content, encryption):
         entry = write_file(storage, key, content, encryption)
         if parse_key(key).kind is FileKind.SHARD:  # type: ignore[union-attr]
             os.kill(os.getpid(), signal.SIGKILL)
