@@ -119,8 +119,8 @@ def test_sigterm_during_an_async_upload_waits_for_it_then_saves_the_exit_checkpo
     assert info.value.code == 143
     assert seen_in_flight == [True]
     checkpoints = {c.name: c for c in scan(open_storage(uri))}
-    assert checkpoints["CKP-1_3"].complete and checkpoints["Net"].complete
-    periodic, final = checkpoints["CKP-1_3"].manifests[0], checkpoints["Net"].manifests[0]
+    assert checkpoints["CKP-1_3"].complete and checkpoints["Net-1_4"].complete
+    periodic, final = checkpoints["CKP-1_3"].manifests[0], checkpoints["Net-1_4"].manifests[0]
     assert (periodic.reason, periodic.step, final.reason, final.step) == (Reason.PERIODIC, 3, Reason.EXIT, 4)
     assert periodic.created < final.created  # the exit save began after the upload finished
     assert not monitor.in_flight and monitor.save_errors == []

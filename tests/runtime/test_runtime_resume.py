@@ -10,12 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torpor_harness import PLAIN_LOOP, Recorder, StopAt, child_env, tiny_setup
+from torpor_harness import PLAIN_LOOP, REPO, Recorder, StopAt, child_env, launch_ranks, logs, tiny_setup, wait_all
 
 import torpor
 from torpor import _state
 from torpor.checkpoints import Reason, scan
 from torpor.storage import LocalStorage
+
+TWO_RANK_HISTORY = REPO / "tests" / "runtime" / "procs" / "two_rank_history.py"
 
 
 def seeded_run(directory: Path, epochs: int, *, stop_at: int | None = None, resume: str | None = None,
@@ -75,31 +77,22 @@ def fake_rank(monkeypatch: pytest.MonkeyPatch, rank: int, world: int) -> None:
     monkeypatch.setenv("TORPOR_TERMINATION_LOG", "/dev/null")
 
 
-def two_rank_history(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, integrated: bool = True) -> list[torch.Tensor]:
-    """Ranks 0 then 1 train 8 steps each, saving at 4 and 8: two complete 2-rank checkpoints.
+def two_rank_history(tmp_path: Path, integrated: bool = True) -> list[torch.Tensor]:
+    """Two real gloo ranks train 8 steps, saving at 4 and 8: two complete 2-rank checkpoints.
 
-    The fake ranks run one after the other, so when rank 0 saves, rank 1's manifests do not
-    exist yet: rank 0 must then refuse to prune (a warning), which is asserted too.
+    Each rank has its own weights (seed = rank, no DDP), so sharded state differs per rank;
+    returns each rank's final first-layer weights.
     """
-    weights = []
-    for rank in (0, 1):
-        fake_rank(monkeypatch, rank, 2)
-        net, loss, opt, loader = tiny_setup(seed=rank)  # different weights per rank (sharded state)
-        mon = torpor.CheckpointMonitor(directory=str(tmp_path), save_checkpoint_steps=4, integrated_save=integrated,
-                                       save_network_params=False)
-        model = torpor.Model(net, loss_fn=loss, optimizer=opt)
-        if rank == 0:
-            refused = r"'CKP-1_[48]' is not complete after the save .* nothing pruned"
-            with pytest.warns(torpor.TorporWarning, match=refused):
-                model.train(1, loader, callbacks=mon)
-        else:
-            model.train(1, loader, callbacks=mon)
-        weights.append(net[0].weight.detach().clone())
-    return weights
+    logdir = tmp_path.parent / f"{tmp_path.name}-ranks"
+    logdir.mkdir()
+    procs = launch_ranks(2, {}, [str(tmp_path), *([] if integrated else ["--sharded"])], logdir,
+                         script=TWO_RANK_HISTORY)
+    assert wait_all(procs, logdir) == [0, 0], logs(logdir)
+    return [torch.load(logdir / f"weights-{rank}.pt") for rank in (0, 1)]
 
 
-def test_a_partial_checkpoint_is_never_resumed_from(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    two_rank_history(tmp_path, monkeypatch)
+def test_a_partial_checkpoint_is_never_resumed_from(tmp_path: Path) -> None:
+    two_rank_history(tmp_path)
     assert [c.name for c in scan(LocalStorage(tmp_path)) if c.complete] == ["CKP-1_4", "CKP-1_8"]
     (tmp_path / "rank_1" / "CKP-1_8.manifest.json").unlink()  # rank 1 died before finishing its save
 
@@ -109,8 +102,9 @@ def test_a_partial_checkpoint_is_never_resumed_from(tmp_path: Path, monkeypatch:
         torpor.load_checkpoint("CKP-1_8", directory=str(tmp_path))
 
 
-def test_a_corrupted_shard_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    two_rank_history(tmp_path, monkeypatch)
+def test_a_corrupted_shard_is_refused(tmp_path: Path) -> None:
+    two_rank_history(tmp_path)
+    assert [c.name for c in scan(LocalStorage(tmp_path)) if c.complete] == ["CKP-1_4", "CKP-1_8"]
     shard = tmp_path / "rank_0" / "CKP-1_8.ckpt"
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0x01  # one flipped bit
@@ -118,12 +112,15 @@ def test_a_corrupted_shard_is_refused(tmp_path: Path, monkeypatch: pytest.Monkey
     net, *_ = tiny_setup()
     before = net[0].weight.detach().clone()
     with pytest.raises(torpor.IntegrityError, match=r"rank_0/CKP-1_8.ckpt: sha256 .* refusing to load"):
-        torpor.load_checkpoint("latest", net, directory=str(tmp_path))
+        torpor.load_checkpoint("CKP-1_8", net, directory=str(tmp_path))  # named in code: that one or an error
     torch.testing.assert_close(net[0].weight, before)  # nothing was loaded
+    with pytest.warns(torpor.TorporWarning, match=r"'CKP-1_8' .* could not be loaded .* 'CKP-1_4'"):
+        loaded = torpor.load_checkpoint("latest", net, directory=str(tmp_path), restore_rng=False)
+    assert loaded is not None and loaded.name == "CKP-1_4"  # 'latest' falls back to the next older one
 
 
-def test_replicated_state_is_written_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    two_rank_history(tmp_path, monkeypatch, integrated=True)
+def test_replicated_state_is_written_once(tmp_path: Path) -> None:
+    two_rank_history(tmp_path, integrated=True)
     rank0 = _state.decode((tmp_path / "rank_0" / "CKP-1_8.ckpt").read_bytes())
     rank1 = _state.decode((tmp_path / "rank_1" / "CKP-1_8.ckpt").read_bytes())
     assert {"model", "optimizer"} <= set(rank0) and not {"model", "optimizer"} & set(rank1)
@@ -131,7 +128,7 @@ def test_replicated_state_is_written_once(tmp_path: Path, monkeypatch: pytest.Mo
 
 
 def test_sharded_state_is_written_and_restored_per_rank(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    weights = two_rank_history(tmp_path, monkeypatch, integrated=False)
+    weights = two_rank_history(tmp_path, integrated=False)
     for rank in (0, 1):
         fake_rank(monkeypatch, rank, 2)
         net, *_ = tiny_setup(seed=42)
