@@ -221,9 +221,11 @@ def test_encrypted_async_checkpoints_resume_and_refuse_a_wrong_key(s3_bucket: st
 
     untouched, _, _, _ = wide_setup(width=64)
     before = copy.deepcopy(untouched.state_dict())
-    with pytest.raises(torpor.IntegrityError, match="wrong encryption key"):
+    # 'latest' tries every complete checkpoint (a warning each), then raises the newest's error
+    with pytest.raises(torpor.IntegrityError, match="wrong encryption key"), \
+            pytest.warns(torpor.TorporWarning, match="'CKP-1_12' .* wrong encryption key.* 'CKP-1_6'"):
         torpor.load_checkpoint("latest", untouched, directory=uri, enc_key=os.urandom(16))
-    with pytest.raises(ValueError, match="encrypted"):
+    with pytest.raises(ValueError, match="encrypted"), pytest.warns(torpor.TorporWarning, match="no enc_key"):
         torpor.load_checkpoint("latest", untouched, directory=uri)
     assert_state_equal(untouched.state_dict(), before)  # nothing was loaded
 

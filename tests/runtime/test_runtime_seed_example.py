@@ -31,11 +31,11 @@ def test_lenet_seed_example_saves_ckpt_and_pt2_on_sigterm(tmp_path: Path) -> Non
     last_step = int(lines[-1].split()[3])
     assert 3 <= last_step < 50 * 64  # stopped soon after the signal, long before the end
 
-    ckpt = tmp_path / "rank_0" / "LeNet5.ckpt"
-    assert ckpt.exists() and (tmp_path / "rank_0" / "LeNet5.pt2").exists()
+    (ckpt,) = (tmp_path / "rank_0").glob("LeNet5-*.ckpt")  # {file_name}-{epoch}_{step}: a name per save
+    assert ckpt.with_suffix(".pt2").exists()
     loaded = torpor.load_checkpoint(str(ckpt), network=_lenet())
-    assert loaded.step == last_step
-    program = torch.export.load(str(tmp_path / "rank_0" / "LeNet5.pt2"))
+    assert loaded.step == last_step and ckpt.name == f"LeNet5-{loaded.epoch}_{loaded.step_in_epoch}.ckpt"
+    program = torch.export.load(str(ckpt.with_suffix(".pt2")))
     assert program.module()(torch.zeros(2, 1, 32, 32)).shape == (2, 10)
 
 
