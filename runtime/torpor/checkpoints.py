@@ -240,7 +240,7 @@ class Manifest:
     """
 
     name: str
-    """Checkpoint name (``CKP-1_5``, ``Net``)."""
+    """Checkpoint name (``CKP-1_5``, ``Net-2_7``)."""
     rank: int
     """Global rank that wrote it."""
     world_size: int
