@@ -31,11 +31,12 @@ def test_lenet_seed_example_saves_ckpt_and_pt2_on_sigterm(tmp_path: Path) -> Non
     last_step = int(lines[-1].split()[3])
     assert 3 <= last_step < 50 * 64  # stopped soon after the signal, long before the end
 
-    ckpt = tmp_path / "rank_0" / "LeNet5.ckpt"
-    assert ckpt.exists() and (tmp_path / "rank_0" / "LeNet5.pt2").exists()
+    rank_dir = tmp_path / "checkpoints" / "rank_0"  # the run's checkpoint root, not the seed's "./"
+    ckpt = rank_dir / "LeNet5.ckpt"
+    assert ckpt.exists() and (rank_dir / "LeNet5.pt2").exists()
     loaded = torpor.load_checkpoint(str(ckpt), network=_lenet())
     assert loaded.step == last_step
-    program = torch.export.load(str(tmp_path / "rank_0" / "LeNet5.pt2"))
+    program = torch.export.load(str(rank_dir / "LeNet5.pt2"))
     assert program.module()(torch.zeros(2, 1, 32, 32)).shape == (2, 10)
 
 
