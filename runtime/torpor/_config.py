@@ -9,8 +9,8 @@ can only mean "moved away from its default"):
 * ``keep_checkpoint_per_n_minutes > 0`` selects window retention and ``keep_checkpoint_max``
   is ignored, provided it is left at its default ``5`` (or ``0``); otherwise ``ValueError``.
 * ``save_checkpoint_steps == 0`` and ``save_checkpoint_seconds == 0``: no periodic saves
-  (what the operator sets for a TrainingJob with neither ``saveSteps`` nor ``saveSeconds``,
-  "saves only when asked to stop"). The monitor still writes the final checkpoint when
+  (what the operator sets for a TrainingJob with neither ``saveSteps`` nor ``saveSeconds``).
+  The monitor still writes the final checkpoint when
   training ends by itself, as MindSpore's ``ModelCheckpoint`` does at its end, so a finished
   run keeps its result; the exit save is ``OnRequestExit``'s and the breakpoint
   ``exception_save``'s, as with any schedule. Both keep settings 0: every checkpoint is kept.

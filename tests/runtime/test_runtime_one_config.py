@@ -44,6 +44,14 @@ def exit_checkpoint(directory: Path) -> Checkpoint:
     return found
 
 
+def stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    """Kill and reap ranks still running (a failed test leaves no process behind)."""
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait(timeout=30)
+
+
 def train(callbacks: list[torpor.Callback], *, resume: str | None = None, epochs: int = 3) -> torch.nn.Module:
     net, loss, opt, loader = tiny_setup()
     torpor.Model(net, loss_fn=loss, optimizer=opt).train(epochs, loader, callbacks=callbacks, resume=resume,
@@ -118,9 +126,7 @@ def test_exit_save_only_job_stops_on_sigterm_saves_once_and_resumes(tmp_path: Pa
         os.kill(procs[1].pid, signal.SIGTERM)
         codes = wait_all(procs, run1)
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+        stop(procs)
     assert codes == [143, 143], logs(run1)
     stop_step = json.loads((run1 / "termination-0.json").read_text())["step"]
     (only,) = complete(ck)  # no periodic save: the exit save is the one checkpoint
@@ -134,9 +140,7 @@ def test_exit_save_only_job_stops_on_sigterm_saves_once_and_resumes(tmp_path: Pa
     try:
         codes = wait_all(procs, run2)
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+        stop(procs)
     assert codes == [0, 0], logs(run2)
     steps = sorted({r["step"] for r in read_jsonl(losses2)})
     assert steps == list(range(stop_step + 1, 31))  # 160 samples, 2 ranks, batch 8: 10 steps per epoch
