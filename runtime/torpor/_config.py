@@ -10,10 +10,10 @@ can only mean "moved away from its default"):
   is ignored, provided it is left at its default ``5`` (or ``0``); otherwise ``ValueError``.
 * ``save_checkpoint_steps == 0`` and ``save_checkpoint_seconds == 0``: no periodic saves
   (what the operator sets for a TrainingJob with neither ``saveSteps`` nor ``saveSeconds``).
-  The monitor still writes the final checkpoint when
-  training ends by itself, as MindSpore's ``ModelCheckpoint`` does at its end, so a finished
-  run keeps its result; the exit save is ``OnRequestExit``'s and the breakpoint
-  ``exception_save``'s, as with any schedule. Both keep settings 0: every checkpoint is kept.
+  The monitor still writes the final checkpoint when training ends by itself, as MindSpore's
+  ``ModelCheckpoint`` does at its end, so a finished run keeps its result; the exit save is
+  ``OnRequestExit``'s and the breakpoint ``exception_save``'s, as with any schedule. Both keep
+  settings 0: every checkpoint is kept.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from torpor_harness import (
 )
 
 import torpor
-from torpor.checkpoints import Checkpoint, Reason, scan
+from torpor.checkpoints import Checkpoint, Reason, delete_checkpoints, scan
 from torpor.crypto import is_encrypted
 from torpor.storage import LocalStorage
 
@@ -184,6 +184,8 @@ def test_the_export_is_written_after_the_manifest_and_deleted_with_its_checkpoin
     assert all(not e.key.endswith(".pt2") for e in found.manifests[0].files)  # completeness never waits for it
     assert pt2.stat().st_mtime_ns >= (ck / "rank_0" / f"{found.name}.manifest.json").stat().st_mtime_ns
     torch.export.load(str(pt2))
+    delete_checkpoints(LocalStorage(ck), [found])  # what retention (runtime or operator) does with it
+    assert not pt2.exists() and not list((ck / "rank_0").iterdir())
 
 
 # -- item 12: saved_network is an extra file; save_ckpt=False leaves the monitor alone -----
