@@ -7,7 +7,8 @@ Layout under a checkpoint root (a directory or ``s3://bucket/prefix``)::
 
     rank_{rank}/{name}.ckpt            the rank's shard (torch.save, loaded with weights_only=True)
     rank_{rank}/{name}.manifest.json   written last, once every file of the rank is durable
-    rank_{rank}/{name}.pt2             optional torch.export program (exit saves)
+    rank_{rank}/{name}.pt2             optional torch.export program (exit saves), written after
+                                       the manifests and not listed in them
     rank_{rank}/{name}.network.pt      optional network weights only (save_network_params)
     rank_{rank}/{name}.trainable.pt    optional trainable weights only (save_trainable_params)
 
@@ -39,6 +40,10 @@ is loaded only when asked for by name.
 ``-{epoch}_{step}``; retention of a ``CheckpointMonitor`` counts and deletes only its own
 prefix's checkpoints, and ``'latest'`` of a run considers only its own prefixes (the monitors'
 and the exit save's, :func:`in_scope`), so a shared directory may hold other experiments.
+The ``.pt2`` is an inference artifact written once the checkpoint is complete: no manifest lists
+it, so completeness never waits for it and a failed or killed export costs nothing; its key
+carries the checkpoint's name, so :func:`assemble` groups it with that checkpoint and
+retention deletes both together.
 """
 
 from __future__ import annotations

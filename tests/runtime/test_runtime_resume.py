@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import subprocess
 import sys
@@ -16,8 +17,6 @@ import torpor
 from torpor import _state
 from torpor.checkpoints import Reason, scan
 from torpor.storage import LocalStorage
-
-TWO_RANK_HISTORY = REPO / "tests" / "runtime" / "procs" / "two_rank_history.py"
 
 
 def seeded_run(directory: Path, epochs: int, *, stop_at: int | None = None, resume: str | None = None,
@@ -68,27 +67,31 @@ def test_load_checkpoint_returns_metadata_and_append_info(tmp_path: Path) -> Non
     assert by_path is not None and by_path.step == 4
 
 
+HISTORY_RANK = Path(__file__).resolve().parent / "procs" / "history_rank.py"
+
+
 def fake_rank(monkeypatch: pytest.MonkeyPatch, rank: int, world: int) -> None:
-    """Make this process one rank of ``world`` without a process group (no collectives needed)."""
+    """Make this process read as one rank of ``world`` for loading (no process group needed)."""
     monkeypatch.setenv("RANK", str(rank))
     monkeypatch.setenv("WORLD_SIZE", str(world))
-    monkeypatch.setenv("TORPOR_JOB", "ns/two-ranks")  # shared run identity → agreeing save_ids
-    monkeypatch.setenv("TORPOR_INCARNATION", "1")
     monkeypatch.setenv("TORPOR_TERMINATION_LOG", "/dev/null")
 
 
 def two_rank_history(tmp_path: Path, integrated: bool = True) -> list[torch.Tensor]:
     """Two real gloo ranks train 8 steps, saving at 4 and 8: two complete 2-rank checkpoints.
 
-    Each rank has its own weights (seed = rank, no DDP), so sharded state differs per rank;
-    returns each rank's final first-layer weights.
+    Real processes in one process group, so the saves' collectives and rank 0's retention run
+    as in a job (every rank's manifest exists before rank 0 prunes). Returns each rank's final
+    first-layer weights.
     """
-    logdir = tmp_path.parent / f"{tmp_path.name}-ranks"
+    logdir = tmp_path / "logs"
     logdir.mkdir()
-    procs = launch_ranks(2, {}, [str(tmp_path), *([] if integrated else ["--sharded"])], logdir,
-                         script=TWO_RANK_HISTORY)
-    assert wait_all(procs, logdir) == [0, 0], logs(logdir)
-    return [torch.load(logdir / f"weights-{rank}.pt") for rank in (0, 1)]
+    layout = "integrated" if integrated else "sharded"
+    path = os.pathsep.join([str(REPO / "runtime"), str(REPO / "hack"), str(HISTORY_RANK.parents[1]),
+                            os.environ.get("PYTHONPATH", "")])
+    procs = launch_ranks(2, {"PYTHONPATH": path}, [str(tmp_path), layout, str(logdir)], logdir, script=HISTORY_RANK)
+    assert wait_all(procs, logdir, timeout=180) == [0, 0], logs(logdir)
+    return [torch.load(logdir / f"weights-{rank}.pt", weights_only=True) for rank in (0, 1)]
 
 
 def test_a_partial_checkpoint_is_never_resumed_from(tmp_path: Path) -> None:
