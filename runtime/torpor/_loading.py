@@ -148,7 +148,7 @@ def _decided(storage: Storage, name: str | None, prefixes: Iterable[str] | None,
         try:
             result = (find_checkpoint(storage, name, None if prefixes is None else sorted(set(prefixes)), fallback),
                       None)
-        except TorporError as exc:
+        except Exception as exc:  # forwarded, so every rank raises it and none waits in the broadcast
             result = ([], exc)
     candidates, error = _distributed.broadcast_object(result)
     if error is not None:

@@ -389,10 +389,16 @@ def taken_names(storage: Storage) -> set[str]:
     A save picks :func:`torpor.checkpoints.unique_name` against these, so it never rewrites a
     stored checkpoint; one rank lists, so every rank derives the same name.
     """
-    listed: list[str] = []
+    listed: tuple[list[str], BaseException | None] = ([], None)
     if _distributed.rank() == 0 or not _distributed.is_initialized():
-        listed = sorted({p.name for obj in storage.list() if (p := parse_key(obj.key)) is not None})
-    return set(_distributed.broadcast_object(listed))
+        try:
+            listed = (sorted({p.name for obj in storage.list() if (p := parse_key(obj.key)) is not None}), None)
+        except Exception as exc:  # forwarded, so every rank raises it and none waits in the broadcast
+            listed = ([], exc)
+    names, error = _distributed.broadcast_object(listed)
+    if error is not None:
+        raise error
+    return set(names)
 
 
 def save_checkpoint(
