@@ -97,7 +97,7 @@ def test_sigterm_during_a_nested_eval_saves_training_state_and_resume_runs_the_r
         tmp_path: Path, previous_handler: list[int], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TORPOR_JOB", raising=False)
     ck = tmp_path / "ck"
-    ctx, recorder, exit_cb, evaluator = _train(ck, [KillInEval(call=2, step=2)])
+    _, recorder, exit_cb, evaluator = _train(ck, [KillInEval(call=2, step=2)])
 
     # Training stopped after the epoch whose evaluation was interrupted, and said so.
     assert recorder.steps == list(range(1, 2 * STEPS_PER_EPOCH + 1))
@@ -119,7 +119,7 @@ def test_a_nested_eval_leaves_the_training_signal_handler_installed(
     monkeypatch.delenv("TORPOR_JOB", raising=False)
     ck = tmp_path / "ck"
     stop_step = 2 * STEPS_PER_EPOCH + 4  # in epoch 3, after two evaluations have come and gone
-    _, recorder, exit_cb, evaluator = _train(ck, [KillInStep(stop_step)])
+    _, recorder, _, evaluator = _train(ck, [KillInStep(stop_step)])
     assert recorder.steps[-1] == stop_step, "the SIGTERM after an evaluation did not stop training"
     assert len(evaluator.results) == 3  # epoch 3 still ends (its hooks run after the stop)
     (ckpt,) = scan(LocalStorage(ck))
