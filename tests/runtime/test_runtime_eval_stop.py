@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
-from torpor_harness import Recorder, tiny_setup
+from torpor_harness import Recorder, launch_ranks, logs, read_jsonl, tiny_setup, wait_all
 
 import torpor
 from torpor.checkpoints import Reason, scan
@@ -155,3 +155,29 @@ def test_sigterm_during_a_standalone_eval_stops_it_without_a_checkpoint(
     assert message["extra"] == {"mode": "eval", "eval_step": 2}
     handler = signal.getsignal(signal.SIGTERM)
     assert callable(handler) and handler.__name__ == "<lambda>"
+
+
+def test_two_ranks_a_sigterm_to_one_rank_mid_eval_saves_training_state(tmp_path: Path) -> None:
+    """Real gloo ranks: rank 1 alone gets SIGTERM inside an evaluation step after epoch 2."""
+    script = Path(__file__).parent / "procs" / "eval_each_epoch.py"
+    steps_per_epoch, epochs = 4, 3  # 64 samples over 2 ranks in batches of 8
+    ck = tmp_path / "ck"
+    env = {"TORPOR_JOB": "ns/j", "TORPOR_CHECKPOINT_URI": str(ck), "TORPOR_SAVE_STEPS": "1000"}
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    procs = launch_ranks(2, {**env, "TORPOR_INCARNATION": "1", "LOSSES": str(first / "steps.jsonl"),
+                             "KILL_RANK": "1", "KILL_EVAL": "2", "KILL_STEP": "2"}, [str(epochs)], first, script=script)
+    assert wait_all(procs, first) == [143, 143], logs(first)
+    messages = [json.loads((first / f"termination-{r}.json").read_text()) for r in range(2)]
+    assert [(m["reason"], m["step"], m["epoch"], m["local"]) for m in messages] == [
+        ("signal", 2 * steps_per_epoch, 2, False), ("signal", 2 * steps_per_epoch, 2, True)]
+    (saved,) = [c for c in scan(LocalStorage(ck)) if c.name == messages[0]["checkpoint"]]
+    assert saved.complete and (saved.epoch, saved.step) == (2, 2 * steps_per_epoch)
+
+    procs = launch_ranks(2, {**env, "TORPOR_INCARNATION": "2", "LOSSES": str(second / "steps.jsonl")},
+                         [str(epochs)], second, script=script)
+    assert wait_all(procs, second) == [0, 0], logs(second)
+    for rank in range(2):
+        steps = [line["step"] for line in read_jsonl(second / "steps.jsonl") if line["rank"] == rank]
+        assert steps == list(range(2 * steps_per_epoch + 1, epochs * steps_per_epoch + 1)), f"rank {rank}"
