@@ -130,8 +130,9 @@ class Callback:
         """An exception escaped a training step (torpor's addition to the seeds' hooks).
 
         Called before the exception propagates on to the caller, which always gets it
-        unchanged; ``on_train_end`` is not called after it. ``CheckpointMonitor`` writes its
-        breakpoint checkpoint here, ``OnRequestExit`` restores the signal handler.
+        unchanged; ``on_train_end`` is not called after it, ``on_train_teardown`` is.
+        ``CheckpointMonitor`` writes its breakpoint checkpoint here (the signal handler is
+        still installed; it is restored in ``on_train_teardown``).
         """
 
     def on_eval_begin(self, run_context: RunContext) -> None:
