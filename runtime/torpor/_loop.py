@@ -262,13 +262,14 @@ class Loop:
                 yield epoch
                 self._epoch_open = False
                 call_hooks(self.callbacks, "on_train_epoch_end", self.run_context)
-        except GeneratorExit:
+        except BaseException:  # closed by a break (GeneratorExit), or an epoch hook raised
             self._left_early()
             raise
         self.end()
 
     def _left_early(self) -> None:
-        """``epochs()`` was closed from outside: a ``break``, or an exception in the loop body.
+        """``epochs()`` was closed from outside (a ``break``, an exception in the loop body) or
+        an epoch hook raised.
 
         Which of the two is unknowable here, and other ranks may be anywhere, so only local
         work: the ``with`` form tears down in ``__exit__`` (after ``on_train_exception``);
