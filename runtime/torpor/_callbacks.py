@@ -5,6 +5,7 @@ Torch-free: hooks see whatever objects the loop hands them.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -150,24 +151,29 @@ class Callback:
 
 HOOKS = tuple(name for name in vars(Callback) if name.startswith("on_"))
 
-_TRAINING: list[RunContext] = []
-"""Training runs in progress in this process, innermost last (``Loop`` pushes and pops)."""
+_TRAINING: list[weakref.ref[RunContext]] = []
+"""Training runs in progress in this process, innermost last (``Loop`` pushes and pops).
+Weak: a run abandoned without teardown (a loop dropped half-way) is forgotten with its loop."""
 
 
 def training_run() -> RunContext | None:
     """The training run in progress, if any: what a stop during a nested evaluation saves."""
-    return _TRAINING[-1] if _TRAINING else None
+    while _TRAINING:
+        run = _TRAINING[-1]()
+        if run is not None:
+            return run
+        _TRAINING.pop()
+    return None
 
 
 def enter_training(run_context: RunContext) -> None:
     """Mark ``run_context`` as the training run in progress (``Loop.begin``)."""
-    _TRAINING.append(run_context)
+    _TRAINING.append(weakref.ref(run_context))
 
 
 def leave_training(run_context: RunContext) -> None:
     """The run has been torn down (``Loop`` teardown); a no-op if it was never entered."""
-    if run_context in _TRAINING:
-        _TRAINING.remove(run_context)
+    _TRAINING[:] = [r for r in _TRAINING if r() is not None and r() is not run_context]
 
 
 def as_callback_list(callbacks: Callback | Iterable[Callback] | None) -> list[Callback]:
