@@ -133,16 +133,25 @@ class Shell:
             log.info("%s/%s %s: %s", namespace, name, event.reason, event.message)
         if decision.events:
             await asyncio.to_thread(self.kube.post_events, body, decision)
-        self.metrics.observe(f"{namespace}/{name}", decision, job.status.phase)
+        self.metrics.observe(f"{namespace}/{name}", decision, job.status)
         self._schedule(key, decision.requeue_after)
 
     async def _checkpoints(self, key: tuple[str, str], job: Job) -> list[CheckpointInfo] | None:
+        """The job's checkpoints: listed afresh where a decision may start an incarnation, else the
+        last listing (for ``status.lastCheckpoint``).
+
+        A listing that fails gives ``None``, never the cached list: that may name a checkpoint older
+        than the newest, or one retention has deleted since, and every rank would be told to load
+        it. With ``None`` the pods get an empty ``TORPOR_RESUME_FROM`` and the ranks resolve the
+        newest complete checkpoint themselves.
+        """
         if job.status.phase in _LAUNCHING or key not in self.checkpoints:
             try:
                 self.checkpoints[key] = await asyncio.to_thread(self.bucket.list, job.spec, job.ref)
             except Exception as exc:  # the bucket is away: the ranks resolve "newest" themselves
                 log.warning("cannot list checkpoints of %s: %s", job.ref.key, exc)
-                return self.checkpoints.get(key)
+                self.checkpoints.pop(key, None)
+                return None
         return self.checkpoints[key]
 
     def _schedule(self, key: tuple[str, str], delay: float | None) -> None:
