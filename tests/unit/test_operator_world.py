@@ -75,12 +75,13 @@ def pod(job: str, incarnation: int, rank: int, *, phase: str = "Running", ready:
     return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": {"nodeName": node}, "status": status}
 
 
-def node(name: str, *, unschedulable: bool = False, taints: tuple[str, ...] = ()) -> dict[str, Any]:
-    """A Node object."""
+def node(name: str, *, unschedulable: bool = False, taints: tuple[str, ...] = (), ready: str = "True") -> dict[str, Any]:
+    """A Node object; ``ready`` is the status of its ``Ready`` condition."""
     spec: dict[str, Any] = {"taints": [{"key": t, "effect": "NoSchedule"} for t in taints]}
     if unschedulable:
         spec["unschedulable"] = True
-    return {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}, "spec": spec}
+    return {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}, "spec": spec,
+            "status": {"conditions": [{"type": "Ready", "status": ready}]}}
 
 
 def ckpt(name: str, step: int, minutes: float, complete: bool = True) -> CheckpointInfo:
