@@ -320,7 +320,8 @@ def ranks_by_node(spec: dict[str, Any], labels: dict[str, str], namespace: str, 
 @kopf.on.event("", "v1", "nodes")
 async def on_node(event: dict[str, Any], body: kopf.Body, name: str, memo: kopf.Memo,
                   ranks_by_node: kopf.Index[str, tuple[str, str]], **_: Any) -> None:
-    """A node cordoned or given a termination taint: reconcile every job with a rank on it."""
+    """A node cordoned, given a termination taint or lost (NotReady, unreachable): reconcile every
+    job with a rank on it."""
     shell = _shell(memo)
     if event.get("type") == "DELETED":
         shell.nodes.pop(name, None)
@@ -328,8 +329,13 @@ async def on_node(event: dict[str, Any], body: kopf.Body, name: str, memo: kopf.
     before = shell.nodes.get(name)
     shell.nodes[name] = dict(body)
     taints = shell.settings.termination_taints
-    was = NodeView.from_dict(before).going_away(taints) if before else None
-    now = NodeView.from_dict(dict(body)).going_away(taints)
+
+    def why(node: dict[str, Any]) -> str | None:
+        view = NodeView.from_dict(node)
+        return view.going_away(taints) or view.lost()
+
+    was = why(before) if before else None
+    now = why(dict(body))
     if now is None or now == was:
         return
     triggered_at = time.monotonic()

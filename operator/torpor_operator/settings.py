@@ -101,6 +101,14 @@ class OperatorSettings:
     backoff_max_seconds: float = dataclasses.field(default=600.0, metadata=_env("TORPOR_BACKOFF_MAX_SECONDS"))
     """Upper bound of the restart backoff, seconds."""
 
+    admission_retries: int = dataclasses.field(default=5, metadata=_env("TORPOR_ADMISSION_RETRIES"))
+    """How often one incarnation's ranks are recreated after the kubelet refused to admit them
+    (``UnexpectedAdmissionError``, ``OutOfcpu``…, ``NodeAffinity``) before that counts as a failure.
+    Such a pod never ran: a device plugin or the node's resource accounting was briefly wrong, so
+    it is recreated without counting against ``maxRestarts``; the bound keeps a node that always
+    refuses from looping for ever (past it, the job restarts with backoff like after a crash).
+    Default 5; 0 makes the first rejection a failure."""
+
     retention_interval_seconds: float = dataclasses.field(
         default=60.0, metadata=_env("TORPOR_RETENTION_INTERVAL_SECONDS")
     )
@@ -151,6 +159,8 @@ class OperatorSettings:
             self._check_port(name, allow_zero=False)
         for name in ("health_port", "metrics_port"):
             self._check_port(name, allow_zero=True)
+        if not _is_int(self.admission_retries) or self.admission_retries < 0:
+            raise SettingsError(f"admission_retries must be a whole number >= 0, got {self.admission_retries!r}")
         if not _is_int(self.watch_timeout_seconds) or self.watch_timeout_seconds < 1:
             raise SettingsError(f"watch_timeout_seconds must be a whole number of seconds >= 1, "
                                 f"got {self.watch_timeout_seconds!r}")

@@ -75,7 +75,8 @@ def pod(job: str, incarnation: int, rank: int, *, phase: str = "Running", ready:
     return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": {"nodeName": node}, "status": status}
 
 
-def node(name: str, *, unschedulable: bool = False, taints: tuple[str, ...] = (), ready: str = "True") -> dict[str, Any]:
+def node(name: str, *, unschedulable: bool = False, taints: tuple[str, ...] = (),
+         ready: str = "True") -> dict[str, Any]:
     """A Node object; ``ready`` is the status of its ``Ready`` condition."""
     spec: dict[str, Any] = {"taints": [{"key": t, "effect": "NoSchedule"} for t in taints]}
     if unschedulable:
