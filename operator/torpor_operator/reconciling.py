@@ -485,10 +485,17 @@ def _preemption_backoff(world: _World, plan: _Plan, restart_at: datetime | None,
     """A preemption after which no checkpoint is newer than the one the incarnation resumed from
     made no progress; the k-th in a row waits the failure backoff of k before the restart, so a
     loop of preemptions that never saves (a node pool reclaimed every minute, a save that never
-    completes) does not spin. Progress resets the count and restarts at once."""
+    completes) does not spin. Progress resets the count and restarts at once.
+
+    A newest checkpoint written after the stop was requested is progress too, whatever its name:
+    an exit save may rewrite the name the incarnation resumed from (``Net``). Its time is the
+    store's clock, the request's the operator's: skew can only make a rewritten ``Net`` look
+    old, which costs one backoff, never a loop."""
     s = plan.status
     newest = s.last_checkpoint
-    if newest is not None and newest.name != (s.resume_from or ""):
+    written, requested = (parse_time(newest.time) if newest else None), parse_time(s.stop_requested_at)
+    if newest is not None and (newest.name != (s.resume_from or "")
+                               or (written is not None and requested is not None and written >= requested)):
         plan.update(preemptions_without_progress=0)
         return restart_at, message
     k = s.preemptions_without_progress + 1

@@ -786,3 +786,17 @@ def test_progress_is_measured_against_the_checkpoint_the_incarnation_resumed_fro
     assert c.status["resumeFrom"] == "CKP-1_10"
     preempt_and_exit(c)
     assert c.status["preemptionsWithoutProgress"] == 1
+
+
+def test_an_exit_save_under_the_name_it_resumed_from_is_progress() -> None:
+    """Until every save has a name of its own, an exit save may rewrite ``Net``: a newest
+    checkpoint written after the stop was requested is progress whatever its name."""
+    c = Cluster(job_body(), checkpoints=[ckpt("Net", 7, 1)])
+    c.step()
+    c.run(node_for={0: "node-a", 1: "node-b"})
+    c.step()
+    assert c.status["resumeFrom"] == "Net"
+    c.checkpoints = [ckpt("Net", 50, 61)]  # 12:01, after the stop requested at 12:00
+    preempt_and_exit(c)
+    assert c.status["preemptionsWithoutProgress"] == 0
+    assert "nextRestartTime" not in c.status
