@@ -50,6 +50,8 @@ class Termination:
     """Kubernetes' reason: ``Completed``, ``Error``, ``OOMKilled``, …"""
     message: str
     """The termination message: the runtime's JSON, or the log tail after a crash."""
+    finished_at: datetime | None = None
+    """``finishedAt``: when the container ended, by the kubelet's clock."""
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,7 @@ class PodView:
                     exit_code=int(terminated.get("exitCode", 0)),
                     reason=terminated.get("reason") or "",
                     message=terminated.get("message") or "",
+                    finished_at=parse_time(terminated.get("finishedAt")),
                 )
         return cls(
             name=meta.get("name", ""),

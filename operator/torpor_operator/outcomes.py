@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from datetime import datetime
 from enum import StrEnum
 
 from torpor.termination import (
@@ -40,6 +41,7 @@ from torpor_operator.observing import NodeView, PodView
 __all__ = [
     "ADMISSION_REASONS",
     "DISRUPTION_REASONS",
+    "PEER_LOSS_PATTERNS",
     "RULES",
     "Facts",
     "Outcome",
@@ -101,6 +103,23 @@ class RankOutcome:
     step: int | None = None
     detail: str = ""
     """One line for Events and conditions."""
+    ended_at: datetime | None = None
+    """When the container ended (``finishedAt``), if it did and the kubelet said."""
+
+    @property
+    def lost_peer(self) -> bool:
+        """A crash whose words say a collective lost its connection to another rank (gloo, NCCL,
+        c10d: :data:`PEER_LOSS_PATTERNS`): the cause may be that other rank, not this one."""
+        text = self.detail.lower()
+        return self.outcome is Outcome.CRASHED and any(p in text for p in PEER_LOSS_PATTERNS)
+
+
+#: Lower-case fragments of the errors a rank's collective raises when a peer's process or node is
+#: gone: gloo's TCP pairs, NCCL's remote errors, c10d's store and network errors.
+PEER_LOSS_PATTERNS = (
+    "connection reset by peer", "connection closed by peer", "broken pipe", "connection refused",
+    "socket timeout", "remote process exited", "ncclremoteerror", "distnetworkerror", "no route to host",
+)
 
 
 @dataclass(frozen=True)
@@ -269,7 +288,7 @@ def classify(pod: PodView, node: NodeView | None = None, taints: Iterable[str] =
     rule = next(r for r in RULES if r.applies(f))
     msg = f.message
     return RankOutcome(pod.rank, rule.outcome, msg.checkpoint if msg else None, msg.step if msg else None,
-                       rule.detail.format(**f.words()))
+                       rule.detail.format(**f.words()), pod.termination.finished_at if pod.termination else None)
 
 
 def rules_table() -> str:

@@ -312,7 +312,9 @@ def _active(world: _World, plan: _Plan) -> None:
        collateral: the peers of a disrupted rank fail on the broken connection. One preemption,
        no failure. A bare deletion of a live rank does not count here: it may be the operator's
        own, from a failure it was applying when it died.
-    2. Otherwise any crash is one failure, however many ranks crashed.
+    2. Otherwise any crash is one failure, however many ranks crashed — held for a bounded
+       time when every crash is a lost connection and a rank still reads as running
+       (:func:`_awaiting_silent_rank`).
     3. Every rank Finished: success.
     4. Any other signal (a Stopped or Killed rank, a deletion, a vanished rank): one preemption.
     5. Ranks the kubelet refused are recreated, bounded by ``TORPOR_ADMISSION_RETRIES``.
@@ -334,7 +336,8 @@ def _active(world: _World, plan: _Plan) -> None:
                     f"{disruptions[0]}{more}; {collateral}, not failures (rank {ranks}: {crashed[0].detail})")
         return
     if crashed:
-        _begin_failure(world, plan, current, crashed)
+        if not _awaiting_silent_rank(world, plan, current, crashed):
+            _begin_failure(world, plan, current, crashed)
         return
     ranks = {p.rank for p in current}
     finished = [o for o in outcomes if o.outcome is Outcome.FINISHED]
@@ -360,6 +363,24 @@ def _active(world: _World, plan: _Plan) -> None:
     if plan.status.phase == "Pending" and len(running) == world.spec.replicas:
         _transition(world, plan, "Running", Event(
             "Normal", "Running", f"all {world.spec.replicas} ranks of incarnation {incarnation} are running"))
+
+
+def _awaiting_silent_rank(world: _World, plan: _Plan, current: list[PodView], crashed: list[RankOutcome]) -> bool:
+    """Whether to hold a failure decision: every crashed rank lost its connection to a peer,
+    and some rank still reads as running — the sign of a node that stopped reporting, whose
+    NotReady (the evidence that makes those crashes collateral) comes only after the node
+    controller's grace period. Held at most ``TORPOR_PEER_LOSS_GRACE_SECONDS`` after the first
+    crash; the silent rank ending, or evidence arriving, decides earlier."""
+    if not all(o.lost_peer for o in crashed) or not _live(current):
+        return False
+    first = min((o.ended_at for o in crashed if o.ended_at is not None), default=None)
+    if first is None:
+        return False
+    deadline = first + timedelta(seconds=world.settings.peer_loss_grace_seconds)
+    if world.now >= deadline:
+        return False
+    plan.requeue((deadline - world.now).total_seconds())
+    return True
 
 
 def _recreate_rejected(world: _World, plan: _Plan, current: list[PodView],

@@ -800,3 +800,64 @@ def test_an_exit_save_under_the_name_it_resumed_from_is_progress() -> None:
     preempt_and_exit(c)
     assert c.status["preemptionsWithoutProgress"] == 0
     assert "nextRestartTime" not in c.status
+
+
+# --- peers that lost their connection to a rank that says nothing yet --------------------------
+
+
+def peers_lost_rank_0(c: Cluster) -> None:
+    """Ranks 1 and 2 fail on the broken connection at 12:00; rank 0's pod still reads Running
+    (its node stopped reporting: nothing updates the pod, the node is not NotReady yet)."""
+    c.exit(1, 1, RESET, finished_at=STAMP)
+    c.exit(2, 1, RESET, finished_at=STAMP)
+
+
+def test_peers_failing_on_a_lost_connection_wait_for_the_silent_rank() -> None:
+    c = running(replicas=3)
+    peers_lost_rank_0(c)
+    d = c.decide()
+    assert d.status == {"readyReplicas": 1, "ready": "1/3"}  # nothing counted, no phase change
+    assert not d.delete and not d.events and d.graceful_exit is None
+    assert d.requeue_after == 30.0  # re-decided within the bound, capped like every wait
+    c.later(45)
+    c.nodes["node-a"] = node("node-a", ready="Unknown")  # the node controller notices
+    d = c.step()
+    assert (c.status["stopReason"], c.status["preemptions"], c.status.get("restarts", 0)) == ("Preemption", 1, 0)
+    assert "node node-a hosting rank 0 is NotReady" in c.status["stopMessage"]
+
+
+def test_without_evidence_within_the_bound_the_lost_connection_is_a_failure() -> None:
+    c = running(replicas=3)
+    peers_lost_rank_0(c)
+    c.later(59)
+    d = c.decide()
+    assert d.status == {"readyReplicas": 1, "ready": "1/3"} and d.requeue_after == pytest.approx(1)
+    c.later(1)
+    d = c.step()
+    assert (c.status["stopReason"], c.status["restarts"]) == ("Failure", 1)
+    assert d.delete == (ObjectRef("v1", "Pod", "demo-1-0"),)
+
+
+def test_the_bound_is_a_setting_and_zero_waits_not_at_all() -> None:
+    c = running(replicas=3)
+    c.settings = OperatorSettings(peer_loss_grace_seconds=0)
+    peers_lost_rank_0(c)
+    d = c.decide()
+    assert d.status is not None and d.status["stopReason"] == "Failure"
+
+
+@pytest.mark.parametrize("error", ["RuntimeError: boom", "IsADirectoryError: [Errno 21] Is a directory: 'x'"])
+def test_a_crash_that_is_not_a_lost_connection_does_not_wait(error: str) -> None:
+    c = running(replicas=3)
+    c.exit(1, 1, message("error", 1).replace('"reason"', f'"error":"{error}","reason"'), finished_at=STAMP)
+    d = c.decide()
+    assert d.status is not None and d.status["stopReason"] == "Failure"
+
+
+def test_when_the_silent_rank_ends_without_evidence_it_is_one_failure_at_once() -> None:
+    c = running(replicas=3)
+    peers_lost_rank_0(c)
+    c.later(5)
+    c.exit(0, 137, finished_at="2026-01-01T12:00:04Z")
+    d = c.decide()
+    assert d.status is not None and (d.status["stopReason"], d.status["restarts"]) == ("Failure", 1)

@@ -178,12 +178,14 @@ class Cluster:
                 p["spec"]["nodeName"] = (node_for or {}).get(rank, "node-a")
 
     def exit(self, rank: int, code: int, term_message: str = "", *, incarnation: int | None = None,
-             term_reason: str = "") -> None:
-        """A rank's container ends."""
+             term_reason: str = "", finished_at: str | None = None) -> None:
+        """A rank's container ends (at ``finished_at``, RFC 3339, if given)."""
         inc = incarnation if incarnation is not None else self.status["incarnation"]
         p = self.pods[f"{self.body['metadata']['name']}-{inc}-{rank}"]
         reason = term_reason or ("Completed" if not code else "Error")
         terminated = {"exitCode": code, "message": term_message, "reason": reason}
+        if finished_at:
+            terminated["finishedAt"] = finished_at
         p["status"] = {"phase": "Succeeded" if code == 0 else "Failed",
                        "containerStatuses": [{"name": "train", "state": {"terminated": terminated}}]}
 
