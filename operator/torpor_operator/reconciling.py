@@ -436,7 +436,11 @@ def _request_exit(world: _World, plan: _Plan, current: list[PodView]) -> None:
 
 
 def _begin_failure(world: _World, plan: _Plan, current: list[PodView], crashed: list[RankOutcome]) -> None:
-    """A rank crashed: the others cannot finish a collective without it, so delete them now."""
+    """A rank crashed: the others cannot finish a collective without it, so delete them now.
+
+    The message leads with a crash that is not a lost connection: the rank that failed by itself,
+    not the peers that then lost their connection to it."""
+    crashed = sorted(crashed, key=lambda o: o.lost_peer)
     detail = crashed[0].detail + (f" (and {len(crashed) - 1} more)" if len(crashed) > 1 else "")
     spec, s = world.spec, plan.status
     if s.restarts >= spec.max_restarts:

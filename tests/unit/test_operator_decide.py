@@ -861,3 +861,13 @@ def test_when_the_silent_rank_ends_without_evidence_it_is_one_failure_at_once() 
     c.exit(0, 137, finished_at="2026-01-01T12:00:04Z")
     d = c.decide()
     assert d.status is not None and (d.status["stopReason"], d.status["restarts"]) == ("Failure", 1)
+
+
+def test_the_failure_names_the_crash_that_was_not_a_lost_connection() -> None:
+    """Rank 1's own error is the cause; rank 0 only lost its connection to it."""
+    c = running()
+    c.exit(0, 1, RESET, finished_at="2026-01-01T12:00:01Z")
+    c.exit(1, 1, message("error", 1).replace('"reason"', '"error":"IsADirectoryError: x","reason"'))
+    d = c.decide()
+    assert d.status is not None
+    assert d.status["stopMessage"].startswith("rank 1 failed with exit 1: IsADirectoryError: x (and 1 more)")
