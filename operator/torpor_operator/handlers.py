@@ -143,14 +143,15 @@ class Shell:
         A listing that fails gives ``None``, never the cached list: that may name a checkpoint older
         than the newest, or one retention has deleted since, and every rank would be told to load
         it. With ``None`` the pods get an empty ``TORPOR_RESUME_FROM`` and the ranks resolve the
-        newest complete checkpoint themselves.
+        newest complete checkpoint themselves. The cache itself stays: outside the launching
+        phases it only feeds ``lastCheckpoint``, and dropping it would make every later reconcile
+        list the unreachable bucket before deciding.
         """
         if job.status.phase in _LAUNCHING or key not in self.checkpoints:
             try:
                 self.checkpoints[key] = await asyncio.to_thread(self.bucket.list, job.spec, job.ref)
             except Exception as exc:  # the bucket is away: the ranks resolve "newest" themselves
                 log.warning("cannot list checkpoints of %s: %s", job.ref.key, exc)
-                self.checkpoints.pop(key, None)
                 return None
         return self.checkpoints[key]
 
