@@ -39,7 +39,7 @@ from torpor.checkpoints import (
 )
 from torpor.crypto import Encryption
 from torpor.env import DEFAULT_CHECKPOINT_URI, RuntimeEnv, given_checkpoint_uri, read_enc_key
-from torpor.errors import AsyncSaveError, TorporWarning
+from torpor.errors import AsyncSaveError, RetentionError, TorporWarning
 from torpor.retention import candidates, to_delete
 from torpor.storage import Storage, open_storage
 
@@ -146,6 +146,9 @@ class CheckpointMonitor(Callback):
         """Names this monitor saved, in order."""
         self.deleted: list[str] = []
         """Names its retention deleted, in order."""
+        self.prune_errors: list[RetentionError] = []
+        """Prunes that failed (each after a complete save; training went on), in order."""
+        self._prunes_reported = 0
         self._storage: Storage | None = None
         self._cache = ManifestCache()
         self._last_step: int | None = None
@@ -251,10 +254,17 @@ class CheckpointMonitor(Callback):
         if self.config.async_errors == "raise":
             raise error
 
+    def _report_prunes(self) -> None:
+        """Warn, from the training thread, about each prune that failed since the last call."""
+        for error in self.prune_errors[self._prunes_reported:]:
+            self._prunes_reported += 1
+            warnings.warn(str(error), TorporWarning, stacklevel=3)
+
     def on_train_step_end(self, run_context: RunContext) -> None:
-        """Report a failed background save, then save when due (unless an exit save ran)."""
+        """Report a failed background save or prune, then save when due (unless an exit save ran)."""
         args = run_context.original_args()
         self._done_step = args.cur_step_num  # this step is done: a later exception does not undo it
+        self._report_prunes()
         self._report()
         if args.exit_saved_step == args.cur_step_num or not self.config.periodic:
             return
@@ -263,10 +273,27 @@ class CheckpointMonitor(Callback):
 
     def on_train_end(self, run_context: RunContext) -> None:
         """Wait for the save in flight; save the last step if it was not saved (not after an
-        exit save: that is the last)."""
-        self.wait()
+        exit save: that is the last).
+
+        A background save that fails here does not count as the last step's save: the final
+        save writes the step again, synchronously, under a new name (``...-v1`` if the
+        failed one had the step's name), on every rank if any rank's failed. The failure is
+        logged and in ``save_errors``, not raised, even with ``async_errors="raise"``: the
+        final save supersedes it (and raises itself if it fails).
+        """
+        failed = False
+        if self._saver is not None:
+            before = len(self.save_errors)
+            with contextlib.suppress(AsyncSaveError):
+                self.wait()
+            failed = len(self.save_errors) > before
+        self._report_prunes()
         args = run_context.original_args()
-        if args.exit_saved_step is not None or args.cur_step_num == 0 or self._last_step == args.cur_step_num:
+        if args.exit_saved_step is not None or args.cur_step_num == 0:
+            return
+        if self._saver is not None and not _distributed.all_ok(not failed):
+            self._last_step = None
+        if self._last_step == args.cur_step_num:
             return
         self._save(run_context, Reason.FINAL, background=False)
 
@@ -332,7 +359,7 @@ class CheckpointMonitor(Callback):
             def job() -> str:
                 write_pending(pending, storage, encryption)
                 if prune:
-                    self._prune(name, resumed, require_complete=False)
+                    self._prune_reporting(name, resumed, require_complete=False)
                 return name
 
             self._saver.submit(name, job)
@@ -348,7 +375,22 @@ class CheckpointMonitor(Callback):
         _distributed.barrier()  # every rank's manifest is written: the checkpoint is complete
         self.stalls.append(time.perf_counter() - started)
         if _distributed.rank() == 0:
-            self._prune(name, resumed)
+            self._prune_reporting(name, resumed)
+            self._report_prunes()
+
+    def _prune_reporting(self, newest: str, resumed_from: str | None, require_complete: bool = True) -> None:
+        """:meth:`_prune`, its failure recorded as a prune failure, never raised: ``newest`` is
+        complete by now, so a store that refuses deletes must not fail the save or end training
+        (in the background, an exception here would make the save itself look failed)."""
+        try:
+            self._prune(newest, resumed_from, require_complete)
+        except Exception as exc:
+            error = RetentionError(f"retention after checkpoint {newest!r} failed: {type(exc).__name__}: {exc}; "
+                                   f"{newest!r} is complete and will be resumed from, older checkpoints may be "
+                                   f"left over until the next prune")
+            error.__cause__ = exc
+            _log.error("%s", error)
+            self.prune_errors.append(error)
 
     def _prune(self, newest: str, resumed_from: str | None, require_complete: bool = True) -> None:
         """Apply retention. In the background (``require_complete=False``) other ranks may
