@@ -246,7 +246,7 @@ def test_a_modified_encrypted_shard_is_refused_even_with_a_matching_manifest(s3_
     files = tuple(dataclasses.replace(f, sha256=hashlib.sha256(blob).hexdigest()) if f.kind.value == "shard" else f
                   for f in doc.files)
     store.put_bytes("rank_0/CKP-1_12.manifest.json", dataclasses.replace(doc, files=files).to_json().encode())
-    with pytest.raises(torpor.IntegrityError, match="CKP-1_12.manifest.json: manifest authentication failed"):
+    with pytest.raises(torpor.IntegrityError, match=r"CKP-1_12\.manifest\.json: manifest authentication failed"):
         torpor.load_checkpoint("CKP-1_12", wide_setup(width=32)[0], directory=uri, enc_key=key)
 
 
