@@ -8,12 +8,16 @@ first builds the model and the optimizer (their memory is the baseline it starts
 reports how far its resident memory rose above that while ``load_checkpoint`` restored
 model and optimizer:
 
+* a 2 ms sampler of ``RssAnon + RssFile`` of the process plus the growth of the machine's
+  ``Shmem`` (``/proc/meminfo``) since the start: an earlier torpor staged S3 shards in
+  ``/dev/shm`` files, whose pages are memory whether mapped (``RssShmem``) or not, and stay
+  allocated while an optimizer's moments still point into the mapping; counting them once
+  through ``Shmem`` neither misses nor double-counts them (other users' tmpfs writes during
+  the few seconds of a load would add to it, never hide anything), and
 * ``VmHWM`` (the kernel's peak RSS, reset to the current RSS just before the load through
-  ``/proc/self/clear_refs``), and
-* a 2 ms sampler of ``VmRSS`` plus the size of any ``/dev/shm/.torpor-*`` scratch file (an
-  earlier torpor staged S3 shards there; tmpfs pages that are not mapped are no RSS),
+  ``/proc/self/clear_refs``), printed beside it,
 
-whichever is higher. tracemalloc would not see torch's allocations. Baseline: the same
+the higher of the two is the figure. tracemalloc would not see torch's allocations. Baseline: the same
 process shape, ``torch.load(path, weights_only=True)`` of the plaintext shard file, then the
 same ``load_state_dict`` calls. "held after" is what is still resident above the start once
 the load returned (the optimizer's moments, which a resume must keep, are part of it).
@@ -92,31 +96,36 @@ def _status(field: str) -> int:
     raise KeyError(field)
 
 
-def _scratch_files() -> int:
-    try:
-        names = [n for n in os.listdir("/dev/shm") if n.startswith(".torpor-")]
-    except OSError:
-        return 0
-    total = 0
-    for name in names:
-        try:
-            total += os.stat(f"/dev/shm/{name}").st_blocks * 512
-        except FileNotFoundError:
-            continue
-    return total
+def _shmem() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("Shmem:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class Usage:
+    """This process's anonymous and file-backed RSS plus the machine's tmpfs growth since ``start``."""
+
+    def __init__(self) -> None:
+        self.shmem0 = _shmem()
+
+    def now(self) -> int:
+        return _status("RssAnon") + _status("RssFile") + max(0, _shmem() - self.shmem0)
 
 
 class Sampler(threading.Thread):
-    """Highest ``VmRSS`` + unmapped tmpfs scratch seen, every 2 ms."""
+    """Highest :class:`Usage` seen, every 2 ms."""
 
-    def __init__(self) -> None:
+    def __init__(self, usage: Usage) -> None:
         super().__init__(daemon=True)
-        self.peak = 0
+        self.usage = usage
+        self.peak = usage.now()
         self._done = threading.Event()
 
     def run(self) -> None:
         while not self._done.wait(0.002):
-            self.peak = max(self.peak, _status("VmRSS") + _scratch_files())
+            self.peak = max(self.peak, self.usage.now())
 
     def stop(self) -> int:
         self._done.set()
@@ -137,14 +146,15 @@ def child_load(config: str, uri: str, size_mib: int, baseline_file: str) -> dict
 
         s3_client()
     gc.collect()
-    start = _status("VmRSS")
+    usage = Usage()
+    start, start_rss = usage.now(), _status("VmRSS")
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # VmHWM := VmRSS, so the peak below is the load's own
         reset = True
     except OSError:
         reset = False
-    sampler = Sampler()
+    sampler = Sampler(usage)
     sampler.start()
     began = time.perf_counter()
     if config == "baseline":
@@ -157,9 +167,10 @@ def child_load(config: str, uri: str, size_mib: int, baseline_file: str) -> dict
                                restore_rng=False)
     seconds = time.perf_counter() - began
     gc.collect()
-    held = _status("VmRSS") + _scratch_files() - start
-    peak = max(_status("VmHWM") if reset else 0, sampler.stop()) - start
-    return {"config": config, "peak": peak, "held": held, "seconds": seconds, "hwm_reset": reset}
+    held = usage.now() - start
+    hwm = _status("VmHWM") - start_rss if reset else 0
+    peak = max(hwm, sampler.stop() - start)
+    return {"config": config, "peak": peak, "hwm": hwm, "held": held, "seconds": seconds}
 
 
 def child_staging(trainable: bool, size_mib: int) -> dict[str, object]:
@@ -223,12 +234,13 @@ def main() -> None:
         if name not in best or row["peak"] < best[name]["peak"]:  # type: ignore[operator]
             best[name] = row
     base = best["baseline"]
-    print(f"[memory] {'configuration':34s} {'peak above start':>18s} {'x shard':>8s} {'held after':>11s} "
-          f"{'load s':>7s}", flush=True)
+    print(f"[memory] {'configuration':34s} {'peak above start':>18s} {'x shard':>8s} {'VmHWM':>9s} "
+          f"{'held after':>11s} {'load s':>7s}", flush=True)
     for name, row in best.items():
         label = "baseline torch.load(local file)" if name == "baseline" else f"torpor load_checkpoint {name}"
         print(f"[memory] {label:34s} {row['peak'] / MIB:14.0f} MiB {row['peak'] / shard:7.2f}x "  # type: ignore[operator]
-              f"{row['held'] / MIB:7.0f} MiB {row['seconds']:7.2f}", flush=True)  # type: ignore[operator]
+              f"{row['hwm'] / MIB:5.0f} MiB {row['held'] / MIB:7.0f} MiB {row['seconds']:7.2f}",  # type: ignore[operator]
+              flush=True)
     for row in staging:
         what = "model + trainable params" if row["trainable"] else "model"
         print(f"[memory] async staging of {what:24s} {row['staged'] / MIB:8.0f} MiB staged for "  # type: ignore[operator]
