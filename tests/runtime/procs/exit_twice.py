@@ -30,8 +30,8 @@ class SigtermAt(torpor.Callback):
 if opts.kill_after_shard:
     write_file = _saving.write_file
 
-    def write_then_die(storage, key, content, encryption):
-        entry = write_file(storage, key, content, encryption)
+    def write_then_die(storage, key, content, encryption, **kwargs):
+        entry = write_file(storage, key, content, encryption, **kwargs)
         if parse_key(key).kind is FileKind.SHARD:  # type: ignore[union-attr]
             os.kill(os.getpid(), signal.SIGKILL)
         return entry
