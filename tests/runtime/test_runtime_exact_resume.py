@@ -7,6 +7,7 @@ of everything ``state=`` carries.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -24,7 +25,7 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
-from torpor_harness import Recorder, StopAt, child_env, wait_for
+from torpor_harness import Recorder, StopAt, child_env, launch_ranks, logs, read_jsonl, wait_all, wait_for
 
 import torpor
 from torpor import _state
@@ -371,3 +372,51 @@ def test_network_params_are_written_once_and_resume_still_works(tmp_path: Path) 
     assert loaded is not None
     for a, b in zip(net.state_dict().values(), reference.state_dict().values(), strict=True):
         assert torch.equal(a, b)
+
+
+# --- item 15 with real gloo ranks ---------------------------------------------------------------
+
+RANK_SCRIPT = Path(__file__).parent / "procs" / "exact_resume_rank.py"
+
+
+def test_two_gloo_ranks_resume_scaler_ema_optimizers_and_loader_generators_after_a_sigterm(tmp_path: Path) -> None:
+    common = {"TORPOR_JOB": "ns/exact", "TORPOR_SAVE_STEPS": "7"}
+
+    def launch(name: str, incarnation: str, argv: list[str], directory: str) -> tuple[Path, list[Any]]:
+        logdir = tmp_path / name
+        logdir.mkdir()
+        env = {**common, "TORPOR_INCARNATION": incarnation, "TORPOR_CHECKPOINT_URI": directory}
+        argv = [*argv, "--losses", str(logdir / "losses.jsonl"), "--report", str(logdir / "report-{rank}.json")]
+        return logdir, launch_ranks(2, env, argv, logdir, script=RANK_SCRIPT)
+
+    first, procs = launch("first", "1", ["--step-delay", "0.05"], str(tmp_path / "ck"))
+    try:
+        wait_for(lambda: any(r["step"] >= 16 for r in read_jsonl(first / "losses.jsonl"))
+                 or any(p.poll() is not None for p in procs), timeout=180, what="step 16")
+        os.kill(procs[1].pid, signal.SIGTERM)
+        assert wait_all(procs, first) == [143, 143], logs(first)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    stop = max(r["step"] for r in read_jsonl(first / "losses.jsonl"))
+    end = 40  # 12 steps per epoch: the stop is in epoch 2, the run ends in epoch 4
+    second, procs = launch("second", "2", ["--max-steps", str(end)], str(tmp_path / "ck"))
+    assert wait_all(procs, second) == [0, 0], logs(second)
+    reference, procs = launch("reference", "1", ["--max-steps", str(end)], str(tmp_path / "ref"))
+    assert wait_all(procs, reference) == [0, 0], logs(reference)
+
+    def by_step(path: Path) -> dict[tuple[int, int], tuple[float, float]]:
+        return {(r["rank"], r["step"]): (r["loss"], r["scale"]) for r in read_jsonl(path / "losses.jsonl")}
+
+    resumed = {k: v for k, v in by_step(first).items() if k[1] <= stop} | by_step(second)
+    expected = by_step(reference)
+    assert resumed.keys() == expected.keys()
+    for key, (loss, scale) in expected.items():
+        assert resumed[key][1] == scale, key  # the GradScaler's scale, step by step
+        assert resumed[key][0] == pytest.approx(loss, rel=1e-5), key
+    for rank in range(2):
+        report = json.loads((second / f"report-{rank}.json").read_text())
+        ref = json.loads((reference / f"report-{rank}.json").read_text())
+        assert report["calls"] == (end - stop) * 4  # consumed samples were not loaded again
+        assert report["ema"] == pytest.approx(ref["ema"], rel=1e-6)
