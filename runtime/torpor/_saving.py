@@ -156,7 +156,7 @@ def capture(
         if args.lr_scheduler is not None:
             payload["lr_scheduler"] = args.lr_scheduler.state_dict()
         if args.state:
-            payload["state"] = _user_state.capture(args.state)
+            payload["state"] = _state.local_state(_user_state.capture(args.state))
         if options.trainable_params:
             payload["_trainable"] = _state.local_state(
                 {k: p.detach() for k, p in network.named_parameters() if p.requires_grad})
