@@ -148,6 +148,16 @@ def test_a_dataloader_generator_is_restored(tmp_path: Path, stop_at: int) -> Non
     assert_resumes_exactly(tmp_path, generator_loader, epochs=3, stop_at=stop_at)
 
 
+def test_a_run_extended_after_it_finished_continues_the_loader_generator(tmp_path: Path) -> None:
+    # The final save comes after the last epoch's sampler ran out (which draws from its
+    # generator once more); a save at an epoch's last step comes before. Both resume alike.
+    reference, _, _ = run(tmp_path / "ref", generator_loader, 3)
+    first, _, _ = run(tmp_path / "run", generator_loader, 2)
+    second, _, loop = run(tmp_path / "run", generator_loader, 3, resume="latest")
+    assert loop.loaded is not None and loop.loaded.name == "CKP-2_8"
+    assert {**first.losses, **second.losses} == reference.losses
+
+
 def persistent_loader() -> Setup:
     net = small_net()
     g = torch.Generator().manual_seed(5)
