@@ -14,6 +14,13 @@ Differences from MindSpore's callback, each fixing a flaw of the seed:
   (see :mod:`torpor.termination`: 128 + signum, 143 for SIGTERM; 75 for the file).
 * It does not load ``{file_name}.ckpt`` at start as the seed does: resuming is explicit
   (``resume=`` / ``TORPOR_RESUME_FROM``), so every rank loads the same checkpoint.
+* ``directory`` defaults to the run's checkpoint root (``TORPOR_CHECKPOINT_URI``, else
+  ``./checkpoints``), not the seed's ``'./'``: the exit save lands where the periodic saves
+  and the resume are (see :mod:`torpor._sharing`), and ``'latest'`` never walks the whole
+  working directory. Its cipher and ``integrated_save`` are the run's too.
+* The ``torch.export`` program is written after the checkpoint is complete, never before a
+  shard: what a resume needs goes out first in a grace period, and a failed or killed export
+  never costs the checkpoint.
 """
 
 from __future__ import annotations
@@ -30,10 +37,11 @@ from torpor import _distributed
 from torpor._background import drain_all, warm_in_background
 from torpor._callbacks import Callback, RunContext
 from torpor._saving import SaveOptions, export_only, save_checkpoint
+from torpor._sharing import Offer, SharedSettings
 from torpor._watching import ExitFileWatcher
 from torpor.checkpoints import Reason, check_name
 from torpor.crypto import Encryption, check_key
-from torpor.env import RuntimeEnv, read_enc_key
+from torpor.env import DEFAULT_CHECKPOINT_URI, RuntimeEnv, given_checkpoint_uri, read_enc_key
 from torpor.errors import TorporWarning
 from torpor.storage import Storage, open_storage
 from torpor.termination import (
@@ -76,10 +84,15 @@ class OnRequestExit(Callback):
 
     Args:
         save_ckpt: save ``directory/rank_{rank}/{file_name}.ckpt`` (and its manifest) on exit.
+            ``False`` leaves the stop's checkpoint to a ``CheckpointMonitor`` (its final save).
         save_export: save a ``torch.export`` program ``{file_name}.pt2`` from the last batch's
-            inputs (rank 0; a failed export is a warning, the checkpoint still counts).
+            inputs (rank 0), after the checkpoint is complete; it is not listed in the
+            manifest (the checkpoint is complete without it) and is deleted with the
+            checkpoint. A failed export is a warning, the checkpoint still counts.
         file_name: checkpoint name for the exit save.
-        directory: checkpoint root, a path or ``s3://bucket/prefix``.
+        directory: checkpoint root, a path or ``s3://bucket/prefix``; default ``None``: the
+            run's (a ``CheckpointMonitor``'s in the same run, else ``TORPOR_CHECKPOINT_URI``,
+            else ``./checkpoints``). A different one than the monitor's is a ``ValueError``.
         sig: the signal that requests a stop; it must be catchable (not SIGKILL/SIGSTOP).
         config_file: JSON file whose ``{"GracefulExit": 1}`` requests a stop; missing or
             malformed is a warning only.
@@ -88,9 +101,11 @@ class OnRequestExit(Callback):
         file_poll_seconds: how often the background thread looks at ``config_file``.
         exit_process: end the process with the documented code after the save; default
             ``None`` means only under the operator (``TORPOR_JOB`` set).
-        integrated_save: replicated state written by rank 0 only (see ``CheckpointMonitor``).
-        enc_key: encrypt the exit checkpoint with this key (as ``CheckpointMonitor``);
-            ``from_env`` reads it from ``TORPOR_ENC_KEY_FILE``/``TORPOR_ENC_KEY``.
+        integrated_save: replicated state written by rank 0 only (see ``CheckpointMonitor``);
+            default ``None``: as the run's monitor, else ``True``.
+        enc_key: encrypt with this key (as ``CheckpointMonitor``); ``from_env`` reads it from
+            ``TORPOR_ENC_KEY_FILE``/``TORPOR_ENC_KEY``. A key given to either callback seals
+            every checkpoint of the run; two different keys are a ``ValueError``.
         enc_mode: ``AES-GCM``, ``AES-CBC`` or ``SM4-CBC``.
 
     Before its own save it waits for every background (``async_save``) save in flight, so
@@ -110,14 +125,14 @@ class OnRequestExit(Callback):
         save_ckpt: bool = True,
         save_export: bool = True,
         file_name: str = "Net",
-        directory: str = "./",
+        directory: str | None = None,
         sig: int = signal.SIGTERM,
         config_file: str | None = None,
         *,
         check_every_n_steps: int = 1,
         file_poll_seconds: float = 1.0,
         exit_process: bool | None = None,
-        integrated_save: bool = True,
+        integrated_save: bool | None = None,
         enc_key: bytes | None = None,
         enc_mode: str = "AES-GCM",
     ) -> None:
@@ -130,7 +145,7 @@ class OnRequestExit(Callback):
             check_name(file_name)
         except ValueError as exc:
             raise ValueError(f"file_name={file_name!r} is not a valid checkpoint name: {exc}") from None
-        self.directory = _check_path("directory", directory)
+        given_directory = _check_path("directory", directory, optional=True)
         self.config_file = _check_path("config_file", config_file, optional=True)
         self.sig = _check_signal(sig)
         if not isinstance(check_every_n_steps, int) or isinstance(check_every_n_steps, bool) or check_every_n_steps < 1:
@@ -140,17 +155,21 @@ class OnRequestExit(Callback):
             raise ValueError(f"file_poll_seconds must be a number > 0, got {file_poll_seconds!r}")
         if exit_process is not None and not isinstance(exit_process, bool):
             raise ValueError(f"exit_process must be a bool or None, got {exit_process!r}")
-        if not isinstance(integrated_save, bool):
-            raise ValueError(f"integrated_save must be a bool, got {integrated_save!r}")
+        if integrated_save is not None and not isinstance(integrated_save, bool):
+            raise ValueError(f"integrated_save must be a bool or None, got {integrated_save!r}")
         self.encryption = Encryption(*check_key(enc_key, enc_mode)) if enc_key is not None else None
-        """The cipher of the exit checkpoint, or ``None``."""
+        """The cipher of the exit checkpoint (the run's, once a ``Loop`` shared it), or ``None``."""
+        self._offered = SharedSettings(directory=given_directory, encryption=self.encryption,
+                                       integrated_save=integrated_save)
+        self.directory = given_directory or DEFAULT_CHECKPOINT_URI
+        """Where the exit checkpoint goes (the run's, once a ``Loop`` shared it)."""
         self.save_ckpt = save_ckpt
         self.save_export = save_export
         self.file_name = file_name
         self.check_every_n_steps = check_every_n_steps
         self.file_poll_seconds = float(file_poll_seconds)
         self.exit_process = exit_process
-        self.integrated_save = integrated_save
+        self.integrated_save = True if integrated_save is None else integrated_save
         self.stop_message: TerminationMessage | None = None
         """What happened at the stop (also written as the termination message)."""
         self._signum: int | None = None
@@ -165,7 +184,7 @@ class OnRequestExit(Callback):
         and ``TORPOR_EXIT_CHECK_STEPS``; keyword arguments override them."""
         env = RuntimeEnv.from_environ()
         kwargs: dict[str, Any] = {
-            "directory": env.checkpoint_uri,
+            "directory": given_checkpoint_uri(),
             "sig": env.exit_signal,
             "config_file": env.exit_file,
             "check_every_n_steps": env.exit_check_steps,
@@ -178,7 +197,21 @@ class OnRequestExit(Callback):
     @property
     def exit_directory(self) -> str:
         """Where the exit checkpoint goes (``Loop`` resumes from here without a monitor)."""
-        return self.directory or "./"
+        return self.directory
+
+    # -- one configuration per run (torpor._sharing) -----------------------------------
+    def shared_offer(self) -> Offer:
+        """What this callback was given of the settings a run's savers share."""
+        return Offer("OnRequestExit", self._offered)
+
+    def adopt_shared(self, settings: SharedSettings) -> None:
+        """Write where, and as, the run's other savers do, unless given otherwise."""
+        directory = self._offered.directory or settings.directory or self.directory
+        if directory != self.directory:
+            self.directory, self._storage = directory, None
+        self.encryption = self._offered.encryption or settings.encryption
+        if self._offered.integrated_save is None and settings.integrated_save is not None:
+            self.integrated_save = settings.integrated_save
 
     # -- signal and file ---------------------------------------------------------------
     def _handler(self, signum: int, frame: FrameType | None) -> None:
@@ -241,13 +274,12 @@ class OnRequestExit(Callback):
             _log.error("background save of %r failed before the exit save: %s: %s", label, type(exc).__name__, exc)
         if self.save_ckpt:
             save_checkpoint(args, self._storage, self.file_name, Reason.EXIT,
-                            SaveOptions(integrated=self.integrated_save, export=self.save_export), env,
-                            self.encryption)
+                            SaveOptions(integrated=self.integrated_save), env, self.encryption)
             saved = self.file_name
-        elif self.save_export:
-            export_only(args, self._storage, self.file_name)
-        args.exit_saved_step = args.cur_step_num
+            args.exit_saved_step = args.cur_step_num  # without our save, the monitor's final save is the stop's
         _distributed.barrier()  # every rank's manifest exists before any rank reports or exits
+        if self.save_export:  # only now: the checkpoint is complete whatever becomes of the export
+            export_only(args, self._storage, self.file_name, self.encryption)
         signum = signal_from_exit_code(code) if code > SIGNAL_EXIT_BASE else None
         self.stop_message = TerminationMessage(
             reason=StopReason.SIGNAL if signum is not None else StopReason.FILE,

@@ -28,6 +28,7 @@ from typing import Any
 from torpor import _distributed, _resuming, _state, _user_state
 from torpor._callbacks import Callback, RunArgs, RunContext, as_callback_list, call_hooks
 from torpor._loading import LoadedCheckpoint, load_checkpoint
+from torpor._sharing import SharedSettings, share_settings
 from torpor.env import RuntimeEnv
 from torpor.termination import (
     EXIT_COMPLETED,
@@ -35,25 +36,6 @@ from torpor.termination import (
     TerminationMessage,
     write_termination_message,
 )
-
-
-def _encryption_of(callbacks: list[Callback]) -> Any:
-    """The cipher of the first callback that writes encrypted checkpoints, if any."""
-    for cb in callbacks:
-        enc = getattr(cb, "encryption", None)
-        if enc is not None:
-            return enc
-    return None
-
-
-def _directory_of(callbacks: list[Callback], env: RuntimeEnv) -> str:
-    """Where ``resume='latest'`` looks: the periodic saver's directory, else the exit saver's."""
-    for attr in ("checkpoint_directory", "exit_directory"):
-        for cb in callbacks:
-            value = getattr(cb, attr, None)
-            if value:
-                return str(value)
-    return env.checkpoint_uri
 
 
 def exit_if_requested(ctx: RunContext, env: RuntimeEnv) -> None:
@@ -100,7 +82,8 @@ class Loop:
             optimizer: its optimizer (saved and restored).
             loss_fn: recorded for callbacks.
             lr_scheduler: saved and restored if given.
-            callbacks: a callback, a list, or ``None``.
+            callbacks: a callback, a list, or ``None``. Their savers share one directory,
+                cipher and ``integrated_save`` (see :mod:`torpor._sharing`).
             resume: ``None`` (fresh start), ``'latest'`` (newest complete checkpoint, or a
                 fresh start if there is none; ``TORPOR_RESUME_FROM`` overrides it), a
                 checkpoint name or a path/URI.
@@ -113,10 +96,14 @@ class Loop:
                 ``KeyError``.
 
         Raises:
+            ValueError: two callbacks were given different directories, keys or
+                ``integrated_save`` (the message names both).
             TypeError: ``state`` is not a dict of such objects (the message names the key).
         """
         self.env = RuntimeEnv.from_environ()
         self.callbacks = as_callback_list(callbacks)
+        self.shared: SharedSettings = share_settings(self.callbacks, self.env.checkpoint_uri)
+        """Where every checkpoint of this run goes and is resumed from, and its cipher."""
         self.args = RunArgs(train_network=network, network=_state.unwrap(network), optimizer=optimizer,
                             loss_fn=loss_fn, lr_scheduler=lr_scheduler, state=_user_state.validate(state))
         self.run_context = RunContext(self.args)
@@ -159,9 +146,9 @@ class Loop:
     def _restore(self) -> None:
         if self.resume is None:
             return
-        enc = _encryption_of(self.callbacks)
+        enc = self.shared.encryption
         loaded = load_checkpoint(self.resume, self.args.network, self.args.optimizer, self.args.lr_scheduler,
-                                 directory=_directory_of(self.callbacks, self.env),
+                                 directory=self.shared.directory,
                                  enc_key=enc.key if enc is not None else None,
                                  enc_mode=enc.mode if enc is not None else None, state=self.args.state)
         if loaded is None:

@@ -23,14 +23,15 @@ from torpor._background import BackgroundSaver, warm_in_background
 from torpor._callbacks import Callback, RunContext
 from torpor._config import CheckpointConfig
 from torpor._saving import SaveOptions, capture, reserve_staging, save_checkpoint, write_pending
+from torpor._sharing import Offer, SharedSettings
 from torpor.checkpoints import ManifestCache, Reason, check_name, checkpoint_name, delete_checkpoints, scan
 from torpor.crypto import Encryption
-from torpor.env import RuntimeEnv, read_enc_key
+from torpor.env import DEFAULT_CHECKPOINT_URI, RuntimeEnv, given_checkpoint_uri, read_enc_key
 from torpor.errors import AsyncSaveError, TorporWarning
 from torpor.retention import candidates, to_delete
 from torpor.storage import Storage, open_storage
 
-DEFAULT_DIRECTORY = "./checkpoints"
+DEFAULT_DIRECTORY = DEFAULT_CHECKPOINT_URI
 _log = logging.getLogger("torpor")
 
 
@@ -39,10 +40,12 @@ class CheckpointMonitor(Callback):
 
     Args:
         prefix: name prefix, ``{prefix}-{epoch}_{step}``; a str without ``/``.
-        directory: checkpoint root, a path or ``s3://bucket/prefix``; default
-            ``./checkpoints``.
+        directory: checkpoint root, a path or ``s3://bucket/prefix``; default ``None``: the
+            run's (an ``OnRequestExit``'s in the same run, else ``TORPOR_CHECKPOINT_URI``, else
+            ``./checkpoints``). Every saver of a run writes to one directory.
         config: a :class:`CheckpointConfig`; when given, the settings below are ignored.
-        save_checkpoint_steps: save every this many global steps (default 1).
+        save_checkpoint_steps: save every this many global steps (default 1); 0 together with
+            ``save_checkpoint_seconds=0``: no periodic saves, only the final one at the end.
         save_checkpoint_seconds: save every this many seconds instead (see precedence).
         keep_checkpoint_max: keep the newest this many complete checkpoints (default 5).
         keep_checkpoint_per_n_minutes: keep the newest per window of this many minutes instead.
@@ -52,9 +55,11 @@ class CheckpointMonitor(Callback):
         async_save: snapshot at the step boundary, write in a background thread (one save in
             flight; the next due save waits for it; the end of training and an exit save wait
             for it too). See ``async_errors`` for failures.
-        saved_network: save this module instead of the trained network.
+        saved_network: also write this module's weights (an EMA, an unwrapped copy) as the
+            weights-only ``.network.pt``; the resumable shard keeps the trained network's.
         append_info: ``"epoch_num"``, ``"step_num"`` and dicts of str → int/float/bool/str/Tensor.
-        enc_key: bytes encrypting every file (see :mod:`torpor.crypto`); ``None``: plaintext.
+        enc_key: bytes encrypting every file (see :mod:`torpor.crypto`); ``None``: plaintext,
+            unless the run's ``OnRequestExit`` has a key (one key seals the whole run).
         enc_mode: ``AES-GCM``, ``AES-CBC`` or ``SM4-CBC``.
         exception_save: an exception escaping a training step writes
             ``{prefix}-{epoch}_{step}_breakpoint`` (reason ``exception``), then the exception
@@ -131,7 +136,9 @@ class CheckpointMonitor(Callback):
         self._last_step: int | None = None
         self._last_time = time.monotonic()
         self.encryption = Encryption(config.enc_key, config.enc_mode) if config.enc_key is not None else None
-        """The cipher every file is written with, or ``None``."""
+        """The cipher every file is written with (the run's, once a ``Loop`` shared it), or ``None``."""
+        self._offered = SharedSettings(directory=self.directory if directory is not None else None,
+                                       encryption=self.encryption, integrated_save=config.integrated_save)
         self.save_errors: list[AsyncSaveError] = []
         """Background saves that failed (``async_errors="record"``), in order."""
         self.stalls: list[float] = []
@@ -152,7 +159,7 @@ class CheckpointMonitor(Callback):
             "enc_key": read_enc_key(),
             "enc_mode": env.enc_mode or "AES-GCM",
             "prefix": env.checkpoint_prefix,
-            "directory": env.checkpoint_uri,
+            "directory": given_checkpoint_uri(),
             "save_checkpoint_steps": env.save_steps if env.save_steps is not None else (0 if env.save_seconds else 1),
             "save_checkpoint_seconds": env.save_seconds,
             "keep_checkpoint_max": env.keep_max if env.keep_max is not None else (0 if env.keep_per_n_minutes else 5),
@@ -160,6 +167,17 @@ class CheckpointMonitor(Callback):
         }
         kwargs.update(overrides)
         return cls(**kwargs)
+
+    def shared_offer(self) -> Offer:
+        """What this monitor was given of the settings a run's savers share."""
+        return Offer(f"CheckpointMonitor(prefix={self.prefix!r})", self._offered)
+
+    def adopt_shared(self, settings: SharedSettings) -> None:
+        """Write where, and as, the run's other savers do, unless given otherwise."""
+        directory = self._offered.directory or settings.directory or self.directory
+        if directory != self.directory:
+            self.directory, self._storage = directory, None
+        self.encryption = self._offered.encryption or settings.encryption
 
     @property
     def checkpoint_directory(self) -> str:
@@ -218,7 +236,7 @@ class CheckpointMonitor(Callback):
         """Report a failed background save, then save when due (unless an exit save ran)."""
         args = run_context.original_args()
         self._report()
-        if args.exit_saved_step == args.cur_step_num:
+        if args.exit_saved_step == args.cur_step_num or not self.config.periodic:
             return
         if self._due(args.cur_step_num):
             self._save(run_context, Reason.PERIODIC)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -74,6 +75,17 @@ class StopAt(torpor.Callback):
     def on_train_step_end(self, run_context: torpor.RunContext) -> None:
         if run_context.original_args().cur_step_num >= self.step:
             run_context.request_stop()
+
+
+class KillInStep(torpor.Callback):
+    """Sends a real signal to this process from inside a given global step."""
+
+    def __init__(self, step: int, sig: int = signal.SIGTERM) -> None:
+        self.step, self.sig = step, sig
+
+    def on_train_step_begin(self, run_context: torpor.RunContext) -> None:
+        if run_context.original_args().cur_step_num == self.step:
+            os.kill(os.getpid(), self.sig)
 
 
 def child_env(extra: dict[str, str]) -> dict[str, str]:
