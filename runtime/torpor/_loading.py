@@ -11,11 +11,11 @@ import contextlib
 import itertools
 import mmap
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from torpor import _distributed, _state
+from torpor import _distributed, _state, _user_state
 from torpor.checkpoints import Checkpoint, FileEntry, FileKind, Manifest, file_key, newest_complete, scan
 from torpor.crypto import (
     HEADER_SIZE,
@@ -115,8 +115,9 @@ def load_checkpoint(
     map_location: Any = "cpu",
     enc_key: bytes | None = None,
     enc_mode: str | None = None,
+    state: Mapping[str, Any] | None = None,
 ) -> LoadedCheckpoint | None:
-    """Restore model, optimizer, scheduler and RNG from a checkpoint.
+    """Restore model, optimizer, scheduler, RNG and ``state`` from a checkpoint.
 
     Args:
         source: ``'latest'`` (the newest complete checkpoint; ``TORPOR_RESUME_FROM`` names
@@ -134,6 +135,10 @@ def load_checkpoint(
         enc_key: key of encrypted checkpoints; default: ``TORPOR_ENC_KEY_FILE`` /
             ``TORPOR_ENC_KEY`` when set. With a key, plaintext shards are refused.
         enc_mode: expected mode; default: the one named in the shard's header.
+        state: more objects to restore by name (``state_dict``/``load_state_dict`` or a
+            ``torch.Generator``), as saved by ``Loop``/``Model`` with the same ``state=``. A
+            key the checkpoint lacks raises ``KeyError`` (with ``strict=False``: a warning,
+            the object is left as it is); keys only the checkpoint has are ignored.
 
     Returns:
         What was loaded, or ``None`` when ``'latest'`` found no complete checkpoint (a fresh
@@ -146,7 +151,10 @@ def load_checkpoint(
         IntegrityError: a file does not match its manifest's size or sha256, a wrong key,
             a modified encrypted chunk, or a plaintext shard where a key was given.
         ValueError: the shard is encrypted and no key was given.
+        KeyError: a ``state`` key is not in the checkpoint (with ``strict``).
+        TypeError: ``state`` is not a dict of such objects.
     """
+    state = _user_state.validate(state)
     env = RuntimeEnv.from_environ()
     if enc_key is None:
         enc_key = read_enc_key()
@@ -160,7 +168,8 @@ def load_checkpoint(
             raise CheckpointNotFoundError(f"no complete checkpoint in {storage.uri}")
         return None
     keys = (enc_key, enc_mode or env.enc_mode)
-    return _load(storage, found, network, optimizer, lr_scheduler, strict, restore_rng, map_location, keys)
+    return _load(storage, found, network, optimizer, lr_scheduler, strict, restore_rng, map_location, keys,
+                 state=state)
 
 
 def read_shard(storage: Storage, entry: FileEntry, enc_key: bytes | None, enc_mode: str | None,
@@ -288,7 +297,8 @@ def _decrypting(storage: Storage, entry: FileEntry, pieces: Any, enc_key: bytes 
 
 def _load(storage: Storage, ckpt: Checkpoint, network: Any, optimizer: Any, lr_scheduler: Any,
           strict: bool, restore_rng: bool, map_location: Any,
-          keys: tuple[bytes | None, str | None] = (None, None)) -> LoadedCheckpoint:
+          keys: tuple[bytes | None, str | None] = (None, None), *,
+          state: Mapping[str, Any] | None = None) -> LoadedCheckpoint:
     rank = _distributed.rank()
     world = ckpt.world_size or 1
     own = ckpt.manifests.get(rank)
@@ -309,11 +319,15 @@ def _load(storage: Storage, ckpt: Checkpoint, network: Any, optimizer: Any, lr_s
     own_payload = model_payload if own is model_manifest else (fetch(own) if own is not None else None)
 
     if network is not None:
-        _state.unwrap(network).load_state_dict(model_payload["model"], strict=strict)
+        weights = _model_state(model_payload, model_manifest,
+                               lambda e: load_shard(storage, e, *keys, map_location, manifest=model_manifest))
+        _state.unwrap(network).load_state_dict(weights, strict=strict)
     if optimizer is not None and "optimizer" in model_payload:
         optimizer.load_state_dict(model_payload["optimizer"])
     if lr_scheduler is not None and "lr_scheduler" in model_payload:
         lr_scheduler.load_state_dict(model_payload["lr_scheduler"])
+    if state:
+        _user_state.restore(state, model_payload.get("state"), ckpt.name, strict)
 
     meta_source = own_payload if own_payload is not None else model_payload
     meta = _state.meta_of(meta_source)
@@ -339,3 +353,14 @@ def _load(storage: Storage, ckpt: Checkpoint, network: Any, optimizer: Any, lr_s
         epoch_rng=epoch_rng,
         consumed_samples=meta.get("consumed_samples"),
     )
+
+
+def _model_state(payload: dict[str, Any], manifest: Manifest, fetch: Any) -> dict[str, Any]:
+    """The saved weights: in the shard, or in the ``.network.pt`` that is their only copy."""
+    if "model" in payload:
+        return payload["model"]
+    network_file = manifest.file(FileKind.NETWORK)
+    if network_file is None:
+        raise IncompleteCheckpointError(f"checkpoint {manifest.name!r} rank {manifest.rank} holds no model weights: "
+                                        "neither its shard nor a network file has them")
+    return fetch(network_file)["model"]
