@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -56,6 +56,8 @@ class RunArgs:
     """Identity of this run shared by all ranks (part of every ``save_id``)."""
     exit_saved_step: int | None = None
     """Global step at which ``OnRequestExit`` saved, so other savers skip that step."""
+    state: dict[str, Any] = field(default_factory=dict)
+    """``state=`` of the run: name → object saved and restored beside the model."""
 
 
 class RunContext:

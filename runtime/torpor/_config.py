@@ -111,7 +111,9 @@ class CheckpointConfig:
     """True: model and optimizer state are replicated (DDP, one process) and rank 0 writes them
     once. False: each rank's state differs (FSDP, DTensor shards) and each rank writes its own."""
     save_network_params: bool = True
-    """Also write the network weights alone (``.network.pt``), for inference. Default True."""
+    """Also write the network weights alone (``.network.pt``), for inference. Default True.
+    The shard then leaves the weights out (a resume reads them from this file), so they are
+    written once, not twice."""
     save_trainable_params: bool = False
     """Also write only the parameters that require grad (``.trainable.pt``), for fine-tuning."""
     async_save: bool = False

@@ -28,11 +28,11 @@ import mmap
 import pickle
 import re
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from torpor import _distributed, _state
+from torpor import _distributed, _state, _user_state
 from torpor.checkpoints import Checkpoint, FileEntry, FileKind, Manifest, file_key, resumable_newest_first, scan
 from torpor.crypto import (
     HEADER_SIZE,
@@ -176,8 +176,9 @@ def load_checkpoint(
     enc_key: bytes | None = None,
     enc_mode: str | None = None,
     prefixes: Iterable[str] | None = None,
+    state: Mapping[str, Any] | None = None,
 ) -> LoadedCheckpoint | None:
-    """Restore model, optimizer, scheduler and RNG from a checkpoint.
+    """Restore model, optimizer, scheduler, RNG and ``state`` from a checkpoint.
 
     Every rank must call it (rank 0 decides, the others follow); see the module docstring for
     the candidates and the fallback.
@@ -203,6 +204,10 @@ def load_checkpoint(
         prefixes: ``'latest'`` and fallbacks consider only names of these prefixes (a run's
             monitors' and exit save's, so a shared directory may hold other experiments);
             default ``None``: every name.
+        state: more objects to restore by name (``state_dict``/``load_state_dict`` or a
+            ``torch.Generator``), as saved by ``Loop``/``Model`` with the same ``state=``. A
+            key the checkpoint lacks raises ``KeyError`` (with ``strict=False``: a warning,
+            the object is left as it is); keys only the checkpoint has are ignored.
 
     Returns:
         What was loaded (``skipped`` names the newer candidates that failed), or ``None``
@@ -217,7 +222,10 @@ def load_checkpoint(
             ``'latest'``: on every candidate; a rank whose own reads all succeeded says that
             another rank refused them).
         ValueError: the shard is encrypted and no key was given.
+        KeyError: a ``state`` key is not in the checkpoint (with ``strict``).
+        TypeError: ``state`` is not a dict of such objects.
     """
+    state = _user_state.validate(state)
     env = RuntimeEnv.from_environ()
     if enc_key is None:
         enc_key = read_enc_key()
@@ -233,7 +241,7 @@ def load_checkpoint(
         return None
     keys = (enc_key, enc_mode or env.enc_mode)
     payloads, skipped = _first_readable(storage, candidates, keys, map_location)
-    loaded = _apply(payloads, network, optimizer, lr_scheduler, strict, restore_rng, skipped)
+    loaded = _apply(payloads, network, optimizer, lr_scheduler, strict, restore_rng, skipped, state=state)
     _log.info("resumed from checkpoint %r in %s at step %d", loaded.name, loaded.directory, loaded.step)
     return loaded
 
@@ -415,6 +423,8 @@ class Payloads:
     """This rank's shard (its generators and loop position); ``None`` if it had none."""
     manifest: Manifest
     """This rank's manifest, or rank 0's when this rank did not exist in the saving run."""
+    weights: dict[str, Any]
+    """The saved model weights (from the shard, or the ``.network.pt`` that is their only copy)."""
     meta: dict[str, Any]
     """The shard's JSON metadata (this rank's, else the model shard's)."""
     rng: _state.RngState | None
@@ -455,19 +465,24 @@ def read_payloads(storage: Storage, ckpt: Checkpoint, keys: tuple[bytes | None, 
         rng = _state.RngState.from_parts(meta["rng"], own_payload["rng"])
         if meta.get("epoch_rng") is not None:
             epoch_rng = _state.RngState.from_parts(meta["epoch_rng"], own_payload["epoch_rng"])
-    return Payloads(storage.uri, ckpt, model_payload, own_payload, own or anchor, meta, rng, epoch_rng)
+    weights = _model_state(model_payload, model_manifest,
+                           lambda e: load_shard(storage, e, *keys, map_location, manifest=model_manifest))
+    return Payloads(storage.uri, ckpt, model_payload, own_payload, own or anchor, weights, meta, rng, epoch_rng)
 
 
 def _apply(payloads: Payloads, network: Any, optimizer: Any, lr_scheduler: Any, strict: bool,
-           restore_rng: bool, skipped: tuple[str, ...] = ()) -> LoadedCheckpoint:
+           restore_rng: bool, skipped: tuple[str, ...] = (), *,
+           state: Mapping[str, Any] | None = None) -> LoadedCheckpoint:
     """Load read payloads into the objects and describe what was restored."""
     model_payload, own_payload, ckpt = payloads.model, payloads.own, payloads.checkpoint
     if network is not None:
-        _state.unwrap(network).load_state_dict(model_payload["model"], strict=strict)
+        _state.unwrap(network).load_state_dict(payloads.weights, strict=strict)
     if optimizer is not None and "optimizer" in model_payload:
         optimizer.load_state_dict(model_payload["optimizer"])
     if lr_scheduler is not None and "lr_scheduler" in model_payload:
         lr_scheduler.load_state_dict(model_payload["lr_scheduler"])
+    if state:
+        _user_state.restore(state, model_payload.get("state"), ckpt.name, strict)
 
     meta_source = own_payload if own_payload is not None else model_payload
     meta, rng, epoch_rng = payloads.meta, payloads.rng, payloads.epoch_rng
@@ -493,7 +508,19 @@ def _apply(payloads: Payloads, network: Any, optimizer: Any, lr_scheduler: Any, 
 
 def _load(storage: Storage, ckpt: Checkpoint, network: Any, optimizer: Any, lr_scheduler: Any,
           strict: bool, restore_rng: bool, map_location: Any,
-          keys: tuple[bytes | None, str | None] = (None, None)) -> LoadedCheckpoint:
+          keys: tuple[bytes | None, str | None] = (None, None), *,
+          state: Mapping[str, Any] | None = None) -> LoadedCheckpoint:
     """Read then apply one checkpoint (no fallback): :func:`read_payloads`, then :func:`_apply`."""
     return _apply(read_payloads(storage, ckpt, keys, map_location), network, optimizer, lr_scheduler, strict,
-                  restore_rng)
+                  restore_rng, state=state)
+
+
+def _model_state(payload: dict[str, Any], manifest: Manifest, fetch: Any) -> dict[str, Any]:
+    """The saved weights: in the shard, or in the ``.network.pt`` that is their only copy."""
+    if "model" in payload:
+        return payload["model"]
+    network_file = manifest.file(FileKind.NETWORK)
+    if network_file is None:
+        raise IncompleteCheckpointError(f"checkpoint {manifest.name!r} rank {manifest.rank} holds no model weights: "
+                                        "neither its shard nor a network file has them")
+    return fetch(network_file)["model"]

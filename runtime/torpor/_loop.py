@@ -21,8 +21,9 @@ nothing that needs the other ranks runs there (no final save); ``loop.end()`` af
 ends the run in full, and the ``with`` form calls :meth:`Loop.finish` on leaving the block.
 
 On resume, ``epochs`` starts at the saved epoch and ``batches`` skips the batches that epoch
-had already consumed, with the generators rewound so the data order and every random draw
-match an uninterrupted run.
+had already consumed (by index, without loading them, for a ``DataLoader`` over a map-style
+dataset: see :mod:`torpor._resuming`), with the generators rewound so the data order and every
+random draw match an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -30,10 +31,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
-from torpor import _distributed, _state
+from torpor import _distributed, _resuming, _state, _user_state
 from torpor._background import drain_all
 from torpor._callbacks import (
     Callback,
@@ -127,6 +128,7 @@ class Loop:
         callbacks: Callback | Iterable[Callback] | None = None,
         resume: str | None = None,
         exit_process: bool | None = None,
+        state: Mapping[str, Any] | None = None,
     ) -> None:
         """Set up the run.
 
@@ -144,17 +146,23 @@ class Loop:
                 stop (and write ``completed`` after a run without one); default: as an
                 ``OnRequestExit(exit_process=...)`` among the callbacks says, else only under
                 the operator (``TORPOR_JOB`` set). See :func:`exit_process_of`.
+            state: everything else to save and restore, by name: objects with
+                ``state_dict``/``load_state_dict`` (a ``GradScaler``, more optimizers and
+                schedulers, an EMA, a stateful loader) or ``torch.Generator``; see
+                :mod:`torpor._user_state`. A key missing from the resumed checkpoint raises
+                ``KeyError``.
 
         Raises:
             ValueError: two callbacks were given different directories, keys or
                 ``integrated_save`` (the message names both).
+            TypeError: ``state`` is not a dict of such objects (the message names the key).
         """
         self.env = RuntimeEnv.from_environ()
         self.callbacks = as_callback_list(callbacks)
         self.shared: SharedSettings = share_settings(self.callbacks, self.env.checkpoint_uri)
         """Where every checkpoint of this run goes and is resumed from, and its cipher."""
         self.args = RunArgs(train_network=network, network=_state.unwrap(network), optimizer=optimizer,
-                            loss_fn=loss_fn, lr_scheduler=lr_scheduler)
+                            loss_fn=loss_fn, lr_scheduler=lr_scheduler, state=_user_state.validate(state))
         self.run_context = RunContext(self.args)
         self.resume = resume
         self.exit_process = exit_process_of(exit_process, self.callbacks, self.env)
@@ -211,7 +219,7 @@ class Loop:
         loaded = load_checkpoint(self.resume, self.args.network, self.args.optimizer, self.args.lr_scheduler,
                                  directory=self.shared.directory,
                                  enc_key=enc.key if enc is not None else None,
-                                 enc_mode=enc.mode if enc is not None else None,
+                                 enc_mode=enc.mode if enc is not None else None, state=self.args.state,
                                  prefixes=_prefixes_of(self.callbacks))
         if loaded is None:
             return
@@ -306,20 +314,14 @@ class Loop:
         skip, self._skip = self._skip, 0
         loaded = self.loaded
         if skip and loaded is not None:
-            # Rewind to the epoch's start so the sampler draws the same order, consume the
-            # batches already trained on, then jump to the generators' state at the save.
-            if loaded.epoch_rng is not None:
-                loaded.epoch_rng.restore()
-            args.epoch_rng = loaded.epoch_rng or _state.RngState.capture()
-            iterator = iter(dataset)
-            for _ in range(skip):
-                next(iterator, None)
-            if loaded.rng is not None:
-                loaded.rng.restore()
+            # Rewind to the epoch's start so the sampler draws the same order, pass over the
+            # batches already trained on (by index where possible), then jump to the save's state.
+            iterator, args.epoch_rng = _resuming.resume_mid_epoch(dataset, args.cur_epoch_num, skip,
+                                                                  loaded.epoch_rng, loaded.rng)
             args.step_in_epoch = skip
         else:
-            args.epoch_rng = _state.RngState.capture()
-            iterator = iter(dataset)
+            resumed = (loaded.epoch_rng, loaded.rng) if loaded is not None and args.epoch_rng is None else None
+            iterator, args.epoch_rng = _resuming.start_epoch(dataset, args.cur_epoch_num, resumed)
             args.step_in_epoch = 0
         for batch in iterator:
             if self.should_stop:

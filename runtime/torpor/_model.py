@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from torpor import _user_state
 from torpor._callbacks import Callback, RunArgs, RunContext, as_callback_list, call_hooks
 from torpor._loop import Loop, exit_if_requested, exit_process_of
 from torpor.env import RuntimeEnv
@@ -50,6 +51,7 @@ class Model:
         *,
         lr_scheduler: Any = None,
         scheduler_interval: str = "step",
+        state: Mapping[str, Any] | None = None,
     ) -> None:
         """Wrap the pieces of a training step.
 
@@ -61,9 +63,12 @@ class Model:
             eval_network: evaluated instead of ``network`` if given.
             lr_scheduler: stepped every step or epoch (``scheduler_interval``), saved and restored.
             scheduler_interval: ``"step"`` or ``"epoch"``.
+            state: more objects saved and restored by name (a ``GradScaler``, an EMA updated
+                by a callback, ...), as in :class:`torpor.Loop`; ``train(state=...)`` overrides it.
 
         Raises:
-            TypeError: ``network`` is not a module.
+            TypeError: ``network`` is not a module; ``state`` is not a dict of objects with
+                ``state_dict``/``load_state_dict`` (the message names the key).
             ValueError: ``scheduler_interval`` is neither ``"step"`` nor ``"epoch"``.
         """
         if not isinstance(network, torch.nn.Module):
@@ -77,6 +82,7 @@ class Model:
         self.eval_network = eval_network
         self.lr_scheduler = lr_scheduler
         self.scheduler_interval = scheduler_interval
+        self.state = _user_state.validate(state)
 
     def _step(self, batch: Any) -> tuple[torch.Tensor, Any, tuple[Any, ...]]:
         assert self.optimizer is not None
@@ -98,6 +104,7 @@ class Model:
         resume: str | None = None,
         *,
         exit_process: bool | None = None,
+        state: Mapping[str, Any] | None = None,
     ) -> RunContext:
         """Train for ``epoch`` epochs over ``train_dataset`` (re-iterable, e.g. a DataLoader).
 
@@ -108,6 +115,8 @@ class Model:
             resume: ``None``, ``'latest'``, a checkpoint name or a path (see :class:`torpor.Loop`).
             exit_process: end the process after a requested stop, and write the ``completed``
                 or ``error`` termination message otherwise (see :func:`torpor._loop.exit_process_of`).
+            state: objects saved and restored by name (see :class:`torpor.Loop`); default:
+                the ``state`` given to the constructor.
 
         Returns:
             The run context (``original_args()`` has the final counters and loss).
@@ -120,7 +129,8 @@ class Model:
         if self.optimizer is None:
             raise TypeError("Model.train needs an optimizer; got optimizer=None")
         loop = Loop(self.network, self.optimizer, loss_fn=self.loss_fn, lr_scheduler=self.lr_scheduler,
-                    callbacks=callbacks, resume=resume, exit_process=exit_process)
+                    callbacks=callbacks, resume=resume, exit_process=exit_process,
+                    state=self.state if state is None else state)
         self.network.train()
         with loop:  # an exception: exception_save, the error message, then the exception unchanged
             loop.begin(epoch, train_dataset)

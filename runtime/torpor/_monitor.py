@@ -62,7 +62,7 @@ class CheckpointMonitor(Callback):
         keep_checkpoint_max: keep the newest this many complete checkpoints (default 5).
         keep_checkpoint_per_n_minutes: keep the newest per window of this many minutes instead.
         integrated_save: replicated state written once by rank 0 (False: every rank its shard).
-        save_network_params: also write ``.network.pt`` (weights only).
+        save_network_params: also write ``.network.pt`` (weights only; the shard then leaves them out).
         save_trainable_params: also write ``.trainable.pt`` (trainable parameters only).
         async_save: snapshot at the step boundary, write in a background thread (one save in
             flight; the next due save waits for it; the end of training and an exit save wait

@@ -28,9 +28,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from torpor import _distributed, _state
+from torpor import _distributed, _state, _user_state
 from torpor._callbacks import RunArgs
 from torpor._config import is_tensor
+from torpor._resuming import loader_generators
 from torpor.checkpoints import FileEntry, FileKind, Manifest, Reason, file_key, parse_key
 from torpor.crypto import Encryption, manifest_tag, place_context
 from torpor.env import RuntimeEnv
@@ -130,7 +131,7 @@ def capture(
     holds_model = _holds_model(options)
     network = _state.unwrap(args.network)
     scalars, info_tensors = _append_info(args, options.append_info)
-    rng_doc, rng_tensors = _state.RngState.capture().to_parts()
+    rng_doc, rng_tensors = _state.RngState.capture(loader_generators(args.train_dataset)).to_parts()
     epoch_rng_doc, epoch_rng_tensors = (args.epoch_rng.to_parts() if args.epoch_rng is not None else (None, {}))
     consumed = args.cur_step_num * options.global_batch_size if options.global_batch_size else None
     meta = {
@@ -159,6 +160,8 @@ def capture(
             payload["optimizer"] = _state.local_state(args.optimizer.state_dict())
         if args.lr_scheduler is not None:
             payload["lr_scheduler"] = args.lr_scheduler.state_dict()
+        if args.state:
+            payload["state"] = _state.local_state(_user_state.capture(args.state))
         if options.trainable_params:
             payload["_trainable"] = _state.local_state(
                 {k: p.detach() for k, p in network.named_parameters() if p.requires_grad})
@@ -171,8 +174,12 @@ def capture(
 
     files: list[tuple[FileKind, Any]] = [(FileKind.SHARD, payload)]
     if holds_model and (options.network_params or saved_network is not None):
+        # Without a saved_network the network file holds the trained weights and is their only
+        # copy (the shard would duplicate every tensor; the default config writes both): a load
+        # reads them from it. A saved_network's weights go there instead, beside the shard's.
+        model = payload.pop("model") if saved_network is None else saved_network
         files.append((FileKind.NETWORK, {"torpor_format": _state.SHARD_FORMAT, "meta": json.dumps(meta),
-                                         "model": payload["model"] if saved_network is None else saved_network}))
+                                         "model": model}))
     if trainable is not None:
         files.append((FileKind.TRAINABLE, {"torpor_format": _state.SHARD_FORMAT, "meta": json.dumps(meta),
                                            "model": trainable}))

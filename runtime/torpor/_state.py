@@ -11,7 +11,8 @@ import io
 import json
 import mmap
 import random
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -50,27 +51,43 @@ def local_state(state: Any) -> Any:
 
 @dataclass(frozen=True)
 class RngState:
-    """Every generator a training step may draw from."""
+    """Every generator a training step may draw from.
+
+    Besides the global generators, the explicit ``torch.Generator`` objects a data loader
+    draws from (``DataLoader(generator=g)``, a sampler's ``generator``), by the names
+    :func:`torpor._resuming.loader_generators` gives them: ``capture``/``restore`` take the
+    live objects by name, the captured states travel in ``generators``.
+    """
 
     python: tuple[Any, ...]
     numpy: tuple[Any, ...]
     torch_cpu: torch.Tensor
     torch_cuda: tuple[torch.Tensor, ...] = ()
+    generators: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
-    def capture(cls) -> RngState:
-        """Snapshot the global generators now."""
+    def capture(cls, generators: Mapping[str, torch.Generator] | None = None) -> RngState:
+        """Snapshot the global generators, and ``generators`` (name → generator), now."""
         cuda_live = torch.cuda.is_available() and torch.cuda.is_initialized()
         cuda = tuple(torch.cuda.get_rng_state_all()) if cuda_live else ()
-        return cls(random.getstate(), np.random.get_state(legacy=True), torch.get_rng_state().clone(), cuda)
+        named = {name: g.get_state() for name, g in (generators or {}).items()}
+        return cls(random.getstate(), np.random.get_state(legacy=True), torch.get_rng_state().clone(), cuda, named)
 
-    def restore(self) -> None:
-        """Put the generators back exactly as captured."""
+    def restore(self, generators: Mapping[str, torch.Generator] | None = None) -> None:
+        """Put the generators back exactly as captured (of ``generators``, those captured by name)."""
         random.setstate(self.python)
         np.random.set_state(self.numpy)
         torch.set_rng_state(self.torch_cpu)
         if self.torch_cuda and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(list(self.torch_cuda))
+        self.restore_generators(generators)
+
+    def restore_generators(self, generators: Mapping[str, torch.Generator] | None) -> None:
+        """Only the named generators (a resume restores the global ones at load, these later)."""
+        for name, g in (generators or {}).items():
+            state = self.generators.get(name)
+            if state is not None:
+                g.set_state(state)
 
     def to_parts(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         """``(json_part, tensor_part)`` for the shard."""
@@ -82,7 +99,9 @@ class RngState:
         }
         tensors = {"torch_cpu": self.torch_cpu}
         for i, t in enumerate(self.torch_cuda):
-            tensors[f"torch_cuda_{i}"] = t
+            tensors[f"{_CUDA}{i}"] = t
+        for gen_name, t in self.generators.items():
+            tensors[f"{_GENERATOR}{gen_name}"] = t
         return doc, tensors
 
     @classmethod
@@ -90,13 +109,29 @@ class RngState:
         """Inverse of :meth:`to_parts`."""
         version, internal, gauss = doc["python"]
         name, keys, pos, has_gauss, cached = doc["numpy"]
-        cuda = tuple(tensors[k] for k in sorted(tensors) if k.startswith("torch_cuda_"))
         return cls(
             (version, tuple(internal), gauss),
             (name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached),
             tensors["torch_cpu"],
-            cuda,
+            cuda_states_in_device_order(tensors),
+            {k[len(_GENERATOR):]: t for k, t in tensors.items() if k.startswith(_GENERATOR)},
         )
+
+
+_CUDA = "torch_cuda_"
+_GENERATOR = "generator_"
+
+
+def cuda_states_in_device_order(tensors: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """The ``torch_cuda_{i}`` states ordered by device index ``i``.
+
+    ``set_rng_state_all`` assigns the i-th state to device i; sorting the key strings would
+    give device 2 the state of device 10 on a machine with more than ten GPUs.
+    """
+    indexed = {int(k[len(_CUDA):]): t for k, t in tensors.items() if k.startswith(_CUDA)}
+    if sorted(indexed) != list(range(len(indexed))):
+        raise ValueError(f"CUDA generator states must be numbered 0..n-1, got devices {sorted(indexed)}")
+    return tuple(indexed[i] for i in range(len(indexed)))
 
 
 def encode(payload: dict[str, Any]) -> bytes:

@@ -9,7 +9,8 @@ Layout under a checkpoint root (a directory or ``s3://bucket/prefix``)::
     rank_{rank}/{name}.manifest.json   written last, once every file of the rank is durable
     rank_{rank}/{name}.pt2             optional torch.export program (exit saves), written after
                                        the manifests and not listed in them
-    rank_{rank}/{name}.network.pt      optional network weights only (save_network_params)
+    rank_{rank}/{name}.network.pt      optional network weights only (save_network_params); without
+                                       a saved_network the only copy of them: the shard leaves them out
     rank_{rank}/{name}.trainable.pt    optional trainable weights only (save_trainable_params)
 
 ``name`` is ``{prefix}-{epoch}_{step}`` for periodic saves (epoch from 1, step within that

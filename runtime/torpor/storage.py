@@ -28,7 +28,6 @@ import hashlib
 import io
 import os
 import threading
-import uuid
 from collections.abc import Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
@@ -36,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from torpor import stale_temps
 from torpor.errors import IntegrityError, StorageError
 from torpor.transfer import PART_CHECKSUM_ALGORITHM, PartBody, RangeReader, direct_reads_possible, presigned_get
 
@@ -133,7 +133,10 @@ class LocalStorage:
         path.parent.mkdir(parents=True, exist_ok=True)
         # A hidden temp name in the same directory: same filesystem, so the rename is atomic,
         # and listings skip dot-files, so a half-written file is never mistaken for a shard.
-        tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+        # Those a killed save left behind go now (see torpor.stale_temps).
+        stale_temps.remove_stale(path.parent)
+        tmp = stale_temps.temp_path(path)
+        stale_temps.opened(tmp)
         try:
             with open(tmp, "wb") as f:
                 f.write(data)
@@ -143,6 +146,8 @@ class LocalStorage:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+        finally:
+            stale_temps.closed(tmp)
         _fsync_dir(path.parent)
 
     def get_bytes(self, key: str) -> bytes:
@@ -703,8 +708,14 @@ class _LocalWriter(ObjectWriter):
         super().__init__(storage, key)
         self._path = storage._path(key)
         self._path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = self._path.parent / f".{self._path.name}.tmp-{uuid.uuid4().hex[:8]}"
-        self._file = open(self._tmp, "wb")  # noqa: SIM115 - closed in close()/abort()
+        stale_temps.remove_stale(self._path.parent)
+        self._tmp = stale_temps.temp_path(self._path)
+        stale_temps.opened(self._tmp)
+        try:
+            self._file = open(self._tmp, "wb")  # noqa: SIM115 - closed in close()/abort()
+        except BaseException:
+            stale_temps.closed(self._tmp)
+            raise
 
     def _put(self, view: memoryview, borrow: bool) -> None:
         self._file.write(view)
@@ -719,6 +730,7 @@ class _LocalWriter(ObjectWriter):
         except BaseException:
             self.abort()
             raise
+        stale_temps.closed(self._tmp)
         _fsync_dir(self._path.parent)
 
     def abort(self) -> None:
@@ -726,6 +738,7 @@ class _LocalWriter(ObjectWriter):
         with contextlib.suppress(OSError):
             self._file.close()
         self._tmp.unlink(missing_ok=True)
+        stale_temps.closed(self._tmp)
 
 
 class _S3Writer(ObjectWriter):
