@@ -51,6 +51,8 @@ class ExitWrites:
         self.api = client.CoreV1Api(kube)
         self.namespace = namespace
         self.at: dict[str, float] = {}
+        self.listening = threading.Event()
+        """Set at the first event: the watch has listed the ConfigMaps and follows them."""
         self._watch = watch.Watch()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -58,6 +60,7 @@ class ExitWrites:
     def _run(self) -> None:
         for event in self._watch.stream(self.api.list_namespaced_config_map, self.namespace, timeout_seconds=600):
             cm = event["object"]
+            self.listening.set()
             data = (cm.data or {}).get("graceful-exit.json", "")
             if '"GracefulExit": 1' in data.replace('":1', '": 1'):
                 self.at.setdefault(cm.metadata.labels["torpor.dev/job"], time.monotonic())
@@ -83,6 +86,7 @@ def test_s3_endpoint_blackholed_keeps_cordon_to_graceful_exit_prompt(e2e: Env, k
              timeout=60)
 
     writes = ExitWrites(kube, e2e.ns)
+    assert writes.listening.wait(60), "the ConfigMap watch never started"
     core = client.CoreV1Api(kube)
     nodes = sorted({e2e.node_of(f"{name}-1-0") for name in measured})
     e2e.cordoned += nodes  # uncordoned after the test, whatever happens
