@@ -80,9 +80,9 @@ _ACTING_CACHE_SECONDS = 1.0
 class _Listing:
     """One listing of a job's bucket prefix, queued or running on the bucket pool."""
 
-    future: asyncio.Future[list[CheckpointInfo]] = field(repr=False)
     started: float | None = None
     """When a worker began it (monotonic); ``None`` while queued."""
+    future: asyncio.Future[list[CheckpointInfo]] | None = field(default=None, repr=False)
 
 
 def _api_client() -> client.ApiClient:
@@ -267,28 +267,26 @@ class Shell:
     def _list(self, key: tuple[str, str], job: Job, since: float | None) -> asyncio.Future[list[CheckpointInfo]]:
         """A listing of the job's prefix on the bucket pool that began after ``since`` (or is still
         queued): the one under way if it qualifies, else a new one. Its result feeds the cache."""
-        listing = self._listings.get(key)
-        if listing is not None and not listing.future.done() and (
-                since is None or listing.started is None or listing.started >= since):
-            return listing.future
-        holder: list[_Listing] = []
+        running = self._listings.get(key)
+        if running is not None and running.future is not None and not running.future.done() and (
+                since is None or running.started is None or running.started >= since):
+            return running.future
+        listing = _Listing()
 
         def run() -> list[CheckpointInfo]:
-            holder[0].started = time.monotonic()
+            listing.started = time.monotonic()
             return self.bucket.list(job.spec, job.ref)
 
-        loop = asyncio.get_running_loop()
-        listing = _Listing(loop.run_in_executor(self.bucket_pool, run))
-        holder.append(listing)
+        future = listing.future = asyncio.get_running_loop().run_in_executor(self.bucket_pool, run)
         self._listings[key] = listing
-        listing.future.add_done_callback(lambda _: self._listed(key, listing))
-        return listing.future
+        future.add_done_callback(lambda _: self._listed(key, listing))
+        return future
 
     def _listed(self, key: tuple[str, str], listing: _Listing) -> None:
         if self._listings.get(key) is listing:
             del self._listings[key]
         future = listing.future
-        if future.cancelled() or future.exception() is not None or key not in self.jobs:
+        if future is None or future.cancelled() or future.exception() is not None or key not in self.jobs:
             return
         started = listing.started or 0.0
         if started >= self._listed_at.get(key, 0.0):  # never replace a newer listing by an older one

@@ -54,10 +54,18 @@ class ExitWrites:
         self.listening = threading.Event()
         """Set at the first event: the watch has listed the ConfigMaps and follows them."""
         self._watch = watch.Watch()
+        self._stopped = False
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
+        try:
+            self._follow()
+        except Exception:
+            if not self._stopped:  # a stopped watch may end its response abruptly
+                raise
+
+    def _follow(self) -> None:
         for event in self._watch.stream(self.api.list_namespaced_config_map, self.namespace, timeout_seconds=600):
             cm = event["object"]
             self.listening.set()
@@ -66,6 +74,7 @@ class ExitWrites:
                 self.at.setdefault(cm.metadata.labels["torpor.dev/job"], time.monotonic())
 
     def stop(self) -> None:
+        self._stopped = True
         self._watch.stop()
 
 
