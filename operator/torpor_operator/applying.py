@@ -24,6 +24,7 @@ from typing import Any
 
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
+from urllib3.exceptions import HTTPError
 
 from torpor_operator.builders import graceful_exit_data
 from torpor_operator.contract import API_VERSION, GROUP, KIND, LABEL_INCARNATION, LABEL_JOB, PLURAL, VERSION
@@ -226,9 +227,9 @@ class KubeClient:
         for event in decision.events:
             try:
                 self.post_event(body, event.type, event.reason, event.message)
-            except ApiException as exc:
+            except (ApiException, HTTPError) as exc:  # the API away: the decision is applied, only its Event lost
                 log.warning("event %s on %s/%s not posted: %s", event.reason, body["metadata"].get("namespace"),
-                            body["metadata"].get("name"), exc.reason)
+                            body["metadata"].get("name"), api_message(exc))
 
     def post_event(self, job: dict[str, Any], type_: str, reason: str, message: str) -> None:
         """Post a core/v1 Event on the job (kopf's own poster works only inside its handler tasks)."""

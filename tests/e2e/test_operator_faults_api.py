@@ -94,7 +94,9 @@ def test_kube_apiserver_restarted_during_a_preemption_finishes_it_once(e2e: Env,
     # one pod per rank of incarnation 2; those of incarnation 1 are deleted as it starts
     one_set = {("2", "0"): 1, ("2", "1"): 1}
     e2e.wait("one pod per rank", lambda: pods_per_rank(e2e) == one_set, timeout=60)
-    assert e2e.reasons().count("Restarted") == 1 and e2e.reasons().count("Preempted") == 1
+    # "Preempted" is posted right after the status patch that the API server's stop may follow
+    # within milliseconds: it may be lost (Events are best effort), never doubled
+    assert e2e.reasons().count("Restarted") == 1 and e2e.reasons().count("Preempted") <= 1
     resumed = status["lastCheckpoint"]["step"]
     # the retention/resync task outlived the outage: lastCheckpoint moves on with new periodic saves
     # (only that task refreshes it while Running)
