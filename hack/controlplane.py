@@ -14,6 +14,7 @@ import json
 import ssl
 import subprocess
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 from bootstrap import binary, ensure
@@ -42,6 +43,7 @@ class ControlPlane:
         self.kubeconfig = self.workdir / "kubeconfig"
         self.pki: Pki | None = None
         self.apiserver_port = 0
+        self._etcd_url = ""
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
 
     @property
@@ -104,9 +106,19 @@ class ControlPlane:
                    proc=proc, log_path=self.logs / "etcd.log")
         return url
 
-    def _start_apiserver(self, etcd_url: str) -> None:
+    def restart_apiserver(self, down: Callable[[], None] | None = None) -> None:
+        """Stop the kube-apiserver (SIGTERM), run ``down`` while it is away, start it again on the
+        same port and wait until it is ready: every client's connections break and its watches
+        end, as in an upgrade of the control plane. Fault tests use it."""
+        stop_server(self._procs.pop("kube-apiserver"))
+        if down is not None:
+            down()
+        self._start_apiserver(self._etcd_url, port=self.apiserver_port)
+
+    def _start_apiserver(self, etcd_url: str, port: int | None = None) -> None:
         assert self.pki
-        self.apiserver_port = free_port()
+        self._etcd_url = etcd_url
+        self.apiserver_port = port or free_port()
         proc = self._start("kube-apiserver", [
             str(binary("kube-apiserver")),
             f"--etcd-servers={etcd_url}",
