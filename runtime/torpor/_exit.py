@@ -27,6 +27,7 @@ from types import FrameType
 from typing import Any
 
 from torpor import _distributed
+from torpor._agreement import Fact
 from torpor._background import drain_all, warm_in_background
 from torpor._callbacks import Callback, RunContext
 from torpor._saving import SaveOptions, export_only, save_checkpoint
@@ -34,7 +35,7 @@ from torpor._watching import ExitFileWatcher
 from torpor.checkpoints import Reason, check_name
 from torpor.crypto import Encryption, check_key
 from torpor.env import RuntimeEnv, read_enc_key
-from torpor.errors import TorporWarning
+from torpor.errors import CheckpointSaveError, TorporWarning
 from torpor.storage import Storage, open_storage
 from torpor.termination import (
     EXIT_FILE_REQUEST,
@@ -158,6 +159,7 @@ class OnRequestExit(Callback):
         self._installed = False
         self._watcher: ExitFileWatcher | None = None
         self._storage: Storage | None = None
+        self._local = 0
 
     @classmethod
     def from_env(cls, **overrides: Any) -> OnRequestExit:
@@ -219,9 +221,18 @@ class OnRequestExit(Callback):
         return 0
 
     # -- the step boundary -------------------------------------------------------------
+    def step_facts(self, run_context: RunContext) -> dict[Fact, int]:
+        """This rank's requested exit code, for the loop's one collective of the step."""
+        self._local = self._local_code()
+        return {Fact.STOP: self._local}
+
     def _check(self, run_context: RunContext) -> None:
-        local = self._local_code()
         args = run_context.original_args()
+        if args.agreed is not None:  # a Loop step: its collective carried our code (step_facts)
+            if args.agreed.stop:
+                self._stop(run_context, args.agreed.stop, self._local)
+            return
+        local = self._local_code()
         if _distributed.is_initialized() and _distributed.world_size() > 1:
             if args.cur_step_num % self.check_every_n_steps:
                 return
@@ -239,15 +250,23 @@ class OnRequestExit(Callback):
             self._storage = open_storage(self.exit_directory)
         for label, exc in drain_all():  # a save in flight completes before the exit save starts
             _log.error("background save of %r failed before the exit save: %s: %s", label, type(exc).__name__, exc)
+        error: Exception | None = None
         if self.save_ckpt:
-            save_checkpoint(args, self._storage, self.file_name, Reason.EXIT,
-                            SaveOptions(integrated=self.integrated_save, export=self.save_export), env,
-                            self.encryption)
+            try:
+                save_checkpoint(args, self._storage, self.file_name, Reason.EXIT,
+                                SaveOptions(integrated=self.integrated_save, export=self.save_export), env,
+                                self.encryption)
+            except Exception as exc:  # every rank must still reach the agreement below
+                error = exc
             saved = self.file_name
         elif self.save_export:
             export_only(args, self._storage, self.file_name)
         args.exit_saved_step = args.cur_step_num
-        _distributed.barrier()  # every rank's manifest exists before any rank reports or exits
+        # Every rank's manifest exists before any rank reports or exits, or every rank knows whose does not.
+        failed = _distributed.failed_ranks(error is None)
+        if failed:
+            self._signum = None
+            raise CheckpointSaveError.of(saved or self.file_name, self._storage.uri, failed, error) from error
         signum = signal_from_exit_code(code) if code > SIGNAL_EXIT_BASE else None
         self.stop_message = TerminationMessage(
             reason=StopReason.SIGNAL if signum is not None else StopReason.FILE,

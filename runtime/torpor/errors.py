@@ -35,6 +35,23 @@ class AsyncSaveError(TorporError):
     """
 
 
+class CheckpointSaveError(TorporError):
+    """A synchronous save (periodic, final or exit) failed on at least one rank.
+
+    Raised on **every** rank at the same step, after every rank's save has ended, so no rank
+    is left waiting for the others; the failed ranks are named, and on a failed rank the
+    cause is chained. The checkpoint lacks those ranks' manifests: it is incomplete and never
+    resumed from.
+    """
+
+    @classmethod
+    def of(cls, name: str, directory: str, failed: list[int], cause: BaseException | None) -> CheckpointSaveError:
+        """The error every rank raises for checkpoint ``name``; ``cause`` is this rank's own failure."""
+        why = f"{type(cause).__name__}: {cause}" if cause is not None else "see the failed ranks' logs"
+        return cls(f"checkpoint {name!r} was not saved on rank(s) {failed} in {directory}: {why}; "
+                   "it is incomplete and will not be resumed from")
+
+
 class CheckpointNotFoundError(TorporError):
     """The requested checkpoint (a name, a path or ``'latest'`` with ``required=True``) is absent."""
 

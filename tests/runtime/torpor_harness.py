@@ -86,8 +86,9 @@ def child_env(extra: dict[str, str]) -> dict[str, str]:
     return env
 
 
-def launch_ranks(world: int, extra_env: dict[str, str], argv: list[str], logdir: Path) -> list[subprocess.Popen[bytes]]:
-    """Start ``examples/train.py`` as ``world`` ranks on loopback (gloo), logs in ``logdir``."""
+def launch_ranks(world: int, extra_env: dict[str, str], argv: list[str], logdir: Path,
+                 script: Path = TRAIN) -> list[subprocess.Popen[bytes]]:
+    """Start ``script`` (default ``examples/train.py``) as ``world`` ranks on loopback (gloo), logs in ``logdir``."""
     port = free_port()
     procs = []
     for rank in range(world):
@@ -98,7 +99,7 @@ def launch_ranks(world: int, extra_env: dict[str, str], argv: list[str], logdir:
             "TORPOR_TERMINATION_LOG": str(logdir / f"termination-{rank}.json"),
         })
         log = open(logdir / f"rank-{rank}.log", "wb")  # noqa: SIM115 - closed with the process
-        procs.append(subprocess.Popen([sys.executable, str(TRAIN), *argv], env=env, stdout=log,
+        procs.append(subprocess.Popen([sys.executable, str(script), *argv], env=env, stdout=log,
                                       stderr=subprocess.STDOUT, cwd=logdir))
         log.close()
     return procs
