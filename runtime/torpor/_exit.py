@@ -8,7 +8,9 @@ Differences from MindSpore's callback, each fixing a flaw of the seed:
 * The file is watched by a background thread; the step reads a bool.
 * Ranks **OR** their requests (an all-reduce MAX at the step boundary, every step or every
   ``check_every_n_steps``): one rank's SIGTERM stops all ranks after the same step. The seed
-  ANDs them, so a signal reaching only the preempted node's pods never stops anything.
+  ANDs them, so a signal reaching only the preempted node's pods never stops anything. Under
+  ``Loop`` the request rides in the loop's one collective of the step (:meth:`step_facts`,
+  :mod:`torpor._agreement`); evaluation and hooks driven without ``Loop`` reduce it here.
 * It saves **once**, with full metadata, under the **global** rank, write-then-rename, then
   (under the operator) exits with a documented code after writing a termination message
   (see :mod:`torpor.termination`: 128 + signum, 143 for SIGTERM; 75 for the file).
@@ -85,7 +87,11 @@ class OnRequestExit(Callback):
         config_file: JSON file whose ``{"GracefulExit": 1}`` requests a stop; missing or
             malformed is a warning only.
         check_every_n_steps: reduce the flag across ranks every this many steps (1 = every
-            step; larger saves collectives, at the cost of up to n-1 extra steps).
+            step; larger saves collectives, at the cost of up to n-1 extra steps). Under
+            ``Loop``/``Model.train`` it sets the cadence of the loop's one per-step collective
+            (the smallest of the callbacks'), which also carries "data exhausted": an epoch
+            where some rank's loader has no ``len`` is checked every step anyway (see
+            :mod:`torpor._agreement`).
         file_poll_seconds: how often the background thread looks at ``config_file``.
         exit_process: end the process with the documented code after the save; default
             ``None`` means only under the operator (``TORPOR_JOB`` set).
@@ -96,7 +102,11 @@ class OnRequestExit(Callback):
 
     Before its own save it waits for every background (``async_save``) save in flight, so
     a checkpoint being uploaded when the signal came still completes; a failure of one is
-    logged, and the exit save goes ahead.
+    logged, and the exit save goes ahead. If the exit save fails on any rank, every rank
+    raises :class:`torpor.errors.CheckpointSaveError` (naming the failed ranks) at the same
+    point instead of exiting with the stop's code: the process ends with 1 and, under the
+    operator, an ``error`` termination message, so nothing reports an incomplete checkpoint
+    as saved, and no rank waits for another.
 
     Raises:
         ValueError: ``save_ckpt``/``save_export`` not bool, ``file_name``/``directory`` not

@@ -76,7 +76,8 @@ class CheckpointMonitor(Callback):
             reaches the caller unchanged.
         global_batch_size: samples per global step, to record consumed samples.
         async_errors: ``"record"`` (log, append to :attr:`save_errors`, train on) or
-            ``"raise"`` (:class:`torpor.errors.AsyncSaveError` at the next step boundary).
+            ``"raise"`` (:class:`torpor.errors.AsyncSaveError` at the next step boundary), on
+            every rank alike whichever rank's save failed (see the module's table).
 
     Raises:
         ValueError: ``prefix`` not a str or containing ``/``; ``directory`` not a str; a

@@ -28,7 +28,8 @@ class StorageError(TorporError):
 class AsyncSaveError(TorporError):
     """A background (``async_save=True``) save failed; its cause is chained (``__cause__``).
 
-    Raised at the first step boundary after the failure when the monitor's ``async_errors``
+    Raised on every rank at the same step boundary after the failure (every rank learns of
+    one rank's failure through the step's collective) when the monitor's ``async_errors``
     is ``"raise"``; with ``"record"`` (the default) it is logged and appended to
     ``CheckpointMonitor.save_errors`` instead and training goes on. Either way the failed
     checkpoint has no manifest for this rank, so it is incomplete and never resumed from.
