@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torpor_harness import PLAIN_LOOP, Recorder, StopAt, child_env, tiny_setup
+from torpor_harness import PLAIN_LOOP, REPO, Recorder, StopAt, child_env, launch_ranks, logs, tiny_setup, wait_all
 
 import torpor
 from torpor import _state
@@ -66,40 +67,35 @@ def test_load_checkpoint_returns_metadata_and_append_info(tmp_path: Path) -> Non
     assert by_path is not None and by_path.step == 4
 
 
+HISTORY_RANK = Path(__file__).resolve().parent / "procs" / "history_rank.py"
+
+
 def fake_rank(monkeypatch: pytest.MonkeyPatch, rank: int, world: int) -> None:
-    """Make this process one rank of ``world`` without a process group (no collectives needed)."""
+    """Make this process read as one rank of ``world`` for loading (no process group needed)."""
     monkeypatch.setenv("RANK", str(rank))
     monkeypatch.setenv("WORLD_SIZE", str(world))
-    monkeypatch.setenv("TORPOR_JOB", "ns/two-ranks")  # shared run identity → agreeing save_ids
-    monkeypatch.setenv("TORPOR_INCARNATION", "1")
     monkeypatch.setenv("TORPOR_TERMINATION_LOG", "/dev/null")
 
 
-def two_rank_history(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, integrated: bool = True) -> list[torch.Tensor]:
-    """Ranks 0 then 1 train 8 steps each, saving at 4 and 8: two complete 2-rank checkpoints.
+def two_rank_history(tmp_path: Path, integrated: bool = True) -> list[torch.Tensor]:
+    """Two real gloo ranks train 8 steps, saving at 4 and 8: two complete 2-rank checkpoints.
 
-    The fake ranks run one after the other, so when rank 0 saves, rank 1's manifests do not
-    exist yet: rank 0 must then refuse to prune (a warning), which is asserted too.
+    Real processes in one process group, so the saves' collectives and rank 0's retention run
+    as in a job (every rank's manifest exists before rank 0 prunes). Returns each rank's final
+    first-layer weights.
     """
-    weights = []
-    for rank in (0, 1):
-        fake_rank(monkeypatch, rank, 2)
-        net, loss, opt, loader = tiny_setup(seed=rank)  # different weights per rank (sharded state)
-        mon = torpor.CheckpointMonitor(directory=str(tmp_path), save_checkpoint_steps=4, integrated_save=integrated,
-                                       save_network_params=False)
-        model = torpor.Model(net, loss_fn=loss, optimizer=opt)
-        if rank == 0:
-            refused = r"'CKP-1_[48]' is not complete after the save .* nothing pruned"
-            with pytest.warns(torpor.TorporWarning, match=refused):
-                model.train(1, loader, callbacks=mon)
-        else:
-            model.train(1, loader, callbacks=mon)
-        weights.append(net[0].weight.detach().clone())
-    return weights
+    logdir = tmp_path / "logs"
+    logdir.mkdir()
+    layout = "integrated" if integrated else "sharded"
+    path = os.pathsep.join([str(REPO / "runtime"), str(REPO / "hack"), str(HISTORY_RANK.parents[1]),
+                            os.environ.get("PYTHONPATH", "")])
+    procs = launch_ranks(2, {"PYTHONPATH": path}, [str(tmp_path), layout, str(logdir)], logdir, script=HISTORY_RANK)
+    assert wait_all(procs, logdir, timeout=180) == [0, 0], logs(logdir)
+    return [torch.load(logdir / f"weights-{rank}.pt", weights_only=True) for rank in (0, 1)]
 
 
-def test_a_partial_checkpoint_is_never_resumed_from(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    two_rank_history(tmp_path, monkeypatch)
+def test_a_partial_checkpoint_is_never_resumed_from(tmp_path: Path) -> None:
+    two_rank_history(tmp_path)
     assert [c.name for c in scan(LocalStorage(tmp_path)) if c.complete] == ["CKP-1_4", "CKP-1_8"]
     (tmp_path / "rank_1" / "CKP-1_8.manifest.json").unlink()  # rank 1 died before finishing its save
 
@@ -109,8 +105,8 @@ def test_a_partial_checkpoint_is_never_resumed_from(tmp_path: Path, monkeypatch:
         torpor.load_checkpoint("CKP-1_8", directory=str(tmp_path))
 
 
-def test_a_corrupted_shard_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    two_rank_history(tmp_path, monkeypatch)
+def test_a_corrupted_shard_is_refused(tmp_path: Path) -> None:
+    two_rank_history(tmp_path)
     shard = tmp_path / "rank_0" / "CKP-1_8.ckpt"
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0x01  # one flipped bit
@@ -122,8 +118,8 @@ def test_a_corrupted_shard_is_refused(tmp_path: Path, monkeypatch: pytest.Monkey
     torch.testing.assert_close(net[0].weight, before)  # nothing was loaded
 
 
-def test_replicated_state_is_written_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    two_rank_history(tmp_path, monkeypatch, integrated=True)
+def test_replicated_state_is_written_once(tmp_path: Path) -> None:
+    two_rank_history(tmp_path, integrated=True)
     rank0 = _state.decode((tmp_path / "rank_0" / "CKP-1_8.ckpt").read_bytes())
     rank1 = _state.decode((tmp_path / "rank_1" / "CKP-1_8.ckpt").read_bytes())
     assert {"model", "optimizer"} <= set(rank0) and not {"model", "optimizer"} & set(rank1)
@@ -131,7 +127,7 @@ def test_replicated_state_is_written_once(tmp_path: Path, monkeypatch: pytest.Mo
 
 
 def test_sharded_state_is_written_and_restored_per_rank(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    weights = two_rank_history(tmp_path, monkeypatch, integrated=False)
+    weights = two_rank_history(tmp_path, integrated=False)
     for rank in (0, 1):
         fake_rank(monkeypatch, rank, 2)
         net, *_ = tiny_setup(seed=42)

@@ -86,9 +86,9 @@ def child_env(extra: dict[str, str]) -> dict[str, str]:
     return env
 
 
-def launch_ranks(world: int, extra_env: dict[str, str], argv: list[str], logdir: Path,
+def launch_ranks(world: int, extra_env: dict[str, str], argv: list[str], logdir: Path, *,
                  script: Path = TRAIN) -> list[subprocess.Popen[bytes]]:
-    """Start ``script`` (default ``examples/train.py``) as ``world`` ranks on loopback (gloo), logs in ``logdir``."""
+    """Start ``script`` (``examples/train.py``) as ``world`` ranks on loopback (gloo), logs in ``logdir``."""
     port = free_port()
     procs = []
     for rank in range(world):
