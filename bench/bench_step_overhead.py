@@ -52,7 +52,11 @@ def main() -> None:
         report(f"{opts.ranks} gloo ranks", ranked)
         print(f"RATIO per-step overhead of Loop+OnRequestExit+CheckpointMonitor vs a bare loop: "
               f"{overhead(single):+.3f}% of the step in 1 process, {overhead(ranked):+.3f}% with {opts.ranks} gloo "
-              f"ranks (their per-step all-reduce included; target <= 1%)")
+              f"ranks (their per-step all-reduce included; target <= 1%); with {opts.ranks} ranks "
+              f"{ranked['inside']['callbacks'] / ranked['inside']['allreduce']:.2f}x a raw all-reduce of six ints")
+    else:
+        print(f"RATIO per-step overhead of Loop+OnRequestExit+CheckpointMonitor vs a bare loop: "
+              f"{overhead(single):+.3f}% of the step in 1 process (target <= 1%)")
 
 
 def run_ranks(opts: Any) -> dict[str, Any]:
@@ -82,7 +86,8 @@ def report(label: str, result: dict[str, Any]) -> None:
     print(f"[step] {label}: matmul {result['n']}x{result['n']}", flush=True)
     for k, rounds in result["samples"].items():
         v = median(rounds)
-        extra = f", inside torpor {result['inside'][k] * 1e6:.1f} us" if k in result["inside"] else ""
+        where = "in the all-reduce" if k == "allreduce" else "inside torpor"
+        extra = f", {where} {result['inside'][k] * 1e6:.1f} us" if k in result["inside"] else ""
         listed = ", ".join(f"{x * 1000:.2f}" for x in rounds)
         print(f"[step]   {k:10s} {v * 1000:8.3f} ms/step{extra} (rounds: {listed})")
     cost = result["inside"]
@@ -90,6 +95,10 @@ def report(label: str, result: dict[str, Any]) -> None:
     print(f"[step]   {label}: torpor {cost['callbacks'] * 1e6:.1f} us/step with both callbacks = "
           f"{overhead(result):+.3f}% of a {result['bare'] * 1000:.1f} ms step; the callbacks' own share "
           f"{hooks:+.3f}% ({(cost['callbacks'] - cost['loop']) * 1e6:.1f} us)", flush=True)
+    if "allreduce" in cost:
+        print(f"[step]   {label}: a raw all-reduce of the same six ints costs {cost['allreduce'] * 1e6:.1f} us/step "
+              f"({cost['allreduce'] / result['bare'] * 100:+.3f}%); torpor with both callbacks "
+              f"{cost['callbacks'] / cost['allreduce']:.2f}x that", flush=True)
 
 
 def measure(opts: Any) -> dict[str, Any]:
@@ -132,6 +141,21 @@ def measure(opts: Any) -> dict[str, Any]:
             step()
         return (time.perf_counter() - started) / opts.steps
 
+    facts = torch.zeros(6, dtype=torch.int64)
+
+    def collective() -> tuple[float, float]:
+        """The bare loop plus a raw all-reduce of the loop's six ints per step: the floor of
+        what one agreed collective per step can cost (ranks only)."""
+        step()
+        inside = 0.0
+        started = time.perf_counter()
+        for _ in range(opts.steps):
+            step()
+            t0 = time.perf_counter()
+            torch.distributed.all_reduce(facts, op=torch.distributed.ReduceOp.MAX)
+            inside += time.perf_counter() - t0
+        return (time.perf_counter() - started) / opts.steps, inside / opts.steps
+
     def looped(callbacks: list) -> tuple[float, float]:
         """``(seconds per step, seconds per step spent inside torpor)``.
 
@@ -172,8 +196,14 @@ def measure(opts: Any) -> dict[str, Any]:
 
         samples: dict[str, list[float]] = {"bare": [], "loop": [], "callbacks": []}
         inside: dict[str, list[float]] = {"loop": [], "callbacks": []}
+        if distributed:
+            samples["allreduce"], inside["allreduce"] = [], []
         for _ in range(opts.rounds):
             samples["bare"].append(bare())
+            if distributed:
+                per_step, torpor_time = collective()
+                samples["allreduce"].append(per_step)
+                inside["allreduce"].append(torpor_time)
             per_step, torpor_time = looped([])
             samples["loop"].append(per_step)
             inside["loop"].append(torpor_time)
