@@ -71,6 +71,17 @@ def test_a_rank_with_no_batch_at_all_ends_every_epoch_before_its_first_step(tmp_
     assert [r["steps"] for r in results] == [[], [], []]
 
 
+def test_one_collective_per_step_carries_the_stop_the_exhaustion_and_a_seconds_save(tmp_path: Path) -> None:
+    # OnRequestExit, a monitor saving by seconds (never due here), a loader without len (3 batches a rank).
+    codes, results = run_ranks(tmp_path, 2, "--samples", "24", "--save-seconds", "3600")
+    assert codes == [0, 0], logs(tmp_path)
+    for r in results:
+        assert r["steps"] == [1, 2, 3, 4, 5, 6], r
+        # Step 1 also saw the epoch start's; from then on one per step (the epoch start of
+        # epoch 2 falls before step 4).
+        assert r["collectives"] == [2, 1, 1, 2, 1, 1], r
+
+
 # -- item 8: a save failing on one rank --------------------------------------------------
 
 def test_a_periodic_save_failing_on_one_rank_raises_on_every_rank_at_that_step(tmp_path: Path) -> None:

@@ -41,8 +41,23 @@ class Split(IterableDataset):
             yield self.x[i], self.y[i]
 
 
+COLLECTIVES = [0]
+
+
+def count_collectives() -> None:
+    """Count the all-reduces called from Python (torpor's; DDP's gradient buckets go through C++)."""
+    real = torch.distributed.all_reduce
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        COLLECTIVES[0] += 1
+        return real(*args, **kwargs)
+
+    torch.distributed.all_reduce = counted
+
+
 class Record(torpor.Callback):
-    """Remembers each step's loss; sends itself a real SIGTERM inside a chosen step."""
+    """Remembers each step's loss and the collectives since the last step; sends itself a real
+    SIGTERM inside a chosen step."""
 
     order = -1000  # records a step before a hook that raises at its boundary
 
@@ -50,7 +65,9 @@ class Record(torpor.Callback):
         self.steps: list[int] = []
         self.losses: list[float] = []
         self.epochs: list[int] = []
+        self.collectives: list[int] = []
         self.sigterm_step = sigterm_step
+        self._seen = 0
 
     def on_train_step_begin(self, run_context: torpor.RunContext) -> None:
         if run_context.original_args().cur_step_num == self.sigterm_step:
@@ -61,6 +78,8 @@ class Record(torpor.Callback):
         self.steps.append(args.cur_step_num)
         self.epochs.append(args.cur_epoch_num)
         self.losses.append(float(args.net_outputs))
+        self.collectives.append(COLLECTIVES[0] - self._seen)
+        self._seen = COLLECTIVES[0]
 
 
 def main() -> None:
@@ -73,6 +92,7 @@ def main() -> None:
     p.add_argument("--directory", required=True)
     p.add_argument("--result", required=True, help="JSON result path, '{rank}' replaced")
     p.add_argument("--save-steps", type=int, default=10**9)
+    p.add_argument("--save-seconds", type=int, default=0, help="save by seconds instead of steps")
     p.add_argument("--async-save", action="store_true")
     p.add_argument("--async-errors", default="record")
     p.add_argument("--check-every", type=int, default=1)
@@ -84,6 +104,7 @@ def main() -> None:
     opts = p.parse_args()
 
     torpor.init_distributed(timeout_seconds=30)  # a hang fails fast
+    count_collectives()
     rank, world = torpor._distributed.rank(), torpor._distributed.world_size()
     root = Path(opts.directory)
     if rank == opts.block_rank:
@@ -106,7 +127,9 @@ def main() -> None:
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     loss_fn = nn.CrossEntropyLoss()
     record = Record(opts.sigterm_step if rank == opts.sigterm_rank else 0)
-    monitor = torpor.CheckpointMonitor(directory=str(root), save_checkpoint_steps=opts.save_steps,
+    steps = 0 if opts.save_seconds else opts.save_steps
+    monitor = torpor.CheckpointMonitor(directory=str(root), save_checkpoint_steps=steps,
+                                       save_checkpoint_seconds=opts.save_seconds,
                                        async_save=opts.async_save, async_errors=opts.async_errors)
     callbacks = [torpor.OnRequestExit(directory=str(root), save_export=False, check_every_n_steps=opts.check_every),
                  monitor, record]
@@ -132,7 +155,7 @@ def main() -> None:
         traceback.print_exc()
         raise
     finally:
-        result.update(steps=record.steps, epochs=record.epochs, losses=record.losses,
+        result.update(steps=record.steps, epochs=record.epochs, losses=record.losses, collectives=record.collectives,
                       save_errors=[str(e) for e in monitor.save_errors], saved=monitor.saved)
         Path(opts.result.replace("{rank}", str(rank))).write_text(json.dumps(result))
 
