@@ -45,6 +45,12 @@ The protocol, run by :class:`torpor.Loop` (``Model.train`` uses it too):
    before its own ``len`` between two checks is an error (``RuntimeError``), since the other
    ranks are already in the next step.
 
+The lookahead has one consequence for exact resume: a checkpoint saved at step k's boundary
+holds the generators' state *after* batch k+1 was fetched. Where fetching draws from the
+global generators (random augmentation in the main process), a resume that is to match an
+uninterrupted run bit for bit fetches batch k+1 before it restores that state; it can hand
+``EpochFeed`` a :class:`Lookahead` that already holds the batch.
+
 Batches a longer rank has beyond the shortest one are not trained on (like ``drop_last``):
 every rank trains the same steps and their losses count alike. One process (no process group,
 or a world of one) agrees with itself at every step, without a collective.
@@ -163,10 +169,10 @@ class EpochFeed:
     local facts, and is called only at boundaries that have a collective.
     """
 
-    def __init__(self, iterator: Iterator[Any], *, length: int | None, every: int, distributed: bool,
+    def __init__(self, iterator: Iterator[Any] | Lookahead, *, length: int | None, every: int, distributed: bool,
                  reduce: Callable[[Sequence[int]], Sequence[int]],
                  facts: Callable[[], Mapping[Fact, int]]) -> None:
-        self._ahead = Lookahead(iterator)
+        self._ahead = iterator if isinstance(iterator, Lookahead) else Lookahead(iterator)
         self._own_length = length
         self._every = every
         self._distributed = distributed

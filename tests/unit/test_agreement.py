@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from torpor._agreement import UNCHECKED, EpochFeed, Fact, collective_due, decode, encode, merge
+from torpor._agreement import UNCHECKED, EpochFeed, Fact, Lookahead, collective_due, decode, encode, merge
 
 
 def max_with(other: Sequence[int]):
@@ -138,3 +138,11 @@ def test_the_agreement_module_is_torch_free() -> None:
     code = "import sys, torpor._agreement\nassert 'torch' not in sys.modules\n"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+def test_a_lookahead_that_already_holds_the_first_batch_is_used_as_it_is() -> None:
+    # How a resume fetches batch k+1 before restoring the generators saved after that fetch.
+    ahead = Lookahead(iter(range(3)))
+    ahead.fetch()
+    feed = EpochFeed(ahead, length=None, every=1, distributed=False, reduce=list, facts=dict)
+    assert run_epoch(feed) == [0, 1, 2]
