@@ -1,7 +1,8 @@
 """The seed's MindSpore example (``OnRequestExit`` with LeNet-5), in PyTorch with torpor.
 
 Send SIGTERM (or write ``{"GracefulExit": 1}`` to a ``config_file``) while it trains: it
-finishes the current step, saves ``./rank_0/LeNet5.ckpt`` and ``LeNet5.pt2`` and stops.
+finishes the current step, saves ``./checkpoints/rank_0/LeNet5.ckpt`` (then ``LeNet5.pt2``)
+and stops. (The seed writes ``./rank_0/``; torpor's default is the run's checkpoint root.)
 
     python examples/lenet.py
 """

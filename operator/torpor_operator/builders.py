@@ -107,6 +107,11 @@ def build_pdb(job: JobRef, incarnation: int, replicas: int) -> dict[str, Any]:
     ``maxUnavailable`` budget from the owner's scale subresource, which a TrainingJob lacks.
     A rank that has exited after saving no longer counts, so a drain proceeds once the ranks
     have saved; pods the operator deletes itself bypass the budget.
+
+    ``unhealthyPodEvictionPolicy: AlwaysAllow``: a rank that is Running but not Ready (a hung
+    collective, a pod on a lost node) may always be evicted. With the default
+    (``IfHealthyBudget``) such a rank keeps the budget unmet, and the drain would wait for it
+    forever; the ranks that are healthy stay protected until they have saved.
     """
     return {
         "apiVersion": "policy/v1",
@@ -114,6 +119,7 @@ def build_pdb(job: JobRef, incarnation: int, replicas: int) -> dict[str, Any]:
         "metadata": _metadata(job, pdb_name(job.name, incarnation), incarnation),
         "spec": {
             "minAvailable": replicas,
+            "unhealthyPodEvictionPolicy": "AlwaysAllow",
             "selector": {"matchLabels": selector(job.name, incarnation)},
         },
     }

@@ -133,16 +133,26 @@ class Shell:
             log.info("%s/%s %s: %s", namespace, name, event.reason, event.message)
         if decision.events:
             await asyncio.to_thread(self.kube.post_events, body, decision)
-        self.metrics.observe(f"{namespace}/{name}", decision, job.status.phase)
+        self.metrics.observe(f"{namespace}/{name}", decision, job.status)
         self._schedule(key, decision.requeue_after)
 
     async def _checkpoints(self, key: tuple[str, str], job: Job) -> list[CheckpointInfo] | None:
+        """The job's checkpoints: listed afresh where a decision may start an incarnation, else the
+        last listing (for ``status.lastCheckpoint``).
+
+        A listing that fails gives ``None``, never the cached list: that may name a checkpoint older
+        than the newest, or one retention has deleted since, and every rank would be told to load
+        it. With ``None`` the pods get an empty ``TORPOR_RESUME_FROM`` and the ranks resolve the
+        newest complete checkpoint themselves. The cache itself stays: outside the launching
+        phases it only feeds ``lastCheckpoint``, and dropping it would make every later reconcile
+        list the unreachable bucket before deciding.
+        """
         if job.status.phase in _LAUNCHING or key not in self.checkpoints:
             try:
                 self.checkpoints[key] = await asyncio.to_thread(self.bucket.list, job.spec, job.ref)
             except Exception as exc:  # the bucket is away: the ranks resolve "newest" themselves
                 log.warning("cannot list checkpoints of %s: %s", job.ref.key, exc)
-                return self.checkpoints.get(key)
+                return None
         return self.checkpoints[key]
 
     def _schedule(self, key: tuple[str, str], delay: float | None) -> None:
@@ -311,7 +321,8 @@ def ranks_by_node(spec: dict[str, Any], labels: dict[str, str], namespace: str, 
 @kopf.on.event("", "v1", "nodes")
 async def on_node(event: dict[str, Any], body: kopf.Body, name: str, memo: kopf.Memo,
                   ranks_by_node: kopf.Index[str, tuple[str, str]], **_: Any) -> None:
-    """A node cordoned or given a termination taint: reconcile every job with a rank on it."""
+    """A node cordoned, given a termination taint or lost (NotReady, unreachable): reconcile every
+    job with a rank on it."""
     shell = _shell(memo)
     if event.get("type") == "DELETED":
         shell.nodes.pop(name, None)
@@ -319,8 +330,13 @@ async def on_node(event: dict[str, Any], body: kopf.Body, name: str, memo: kopf.
     before = shell.nodes.get(name)
     shell.nodes[name] = dict(body)
     taints = shell.settings.termination_taints
-    was = NodeView.from_dict(before).going_away(taints) if before else None
-    now = NodeView.from_dict(dict(body)).going_away(taints)
+
+    def why(node: dict[str, Any]) -> str | None:
+        view = NodeView.from_dict(node)
+        return view.going_away(taints) or view.lost()
+
+    was = why(before) if before else None
+    now = why(dict(body))
     if now is None or now == was:
         return
     triggered_at = time.monotonic()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
 from torpor_operator.reconciling import Decision
-from torpor_operator.status import PHASES
+from torpor_operator.status import PHASES, JobStatus
 
 __all__ = ["Metrics"]
 
@@ -29,14 +29,21 @@ class Metrics:
                                            "Checkpoints deleted by retention", registry=registry)
         self._phases: dict[str, str] = {}
 
-    def observe(self, key: str, decision: Decision, phase: str | None) -> None:
-        """Count what a decision changed and track the job's phase."""
+    def observe(self, key: str, decision: Decision, before: JobStatus) -> None:
+        """Count what a decision changed and track the job's phase.
+
+        The counters move by how much ``status.preemptions`` / ``status.restarts`` grew against
+        ``before`` (the status the decision was made on), not by the key's presence: a new job's
+        first patch carries both at 0 so ``kubectl get tj`` shows zeros.
+        """
         status = decision.status or {}
-        if "preemptions" in status:
-            self.preemptions.inc()
-        if "restarts" in status:
-            self.restarts.inc()
-        self.set_phase(key, status.get("phase", phase))
+        grew = {name: int(status.get(name, old)) - old
+                for name, old in (("preemptions", before.preemptions), ("restarts", before.restarts))}
+        if grew["preemptions"] > 0:
+            self.preemptions.inc(grew["preemptions"])
+        if grew["restarts"] > 0:
+            self.restarts.inc(grew["restarts"])
+        self.set_phase(key, status.get("phase", before.phase))
 
     def set_phase(self, key: str, phase: str | None) -> None:
         """Record a job's phase (``None`` forgets the job)."""

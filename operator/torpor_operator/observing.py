@@ -50,6 +50,8 @@ class Termination:
     """Kubernetes' reason: ``Completed``, ``Error``, ``OOMKilled``, …"""
     message: str
     """The termination message: the runtime's JSON, or the log tail after a crash."""
+    finished_at: datetime | None = None
+    """``finishedAt``: when the container ended, by the kubelet's clock."""
 
 
 @dataclass(frozen=True)
@@ -68,9 +70,14 @@ class PodView:
     disruption: str | None
     """Reason of a true ``DisruptionTarget`` condition (``EvictionByEvictionAPI``, …)."""
     status_reason: str | None
-    """``status.reason`` of the pod (``Evicted``, ``Shutdown``, ``NodeLost``…)."""
+    """``status.reason`` of the pod (``Evicted``, ``Shutdown``, ``NodeLost``, ``OutOfcpu``…)."""
     termination: Termination | None
     annotations: Mapping[str, str]
+    status_message: str = ""
+    """``status.message`` of the pod: the kubelet's words for an eviction or a rejection."""
+    init_failure: str | None = None
+    """``init container NAME exited CODE (REASON)`` for the first init container that failed; native
+    sidecars (``restartPolicy: Always``), which are ended with the pod, never count."""
 
     @property
     def terminated(self) -> bool:
@@ -110,10 +117,13 @@ class PodView:
                     exit_code=int(terminated.get("exitCode", 0)),
                     reason=terminated.get("reason") or "",
                     message=terminated.get("message") or "",
+                    finished_at=parse_time(terminated.get("finishedAt")),
                 )
         return cls(
             name=meta.get("name", ""),
             incarnation=incarnation,
+            status_message=status.get("message") or "",
+            init_failure=_init_failure(pod),
             rank=rank,
             phase=status.get("phase") or "Pending",
             node=(pod.get("spec") or {}).get("nodeName"),
@@ -127,23 +137,52 @@ class PodView:
         )
 
 
+def _init_failure(pod: Mapping[str, Any]) -> str | None:
+    sidecars = {c.get("name") for c in (pod.get("spec") or {}).get("initContainers") or []
+                if c.get("restartPolicy") == "Always"}
+    for cs in (pod.get("status") or {}).get("initContainerStatuses") or []:
+        terminated = (cs.get("state") or {}).get("terminated") or {}
+        code = int(terminated.get("exitCode", 0) or 0)
+        if cs.get("name") not in sidecars and code != 0:
+            return f"init container {cs.get('name')} exited {code} ({terminated.get('reason') or 'Error'})"
+    return None
+
+
+#: Taints the node lifecycle controller puts on a node that stopped reporting.
+LOST_NODE_TAINTS = ("node.kubernetes.io/unreachable", "node.kubernetes.io/not-ready")
+
+
 @dataclass(frozen=True)
 class NodeView:
-    """A node's schedulability and taints."""
+    """A node's schedulability, readiness and taints."""
 
     name: str
     unschedulable: bool
     taints: tuple[str, ...]
+    ready: str = "True"
+    """Status of the node's ``Ready`` condition: ``True``, ``False`` or ``Unknown`` (the kubelet
+    stopped reporting). A node without the condition reads as ready."""
 
     @classmethod
     def from_dict(cls, node: Mapping[str, Any]) -> NodeView:
         """View a Node object."""
         spec = node.get("spec") or {}
+        conditions = {c.get("type"): c for c in (node.get("status") or {}).get("conditions") or []}
         return cls(
             name=(node.get("metadata") or {}).get("name", ""),
             unschedulable=bool(spec.get("unschedulable")),
             taints=tuple(t.get("key", "") for t in spec.get("taints") or []),
+            ready=str((conditions.get("Ready") or {}).get("status") or "True"),
         )
+
+    def lost(self) -> str | None:
+        """Why this node is not running its pods any more (NotReady, unreachable), or ``None``."""
+        if self.ready != "True":
+            return f"NotReady (Ready={self.ready})"
+        for key in self.taints:
+            if key in LOST_NODE_TAINTS:
+                return f"tainted {key}"
+        return None
 
     def going_away(self, termination_taints: Iterable[str]) -> str | None:
         """Why this node is about to be drained or removed, or ``None``."""
@@ -156,23 +195,26 @@ class NodeView:
         return None
 
 
-def preemption_signals(pods: Iterable[PodView], nodes: Mapping[str, NodeView], taints: Iterable[str]) -> list[str]:
+def preemption_signals(pods: Iterable[PodView], nodes: Mapping[str, NodeView], taints: Iterable[str], *,
+                       deletions: bool = True) -> list[str]:
     """Why the running ranks are about to be preempted, one message per signal, by rank.
 
     A rank's own signals (deletion, ``DisruptionTarget``) come before its node's (cordon,
-    termination taint), since they are the more certain.
+    termination taint, lost), since they are the more certain. ``deletions=False`` leaves out
+    bare deletions: a deletion may be the operator's own (a failure it was applying when it
+    died), so it alone never turns a crash into collateral (docs/operator.md).
     """
     taints = tuple(taints)
     messages = []
     for pod in sorted(pods, key=lambda p: p.rank):
         if pod.terminated:
             continue
-        if pod.deleting:
+        if pod.deleting and deletions:
             messages.append(f"rank {pod.rank} (pod {pod.name}) is being deleted")
         if pod.disruption:
             messages.append(f"rank {pod.rank} (pod {pod.name}) has DisruptionTarget {pod.disruption}")
         node = nodes.get(pod.node or "")
-        why = node.going_away(taints) if node else None
+        why = (node.going_away(taints) or node.lost()) if node else None
         if why:
             messages.append(f"node {node.name} hosting rank {pod.rank} is {why}")  # type: ignore[union-attr]
     return messages

@@ -119,6 +119,10 @@ class _World:
             return any(p.name == name for p in self.pods)
         return (kind, name) in self.children
 
+    def classify(self, pod: PodView) -> RankOutcome:
+        """How the rank ended, its node's state counting as evidence (:mod:`torpor_operator.outcomes`)."""
+        return classify(pod, self.nodes.get(pod.node or ""), self.settings.termination_taints)
+
     def avoid_nodes(self) -> list[str]:
         taints = self.settings.termination_taints
         return sorted(n.name for n in self.nodes.values() if n.going_away(taints))
@@ -291,29 +295,56 @@ def _launch(world: _World, plan: _Plan, incarnation: int, reason: str, why: str)
         resume_from = newest.name if newest is not None else ""
     _delete_children_before(world, plan, incarnation, pods=True)
     _create_missing(world, plan, incarnation, resume_from, pods=True)
-    plan.update(incarnation=incarnation, resume_from=resume_from, stop_requested_at=None, next_restart_time=None)
+    plan.update(incarnation=incarnation, resume_from=resume_from, stop_requested_at=None, next_restart_time=None,
+                admission_rejections=0)
     source = f"resuming from {resume_from}" if resume_from else "from scratch"
     _transition(world, plan, "Pending", Event(
         "Normal", reason, f"incarnation {incarnation} with {world.spec.replicas} ranks {source} ({why})"))
 
 
 def _active(world: _World, plan: _Plan) -> None:
-    """Pending or Running: watch for the end of training, failures and preemption."""
+    """Pending or Running: watch for the end of training, failures and preemption.
+
+    How the ranks' outcomes become one decision (docs/operator.md, "One stop, one count"):
+
+    1. A crash seen together with evidence of a disruption — a rank Stopped or Killed, or a live
+       rank with ``DisruptionTarget`` or on a node going away or lost — is the preemption's
+       collateral: the peers of a disrupted rank fail on the broken connection. One preemption,
+       no failure. A bare deletion of a live rank does not count here: it may be the operator's
+       own, from a failure it was applying when it died.
+    2. Otherwise any crash is one failure, however many ranks crashed — held for a bounded
+       time when every crash is a lost connection and a rank still reads as running
+       (:func:`_awaiting_silent_rank`).
+    3. Every rank Finished: success.
+    4. Any other signal (a Stopped or Killed rank, a deletion, a vanished rank): one preemption.
+    5. Ranks the kubelet refused are recreated, bounded by ``TORPOR_ADMISSION_RETRIES``.
+    """
     incarnation = plan.status.incarnation
     current = world.pods_of(incarnation)
     _delete_children_before(world, plan, incarnation, pods=True)  # finishes a half-applied launch
-    outcomes = [classify(p) for p in current]
+    outcomes = [world.classify(p) for p in current]
+    taints = world.settings.termination_taints
     crashed = [o for o in outcomes if o.outcome is Outcome.CRASHED]
+    ended = [o for o in outcomes if o.outcome in (Outcome.STOPPED, Outcome.KILLED)]
+    disruptions = [o.detail for o in ended] + preemption_signals(current, world.nodes, taints, deletions=False)
+    if crashed and disruptions:
+        more = f" (and {len(disruptions) - 1} more)" if len(disruptions) > 1 else ""
+        ranks = ", ".join(str(o.rank) for o in crashed)
+        collateral = (f"{len(crashed)} crashed ranks are its collateral" if len(crashed) > 1
+                      else "1 crashed rank is its collateral")
+        _begin_stop(world, plan, current, "Preemption",
+                    f"{disruptions[0]}{more}; {collateral}, not failures (rank {ranks}: {crashed[0].detail})")
+        return
     if crashed:
-        _begin_failure(world, plan, current, crashed)
+        if not _awaiting_silent_rank(world, plan, current, crashed):
+            _begin_failure(world, plan, current, crashed)
         return
     ranks = {p.rank for p in current}
     finished = [o for o in outcomes if o.outcome is Outcome.FINISHED]
     if len(finished) == world.spec.replicas and ranks == set(range(world.spec.replicas)):
         _finish(world, plan, incarnation)
         return
-    ended = [o for o in outcomes if o.outcome in (Outcome.STOPPED, Outcome.KILLED)]
-    signals = [o.detail for o in ended] + preemption_signals(current, world.nodes, world.settings.termination_taints)
+    signals = [o.detail for o in ended] + preemption_signals(current, world.nodes, taints)
     if plan.status.phase == "Running":
         signals += [f"rank {r} (pod {pod_name(world.job.ref.name, incarnation, r)}) is gone"
                     for r in range(world.spec.replicas) if r not in ranks]
@@ -324,11 +355,57 @@ def _active(world: _World, plan: _Plan) -> None:
     if world.spec.suspend:
         _begin_stop(world, plan, current, "Suspend", "spec.suspend is true")
         return
+    rejected = [(p, o) for p, o in zip(current, outcomes, strict=True) if o.outcome is Outcome.REJECTED]
+    if any(not p.deleting for p, _ in rejected) and _recreate_rejected(world, plan, current, rejected):
+        return
     _create_missing(world, plan, incarnation, plan.status.resume_from or "", pods=plan.status.phase == "Pending")
     running = [p for p in current if p.phase == "Running" and p.ready and not p.deleting]
     if plan.status.phase == "Pending" and len(running) == world.spec.replicas:
         _transition(world, plan, "Running", Event(
             "Normal", "Running", f"all {world.spec.replicas} ranks of incarnation {incarnation} are running"))
+
+
+def _awaiting_silent_rank(world: _World, plan: _Plan, current: list[PodView], crashed: list[RankOutcome]) -> bool:
+    """Whether to hold a failure decision: every crashed rank lost its connection to a peer,
+    and some rank still reads as running — the sign of a node that stopped reporting, whose
+    NotReady (the evidence that makes those crashes collateral) comes only after the node
+    controller's grace period. Held at most ``TORPOR_PEER_LOSS_GRACE_SECONDS`` after the first
+    crash; the silent rank ending, or evidence arriving, decides earlier."""
+    if not all(o.lost_peer for o in crashed) or not _live(current):
+        return False
+    first = min((o.ended_at for o in crashed if o.ended_at is not None), default=None)
+    if first is None:
+        return False
+    deadline = first + timedelta(seconds=world.settings.peer_loss_grace_seconds)
+    if world.now >= deadline:
+        return False
+    plan.requeue((deadline - world.now).total_seconds())
+    return True
+
+
+def _recreate_rejected(world: _World, plan: _Plan, current: list[PodView],
+                       rejected: list[tuple[PodView, RankOutcome]]) -> bool:
+    """Delete the pods the kubelet refused, so that they are created again once gone.
+
+    Counted in ``admissionRejections`` (in the same patch as the deletion, which is applied
+    first: an operator dying in between undercounts, never counts twice). Past
+    ``TORPOR_ADMISSION_RETRIES`` for the incarnation the rejection is a failure; returns whether
+    the incarnation is ending.
+    """
+    bound, done = world.settings.admission_retries, plan.status.admission_rejections
+    fresh = [(p, o) for p, o in rejected if not p.deleting]
+    if done + len(fresh) > bound:
+        first = fresh[0][1]
+        detail = (f"{first.detail}; past the {bound} admission retries of incarnation "
+                  f"{plan.status.incarnation}")
+        _begin_failure(world, plan, current, [dataclasses.replace(first, detail=detail)])
+        return True
+    for n, (p, o) in enumerate(fresh, done + 1):
+        plan.delete.append(ObjectRef("v1", "Pod", p.name))
+        plan.events.append(Event("Warning", "RankRejected",
+                                 f"{o.detail}; recreating it (admission retry {n}/{bound}, not a failure)"))
+    plan.update(admission_rejections=done + len(fresh))
+    return False
 
 
 def _begin_stop(world: _World, plan: _Plan, current: list[PodView], reason: str, message: str) -> None:
@@ -359,7 +436,11 @@ def _request_exit(world: _World, plan: _Plan, current: list[PodView]) -> None:
 
 
 def _begin_failure(world: _World, plan: _Plan, current: list[PodView], crashed: list[RankOutcome]) -> None:
-    """A rank crashed: the others cannot finish a collective without it, so delete them now."""
+    """A rank crashed: the others cannot finish a collective without it, so delete them now.
+
+    The message leads with a crash that is not a lost connection: the rank that failed by itself,
+    not the peers that then lost their connection to it."""
+    crashed = sorted(crashed, key=lambda o: o.lost_peer)
     detail = crashed[0].detail + (f" (and {len(crashed) - 1} more)" if len(crashed) > 1 else "")
     spec, s = world.spec, plan.status
     if s.restarts >= spec.max_restarts:
@@ -404,7 +485,7 @@ def _stopping(world: _World, plan: _Plan) -> None:
     if live:
         plan.requeue((deadline - world.now).total_seconds() if world.now < deadline else MAX_REQUEUE_SECONDS)
         return
-    outcomes = [classify(p) for p in current]
+    outcomes = [world.classify(p) for p in current]
     finished = [o for o in outcomes if o.outcome is Outcome.FINISHED]
     if len(finished) == world.spec.replicas:
         _finish(world, plan, s.incarnation)
@@ -417,8 +498,38 @@ def _stopping(world: _World, plan: _Plan) -> None:
         _transition(world, plan, "Suspended", Event("Normal", "Suspended", _saved_message(world, plan, outcomes)))
     else:
         restart_at = parse_time(s.next_restart_time)
-        _transition(world, plan, "Restarting", Event("Normal", "Restarting", _saved_message(world, plan, outcomes)))
+        message = _saved_message(world, plan, outcomes)
+        if s.stop_reason == "Preemption":
+            restart_at, message = _preemption_backoff(world, plan, restart_at, message)
+        _transition(world, plan, "Restarting", Event("Normal", "Restarting", message))
         plan.requeue((restart_at - world.now).total_seconds() if restart_at else 0.0)
+
+
+def _preemption_backoff(world: _World, plan: _Plan, restart_at: datetime | None,
+                        message: str) -> tuple[datetime | None, str]:
+    """A preemption after which no checkpoint is newer than the one the incarnation resumed from
+    made no progress; the k-th in a row waits the failure backoff of k before the restart, so a
+    loop of preemptions that never saves (a node pool reclaimed every minute, a save that never
+    completes) does not spin. Progress resets the count and restarts at once.
+
+    A newest checkpoint written after the stop was requested is progress too, whatever its name:
+    an exit save may rewrite the name the incarnation resumed from (``Net``). Its time is the
+    store's clock, the request's the operator's: skew can only make a rewritten ``Net`` look
+    old, which costs one backoff, never a loop."""
+    s = plan.status
+    newest = s.last_checkpoint
+    written, requested = (parse_time(newest.time) if newest else None), parse_time(s.stop_requested_at)
+    if newest is not None and (newest.name != (s.resume_from or "")
+                               or (written is not None and requested is not None and written >= requested)):
+        plan.update(preemptions_without_progress=0)
+        return restart_at, message
+    k = s.preemptions_without_progress + 1
+    delay = world.settings.backoff_seconds(k)
+    restart_at = world.now + timedelta(seconds=delay)
+    plan.update(preemptions_without_progress=k, next_restart_time=format_time(restart_at))
+    since = s.resume_from or "none: a fresh start"
+    return restart_at, (f"{message}; no checkpoint newer than the one it resumed from ({since}): restarting in "
+                        f"{delay:g}s ({k} preemption{'s' if k > 1 else ''} in a row without progress)")
 
 
 def _saved_message(world: _World, plan: _Plan, outcomes: list[RankOutcome]) -> str:

@@ -101,6 +101,21 @@ class OperatorSettings:
     backoff_max_seconds: float = dataclasses.field(default=600.0, metadata=_env("TORPOR_BACKOFF_MAX_SECONDS"))
     """Upper bound of the restart backoff, seconds."""
 
+    admission_retries: int = dataclasses.field(default=5, metadata=_env("TORPOR_ADMISSION_RETRIES"))
+    """How often one incarnation's ranks are recreated after the kubelet refused to admit them
+    (``UnexpectedAdmissionError``, ``OutOfcpu``…, ``NodeAffinity``) before that counts as a failure.
+    Such a pod never ran: a device plugin or the node's resource accounting was briefly wrong, so
+    it is recreated without counting against ``maxRestarts``; the bound keeps a node that always
+    refuses from looping for ever (past it, the job restarts with backoff like after a crash).
+    Default 5; 0 makes the first rejection a failure."""
+
+    peer_loss_grace_seconds: float = dataclasses.field(default=60.0, metadata=_env("TORPOR_PEER_LOSS_GRACE_SECONDS"))
+    """How long a crash that reads as a lost connection (``Connection reset by peer``…) waits,
+    from its ``finishedAt``, for evidence about a rank that still reads as running, before it is
+    decided as a failure. A node that vanishes (a spot VM reclaimed without notice) leaves its
+    pods reading Running until the node controller marks it NotReady (its grace period: 40 s,
+    50 s since Kubernetes 1.32); its peers crash at once. Seconds, >= 0; 0 decides at once."""
+
     retention_interval_seconds: float = dataclasses.field(
         default=60.0, metadata=_env("TORPOR_RETENTION_INTERVAL_SECONDS")
     )
@@ -151,6 +166,11 @@ class OperatorSettings:
             self._check_port(name, allow_zero=False)
         for name in ("health_port", "metrics_port"):
             self._check_port(name, allow_zero=True)
+        grace = self.peer_loss_grace_seconds
+        if not isinstance(grace, int | float) or isinstance(grace, bool) or not math.isfinite(grace) or grace < 0:
+            raise SettingsError(f"peer_loss_grace_seconds must be a finite number of seconds >= 0, got {grace!r}")
+        if not _is_int(self.admission_retries) or self.admission_retries < 0:
+            raise SettingsError(f"admission_retries must be a whole number >= 0, got {self.admission_retries!r}")
         if not _is_int(self.watch_timeout_seconds) or self.watch_timeout_seconds < 1:
             raise SettingsError(f"watch_timeout_seconds must be a whole number of seconds >= 1, "
                                 f"got {self.watch_timeout_seconds!r}")

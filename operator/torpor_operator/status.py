@@ -73,6 +73,8 @@ _KEYS = {
     "incarnation": "incarnation",
     "restarts": "restarts",
     "preemptions": "preemptions",
+    "preemptions_without_progress": "preemptionsWithoutProgress",
+    "admission_rejections": "admissionRejections",
     "ready_replicas": "readyReplicas",
     "ready": "ready",
     "resume_from": "resumeFrom",
@@ -96,6 +98,10 @@ class JobStatus:
     incarnation: int = 0
     restarts: int = 0
     preemptions: int = 0
+    preemptions_without_progress: int = 0
+    """Preemptions in a row after which no checkpoint newer than ``resume_from`` existed."""
+    admission_rejections: int = 0
+    """Pods of the current incarnation the kubelet refused and the operator recreated."""
     ready_replicas: int = 0
     ready: str | None = None
     resume_from: str | None = None

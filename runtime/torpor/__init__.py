@@ -26,6 +26,7 @@ from torpor.errors import (
     CheckpointSaveError,
     IncompleteCheckpointError,
     IntegrityError,
+    RetentionError,
     StorageError,
     TorporError,
     TorporWarning,
@@ -64,6 +65,7 @@ __all__ = [
     "Loop",
     "Model",
     "OnRequestExit",
+    "RetentionError",
     "RunArgs",
     "RunContext",
     "StorageError",
@@ -89,13 +91,23 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY))
 
 
-def callbacks_from_env(**monitor_overrides: Any) -> list[Callback]:
-    """``[OnRequestExit.from_env(), CheckpointMonitor.from_env(**monitor_overrides)]``.
+def callbacks_from_env(**overrides: Any) -> list[Callback]:
+    """``[OnRequestExit.from_env(...), CheckpointMonitor.from_env(...)]``, overrides routed.
 
     The two callbacks a script needs to be preemption-safe, configured by the ``TORPOR_*``
-    variables (see :mod:`torpor.env`) and sensible local defaults when none is set.
+    variables (see :mod:`torpor.env`) and sensible local defaults when none is set. Each
+    keyword goes to every callback that takes it: ``directory``, ``integrated_save``,
+    ``enc_key`` and ``enc_mode`` to both (a run has one directory, one cipher, one layout),
+    ``save_export`` or ``file_name`` to ``OnRequestExit``, ``prefix`` or ``async_save`` to
+    ``CheckpointMonitor``.
+
+    Raises:
+        TypeError: a keyword neither callback takes (the message names it).
     """
     from torpor._exit import OnRequestExit
     from torpor._monitor import CheckpointMonitor
+    from torpor._sharing import route_options
 
-    return [OnRequestExit.from_env(), CheckpointMonitor.from_env(**monitor_overrides)]
+    exit_options, monitor_options = route_options(overrides, OnRequestExit, CheckpointMonitor,
+                                                  caller="callbacks_from_env")
+    return [OnRequestExit.from_env(**exit_options), CheckpointMonitor.from_env(**monitor_options)]

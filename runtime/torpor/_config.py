@@ -8,8 +8,12 @@ can only mean "moved away from its default"):
   ``ValueError`` naming both, because the caller asked for two schedules.
 * ``keep_checkpoint_per_n_minutes > 0`` selects window retention and ``keep_checkpoint_max``
   is ignored, provided it is left at its default ``5`` (or ``0``); otherwise ``ValueError``.
-* ``save_checkpoint_steps == 0`` and ``save_checkpoint_seconds == 0``: ``ValueError``,
-  nothing would ever be saved. Both keep settings 0: every checkpoint is kept.
+* ``save_checkpoint_steps == 0`` and ``save_checkpoint_seconds == 0``: no periodic saves
+  (what the operator sets for a TrainingJob with neither ``saveSteps`` nor ``saveSeconds``).
+  The monitor still writes the final checkpoint when training ends by itself, as MindSpore's
+  ``ModelCheckpoint`` does at its end, so a finished run keeps its result; the exit save is
+  ``OnRequestExit``'s and the breakpoint ``exception_save``'s, as with any schedule. Both keep
+  settings 0: every checkpoint is kept.
 """
 
 from __future__ import annotations
@@ -95,7 +99,8 @@ class CheckpointConfig:
     """
 
     save_checkpoint_steps: int = 1
-    """Save every this many global steps. Default 1, as the seed."""
+    """Save every this many global steps. Default 1, as the seed; 0 with seconds 0: no periodic
+    saves, only the final one (see the module docstring)."""
     save_checkpoint_seconds: int | float = 0
     """Save every this many seconds instead of by steps; 0 (default) is off."""
     keep_checkpoint_max: int = 5
@@ -115,7 +120,9 @@ class CheckpointConfig:
     falls due while the previous one still runs waits for it (memory stays at one snapshot,
     and checkpoints complete in order). The exit save and the end of training wait for it."""
     saved_network: Any = None
-    """A module saved instead of the trained network (e.g. the EMA or the unwrapped model)."""
+    """A module (e.g. the EMA, the unwrapped model) whose weights are written as the
+    weights-only ``.network.pt``; the resumable shard always keeps the trained network, whose
+    optimizer state it holds, so a resume never puts EMA weights beside trained moments."""
     append_info: list[Any] | None = None
     """Extra records: ``"epoch_num"``, ``"step_num"`` and dicts of str → int/float/bool/str/Tensor."""
     enc_key: bytes | None = field(default=None, repr=False)
@@ -143,11 +150,6 @@ class CheckpointConfig:
             raise ValueError(
                 f"save_checkpoint_steps={steps!r} and save_checkpoint_seconds={self.save_checkpoint_seconds!r} "
                 "cannot be used together; set one of them (seconds > 0 overrides only the default steps=1)"
-            )
-        if steps == 0 and seconds == 0:
-            raise ValueError(
-                "save_checkpoint_steps=0 and save_checkpoint_seconds=0: nothing would ever be saved; "
-                "set one of them > 0"
             )
         if per_n > 0 and keep_max not in (0, 5):
             raise ValueError(
@@ -181,6 +183,11 @@ class CheckpointConfig:
     def by_seconds(self) -> bool:
         """Whether saves are timed (seconds) rather than counted (steps)."""
         return self.save_checkpoint_seconds > 0
+
+    @property
+    def periodic(self) -> bool:
+        """Whether anything is saved before the end: ``False`` when steps and seconds are both 0."""
+        return self.save_checkpoint_steps > 0 or self.save_checkpoint_seconds > 0
 
     @property
     def retention(self) -> RetentionPolicy:

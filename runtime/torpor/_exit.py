@@ -16,6 +16,13 @@ Differences from MindSpore's callback, each fixing a flaw of the seed:
   (see :mod:`torpor.termination`: 128 + signum, 143 for SIGTERM; 75 for the file).
 * It does not load ``{file_name}.ckpt`` at start as the seed does: resuming is explicit
   (``resume=`` / ``TORPOR_RESUME_FROM``), so every rank loads the same checkpoint.
+* ``directory`` defaults to the run's checkpoint root (``TORPOR_CHECKPOINT_URI``, else
+  ``./checkpoints``), not the seed's ``'./'``: the exit save lands where the periodic saves
+  and the resume are (see :mod:`torpor._sharing`), and ``'latest'`` never walks the whole
+  working directory. Its cipher and ``integrated_save`` are the run's too.
+* The ``torch.export`` program is written after the checkpoint is complete, never before a
+  shard: what a resume needs goes out first in a grace period, and a failed or killed export
+  never costs the checkpoint.
 """
 
 from __future__ import annotations
@@ -31,12 +38,13 @@ from typing import Any
 from torpor import _distributed
 from torpor._agreement import Fact
 from torpor._background import drain_all, warm_in_background
-from torpor._callbacks import Callback, RunContext
+from torpor._callbacks import Callback, RunContext, training_run
 from torpor._saving import SaveOptions, export_only, save_checkpoint
+from torpor._sharing import Offer, SharedSettings
 from torpor._watching import ExitFileWatcher
 from torpor.checkpoints import Reason, check_name
 from torpor.crypto import Encryption, check_key
-from torpor.env import RuntimeEnv, read_enc_key
+from torpor.env import DEFAULT_CHECKPOINT_URI, RuntimeEnv, given_checkpoint_uri, read_enc_key
 from torpor.errors import CheckpointSaveError, TorporWarning
 from torpor.storage import Storage, open_storage
 from torpor.termination import (
@@ -79,10 +87,15 @@ class OnRequestExit(Callback):
 
     Args:
         save_ckpt: save ``directory/rank_{rank}/{file_name}.ckpt`` (and its manifest) on exit.
+            ``False`` leaves the stop's checkpoint to a ``CheckpointMonitor`` (its final save).
         save_export: save a ``torch.export`` program ``{file_name}.pt2`` from the last batch's
-            inputs (rank 0; a failed export is a warning, the checkpoint still counts).
+            inputs (rank 0), after the checkpoint is complete; it is not listed in the
+            manifest (the checkpoint is complete without it) and is deleted with the
+            checkpoint. A failed export is a warning, the checkpoint still counts.
         file_name: checkpoint name for the exit save.
-        directory: checkpoint root, a path or ``s3://bucket/prefix``.
+        directory: checkpoint root, a path or ``s3://bucket/prefix``; default ``None``: the
+            run's (a ``CheckpointMonitor``'s in the same run, else ``TORPOR_CHECKPOINT_URI``,
+            else ``./checkpoints``). A different one than the monitor's is a ``ValueError``.
         sig: the signal that requests a stop; it must be catchable (not SIGKILL/SIGSTOP).
         config_file: JSON file whose ``{"GracefulExit": 1}`` requests a stop; missing or
             malformed is a warning only.
@@ -94,10 +107,13 @@ class OnRequestExit(Callback):
             :mod:`torpor._agreement`).
         file_poll_seconds: how often the background thread looks at ``config_file``.
         exit_process: end the process with the documented code after the save; default
-            ``None`` means only under the operator (``TORPOR_JOB`` set).
-        integrated_save: replicated state written by rank 0 only (see ``CheckpointMonitor``).
-        enc_key: encrypt the exit checkpoint with this key (as ``CheckpointMonitor``);
-            ``from_env`` reads it from ``TORPOR_ENC_KEY_FILE``/``TORPOR_ENC_KEY``.
+            ``None`` means only under the operator (``TORPOR_JOB`` set). The loop's own
+            ``exit_process`` (``Model.train``/``Model.eval``/``Loop``), when given, wins.
+        integrated_save: replicated state written by rank 0 only (see ``CheckpointMonitor``);
+            default ``None``: as the run's monitor, else ``True``.
+        enc_key: encrypt with this key (as ``CheckpointMonitor``); ``from_env`` reads it from
+            ``TORPOR_ENC_KEY_FILE``/``TORPOR_ENC_KEY``. A key given to either callback seals
+            every checkpoint of the run; two different keys are a ``ValueError``.
         enc_mode: ``AES-GCM``, ``AES-CBC`` or ``SM4-CBC``.
 
     Before its own save it waits for every background (``async_save``) save in flight, so
@@ -107,6 +123,18 @@ class OnRequestExit(Callback):
     point instead of exiting with the stop's code: the process ends with 1 and, under the
     operator, an ``error`` termination message, so nothing reports an incomplete checkpoint
     as saved, and no rank waits for another.
+
+    The handler stays installed until ``on_train_teardown``, after every final and
+    background save is durable: a signal arriving after the last step is recorded (the run
+    still completes normally) instead of killing the process half-way through the final save.
+
+    During ``Model.eval`` it stops after the current evaluation step. Inside a training run
+    (an evaluation from a callback or between epochs) the exit save holds *training's* state,
+    epoch and step, and training stops at its next boundary, so a resumed run runs exactly the
+    remaining steps. A stop during an evaluation without training writes no checkpoint
+    (nothing was trained; a checkpoint with evaluation counters would be taken for training
+    progress by ``resume='latest'``); it ends like any stop, with the documented code and a
+    termination message without ``checkpoint`` (``extra: {"mode": "eval", "eval_step": n}``).
 
     Raises:
         ValueError: ``save_ckpt``/``save_export`` not bool, ``file_name``/``directory`` not
@@ -121,14 +149,14 @@ class OnRequestExit(Callback):
         save_ckpt: bool = True,
         save_export: bool = True,
         file_name: str = "Net",
-        directory: str = "./",
+        directory: str | None = None,
         sig: int = signal.SIGTERM,
         config_file: str | None = None,
         *,
         check_every_n_steps: int = 1,
         file_poll_seconds: float = 1.0,
         exit_process: bool | None = None,
-        integrated_save: bool = True,
+        integrated_save: bool | None = None,
         enc_key: bytes | None = None,
         enc_mode: str = "AES-GCM",
     ) -> None:
@@ -141,7 +169,7 @@ class OnRequestExit(Callback):
             check_name(file_name)
         except ValueError as exc:
             raise ValueError(f"file_name={file_name!r} is not a valid checkpoint name: {exc}") from None
-        self.directory = _check_path("directory", directory)
+        given_directory = _check_path("directory", directory, optional=True)
         self.config_file = _check_path("config_file", config_file, optional=True)
         self.sig = _check_signal(sig)
         if not isinstance(check_every_n_steps, int) or isinstance(check_every_n_steps, bool) or check_every_n_steps < 1:
@@ -151,22 +179,27 @@ class OnRequestExit(Callback):
             raise ValueError(f"file_poll_seconds must be a number > 0, got {file_poll_seconds!r}")
         if exit_process is not None and not isinstance(exit_process, bool):
             raise ValueError(f"exit_process must be a bool or None, got {exit_process!r}")
-        if not isinstance(integrated_save, bool):
-            raise ValueError(f"integrated_save must be a bool, got {integrated_save!r}")
+        if integrated_save is not None and not isinstance(integrated_save, bool):
+            raise ValueError(f"integrated_save must be a bool or None, got {integrated_save!r}")
         self.encryption = Encryption(*check_key(enc_key, enc_mode)) if enc_key is not None else None
-        """The cipher of the exit checkpoint, or ``None``."""
+        """The cipher of the exit checkpoint (the run's, once a ``Loop`` shared it), or ``None``."""
+        self._offered = SharedSettings(directory=given_directory, encryption=self.encryption,
+                                       integrated_save=integrated_save)
+        self.directory = given_directory or DEFAULT_CHECKPOINT_URI
+        """Where the exit checkpoint goes (the run's, once a ``Loop`` shared it)."""
         self.save_ckpt = save_ckpt
         self.save_export = save_export
         self.file_name = file_name
         self.check_every_n_steps = check_every_n_steps
         self.file_poll_seconds = float(file_poll_seconds)
         self.exit_process = exit_process
-        self.integrated_save = integrated_save
+        self.integrated_save = True if integrated_save is None else integrated_save
         self.stop_message: TerminationMessage | None = None
         """What happened at the stop (also written as the termination message)."""
         self._signum: int | None = None
         self._previous: Any = None
         self._installed = False
+        self._installed_for_eval = False
         self._watcher: ExitFileWatcher | None = None
         self._storage: Storage | None = None
         self._local = 0
@@ -177,7 +210,7 @@ class OnRequestExit(Callback):
         and ``TORPOR_EXIT_CHECK_STEPS``; keyword arguments override them."""
         env = RuntimeEnv.from_environ()
         kwargs: dict[str, Any] = {
-            "directory": env.checkpoint_uri,
+            "directory": given_checkpoint_uri(),
             "sig": env.exit_signal,
             "config_file": env.exit_file,
             "check_every_n_steps": env.exit_check_steps,
@@ -190,7 +223,21 @@ class OnRequestExit(Callback):
     @property
     def exit_directory(self) -> str:
         """Where the exit checkpoint goes (``Loop`` resumes from here without a monitor)."""
-        return self.directory or "./"
+        return self.directory
+
+    # -- one configuration per run (torpor._sharing) -----------------------------------
+    def shared_offer(self) -> Offer:
+        """What this callback was given of the settings a run's savers share."""
+        return Offer("OnRequestExit", self._offered)
+
+    def adopt_shared(self, settings: SharedSettings) -> None:
+        """Write where, and as, the run's other savers do, unless given otherwise."""
+        directory = self._offered.directory or settings.directory or self.directory
+        if directory != self.directory:
+            self.directory, self._storage = directory, None
+        self.encryption = self._offered.encryption or settings.encryption
+        if self._offered.integrated_save is None and settings.integrated_save is not None:
+            self.integrated_save = settings.integrated_save
 
     # -- signal and file ---------------------------------------------------------------
     def _handler(self, signum: int, frame: FrameType | None) -> None:
@@ -253,6 +300,9 @@ class OnRequestExit(Callback):
             self._stop(run_context, code, local)
 
     def _stop(self, run_context: RunContext, code: int, local: int) -> None:
+        if run_context.original_args().mode == "eval":
+            self._stop_eval(run_context, code, local)
+            return
         args = run_context.original_args()
         env = RuntimeEnv.from_environ()
         saved = None
@@ -264,19 +314,18 @@ class OnRequestExit(Callback):
         if self.save_ckpt:
             try:
                 save_checkpoint(args, self._storage, self.file_name, Reason.EXIT,
-                                SaveOptions(integrated=self.integrated_save, export=self.save_export), env,
-                                self.encryption)
+                                SaveOptions(integrated=self.integrated_save), env, self.encryption)
             except Exception as exc:  # every rank must still reach the agreement below
                 error = exc
             saved = self.file_name
-        elif self.save_export:
-            export_only(args, self._storage, self.file_name)
-        args.exit_saved_step = args.cur_step_num
+            args.exit_saved_step = args.cur_step_num  # without our save, the monitor's final save is the stop's
         # Every rank's manifest exists before any rank reports or exits, or every rank knows whose does not.
         failed = _distributed.failed_ranks(error is None)
         if failed:
             self._signum = None
             raise CheckpointSaveError.of(saved or self.file_name, self._storage.uri, failed, error) from error
+        if self.save_export:  # only now: the checkpoint is complete whatever becomes of the export
+            export_only(args, self._storage, self.file_name, self.encryption)
         signum = signal_from_exit_code(code) if code > SIGNAL_EXIT_BASE else None
         self.stop_message = TerminationMessage(
             reason=StopReason.SIGNAL if signum is not None else StopReason.FILE,
@@ -292,11 +341,31 @@ class OnRequestExit(Callback):
             job=env.job,
             incarnation=env.incarnation or None,
         )
-        exit_process = env.under_operator if self.exit_process is None else self.exit_process
-        if exit_process:
-            run_context.request_exit(code, self.stop_message)
-        else:
-            run_context.request_stop()
+        run_context.request_exit(code, self.stop_message)  # the loop's exit_process decides if the process ends
+        self._signum = None
+
+    def _stop_eval(self, eval_context: RunContext, code: int, local: int) -> None:
+        """A stop at an evaluation step: save *training's* state if a training run is in
+        progress (and stop it at its next boundary), else only end the evaluation."""
+        eval_context.request_stop()
+        training = training_run()
+        if training is not None:
+            self._stop(training, code, local)
+            return
+        env = RuntimeEnv.from_environ()
+        signum = signal_from_exit_code(code) if code > SIGNAL_EXIT_BASE else None
+        self.stop_message = TerminationMessage(
+            reason=StopReason.SIGNAL if signum is not None else StopReason.FILE,
+            exit_code=code,
+            signal=signal_name(signum) if signum is not None else None,
+            local=local == code,
+            rank=_distributed.rank(),
+            world_size=_distributed.world_size(),
+            job=env.job,
+            incarnation=env.incarnation or None,
+            extra={"mode": "eval", "eval_step": eval_context.original_args().cur_step_num},
+        )
+        eval_context.request_exit(code, self.stop_message)
         self._signum = None
 
     # -- hooks -------------------------------------------------------------------------
@@ -313,17 +382,24 @@ class OnRequestExit(Callback):
         if run_context.exit_code is None:
             self._check(run_context)
 
-    def on_train_end(self, run_context: RunContext) -> None:
-        """Restore the previous handler and stop watching (the save already happened)."""
-        self._uninstall()
+    def on_train_teardown(self, run_context: RunContext) -> None:
+        """Every save is durable: restore the previous handler and stop watching the file.
 
-    def on_train_exception(self, run_context: RunContext, exc: BaseException) -> None:
-        """Training died: put the previous signal handler back and stop watching the file."""
+        A request that came after the last step boundary (during the final save) is only
+        logged: the run has finished and its last checkpoint is written.
+        """
         self._uninstall()
+        if self._signum is not None and run_context.exit_code is None:
+            _log.info("%s arrived after the last step; the run finished and saved its last step",
+                      signal_name(self._signum))
+        self._signum = None
 
     def on_eval_begin(self, run_context: RunContext) -> None:
-        """Install the handler for evaluation as for training."""
-        self._install()
+        """Install the handler for evaluation as for training (a nested evaluation keeps
+        training's handler: it is already installed)."""
+        if not self._installed and self._watcher is None:
+            self._install()
+            self._installed_for_eval = True
 
     def on_eval_step_end(self, run_context: RunContext) -> None:
         """As in training: a request stops evaluation after this step, with a save."""
@@ -331,5 +407,7 @@ class OnRequestExit(Callback):
             self._check(run_context)
 
     def on_eval_end(self, run_context: RunContext) -> None:
-        """Restore the previous handler."""
-        self._uninstall()
+        """Restore the previous handler if this evaluation installed it (never training's)."""
+        if self._installed_for_eval:
+            self._installed_for_eval = False
+            self._uninstall()

@@ -15,10 +15,11 @@ the outcome at the same point and acts alike.
 save                        when it fails on any rank
 ==========================  ================================================================
 periodic, synchronous       every rank raises ``CheckpointSaveError`` right after the save
-periodic, ``async_save``    at the next agreed step boundary (or the next save, or the end,
-                            whichever comes first) every rank records the ``AsyncSaveError``
+periodic, ``async_save``    at the next agreed step boundary (or the next save, whichever
+                            comes first) every rank records the ``AsyncSaveError``
                             (``async_errors="record"``: logged, in :attr:`save_errors`,
-                            training goes on) or raises it (``"raise"``)
+                            training goes on) or raises it (``"raise"``); found at the end of
+                            training, the final save writes the step again on every rank
 final (end of training)     every rank raises ``CheckpointSaveError``
 ==========================  ================================================================
 """
@@ -38,14 +39,15 @@ from torpor._background import BackgroundSaver, warm_in_background
 from torpor._callbacks import Callback, RunContext
 from torpor._config import CheckpointConfig
 from torpor._saving import SaveOptions, capture, reserve_staging, save_checkpoint, write_pending
+from torpor._sharing import Offer, SharedSettings
 from torpor.checkpoints import ManifestCache, Reason, check_name, checkpoint_name, delete_checkpoints, scan
 from torpor.crypto import Encryption
-from torpor.env import RuntimeEnv, read_enc_key
-from torpor.errors import AsyncSaveError, CheckpointSaveError, TorporWarning
+from torpor.env import DEFAULT_CHECKPOINT_URI, RuntimeEnv, given_checkpoint_uri, read_enc_key
+from torpor.errors import AsyncSaveError, CheckpointSaveError, RetentionError, TorporWarning
 from torpor.retention import candidates, to_delete
 from torpor.storage import Storage, open_storage
 
-DEFAULT_DIRECTORY = "./checkpoints"
+DEFAULT_DIRECTORY = DEFAULT_CHECKPOINT_URI
 _log = logging.getLogger("torpor")
 
 
@@ -54,10 +56,12 @@ class CheckpointMonitor(Callback):
 
     Args:
         prefix: name prefix, ``{prefix}-{epoch}_{step}``; a str without ``/``.
-        directory: checkpoint root, a path or ``s3://bucket/prefix``; default
-            ``./checkpoints``.
+        directory: checkpoint root, a path or ``s3://bucket/prefix``; default ``None``: the
+            run's (an ``OnRequestExit``'s in the same run, else ``TORPOR_CHECKPOINT_URI``, else
+            ``./checkpoints``). Every saver of a run writes to one directory.
         config: a :class:`CheckpointConfig`; when given, the settings below are ignored.
-        save_checkpoint_steps: save every this many global steps (default 1).
+        save_checkpoint_steps: save every this many global steps (default 1); 0 together with
+            ``save_checkpoint_seconds=0``: no periodic saves, only the final one at the end.
         save_checkpoint_seconds: save every this many seconds instead (see precedence).
         keep_checkpoint_max: keep the newest this many complete checkpoints (default 5).
         keep_checkpoint_per_n_minutes: keep the newest per window of this many minutes instead.
@@ -67,9 +71,11 @@ class CheckpointMonitor(Callback):
         async_save: snapshot at the step boundary, write in a background thread (one save in
             flight; the next due save waits for it; the end of training and an exit save wait
             for it too). See ``async_errors`` for failures.
-        saved_network: save this module instead of the trained network.
+        saved_network: also write this module's weights (an EMA, an unwrapped copy) as the
+            weights-only ``.network.pt``; the resumable shard keeps the trained network's.
         append_info: ``"epoch_num"``, ``"step_num"`` and dicts of str → int/float/bool/str/Tensor.
-        enc_key: bytes encrypting every file (see :mod:`torpor.crypto`); ``None``: plaintext.
+        enc_key: bytes encrypting every file (see :mod:`torpor.crypto`); ``None``: plaintext,
+            unless the run's ``OnRequestExit`` has a key (one key seals the whole run).
         enc_mode: ``AES-GCM``, ``AES-CBC`` or ``SM4-CBC``.
         exception_save: an exception escaping a training step writes
             ``{prefix}-{epoch}_{step}_breakpoint`` (reason ``exception``), then the exception
@@ -142,12 +148,17 @@ class CheckpointMonitor(Callback):
         """Names this monitor saved, in order."""
         self.deleted: list[str] = []
         """Names its retention deleted, in order."""
+        self.prune_errors: list[RetentionError] = []
+        """Prunes that failed (each after a complete save; training went on), in order."""
+        self._prunes_reported = 0
         self._storage: Storage | None = None
         self._cache = ManifestCache()
         self._last_step: int | None = None
         self._last_time = time.monotonic()
         self.encryption = Encryption(config.enc_key, config.enc_mode) if config.enc_key is not None else None
-        """The cipher every file is written with, or ``None``."""
+        """The cipher every file is written with (the run's, once a ``Loop`` shared it), or ``None``."""
+        self._offered = SharedSettings(directory=self.directory if directory is not None else None,
+                                       encryption=self.encryption, integrated_save=config.integrated_save)
         self.save_errors: list[AsyncSaveError] = []
         """Background saves that failed (``async_errors="record"``), in order."""
         self.stalls: list[float] = []
@@ -168,7 +179,7 @@ class CheckpointMonitor(Callback):
             "enc_key": read_enc_key(),
             "enc_mode": env.enc_mode or "AES-GCM",
             "prefix": env.checkpoint_prefix,
-            "directory": env.checkpoint_uri,
+            "directory": given_checkpoint_uri(),
             "save_checkpoint_steps": env.save_steps if env.save_steps is not None else (0 if env.save_seconds else 1),
             "save_checkpoint_seconds": env.save_seconds,
             "keep_checkpoint_max": env.keep_max if env.keep_max is not None else (0 if env.keep_per_n_minutes else 5),
@@ -176,6 +187,17 @@ class CheckpointMonitor(Callback):
         }
         kwargs.update(overrides)
         return cls(**kwargs)
+
+    def shared_offer(self) -> Offer:
+        """What this monitor was given of the settings a run's savers share."""
+        return Offer(f"CheckpointMonitor(prefix={self.prefix!r})", self._offered)
+
+    def adopt_shared(self, settings: SharedSettings) -> None:
+        """Write where, and as, the run's other savers do, unless given otherwise."""
+        directory = self._offered.directory or settings.directory or self.directory
+        if directory != self.directory:
+            self.directory, self._storage = directory, None
+        self.encryption = self._offered.encryption or settings.encryption
 
     @property
     def checkpoint_directory(self) -> str:
@@ -261,26 +283,50 @@ class CheckpointMonitor(Callback):
         if failed:
             self._report(failed_rank=failed[-1])
 
+    def _report_prunes(self) -> None:
+        """Warn, from the training thread, about each prune that failed since the last call."""
+        for error in self.prune_errors[self._prunes_reported:]:
+            self._prunes_reported += 1
+            warnings.warn(str(error), TorporWarning, stacklevel=3)
+
     def on_train_step_end(self, run_context: RunContext) -> None:
-        """Report a failed background save (as agreed by every rank), then save when due
-        (unless an exit save ran)."""
+        """Report a failed background save (as agreed by every rank) or prune, then save when
+        due (unless an exit save ran)."""
         args = run_context.original_args()
+        self._report_prunes()
         agreed = args.agreed
         if agreed is None:
             self._report()
         elif agreed.save_failed_rank is not None:
             self._report(failed_rank=agreed.save_failed_rank)
-        if args.exit_saved_step == args.cur_step_num:
+        if args.exit_saved_step == args.cur_step_num or not self.config.periodic:
             return
         if self._due(args.cur_step_num, agreed):
             self._save(run_context, Reason.PERIODIC)
 
     def on_train_end(self, run_context: RunContext) -> None:
         """Wait for the save in flight; save the last step if it was not saved (not after an
-        exit save: that is the last)."""
-        self._settle()
+        exit save: that is the last).
+
+        A background save that fails here does not count as the last step's save: the final
+        save writes the step again, synchronously, under a new name (``..._final`` if the
+        failed one had the step's name), on every rank if any rank's failed. The failure is
+        logged and in ``save_errors``, not raised, even with ``async_errors="raise"``: the
+        final save supersedes it (and raises itself if it fails).
+        """
+        failed = False
+        if self._saver is not None:
+            before = len(self.save_errors)
+            with contextlib.suppress(AsyncSaveError):
+                self.wait()
+            failed = len(self.save_errors) > before
+        self._report_prunes()
         args = run_context.original_args()
-        if args.exit_saved_step is not None or args.cur_step_num == 0 or self._last_step == args.cur_step_num:
+        if args.exit_saved_step is not None or args.cur_step_num == 0:
+            return
+        if self._saver is not None and not _distributed.all_ok(not failed):
+            self._last_step = None
+        if self._last_step == args.cur_step_num:
             return
         self._save(run_context, Reason.FINAL, background=False)
 
@@ -324,6 +370,8 @@ class CheckpointMonitor(Callback):
     def _save(self, run_context: RunContext, reason: Reason, background: bool = True) -> None:
         args = run_context.original_args()
         name = checkpoint_name(self.prefix, args.cur_epoch_num, args.step_in_epoch)
+        if name in self.saved:  # a failed background save had it: nothing is written twice under one name
+            name = check_name(f"{name}_{reason.value}")
         env = RuntimeEnv.from_environ()
         resumed = args.resumed_from.name if args.resumed_from is not None else None
         started = time.perf_counter()
@@ -335,7 +383,7 @@ class CheckpointMonitor(Callback):
             def job() -> str:
                 write_pending(pending, storage, encryption)
                 if prune:
-                    self._prune(name, resumed, require_complete=False)
+                    self._prune_reporting(name, resumed, require_complete=False)
                 return name
 
             self._saver.submit(name, job)
@@ -358,7 +406,22 @@ class CheckpointMonitor(Callback):
         self._last_step = args.cur_step_num
         self.stalls.append(time.perf_counter() - started)
         if _distributed.rank() == 0:
-            self._prune(name, resumed)
+            self._prune_reporting(name, resumed)
+            self._report_prunes()
+
+    def _prune_reporting(self, newest: str, resumed_from: str | None, require_complete: bool = True) -> None:
+        """:meth:`_prune`, its failure recorded as a prune failure, never raised: ``newest`` is
+        complete by now, so a store that refuses deletes must not fail the save or end training
+        (in the background, an exception here would make the save itself look failed)."""
+        try:
+            self._prune(newest, resumed_from, require_complete)
+        except Exception as exc:
+            error = RetentionError(f"retention after checkpoint {newest!r} failed: {type(exc).__name__}: {exc}; "
+                                   f"{newest!r} is complete and will be resumed from, older checkpoints may be "
+                                   f"left over until the next prune")
+            error.__cause__ = exc
+            _log.error("%s", error)
+            self.prune_errors.append(error)
 
     def _prune(self, newest: str, resumed_from: str | None, require_complete: bool = True) -> None:
         """Apply retention. In the background (``require_complete=False``) other ranks may

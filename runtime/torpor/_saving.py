@@ -5,6 +5,11 @@ model, optimizer and scheduler, and every other rank writes only what is its own
 loop position). Every rank writes a manifest all the same, so "complete = every rank's
 manifest exists" holds whatever the layout. With ``integrated=False`` (sharded state) each
 rank writes its own model and optimizer state.
+
+The shard always holds the trained network: ``saved_network`` (an EMA, an unwrapped copy) is
+written beside it as the weights-only ``.network.pt``, never into what a resume loads. The
+``torch.export`` program is not part of a save: :func:`export_only` writes it once the
+checkpoint is complete, unlisted by the manifest (see :mod:`torpor.checkpoints`).
 """
 
 from __future__ import annotations
@@ -42,10 +47,9 @@ class SaveOptions:
     """Also ``.network.pt`` (weights only)."""
     trainable_params: bool = False
     """Also ``.trainable.pt`` (parameters that require grad)."""
-    export: bool = False
-    """Also ``.pt2`` (a ``torch.export`` program from the last inputs)."""
     saved_network: Any = None
-    """Save this module instead of the trained one."""
+    """Write this module's weights as ``.network.pt`` (even without ``network_params``); the
+    shard keeps the trained network's, which the optimizer state belongs to."""
     append_info: list[Any] | None = None
     """The seed's ``append_info``."""
     global_batch_size: int | None = None
@@ -123,7 +127,7 @@ def capture(
     """
     rank, world = _distributed.rank(), _distributed.world_size()
     holds_model = _holds_model(options)
-    network = _network(args, options)
+    network = _state.unwrap(args.network)
     scalars, info_tensors = _append_info(args, options.append_info)
     rng_doc, rng_tensors = _state.RngState.capture().to_parts()
     epoch_rng_doc, epoch_rng_tensors = (args.epoch_rng.to_parts() if args.epoch_rng is not None else (None, {}))
@@ -157,27 +161,20 @@ def capture(
         if options.trainable_params:
             payload["_trainable"] = _state.local_state(
                 {k: p.detach() for k, p in network.named_parameters() if p.requires_grad})
+        if options.saved_network is not None:
+            payload["_saved_network"] = _state.local_state(_state.unwrap(options.saved_network).state_dict())
     if staging is not None:
         payload = staging.snapshot(payload)
     trainable = payload.pop("_trainable", None)
+    saved_network = payload.pop("_saved_network", None)
 
     files: list[tuple[FileKind, Any]] = [(FileKind.SHARD, payload)]
-    if holds_model and options.network_params:
+    if holds_model and (options.network_params or saved_network is not None):
         files.append((FileKind.NETWORK, {"torpor_format": _state.SHARD_FORMAT, "meta": json.dumps(meta),
-                                         "model": payload["model"]}))
+                                         "model": payload["model"] if saved_network is None else saved_network}))
     if trainable is not None:
         files.append((FileKind.TRAINABLE, {"torpor_format": _state.SHARD_FORMAT, "meta": json.dumps(meta),
                                            "model": trainable}))
-    if holds_model and options.export:
-        if args.last_inputs is None:
-            warnings.warn(f"{name}.pt2 not exported: no step has run, so there are no example inputs",
-                          TorporWarning, stacklevel=2)
-        else:
-            try:
-                files.append((FileKind.EXPORT, _export(network, args.last_inputs)))
-            except Exception as exc:  # an export failure must not cost the checkpoint
-                warnings.warn(f"{name}.pt2 not exported, the checkpoint still counts: {type(exc).__name__}: {exc}",
-                              TorporWarning, stacklevel=2)
     resumed = args.resumed_from
     fields = {
         "name": name,
@@ -203,14 +200,9 @@ def _holds_model(options: SaveOptions) -> bool:
     return not options.integrated or _distributed.rank() == 0
 
 
-def _network(args: RunArgs, options: SaveOptions) -> Any:
-    """The module whose state is saved, without DDP/compile wrappers."""
-    return _state.unwrap(options.saved_network if options.saved_network is not None else args.network)
-
-
 def reserve_staging(staging: _state.Staging, args: RunArgs, options: SaveOptions) -> None:
     """Make the staging buffers for the model this rank will snapshot (see ``Staging.reserve``)."""
-    network = _network(args, options)
+    network = _state.unwrap(args.network)
     if _holds_model(options) and callable(getattr(network, "state_dict", None)):
         staging.reserve({"model": _state.local_state(network.state_dict())})
 
@@ -408,13 +400,26 @@ def save_checkpoint(
     return write_pending(capture(args, name, reason, options, env), storage, encryption)
 
 
-def export_only(args: RunArgs, storage: Storage, name: str) -> bool:
-    """``save_ckpt=False, save_export=True``: only rank 0's ``{name}.pt2``; returns whether written."""
-    if _distributed.rank() != 0 or args.last_inputs is None:
+def export_only(args: RunArgs, storage: Storage, name: str, encryption: Encryption | None = None) -> bool:
+    """Rank 0's ``{name}.pt2`` from the last inputs; returns whether it was written.
+
+    Called after checkpoint ``name`` is complete (or with ``save_ckpt=False``, alone): the
+    export takes seconds on a large model, so it must never delay a shard, and the manifest
+    does not list the ``.pt2``, so a failed or killed export leaves the checkpoint complete.
+    Its key shares the checkpoint's name, so retention deletes it with the checkpoint. With
+    a cipher it is sealed like every file of the run (it holds the weights).
+    """
+    if _distributed.rank() != 0:
+        return False
+    if args.last_inputs is None:
+        warnings.warn(f"{name}.pt2 not exported: no step has run, so there are no example inputs",
+                      TorporWarning, stacklevel=2)
         return False
     try:
-        storage.put_bytes(file_key(name, 0, FileKind.EXPORT), _export(_state.unwrap(args.network), args.last_inputs))
-    except Exception as exc:  # an export failure is a warning, as in save_checkpoint
-        warnings.warn(f"{name}.pt2 not exported: {type(exc).__name__}: {exc}", TorporWarning, stacklevel=2)
+        program = _export(_state.unwrap(args.network), args.last_inputs)
+        write_file(storage, file_key(name, 0, FileKind.EXPORT), program, encryption)
+    except Exception as exc:  # an export failure must not cost the checkpoint
+        warnings.warn(f"{name}.pt2 not exported, the checkpoint still counts: {type(exc).__name__}: {exc}",
+                      TorporWarning, stacklevel=2)
         return False
     return True

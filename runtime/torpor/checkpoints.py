@@ -7,7 +7,8 @@ Layout under a checkpoint root (a directory or ``s3://bucket/prefix``)::
 
     rank_{rank}/{name}.ckpt            the rank's shard (torch.save, loaded with weights_only=True)
     rank_{rank}/{name}.manifest.json   written last, once every file of the rank is durable
-    rank_{rank}/{name}.pt2             optional torch.export program (exit saves)
+    rank_{rank}/{name}.pt2             optional torch.export program (exit saves), written after
+                                       the manifests and not listed in them
     rank_{rank}/{name}.network.pt      optional network weights only (save_network_params)
     rank_{rank}/{name}.trainable.pt    optional trainable weights only (save_trainable_params)
 
@@ -18,6 +19,10 @@ epoch from 1, as MindSpore names them) and ``{file_name}`` (``Net``) for the sav
 A checkpoint is **complete** when, for its world size ``W``, ranks ``0..W-1`` each have a
 manifest, the manifests agree (same ``save_id``, step, epoch and world size) and every file
 they list is present. Nothing incomplete is resumed from or counted for retention. The
+``.pt2`` is an inference artifact written once the checkpoint is complete: no manifest lists
+it, so completeness never waits for it and a failed or killed export costs nothing; its key
+carries the checkpoint's name, so :func:`assemble` groups it with that checkpoint and
+retention deletes both together. The
 agreement check matters for names that are rewritten (the exit save's ``Net``): while ranks
 overwrite one by one, the set is a mix of two saves and is, correctly, not complete.
 """

@@ -16,7 +16,9 @@ Variable                       Meaning (default when unset)
 ``TORPOR_EXIT_CHECK_STEPS``    Reduce the stop flag across ranks every k steps (``1``)
 ``TORPOR_RESUME_FROM``         Checkpoint name every rank resumes from; ``latest`` or empty
                                means the newest complete one (empty)
-``TORPOR_SAVE_STEPS``          Periodic save every N steps (``1``, or ``0`` if seconds set)
+``TORPOR_SAVE_STEPS``          Periodic save every N steps (``1``, or ``0`` if seconds set);
+                               both ``0``: no periodic saves, only the exit save on a stop
+                               and the final save when training ends
 ``TORPOR_SAVE_SECONDS``        Periodic save every S seconds; overrides steps (``0``)
 ``TORPOR_KEEP_MAX``            Keep the newest N complete checkpoints (``5``)
 ``TORPOR_KEEP_PER_N_MINUTES``  Keep the newest per N-minute window; overrides keep max (``0``)
@@ -140,6 +142,16 @@ def read_enc_key(environ: Mapping[str, str] | None = None) -> bytes | None:
     if value:
         return parse_key(value.encode(), ENC_KEY)
     return None
+
+
+def given_checkpoint_uri(environ: Mapping[str, str] | None = None) -> str | None:
+    """``TORPOR_CHECKPOINT_URI`` when it is set, else ``None`` (not the ``./checkpoints`` default).
+
+    ``from_env`` constructors pass a directory only when it was given, so a callback built by
+    hand with its own directory in the same run is not taken to disagree with a default.
+    """
+    env = os.environ if environ is None else environ
+    return env.get(CHECKPOINT_URI, "").strip() or None
 
 
 def parse_signal(raw: str) -> int:

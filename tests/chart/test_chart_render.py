@@ -124,6 +124,15 @@ def test_cluster_wide_mode_is_one_cluster_role_with_every_rule() -> None:
     assert env["TORPOR_NAMESPACES"] == "" and env["TORPOR_PEERING"] == ""
 
 
+def test_the_outcome_bounds_reach_the_operator() -> None:
+    """The admission-retry bound and the lost-connection grace (docs/operator.md, "How a rank ended")."""
+    for sets, retries, grace in (((), "5", "60"),
+                                 (("operator.admissionRetries=0", "operator.peerLossGraceSeconds=0"), "0", "0")):
+        (deploy,) = by_kind(render(*sets), "Deployment")
+        env = {e["name"]: e.get("value") for e in deploy["spec"]["template"]["spec"]["containers"][0]["env"]}
+        assert (env["TORPOR_ADMISSION_RETRIES"], env["TORPOR_PEER_LOSS_GRACE_SECONDS"]) == (retries, grace)
+
+
 def test_namespaced_mode_grants_roles_only_in_the_watched_namespaces() -> None:
     docs = render("watchNamespaces={team-a,team-b}")
     (cluster_role,) = by_kind(docs, "ClusterRole")

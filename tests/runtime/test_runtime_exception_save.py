@@ -44,7 +44,7 @@ def assert_breakpoint(directory: Path, name: str, step: int) -> None:
 def test_model_train_writes_the_breakpoint_and_reraises_the_original(tmp_path: Path) -> None:
     net, loss, opt, loader = tiny_setup()
     monitor = torpor.CheckpointMonitor(directory=str(tmp_path), save_checkpoint_steps=100, exception_save=True)
-    exit_cb = torpor.OnRequestExit(directory=str(tmp_path / "exit"))
+    exit_cb = torpor.OnRequestExit()  # writes where the monitor does
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(Boom, match="loss went NaN at step 11") as info:
         torpor.Model(net, loss_fn=loss, optimizer=opt).train(3, loader, callbacks=[monitor, exit_cb, ExplodeAt(11)])

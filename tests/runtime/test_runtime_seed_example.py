@@ -63,16 +63,17 @@ def test_lenet_seed_example_saves_ckpt_and_pt2_on_sigterm(tmp_path: Path) -> Non
     steps = [int(ln.split()[3]) for ln in out.splitlines() if ln.startswith("epoch ")]
     assert steps[-1] == signalled_after + 1, out  # the step in progress when the signal came, no more
 
-    store = LocalStorage(tmp_path)
+    root = tmp_path / "checkpoints"  # the run's checkpoint root, not the seed's "./"
+    store = LocalStorage(root)
     saved = newest_complete(scan(store))
     assert saved is not None and saved.step == signalled_after + 1
     assert {m.reason for m in saved.manifests.values()} == {Reason.EXIT}
     export = saved.manifests[0].file(FileKind.EXPORT)
     export_key = export.key if export is not None else file_key(saved.name, 0, FileKind.EXPORT)
     assert saved.name.startswith("LeNet5") and store.exists(export_key)
-    loaded = torpor.load_checkpoint(saved.name, network=_lenet(), directory=str(tmp_path))
+    loaded = torpor.load_checkpoint(saved.name, network=_lenet(), directory=str(root))
     assert loaded is not None and loaded.step == signalled_after + 1
-    program = torch.export.load(str(tmp_path / export_key))
+    program = torch.export.load(str(root / export_key))
     assert program.module()(torch.zeros(2, 1, 32, 32)).shape == (2, 10)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -76,6 +77,17 @@ class StopAt(torpor.Callback):
             run_context.request_stop()
 
 
+class KillInStep(torpor.Callback):
+    """Sends a real signal to this process from inside a given global step."""
+
+    def __init__(self, step: int, sig: int = signal.SIGTERM) -> None:
+        self.step, self.sig = step, sig
+
+    def on_train_step_begin(self, run_context: torpor.RunContext) -> None:
+        if run_context.original_args().cur_step_num == self.step:
+            os.kill(os.getpid(), self.sig)
+
+
 def child_env(extra: dict[str, str]) -> dict[str, str]:
     """The test's environment without inherited TORPOR_* or torch variables, plus ``extra``."""
     env = {k: v for k, v in os.environ.items()
@@ -87,8 +99,12 @@ def child_env(extra: dict[str, str]) -> dict[str, str]:
 
 
 def launch_ranks(world: int, extra_env: dict[str, str], argv: list[str], logdir: Path, *,
-                 script: Path = TRAIN) -> list[subprocess.Popen[bytes]]:
-    """Start ``script`` (``examples/train.py``) as ``world`` ranks on loopback (gloo), logs in ``logdir``."""
+                 script: Path = TRAIN, rank_env: dict[int, dict[str, str]] | None = None,
+                 ) -> list[subprocess.Popen[bytes]]:
+    """Start ``script`` (``examples/train.py``) as ``world`` ranks on loopback (gloo), logs in ``logdir``.
+
+    ``rank_env`` adds variables to single ranks (e.g. one rank's S3 endpoint behind a fault proxy).
+    """
     port = free_port()
     procs = []
     for rank in range(world):
@@ -97,6 +113,7 @@ def launch_ranks(world: int, extra_env: dict[str, str], argv: list[str], logdir:
             "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "GLOO_SOCKET_IFNAME": "lo",
             "TORPOR_TERMINATION_LOG": str(logdir / f"termination-{rank}.json"),
+            **(rank_env or {}).get(rank, {}),
         })
         log = open(logdir / f"rank-{rank}.log", "wb")  # noqa: SIM115 - closed with the process
         procs.append(subprocess.Popen([sys.executable, str(script), *argv], env=env, stdout=log,

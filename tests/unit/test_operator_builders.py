@@ -83,8 +83,14 @@ def test_config_map_holds_the_graceful_exit_json() -> None:
 def test_pdb_keeps_every_rank() -> None:
     pdb = build_pdb(JOB, 3, 4)
     assert pdb["apiVersion"] == "policy/v1"
-    assert pdb["spec"] == {"minAvailable": 4,
+    assert pdb["spec"] == {"minAvailable": 4, "unhealthyPodEvictionPolicy": "AlwaysAllow",
                            "selector": {"matchLabels": {"torpor.dev/job": "demo", "torpor.dev/incarnation": "3"}}}
+
+
+def test_pdb_lets_a_drain_evict_a_rank_that_is_not_ready() -> None:
+    """With the default ``IfHealthyBudget`` one NotReady rank (a hung collective, a lost
+    node's pod) keeps the budget unmet forever, and ``kubectl drain`` would wait on it for good."""
+    assert build_pdb(JOB, 1, 2)["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
 
 
 def test_pod_identity_labels_and_owner() -> None:

@@ -8,7 +8,7 @@ import pytest
 from test_operator_world import NOW, Cluster, ckpt, job_body, message, node, pod
 
 from torpor_operator.contract import ANNOTATION_EXIT_REQUESTED, ANNOTATION_RESUME_FROM, ENV
-from torpor_operator.reconciling import ObjectRef
+from torpor_operator.reconciling import Decision, ObjectRef
 from torpor_operator.settings import OperatorSettings
 
 STAMP = "2026-01-01T12:00:00Z"
@@ -23,6 +23,11 @@ def running(replicas: int = 2, incarnation: int = 1, **spec: Any) -> Cluster:
     c.step()
     assert c.status["phase"] == "Running"
     return c
+
+
+def delete(c: Cluster, rank: int, incarnation: int = 1) -> None:
+    """Someone (a drain, a user) deleted the rank's pod."""
+    c.pods[f"demo-{incarnation}-{rank}"]["metadata"]["deletionTimestamp"] = "2026-01-01T11:59:30Z"
 
 
 def env_of(p: dict[str, Any]) -> dict[str, str]:
@@ -136,15 +141,18 @@ def test_running_without_signals_does_nothing() -> None:
         (lambda c: c.pods["demo-1-0"]["metadata"].__setitem__("deletionTimestamp", "2026-01-01T11:59:00Z"),
          "rank 0 (pod demo-1-0) is being deleted"),
         (lambda c: c.pods.pop("demo-1-1"), "rank 1 (pod demo-1-1) is gone"),
-        (lambda c: c.exit(1, 143, message("signal", 143, "Net", 7)),
-         "rank 1 stopped on request (signal), saved Net at step 7, exit 143"),
+        (lambda c: (delete(c, 1), c.exit(1, 143, message("signal", 143, "Net", 7))),
+         "rank 1 stopped on request (signal), saved Net at step 7, exit 143 (pod deleted)"),
         (lambda c: c.exit(0, 75), "rank 0 stopped on the GracefulExit file"),
-        (lambda c: c.exit(1, 137), "rank 1 was ended by signal 9 (exit 137) without a save report"),
+        (lambda c: (delete(c, 1), c.exit(1, 137)),
+         "rank 1 was ended by signal 9 (SIGKILL) without a save (pod deleted)"),
         (lambda c: c.pods["demo-1-1"]["status"].update(phase="Failed", reason="Evicted"),
-         "rank 1 ended without an exit code (Evicted)"),
+         "rank 1 was ended without a container exit (pod Evicted)"),
+        (lambda c: c.nodes.__setitem__("node-b", node("node-b", ready="Unknown")),
+         "node node-b hosting rank 1 is NotReady (Ready=Unknown)"),
     ],
     ids=["cordon", "autoscaler-taint", "spot-taint", "disruption-target", "deletion", "vanished",
-         "saved-on-signal", "saved-on-file", "killed", "evicted"],
+         "saved-on-signal", "saved-on-file", "killed", "evicted", "node-lost"],
 )
 def test_preemption_signals_start_a_graceful_stop(change: Any, expected: str) -> None:
     c = running()
@@ -555,3 +563,311 @@ def test_start_time_is_kept_across_restarts() -> None:
     c.step()
     assert c.status["startTime"] == STAMP
     assert NOW.isoformat().startswith("2026-01-01T12:00:00")
+
+
+# --- why a rank ended: evidence, collateral, infrastructure --------------------------------
+
+RESET = message("error", 1).replace('"reason"', '"error":"RuntimeError: Connection reset by peer","reason"')
+
+
+@pytest.mark.parametrize(
+    ("code", "text"),
+    [(134, ""), (139, ""), (137, ""), (143, ""), (143, message("signal", 143, "Net", 7))],
+    ids=["sigabrt", "sigsegv", "sigkill", "sigterm", "liveness-kill-saved-by-the-runtime"],
+)
+def test_a_signal_without_evidence_is_a_failure_with_backoff(code: int, text: str) -> None:
+    c = running()
+    c.exit(1, code, text)
+    d = c.decide()
+    assert d.status is not None
+    assert (d.status["phase"], d.status["stopReason"], d.status["restarts"]) == ("Stopping", "Failure", 1)
+    assert d.status["nextRestartTime"] == "2026-01-01T12:00:10Z"
+    assert "preemptions" not in d.status
+    assert d.delete == (ObjectRef("v1", "Pod", "demo-1-0"),)
+
+
+def test_repeated_sigabrt_ends_failed_past_max_restarts() -> None:
+    c = running(maxRestarts=1)
+    c.exit(1, 134)
+    c.step()
+    c.exit(0, 137)
+    c.step()
+    c.later(10)
+    c.step()
+    c.run(node_for={0: "node-a", 1: "node-b"})
+    c.step()
+    c.exit(0, 134)
+    c.step()
+    c.exit(1, 137)
+    c.step()
+    assert c.status["phase"] == "Failed"
+    assert (c.status["restarts"], c.status["preemptions"]) == (1, 0)
+    failed = next(x for x in c.status["conditions"] if x["type"] == "Failed")
+    assert "signal 6 (SIGABRT)" in failed["message"]
+
+
+def disrupt(c: Cluster, rank: int, reason: str = "EvictionByEvictionAPI") -> None:
+    c.pods[f"demo-1-{rank}"]["status"].setdefault("conditions", []).append(
+        {"type": "DisruptionTarget", "status": "True", "reason": reason})
+
+
+@pytest.mark.parametrize(
+    "disruption",
+    [
+        lambda c: (delete(c, 0), c.exit(0, 143, message("signal", 143, "Net", 7))),
+        lambda c: (delete(c, 0), c.exit(0, 137)),
+        lambda c: c.pods["demo-1-0"]["status"].update(phase="Failed", reason="Evicted"),
+        lambda c: disrupt(c, 0, "PreemptionByScheduler"),
+        lambda c: c.nodes.__setitem__("node-a", node("node-a", ready="Unknown")),
+        lambda c: (c.exit(0, 137), c.nodes.__setitem__("node-a", node("node-a", ready="Unknown"))),
+        lambda c: c.nodes.__setitem__("node-a", node("node-a", taints=(SPOT,))),
+    ],
+    ids=["drained-and-saved", "drained-and-killed", "evicted-by-kubelet", "disruption-target-on-a-live-rank",
+         "node-lost-rank-still-shown-running", "node-lost-rank-ended", "spot-notice"],
+)
+def test_peers_crashing_on_a_disrupted_rank_are_one_preemption(disruption: Any) -> None:
+    """Rank 0 is disrupted, ranks 1 and 2 then fail on the broken connection, all seen in one
+    decision: that is the preemption's collateral, not a failure."""
+    c = running(replicas=3)
+    disruption(c)
+    c.exit(1, 1, RESET)
+    c.exit(2, 1, RESET)
+    d = c.step()
+    assert (c.status["phase"], c.status["stopReason"]) == ("Stopping", "Preemption")
+    assert (c.status["preemptions"], c.status.get("restarts", 0)) == (1, 0)
+    assert "2 crashed ranks are its collateral" in c.status["stopMessage"]
+    assert [e.reason for e in d.events] == ["Preempted"]
+
+
+def test_collateral_crashes_never_exhaust_max_restarts() -> None:
+    """Today's bug: after maxRestarts spot reclaims with collateral crashes, the job was Failed."""
+    c = running(maxRestarts=0)
+    c.nodes["node-a"] = node("node-a", ready="Unknown")
+    c.exit(1, 1, RESET)
+    c.step()
+    assert c.status["stopReason"] == "Preemption"
+    assert c.status.get("restarts", 0) == 0
+
+
+def test_a_rank_killed_without_notice_and_its_crashing_peers_are_one_failure() -> None:
+    c = running(replicas=3)
+    c.exit(0, 137)
+    c.exit(1, 1, RESET)
+    c.exit(2, 1, RESET)
+    d = c.step()
+    assert (c.status["stopReason"], c.status["restarts"], c.status["preemptions"]) == ("Failure", 1, 0)
+    assert "(and 2 more)" in c.status["stopMessage"]
+    assert [e.reason for e in d.events] == ["RankFailed"]
+
+
+def test_a_crash_beside_a_bare_deletion_of_a_running_rank_is_a_failure() -> None:
+    """A deletion alone may be the operator's own, applied before it died and before the status
+    patch that counted the failure: it never turns a crash into collateral."""
+    c = running()
+    c.exit(1, 1, RESET)
+    delete(c, 0)
+    d = c.decide()
+    assert d.status is not None and (d.status["stopReason"], d.status["restarts"]) == ("Failure", 1)
+
+
+# --- kubelet admission rejections ------------------------------------------------------------
+
+
+def reject(c: Cluster, name: str, reason: str = "OutOfcpu") -> None:
+    c.pods[name]["status"] = {"phase": "Failed", "reason": reason,
+                              "message": "Pod was rejected: Node didn't have enough resource: cpu"}
+
+
+def pending() -> Cluster:
+    c = Cluster(job_body(replicas=2))
+    c.step()
+    c.run()
+    c.pods["demo-1-1"]["status"] = {"phase": "Pending"}
+    return c
+
+
+def test_a_rejected_rank_is_recreated_without_counting_a_failure() -> None:
+    c = pending()
+    reject(c, "demo-1-1")
+    d = c.step()
+    assert d.delete == (ObjectRef("v1", "Pod", "demo-1-1"),)
+    assert not d.create
+    assert c.status["phase"] == "Pending"
+    assert (c.status.get("restarts", 0), c.status.get("preemptions", 0), c.status["admissionRejections"]) == (0, 0, 1)
+    assert [(e.type, e.reason) for e in d.events] == [("Warning", "RankRejected")]
+    assert "OutOfcpu" in d.events[0].message and "1/5" in d.events[0].message
+    assert c.decide().status is None  # deciding again on the deleting pod counts nothing
+    c.vanish_deleted()
+    d = c.step()
+    assert [o["metadata"]["name"] for o in d.create] == ["demo-1-1"]
+    c.run()
+    c.step()
+    assert c.status["phase"] == "Running"
+
+
+def test_rejections_past_the_bound_are_a_failure() -> None:
+    c = pending()
+    c.settings = OperatorSettings(admission_retries=2)
+    for _ in range(2):
+        reject(c, "demo-1-1", "UnexpectedAdmissionError")
+        c.step()
+        c.vanish_deleted()
+        c.step()
+    assert c.status["admissionRejections"] == 2
+    reject(c, "demo-1-1", "UnexpectedAdmissionError")
+    d = c.step()
+    assert (c.status["stopReason"], c.status["restarts"]) == ("Failure", 1)
+    assert "2 admission retries" in c.status["stopMessage"]
+    assert [e.reason for e in d.events] == ["RankFailed"]
+
+
+def test_a_new_incarnation_starts_with_no_rejections() -> None:
+    c = pending()
+    reject(c, "demo-1-1")
+    c.step()
+    c.exit(0, 1)
+    c.step()
+    c.step()
+    assert c.status["phase"] == "Restarting"
+    c.vanish_deleted()
+    c.later(10)
+    c.step()
+    assert (c.status["incarnation"], c.status["admissionRejections"]) == (2, 0)
+
+
+# --- preemptions that make no progress --------------------------------------------------------
+
+
+def preempt_and_exit(c: Cluster) -> Decision:
+    c.nodes["node-b"] = node("node-b", unschedulable=True)
+    c.step()
+    c.exit_all_saved("Net", 7)
+    return c.step()
+
+
+def test_a_preemption_without_a_new_checkpoint_restarts_after_a_backoff() -> None:
+    c = running()
+    d = preempt_and_exit(c)  # the exit saves never became a complete checkpoint
+    assert c.status["phase"] == "Restarting"
+    assert c.status["preemptionsWithoutProgress"] == 1
+    assert c.status["nextRestartTime"] == "2026-01-01T12:00:10Z"
+    assert d.requeue_after == pytest.approx(10)
+    assert "no checkpoint newer than the one it resumed from" in d.events[0].message
+    assert c.status.get("restarts", 0) == 0
+    c.later(5)
+    assert not c.decide().create
+    c.later(5)
+    assert [o["metadata"]["name"] for o in c.decide().create if o["kind"] == "Pod"] == ["demo-2-0", "demo-2-1"]
+
+
+def test_the_backoff_grows_with_each_preemption_in_a_row_without_progress() -> None:
+    c = running()
+    c.status["preemptionsWithoutProgress"] = 2
+    preempt_and_exit(c)
+    assert (c.status["preemptionsWithoutProgress"], c.status["nextRestartTime"]) == (3, "2026-01-01T12:00:40Z")
+
+
+def test_a_preemption_after_a_new_checkpoint_restarts_at_once_and_resets_the_count() -> None:
+    c = running()
+    c.status["preemptionsWithoutProgress"] = 2
+    c.checkpoints = [ckpt("Net", 7, 30)]
+    d = preempt_and_exit(c)
+    assert c.status["phase"] == "Restarting"
+    assert c.status["preemptionsWithoutProgress"] == 0
+    assert "nextRestartTime" not in c.status
+    assert d.requeue_after == 0.0
+
+
+def test_progress_is_measured_against_the_checkpoint_the_incarnation_resumed_from() -> None:
+    c = Cluster(job_body(), checkpoints=[ckpt("CKP-1_10", 10, 1)])
+    c.step()
+    c.run(node_for={0: "node-a", 1: "node-b"})
+    c.step()
+    assert c.status["resumeFrom"] == "CKP-1_10"
+    preempt_and_exit(c)
+    assert c.status["preemptionsWithoutProgress"] == 1
+
+
+def test_an_exit_save_under_the_name_it_resumed_from_is_progress() -> None:
+    """Until every save has a name of its own, an exit save may rewrite ``Net``: a newest
+    checkpoint written after the stop was requested is progress whatever its name."""
+    c = Cluster(job_body(), checkpoints=[ckpt("Net", 7, 1)])
+    c.step()
+    c.run(node_for={0: "node-a", 1: "node-b"})
+    c.step()
+    assert c.status["resumeFrom"] == "Net"
+    c.checkpoints = [ckpt("Net", 50, 61)]  # 12:01, after the stop requested at 12:00
+    preempt_and_exit(c)
+    assert c.status["preemptionsWithoutProgress"] == 0
+    assert "nextRestartTime" not in c.status
+
+
+# --- peers that lost their connection to a rank that says nothing yet --------------------------
+
+
+def peers_lost_rank_0(c: Cluster) -> None:
+    """Ranks 1 and 2 fail on the broken connection at 12:00; rank 0's pod still reads Running
+    (its node stopped reporting: nothing updates the pod, the node is not NotReady yet)."""
+    c.exit(1, 1, RESET, finished_at=STAMP)
+    c.exit(2, 1, RESET, finished_at=STAMP)
+
+
+def test_peers_failing_on_a_lost_connection_wait_for_the_silent_rank() -> None:
+    c = running(replicas=3)
+    peers_lost_rank_0(c)
+    d = c.decide()
+    assert d.status == {"readyReplicas": 1, "ready": "1/3"}  # nothing counted, no phase change
+    assert not d.delete and not d.events and d.graceful_exit is None
+    assert d.requeue_after == 30.0  # re-decided within the bound, capped like every wait
+    c.later(45)
+    c.nodes["node-a"] = node("node-a", ready="Unknown")  # the node controller notices
+    d = c.step()
+    assert (c.status["stopReason"], c.status["preemptions"], c.status.get("restarts", 0)) == ("Preemption", 1, 0)
+    assert "node node-a hosting rank 0 is NotReady" in c.status["stopMessage"]
+
+
+def test_without_evidence_within_the_bound_the_lost_connection_is_a_failure() -> None:
+    c = running(replicas=3)
+    peers_lost_rank_0(c)
+    c.later(59)
+    d = c.decide()
+    assert d.status == {"readyReplicas": 1, "ready": "1/3"} and d.requeue_after == pytest.approx(1)
+    c.later(1)
+    d = c.step()
+    assert (c.status["stopReason"], c.status["restarts"]) == ("Failure", 1)
+    assert d.delete == (ObjectRef("v1", "Pod", "demo-1-0"),)
+
+
+def test_the_bound_is_a_setting_and_zero_waits_not_at_all() -> None:
+    c = running(replicas=3)
+    c.settings = OperatorSettings(peer_loss_grace_seconds=0)
+    peers_lost_rank_0(c)
+    d = c.decide()
+    assert d.status is not None and d.status["stopReason"] == "Failure"
+
+
+@pytest.mark.parametrize("error", ["RuntimeError: boom", "IsADirectoryError: [Errno 21] Is a directory: 'x'"])
+def test_a_crash_that_is_not_a_lost_connection_does_not_wait(error: str) -> None:
+    c = running(replicas=3)
+    c.exit(1, 1, message("error", 1).replace('"reason"', f'"error":"{error}","reason"'), finished_at=STAMP)
+    d = c.decide()
+    assert d.status is not None and d.status["stopReason"] == "Failure"
+
+
+def test_when_the_silent_rank_ends_without_evidence_it_is_one_failure_at_once() -> None:
+    c = running(replicas=3)
+    peers_lost_rank_0(c)
+    c.later(5)
+    c.exit(0, 137, finished_at="2026-01-01T12:00:04Z")
+    d = c.decide()
+    assert d.status is not None and (d.status["stopReason"], d.status["restarts"]) == ("Failure", 1)
+
+
+def test_the_failure_names_the_crash_that_was_not_a_lost_connection() -> None:
+    """Rank 1's own error is the cause; rank 0 only lost its connection to it."""
+    c = running()
+    c.exit(0, 1, RESET, finished_at="2026-01-01T12:00:01Z")
+    c.exit(1, 1, message("error", 1).replace('"reason"', '"error":"IsADirectoryError: x","reason"'))
+    d = c.decide()
+    assert d.status is not None
+    assert d.status["stopMessage"].startswith("rank 1 failed with exit 1: IsADirectoryError: x (and 1 more)")

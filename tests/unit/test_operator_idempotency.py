@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from test_operator_world import Cluster, ckpt, job_body, message, node
 
 from torpor_operator.contract import LABEL_INCARNATION, LABEL_RANK
+from torpor_operator.observing import format_time
 
 REPLICAS = 2
 MAX_RESTARTS = 3
@@ -56,6 +57,12 @@ def _add_checkpoint(c: Cluster, _: int) -> None:
     c.checkpoints.append(ckpt(f"CKP-1_{n * 10}", n * 10, n))
 
 
+def _lost_connection(c: Cluster, p: dict[str, Any], rank: int) -> None:
+    text = message("error", 1).replace('"reason"', '"error":"RuntimeError: Connection reset by peer","reason"')
+    c.exit(rank, 1, text, incarnation=int(p["metadata"]["labels"][LABEL_INCARNATION]),
+           finished_at=format_time(c.now))
+
+
 def _vanish(c: Cluster, _: int) -> None:
     c.vanish_deleted()
 
@@ -72,6 +79,9 @@ OPS: dict[str, Callable[[Cluster, int], None]] = {
     "crash": _exit(1, lambda: message("error", 1)),
     "saved": _exit(143, lambda: message("signal", 143, "Net", 7)),
     "killed": _exit(137, lambda: ""),
+    "abort": _exit(134, lambda: ""),
+    "lost-connection": _on_pod(_lost_connection),
+    "node-lost": lambda c, r: c.nodes.__setitem__(f"node-{'ab'[r]}", node(f"node-{'ab'[r]}", ready="Unknown")),
     "finish": _exit(0, lambda: message("completed", 0)),
     "all-saved": lambda c, _: c.exit_all_saved("Net", 7),
     "vanish": _vanish,

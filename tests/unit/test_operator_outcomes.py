@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 from test_operator_world import message, node, pod
@@ -18,7 +19,7 @@ from torpor_operator.observing import (
     parse_time,
     preemption_signals,
 )
-from torpor_operator.outcomes import Outcome, classify
+from torpor_operator.outcomes import RULES, Outcome, classify, facts, rules_table
 
 
 def view(p: dict) -> PodView:
@@ -30,32 +31,165 @@ def view(p: dict) -> PodView:
 @pytest.mark.parametrize(
     ("code", "text", "k8s_reason", "outcome", "checkpoint"),
     [
-        (143, message("signal", 143, "Net", 40), "Error", Outcome.STOPPED, "Net"),
-        (130, message("signal", 130, "Net", 40), "Error", Outcome.STOPPED, "Net"),
+        (143, message("signal", 143, "Net", 40), "Error", Outcome.CRASHED, "Net"),
         (75, message("file", 75, "Net", 40), "Error", Outcome.STOPPED, "Net"),
-        (143, message("signal", 143), "Error", Outcome.STOPPED, None),
         (0, message("completed", 0, "CKP-9_9", 99), "Completed", Outcome.FINISHED, "CKP-9_9"),
         (1, message("error", 1), "Error", Outcome.CRASHED, None),
         (0, message("error", 0), "Completed", Outcome.CRASHED, None),
         (0, "", "Completed", Outcome.FINISHED, None),
         (75, "", "Error", Outcome.STOPPED, None),
         (137, "", "OOMKilled", Outcome.CRASHED, None),
-        (137, "", "Error", Outcome.KILLED, None),
-        (143, "", "Error", Outcome.KILLED, None),
+        (137, "", "Error", Outcome.CRASHED, None),
+        (143, "", "Error", Outcome.CRASHED, None),
+        (134, "", "Error", Outcome.CRASHED, None),
+        (139, "", "Error", Outcome.CRASHED, None),
         (1, "Traceback (most recent call last):\nRuntimeError: boom", "Error", Outcome.CRASHED, None),
         (2, "{not json", "Error", Outcome.CRASHED, None),
         (1, '{"reason": "signal"}', "Error", Outcome.CRASHED, None),
     ],
-    ids=["sigterm-saved", "sigint-saved", "file-saved", "stopped-nothing-saved", "completed", "error",
-         "error-exit-0", "exit-0-no-message", "exit-75-no-message", "oom", "sigkill", "sigterm-unsaved",
-         "traceback-tail", "broken-json", "json-without-exit-code"],
+    ids=["signal-saved-without-evidence", "file-saved", "completed", "error", "error-exit-0", "exit-0-no-message",
+         "exit-75-no-message", "oom", "sigkill", "sigterm-unsaved", "sigabrt", "sigsegv", "traceback-tail",
+         "broken-json", "json-without-exit-code"],
 )
-def test_classification(code: int, text: str, k8s_reason: str, outcome: Outcome, checkpoint: str | None) -> None:
+def test_classification_without_evidence(code: int, text: str, k8s_reason: str, outcome: Outcome,
+                                         checkpoint: str | None) -> None:
+    """Nothing says the rank was disrupted: every end but a completion or an explicit request is a failure."""
     result = classify(view(pod("demo", 1, 3, exit_code=code, term_message=text, term_reason=k8s_reason)))
     assert result.outcome is outcome
     assert result.checkpoint == checkpoint
     assert result.rank == 3
     assert result.detail.startswith("rank 3 ")
+
+
+@pytest.mark.parametrize(
+    ("code", "text", "outcome"),
+    [
+        (143, message("signal", 143, "Net", 40), Outcome.STOPPED),
+        (130, message("signal", 130, "Net", 40), Outcome.STOPPED),
+        (143, message("signal", 143), Outcome.STOPPED),
+        (137, "", Outcome.KILLED),
+        (143, "", Outcome.KILLED),
+        (134, "", Outcome.KILLED),
+        (1, message("error", 1), Outcome.CRASHED),
+        (1, "", Outcome.CRASHED),
+    ],
+    ids=["sigterm-saved", "sigint-saved", "signal-nothing-saved", "sigkill", "sigterm-unsaved", "sigabrt",
+         "error-message", "exit-1"],
+)
+@pytest.mark.parametrize(
+    "evidence",
+    [{"deleting": True}, {"disruption": "EvictionByEvictionAPI"}, {"disruption": "DeletionByTaintManager"},
+     {"status_reason": "Evicted"}, {"status_reason": "Shutdown"}],
+    ids=["deleted", "evicted", "taint-manager", "evicted-by-kubelet", "node-shutdown"],
+)
+def test_a_signal_is_a_preemption_only_with_evidence(code: int, text: str, outcome: Outcome,
+                                                     evidence: dict) -> None:
+    result = classify(view(pod("demo", 1, 3, exit_code=code, term_message=text, **evidence)))
+    assert result.outcome is outcome, result.detail
+
+
+@pytest.mark.parametrize(
+    ("the_node", "outcome"),
+    [(node("a"), Outcome.CRASHED), (node("a", unschedulable=True), Outcome.KILLED),
+     (node("a", taints=("ToBeDeletedByClusterAutoscaler",)), Outcome.KILLED),
+     (node("a", taints=("node.kubernetes.io/unreachable",)), Outcome.KILLED),
+     (node("a", ready="Unknown"), Outcome.KILLED), (node("a", ready="False"), Outcome.KILLED)],
+    ids=["healthy", "cordoned", "termination-taint", "unreachable", "not-reporting", "not-ready"],
+)
+def test_the_node_going_away_or_lost_is_evidence(the_node: dict, outcome: Outcome) -> None:
+    p = view(pod("demo", 1, 0, node="a", exit_code=137))
+    result = classify(p, NodeView.from_dict(the_node), ("ToBeDeletedByClusterAutoscaler",))
+    assert result.outcome is outcome, result.detail
+
+
+def test_sigabrt_says_which_signal_and_that_nothing_disrupted_it() -> None:
+    result = classify(view(pod("demo", 1, 2, exit_code=134)))
+    assert result.detail == "rank 2 was ended by signal 6 (SIGABRT) (exit 134) with no disruption in sight"
+
+
+@pytest.mark.parametrize("reason", ["UnexpectedAdmissionError", "OutOfcpu", "OutOfmemory", "OutOfpods",
+                                    "OutOfnvidia.com/gpu", "NodeAffinity"])
+def test_a_pod_the_kubelet_refused_is_rejected_not_failed(reason: str) -> None:
+    p = pod("demo", 1, 1, phase="Failed", status_reason=reason)
+    p["status"]["message"] = "Pod was rejected: Node didn't have enough resource"
+    result = classify(view(p))
+    assert result.outcome is Outcome.REJECTED
+    assert result.detail == (f"rank 1 was rejected by the kubelet of its node ({reason}: "
+                             "Pod was rejected: Node didn't have enough resource)")
+
+
+def test_a_failed_init_container_is_a_failure() -> None:
+    p = pod("demo", 1, 0, phase="Failed")
+    p["spec"]["initContainers"] = [{"name": "fetch"}]
+    p["status"]["initContainerStatuses"] = [
+        {"name": "fetch", "state": {"terminated": {"exitCode": 2, "reason": "Error"}}}]
+    p["status"]["containerStatuses"] = [{"name": "train", "state": {"waiting": {"reason": "PodInitializing"}}}]
+    result = classify(view(p))
+    assert result.outcome is Outcome.CRASHED
+    assert result.detail == "rank 0 could not start: init container fetch exited 2 (Error)"
+
+
+def test_a_native_sidecar_ended_with_its_pod_is_no_init_failure() -> None:
+    p = pod("demo", 1, 0, exit_code=0)
+    p["spec"]["initContainers"] = [{"name": "logs", "restartPolicy": "Always"}]
+    p["status"]["initContainerStatuses"] = [
+        {"name": "logs", "state": {"terminated": {"exitCode": 143, "reason": "Error"}}}]
+    assert view(p).init_failure is None
+    assert classify(view(p)).outcome is Outcome.FINISHED
+
+
+def test_an_init_container_killed_by_a_drain_is_a_preemption() -> None:
+    p = pod("demo", 1, 0, phase="Failed", deleting=True)
+    p["status"]["initContainerStatuses"] = [
+        {"name": "fetch", "state": {"terminated": {"exitCode": 143, "reason": "Error"}}}]
+    assert classify(view(p)).outcome is Outcome.KILLED
+
+
+def test_active_deadline_seconds_is_a_failure() -> None:
+    p = pod("demo", 1, 0, exit_code=137, status_reason="DeadlineExceeded")
+    result = classify(view(p))
+    assert result.outcome is Outcome.CRASHED
+    assert "activeDeadlineSeconds" in result.detail
+
+
+def test_a_failed_pod_without_an_exit_or_evidence_is_a_failure() -> None:
+    result = classify(view(pod("demo", 1, 0, phase="Failed")))
+    assert result.outcome is Outcome.CRASHED
+    assert result.detail == "rank 0 ended without an exit code (no exit status)"
+
+
+def test_every_rule_of_the_table_is_reached() -> None:
+    """Each row decides at least one case above: no dead row in the documented table."""
+    cases = [
+        pod("demo", 1, 0, exit_code=143, term_message=message("signal", 143), deleting=True),
+        pod("demo", 1, 0, exit_code=75, term_message=message("file", 75)),
+        pod("demo", 1, 0, exit_code=143, term_message=message("signal", 143)),
+        pod("demo", 1, 0, exit_code=0, term_message=message("completed", 0)),
+        pod("demo", 1, 0, exit_code=1, term_message=message("error", 1)),
+        pod("demo", 1, 0, exit_code=0),
+        pod("demo", 1, 0, exit_code=75),
+        pod("demo", 1, 0, phase="Failed", status_reason="OutOfcpu"),
+        pod("demo", 1, 0, exit_code=137, status_reason="DeadlineExceeded"),
+        pod("demo", 1, 0, exit_code=137, term_reason="OOMKilled"),
+        pod("demo", 1, 0, exit_code=137, deleting=True),
+        {**pod("demo", 1, 0, phase="Failed"), "status": {"phase": "Failed", "initContainerStatuses": [
+            {"name": "i", "state": {"terminated": {"exitCode": 1}}}]}},
+        pod("demo", 1, 0, exit_code=139),
+        pod("demo", 1, 0, phase="Failed"),
+        pod("demo", 1, 0, exit_code=3),
+    ]
+    reached = [next(n for n, rule in enumerate(RULES) if rule.applies(facts(view(p)))) for p in cases]
+    assert reached == list(range(len(RULES)))
+
+
+def test_the_documented_table_is_the_table() -> None:
+    """docs/operator.md shows ``rules_table()`` between its markers; a change of RULES changes the docs."""
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "operator.md").read_text()
+    begin, end = "<!-- BEGIN outcome rules: tests/unit/test_operator_outcomes.py keeps this equal to " \
+                 "torpor_operator.outcomes.rules_table() -->", "<!-- END outcome rules -->"
+    assert begin in doc and end in doc, "docs/operator.md lacks the outcome-rules markers"
+    shown = doc.split(begin, 1)[1].split(end, 1)[0].strip()
+    assert shown == rules_table(), "docs/operator.md: paste torpor_operator.outcomes.rules_table() between the markers"
 
 
 def test_a_crash_detail_carries_the_last_log_line() -> None:
@@ -73,6 +207,13 @@ def test_a_failed_pod_without_a_container_exit_was_killed() -> None:
     result = classify(view(pod("demo", 1, 0, phase="Failed", status_reason="Evicted")))
     assert result.outcome is Outcome.KILLED
     assert "Evicted" in result.detail
+
+
+def test_node_view_reads_readiness() -> None:
+    assert NodeView.from_dict(node("n")).lost() is None
+    assert NodeView.from_dict(node("n", ready="Unknown")).lost() == "NotReady (Ready=Unknown)"
+    assert NodeView.from_dict(node("n", taints=("node.kubernetes.io/unreachable",))).lost() == (
+        "tainted node.kubernetes.io/unreachable")
 
 
 def test_pod_view_reads_the_fields_decisions_need() -> None:

@@ -75,12 +75,14 @@ def pod(job: str, incarnation: int, rank: int, *, phase: str = "Running", ready:
     return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": {"nodeName": node}, "status": status}
 
 
-def node(name: str, *, unschedulable: bool = False, taints: tuple[str, ...] = ()) -> dict[str, Any]:
-    """A Node object."""
+def node(name: str, *, unschedulable: bool = False, taints: tuple[str, ...] = (),
+         ready: str = "True") -> dict[str, Any]:
+    """A Node object; ``ready`` is the status of its ``Ready`` condition."""
     spec: dict[str, Any] = {"taints": [{"key": t, "effect": "NoSchedule"} for t in taints]}
     if unschedulable:
         spec["unschedulable"] = True
-    return {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}, "spec": spec}
+    return {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}, "spec": spec,
+            "status": {"conditions": [{"type": "Ready", "status": ready}]}}
 
 
 def ckpt(name: str, step: int, minutes: float, complete: bool = True) -> CheckpointInfo:
@@ -176,12 +178,14 @@ class Cluster:
                 p["spec"]["nodeName"] = (node_for or {}).get(rank, "node-a")
 
     def exit(self, rank: int, code: int, term_message: str = "", *, incarnation: int | None = None,
-             term_reason: str = "") -> None:
-        """A rank's container ends."""
+             term_reason: str = "", finished_at: str | None = None) -> None:
+        """A rank's container ends (at ``finished_at``, RFC 3339, if given)."""
         inc = incarnation if incarnation is not None else self.status["incarnation"]
         p = self.pods[f"{self.body['metadata']['name']}-{inc}-{rank}"]
         reason = term_reason or ("Completed" if not code else "Error")
         terminated = {"exitCode": code, "message": term_message, "reason": reason}
+        if finished_at:
+            terminated["finishedAt"] = finished_at
         p["status"] = {"phase": "Succeeded" if code == 0 else "Failed",
                        "containerStatuses": [{"name": "train", "state": {"terminated": terminated}}]}
 

@@ -28,7 +28,6 @@ from torpor.storage import S3Settings, open_storage
         ({"file_name": "a/b"}, ["file_name", "'a/b'", "'/'"]),
         ({"file_name": ""}, ["file_name", "''"]),
         ({"directory": 5}, ["directory", "5"]),
-        ({"directory": None}, ["directory", "None"]),
         ({"sig": "SIGTERM"}, ["sig", "'SIGTERM'"]),
         ({"sig": 15.0}, ["sig", "15.0"]),
         ({"sig": True}, ["sig", "True"]),
@@ -52,7 +51,7 @@ def test_on_request_exit_rejects(kwargs: dict, fragments: list[str]) -> None:
 def test_on_request_exit_accepts_the_seed_defaults_and_signal_enums(tmp_path) -> None:
     cb = torpor.OnRequestExit()
     assert (cb.save_ckpt, cb.save_export, cb.file_name, cb.directory, cb.sig, cb.config_file) == (
-        True, True, "Net", "./", signal.SIGTERM, None)
+        True, True, "Net", "./checkpoints", signal.SIGTERM, None)  # the run's checkpoint root, not the seed's "./"
     assert torpor.OnRequestExit(sig=signal.SIGUSR1, directory=tmp_path).sig == signal.SIGUSR1
 
 
@@ -74,8 +73,6 @@ def test_on_request_exit_accepts_the_seed_defaults_and_signal_enums(tmp_path) ->
         ({"keep_checkpoint_per_n_minutes": -2}, ValueError, ["keep_checkpoint_per_n_minutes", "-2"]),
         ({"save_checkpoint_steps": 10, "save_checkpoint_seconds": 60}, ValueError,
          ["save_checkpoint_steps=10", "save_checkpoint_seconds=60", "together"]),
-        ({"save_checkpoint_steps": 0, "save_checkpoint_seconds": 0}, ValueError,
-         ["save_checkpoint_steps=0", "save_checkpoint_seconds=0"]),
         ({"keep_checkpoint_max": 3, "keep_checkpoint_per_n_minutes": 10}, ValueError,
          ["keep_checkpoint_max=3", "keep_checkpoint_per_n_minutes=10", "together"]),
         ({"integrated_save": "yes"}, TypeError, ["integrated_save", "'yes'"]),
@@ -212,6 +209,67 @@ def test_from_env_constructors_follow_the_variables(monkeypatch: pytest.MonkeyPa
     assert exit_cb.config_file == "/x/exit.json" and exit_cb.check_every_n_steps == 4
     assert monitor.config.by_seconds and monitor.config.save_checkpoint_seconds == 120
     assert monitor.config.retention == RetentionPolicy(keep_max=0, keep_per_n_minutes=15)
+
+
+def test_from_env_with_save_steps_and_seconds_both_zero_means_no_periodic_saves(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the operator exports for a TrainingJob with neither saveSteps nor saveSeconds."""
+    monkeypatch.setenv("TORPOR_SAVE_STEPS", "0")
+    monkeypatch.setenv("TORPOR_SAVE_SECONDS", "0")
+    exit_cb, monitor = torpor.callbacks_from_env()
+    assert exit_cb.save_ckpt and not monitor.config.periodic and not monitor.config.by_seconds
+    assert not CheckpointConfig(save_checkpoint_steps=0, save_checkpoint_seconds=0).periodic
+    assert CheckpointConfig().periodic and CheckpointConfig(save_checkpoint_seconds=5).periodic
+
+
+def test_callbacks_from_env_gives_each_option_to_every_callback_that_takes_it(
+        tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TORPOR_CHECKPOINT_URI", "s3://bucket/from-env")
+    key = bytes(range(16))
+    exit_cb, monitor = torpor.callbacks_from_env(directory=str(tmp_path), integrated_save=False, enc_key=key,
+                                                 enc_mode="SM4-CBC", save_export=False, prefix="P")
+    assert exit_cb.directory == monitor.directory == str(tmp_path)
+    assert exit_cb.integrated_save is False and monitor.config.integrated_save is False
+    assert exit_cb.encryption == monitor.encryption and monitor.encryption.mode == "SM4-CBC"
+    assert exit_cb.save_export is False and monitor.prefix == "P"
+    with pytest.raises(TypeError, match=r"callbacks_from_env.*'save_every'"):
+        torpor.callbacks_from_env(save_every=3)
+
+
+def _net():
+    import torch
+
+    return torch.nn.Linear(1, 1)
+
+
+def test_a_run_refuses_two_different_keys_naming_both_callbacks() -> None:
+    with pytest.raises(ValueError) as info:
+        torpor.Loop(_net(), callbacks=[torpor.OnRequestExit(enc_key=b"a" * 16),
+                                       torpor.CheckpointMonitor(enc_key=b"b" * 16)])
+    for fragment in ("enc_key", "OnRequestExit", "CheckpointMonitor(prefix='CKP')"):
+        assert fragment in str(info.value)
+    assert "aaaa" not in str(info.value) and "bbbb" not in str(info.value)
+    with pytest.raises(ValueError, match=r"enc_mode='AES-GCM'.*enc_mode='AES-CBC'"):
+        torpor.Loop(_net(), callbacks=[torpor.OnRequestExit(enc_key=b"a" * 16),
+                                       torpor.CheckpointMonitor(enc_key=b"a" * 16, enc_mode="AES-CBC")])
+
+
+def test_a_run_refuses_two_directories_and_two_layouts_naming_both(tmp_path) -> None:
+    with pytest.raises(ValueError, match=r"directory.*OnRequestExit.*'/a'.*CheckpointMonitor\(prefix='CKP'\).*'/b'"):
+        torpor.Loop(_net(), callbacks=[torpor.OnRequestExit(directory="/a"), torpor.CheckpointMonitor(directory="/b")])
+    with pytest.raises(ValueError, match=r"integrated_save.*OnRequestExit.*False.*CheckpointMonitor.*True"):
+        torpor.Loop(_net(), callbacks=[torpor.OnRequestExit(integrated_save=False), torpor.CheckpointMonitor()])
+
+
+def test_a_run_shares_what_one_callback_was_given(tmp_path) -> None:
+    exit_cb = torpor.OnRequestExit()
+    monitor = torpor.CheckpointMonitor(directory=str(tmp_path), enc_key=b"k" * 16, integrated_save=False)
+    loop = torpor.Loop(_net(), callbacks=[exit_cb, monitor])
+    assert exit_cb.directory == monitor.directory == loop.shared.directory == str(tmp_path)
+    assert exit_cb.encryption == monitor.encryption and exit_cb.integrated_save is False
+    same = torpor.Loop(_net(), callbacks=[torpor.OnRequestExit(directory=str(tmp_path) + "/"),
+                                          torpor.CheckpointMonitor(directory=str(tmp_path))])
+    assert same.shared.directory.rstrip("/") == str(tmp_path)  # one place, however it is spelt
 
 
 def test_model_rejects() -> None:
