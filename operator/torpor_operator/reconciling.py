@@ -274,6 +274,31 @@ def _live(pods: Iterable[PodView]) -> list[PodView]:
     return [p for p in pods if not p.terminated]
 
 
+def _release_lost(world: _World, plan: _Plan, live: list[PodView]) -> list[PodView]:
+    """Force-delete (grace 0) the live pods of nodes gone for good; returns the others.
+
+    A pod on a node that stopped reporting never finishes a deletion (no kubelet to stop its
+    containers and remove it), so a stop would wait for it for ever. Once the node has been lost
+    for ``TORPOR_LOST_NODE_FORCE_DELETE_SECONDS`` (or is tainted out-of-service) the API object
+    is all that is left of the rank: it is removed. Until then the decision is re-made when the
+    bound passes. The rank had no chance to save: the job resumes from the newest complete
+    checkpoint, like after any preemption."""
+    bound = world.settings.lost_node_force_delete_seconds
+    kept = []
+    for p in live:
+        node = world.nodes.get(p.node or "")
+        if node is not None and node.gone_for_good(world.now, bound):
+            plan.delete.append(ObjectRef("v1", "Pod", p.name, grace_period_seconds=0))
+            plan.events.append(Event("Warning", "LostNodePodDeleted",
+                                     f"force-deleted rank {p.rank} (pod {p.name}): node {node.name} is "
+                                     f"{node.lost() or 'out of service'}, no kubelet will finish its deletion"))
+            continue
+        kept.append(p)
+        if node is not None and node.lost() and node.lost_since is not None:
+            plan.requeue((node.lost_since + timedelta(seconds=bound) - world.now).total_seconds())
+    return kept
+
+
 # --- phases --------------------------------------------------------------------------------
 
 
@@ -466,7 +491,7 @@ def _stopping(world: _World, plan: _Plan) -> None:
     """Wait for every rank of the incarnation to exit; delete stragglers past the deadline."""
     s = plan.status
     current = world.pods_of(s.incarnation)
-    live = _live(current)
+    live = _release_lost(world, plan, _live(current))
     requested = parse_time(s.stop_requested_at) or world.now
     deadline = requested + timedelta(seconds=world.spec.graceful_exit.exit_deadline_seconds)
     if s.stop_reason in ("Preemption", "Suspend"):
@@ -559,8 +584,9 @@ def _restarting(world: _World, plan: _Plan) -> None:
         _release(world, plan)
         _transition(world, plan, "Suspended", Event("Normal", "Suspended", "spec.suspend is true"))
         return
-    stragglers = [p for p in _live(world.pods) if p.incarnation <= s.incarnation]
-    if stragglers:
+    live = [p for p in _live(world.pods) if p.incarnation <= s.incarnation]
+    stragglers = _release_lost(world, plan, live)
+    if live:
         for p in stragglers:
             if not p.deleting:
                 plan.delete.append(ObjectRef("v1", "Pod", p.name))

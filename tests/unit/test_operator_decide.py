@@ -871,3 +871,94 @@ def test_the_failure_names_the_crash_that_was_not_a_lost_connection() -> None:
     d = c.decide()
     assert d.status is not None
     assert d.status["stopMessage"].startswith("rank 1 failed with exit 1: IsADirectoryError: x (and 1 more)")
+
+
+# --- a node that stopped reporting: its pods never finish a deletion ---------------------------
+
+FORCE = ObjectRef("v1", "Pod", "demo-1-0", grace_period_seconds=0)
+
+
+def node_a_lost(c: Cluster, since: str = STAMP, **kw: Any) -> None:
+    """node-a (rank 0) stopped reporting; the node controller marked it NotReady at ``since``.
+    Rank 0's pod still reads Running: no kubelet is left to say otherwise."""
+    c.nodes["node-a"] = node("node-a", ready="Unknown", since=since, **kw)
+
+
+def test_a_rank_on_a_lost_node_is_force_deleted_once_the_node_is_gone_past_the_bound() -> None:
+    """Today's bug: the rank on the lost node is deleted with its grace period, no kubelet ever
+    finishes the deletion, and the job stays Stopping for ever."""
+    c = running()
+    node_a_lost(c)
+    c.step()
+    assert (c.status["phase"], c.status["stopReason"]) == ("Stopping", "Preemption")
+    assert c.flag() == 1  # the rank on the healthy node is asked to save
+    c.exit(1, 143, message("signal", 143, "CKP-1_40", 40))
+    c.checkpoints = [ckpt("CKP-1_40", 40, 59)]
+    c.later(29)
+    d = c.step()
+    assert FORCE not in d.delete and c.status["phase"] == "Stopping"
+    assert d.requeue_after == pytest.approx(1)  # woken when the bound passes
+    c.later(1)
+    d = c.step()
+    assert FORCE in d.delete
+    assert ObjectRef("v1", "Pod", "demo-1-0") not in d.delete
+    assert c.status["phase"] == "Restarting"
+    del c.pods["demo-1-0"]  # grace 0: the API server removes it at once
+    c.step()
+    assert (c.status["phase"], c.status["incarnation"], c.status["resumeFrom"]) == ("Pending", 2, "CKP-1_40")
+    assert (c.status["preemptions"], c.status.get("restarts", 0)) == (1, 0)
+
+
+def test_the_force_deletion_bound_is_a_setting() -> None:
+    c = running()
+    c.settings = OperatorSettings(lost_node_force_delete_seconds=5)
+    node_a_lost(c)
+    c.step()
+    c.exit(1, 143, message("signal", 143, "CKP-1_40", 40))
+    c.later(5)
+    assert FORCE in c.decide().delete
+
+
+def test_a_pod_stuck_terminating_on_a_lost_node_is_force_deleted_after_a_failure() -> None:
+    """A failure deletes the live ranks; one on a node that then stops reporting stays
+    Terminating for ever without the force deletion."""
+    c = running(replicas=3)
+    c.exit(1, 1, message("error", 1))
+    c.step()
+    assert c.status["stopReason"] == "Failure"
+    c.exit(2, 143)
+    node_a_lost(c)
+    c.later(30)
+    d = c.step()
+    assert FORCE in d.delete
+    assert c.status["phase"] == "Restarting"
+
+
+def test_an_out_of_service_node_releases_its_pods_at_once() -> None:
+    """``node.kubernetes.io/out-of-service`` is the administrator saying the node is down for good
+    (Kubernetes' non-graceful node shutdown): there is nothing to wait for."""
+    c = running()
+    c.nodes["node-a"] = node("node-a", taints=("node.kubernetes.io/out-of-service",))
+    c.step()
+    c.exit(1, 143, message("signal", 143, "CKP-1_40", 40))
+    assert FORCE in c.decide().delete
+
+
+def test_a_lost_node_without_a_transition_time_is_not_force_deleted() -> None:
+    """Without a time the bound cannot be measured: wait for the node controller (or the
+    taint manager's eviction) rather than force-delete a pod that may still run."""
+    c = running()
+    node_a_lost(c, since="")
+    c.step()
+    c.exit(1, 143, message("signal", 143, "CKP-1_40", 40))
+    c.later(600)
+    assert FORCE not in c.decide().delete
+
+
+def test_restarting_force_deletes_a_straggler_on_a_lost_node() -> None:
+    c = running()
+    node_a_lost(c)
+    c.status.update(phase="Restarting", stopReason="Preemption")
+    c.later(30)
+    d = c.decide()
+    assert FORCE in d.delete
