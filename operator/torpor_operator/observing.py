@@ -78,6 +78,12 @@ class PodView:
     init_failure: str | None = None
     """``init container NAME exited CODE (REASON)`` for the first init container that failed; native
     sidecars (``restartPolicy: Always``), which are ended with the pod, never count."""
+    created: datetime | None = None
+    """``metadata.creationTimestamp``: where a rank's startup timeout starts."""
+    not_starting: str = ""
+    """Why a Pending pod has not started, in the cluster's words: ``Unschedulable: 0/2 nodes…``
+    (its ``PodScheduled`` condition) or a container's waiting reason and message
+    (``ImagePullBackOff: …``, ``CreateContainerConfigError: …``); empty when nothing says."""
 
     @property
     def terminated(self) -> bool:
@@ -134,7 +140,20 @@ class PodView:
             status_reason=status.get("reason"),
             termination=termination,
             annotations=dict(meta.get("annotations") or {}),
+            created=parse_time(meta.get("creationTimestamp")),
+            not_starting=_not_starting(status, conditions),
         )
+
+
+def _not_starting(status: Mapping[str, Any], conditions: Mapping[str, Any]) -> str:
+    scheduled = conditions.get("PodScheduled") or {}
+    if scheduled.get("status") == "False":
+        return f"{scheduled.get('reason') or 'NotScheduled'}: {scheduled.get('message') or ''}".rstrip(": ")
+    for cs in [*(status.get("initContainerStatuses") or []), *(status.get("containerStatuses") or [])]:
+        waiting = (cs.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") and waiting["reason"] not in ("ContainerCreating", "PodInitializing"):
+            return f"{waiting['reason']}: {waiting.get('message') or ''}".rstrip(": ")
+    return ""
 
 
 def _init_failure(pod: Mapping[str, Any]) -> str | None:

@@ -380,6 +380,8 @@ def _active(world: _World, plan: _Plan) -> None:
     if world.spec.suspend:
         _begin_stop(world, plan, current, "Suspend", "spec.suspend is true")
         return
+    if _startup_timed_out(world, plan, current):
+        return
     rejected = [(p, o) for p, o in zip(current, outcomes, strict=True) if o.outcome is Outcome.REJECTED]
     if any(not p.deleting for p, _ in rejected) and _recreate_rejected(world, plan, current, rejected):
         return
@@ -405,6 +407,30 @@ def _awaiting_silent_rank(world: _World, plan: _Plan, current: list[PodView], cr
     if world.now >= deadline:
         return False
     plan.requeue((deadline - world.now).total_seconds())
+    return True
+
+
+def _startup_timed_out(world: _World, plan: _Plan, current: list[PodView]) -> bool:
+    """A rank still Pending ``spec.startupTimeoutSeconds`` after its pod was created (never
+    scheduled, its image not pulled, its Secret missing) would leave the others blocking in the
+    rendezvous until its timeout, holding their capacity: the incarnation is torn down as a
+    failure (maxRestarts, backoff), the pod's own reason in the message. Returns whether it was."""
+    timeout = timedelta(seconds=world.spec.startup_timeout_seconds)
+    late = []
+    for p in current:
+        if p.phase != "Pending" or p.deleting or p.created is None:
+            continue
+        if world.now >= p.created + timeout:
+            late.append(p)
+        else:
+            plan.requeue((p.created + timeout - world.now).total_seconds())
+    if not late:
+        return False
+    p = late[0]
+    why = p.not_starting or "still Pending"
+    detail = f"rank {p.rank} (pod {p.name}) did not start within {world.spec.startup_timeout_seconds}s: {why}"
+    detail += f" (and {len(late) - 1} more)" if len(late) > 1 else ""
+    _begin_failure(world, plan, current, [], detail=detail, reason="StartupTimeout")
     return True
 
 
@@ -460,25 +486,29 @@ def _request_exit(world: _World, plan: _Plan, current: list[PodView]) -> None:
             plan.annotate.append((p.name, {ANNOTATION_EXIT_REQUESTED: stamp}))
 
 
-def _begin_failure(world: _World, plan: _Plan, current: list[PodView], crashed: list[RankOutcome]) -> None:
-    """A rank crashed: the others cannot finish a collective without it, so delete them now.
+def _begin_failure(world: _World, plan: _Plan, current: list[PodView], crashed: list[RankOutcome], *,
+                   detail: str = "", reason: str = "Failure") -> None:
+    """A rank crashed (or could not start: ``detail`` and ``reason`` say so): the others cannot
+    finish a collective without it, so delete them now.
 
     The message leads with a crash that is not a lost connection: the rank that failed by itself,
     not the peers that then lost their connection to it."""
-    crashed = sorted(crashed, key=lambda o: o.lost_peer)
-    detail = crashed[0].detail + (f" (and {len(crashed) - 1} more)" if len(crashed) > 1 else "")
+    if not detail:
+        crashed = sorted(crashed, key=lambda o: o.lost_peer)
+        detail = crashed[0].detail + (f" (and {len(crashed) - 1} more)" if len(crashed) > 1 else "")
     spec, s = world.spec, plan.status
+    event_reason = "RankFailed" if reason == "Failure" else reason
     if s.restarts >= spec.max_restarts:
         plan.update(stop_reason="MaxRestartsExceeded", stop_message=f"{detail}; maxRestarts {spec.max_restarts} "
                     "exhausted", stop_requested_at=format_time(world.now))
-        event = Event("Warning", "RankFailed", plan.status.stop_message or "")
+        event = Event("Warning", event_reason, plan.status.stop_message or "")
     else:
         restarts = s.restarts + 1
         delay = world.settings.backoff_seconds(restarts)
-        plan.update(restarts=restarts, stop_reason="Failure", stop_message=detail,
+        plan.update(restarts=restarts, stop_reason=reason, stop_message=detail,
                     stop_requested_at=format_time(world.now),
                     next_restart_time=format_time(world.now + timedelta(seconds=delay)))
-        event = Event("Warning", "RankFailed",
+        event = Event("Warning", event_reason,
                       f"{detail}; restart {restarts}/{spec.max_restarts} in {delay:g}s from the newest checkpoint")
     for p in _live(current):
         if not p.deleting:

@@ -962,3 +962,97 @@ def test_restarting_force_deletes_a_straggler_on_a_lost_node() -> None:
     c.later(30)
     d = c.decide()
     assert FORCE in d.delete
+
+
+# --- a rank that cannot start ------------------------------------------------------------------
+
+
+def not_starting(c: Cluster, name: str, *, created: str = STAMP, unschedulable: bool = False,
+                 waiting: tuple[str, str] | None = None) -> None:
+    """The pod ``name`` was created at ``created`` and is still Pending: never scheduled, or its
+    container waiting with ``waiting`` (reason, message)."""
+    p = c.pods[name]
+    p["metadata"]["creationTimestamp"] = created
+    status: dict[str, Any] = {"phase": "Pending", "conditions": []}
+    if unschedulable:
+        p["spec"].pop("nodeName", None)
+        status["conditions"].append({"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                                     "message": "0/2 nodes are available: 2 node(s) didn't match Pod's node "
+                                                "affinity/selector."})
+    if waiting:
+        status["containerStatuses"] = [{"name": "train", "state": {"waiting": {"reason": waiting[0],
+                                                                               "message": waiting[1]}}}]
+    p["status"] = status
+
+
+def pending_with_rank_1_not_starting(**kw: Any) -> Cluster:
+    c = Cluster(job_body())
+    c.step()
+    c.run()
+    for p in c.pods.values():
+        p["metadata"]["creationTimestamp"] = STAMP
+    not_starting(c, "demo-1-1", **kw)
+    c.step()
+    assert c.status["phase"] == "Pending"
+    return c
+
+
+@pytest.mark.parametrize(
+    ("kw", "reason"),
+    [
+        ({"unschedulable": True}, "Unschedulable: 0/2 nodes are available"),
+        ({"waiting": ("ImagePullBackOff", "Back-off pulling image \"nope:1\"")}, "ImagePullBackOff: Back-off pulling"),
+        ({"waiting": ("CreateContainerConfigError", "secret \"s3-creds\" not found")},
+         "CreateContainerConfigError: secret \"s3-creds\" not found"),
+    ],
+    ids=["unschedulable", "image-pull-back-off", "missing-credentials-secret"],
+)
+def test_a_rank_that_cannot_start_tears_the_incarnation_down_after_the_startup_timeout(
+        kw: dict[str, Any], reason: str) -> None:
+    """Today's bug: the other ranks block in the rendezvous for its whole timeout, then crash."""
+    c = pending_with_rank_1_not_starting(**kw)
+    c.later(599)
+    d = c.step()
+    assert c.status["phase"] == "Pending" and not d.delete
+    assert d.requeue_after == pytest.approx(1)
+    c.later(1)
+    d = c.step()
+    assert (c.status["phase"], c.status["stopReason"], c.status["restarts"]) == ("Stopping", "StartupTimeout", 1)
+    assert f"rank 1 (pod demo-1-1) did not start within 600s: {reason}" in c.status["stopMessage"]
+    assert set(d.delete) == {ObjectRef("v1", "Pod", "demo-1-0"), ObjectRef("v1", "Pod", "demo-1-1")}
+    ready = next(x for x in c.status["conditions"] if x["type"] == "Ready")
+    assert reason in ready["message"]
+    assert [e.reason for e in d.events] == ["StartupTimeout"]
+    c.vanish_deleted()
+    c.step()
+    assert c.status["phase"] == "Restarting" and c.status["nextRestartTime"]  # with backoff
+
+
+def test_the_startup_timeout_is_a_spec_field() -> None:
+    c = Cluster(job_body(startupTimeoutSeconds=30))
+    c.step()
+    c.run()
+    not_starting(c, "demo-1-0", unschedulable=True)
+    c.later(30)
+    c.step()
+    assert c.status["stopReason"] == "StartupTimeout"
+
+
+def test_a_rank_that_never_starts_fails_the_job_past_max_restarts() -> None:
+    c = pending_with_rank_1_not_starting(unschedulable=True)
+    c.body["spec"]["maxRestarts"] = 0
+    c.later(600)
+    c.step()
+    c.vanish_deleted()
+    c.step()
+    assert c.status["phase"] == "Failed"
+    failed = next(x for x in c.status["conditions"] if x["type"] == "Failed")
+    assert "did not start within 600s: Unschedulable" in failed["message"]
+
+
+def test_running_ranks_never_time_out() -> None:
+    c = running()
+    for p in c.pods.values():
+        p["metadata"]["creationTimestamp"] = STAMP
+    c.later(3600)
+    assert c.decide().empty
