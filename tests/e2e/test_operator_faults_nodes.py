@@ -97,3 +97,20 @@ def test_rank_0_sigkilled_without_notice_and_its_crashing_peers_are_one_failure(
     events = e2e.reasons()
     assert [r for r in events if r in ("RankFailed", "Preempted")] == ["RankFailed"], events
     assert e2e.status()["restarts"] == 1  # counted once, not again by a later reconcile
+
+
+def test_a_rank_that_never_schedules_times_out_with_its_reason_and_is_retried(e2e: Env) -> None:
+    body = e2e.example("--losses", str(e2e.losses()), "--step-delay", "0.05", startupTimeoutSeconds=10)
+    body["spec"]["template"]["spec"]["nodeSelector"] = {"torpor.dev/no-such-pool": "true"}
+    e2e.create(body)
+    stopped = e2e.wait("the startup timeout", lambda: (st := e2e.status()).get("restarts") == 1 and st, timeout=90)
+    assert stopped["stopReason"] == "StartupTimeout", stopped
+    assert "did not start within 10s: Unschedulable" in stopped["stopMessage"], stopped
+    ready = next(c for c in stopped["conditions"] if c["type"] == "Ready")
+    assert "Unschedulable" in ready["message"] and "node affinity/selector" in ready["message"], ready
+    assert "StartupTimeout" in e2e.reasons()
+
+    # the cause fixed, the retry (a new incarnation, after the backoff) runs
+    e2e.patch({"template": {"spec": {"nodeSelector": None}}})
+    status = e2e.wait_phase("Running", timeout=120)
+    assert status["incarnation"] >= 2 and status.get("preemptions", 0) == 0, status
