@@ -360,6 +360,10 @@ def _active(world: _World, plan: _Plan) -> None:
         _begin_stop(world, plan, current, "Preemption",
                     f"{disruptions[0]}{more}; {collateral}, not failures (rank {ranks}: {crashed[0].detail})")
         return
+    rank_0 = next((o for p, o in zip(current, outcomes, strict=True) if p.rank == 0), None)
+    if (rank_0 is not None and rank_0.outcome is Outcome.FINISHED and all(o.lost_peer for o in crashed)
+            and _completing(world, plan, current, rank_0)):
+        return
     if crashed:
         if not _awaiting_silent_rank(world, plan, current, crashed):
             _begin_failure(world, plan, current, crashed)
@@ -390,6 +394,39 @@ def _active(world: _World, plan: _Plan) -> None:
     if plan.status.phase == "Pending" and len(running) == world.spec.replicas:
         _transition(world, plan, "Running", Event(
             "Normal", "Running", f"all {world.spec.replicas} ranks of incarnation {incarnation} are running"))
+
+
+def _completing(world: _World, plan: _Plan, current: list[PodView], rank_0: RankOutcome) -> bool:
+    """The success policy: rank 0's completion is the job's (PyTorchJob's rule for its master).
+
+    The others usually finish the same last step within moments; one still running after
+    ``exitDeadlineSeconds`` from rank 0's ``finishedAt`` is blocked in a collective rank 0 will
+    never join, and is deleted (stop reason ``Completion``) instead of waiting for its collective
+    timeout. Peers that crash on the lost connection to rank 0 are part of that ending, not
+    failures (the caller only comes here when every crash is a lost connection). Returns whether
+    the decision is made here: always, once every rank has a pod."""
+    if {p.rank for p in current} != set(range(world.spec.replicas)):
+        return False
+    live = [p for p in _live(current) if not p.deleting]
+    if not _live(current):
+        _finish(world, plan, plan.status.incarnation)
+        return True
+    if rank_0.ended_at is None or not live:
+        plan.requeue(MAX_REQUEUE_SECONDS)
+        return True
+    deadline = rank_0.ended_at + timedelta(seconds=world.spec.graceful_exit.exit_deadline_seconds)
+    if world.now < deadline:
+        plan.requeue((deadline - world.now).total_seconds())
+        return True
+    ranks = ", ".join(str(p.rank) for p in live)
+    message = (f"rank 0 completed; ranks {ranks} still running {world.spec.graceful_exit.exit_deadline_seconds}s "
+               "after it are stopped")
+    plan.update(stop_reason="Completion", stop_message=message, stop_requested_at=format_time(world.now))
+    for p in live:
+        plan.delete.append(ObjectRef("v1", "Pod", p.name))
+    _transition(world, plan, "Stopping", Event("Normal", "Completing", message))
+    plan.requeue(world.spec.graceful_exit.exit_deadline_seconds)
+    return True
 
 
 def _awaiting_silent_rank(world: _World, plan: _Plan, current: list[PodView], crashed: list[RankOutcome]) -> bool:
@@ -542,7 +579,7 @@ def _stopping(world: _World, plan: _Plan) -> None:
         return
     outcomes = [world.classify(p) for p in current]
     finished = [o for o in outcomes if o.outcome is Outcome.FINISHED]
-    if len(finished) == world.spec.replicas:
+    if len(finished) == world.spec.replicas or s.stop_reason == "Completion":
         _finish(world, plan, s.incarnation)
     elif s.stop_reason == "MaxRestartsExceeded":
         plan.update(completion_time=format_time(world.now))

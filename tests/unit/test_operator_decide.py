@@ -1056,3 +1056,54 @@ def test_running_ranks_never_time_out() -> None:
         p["metadata"]["creationTimestamp"] = STAMP
     c.later(3600)
     assert c.decide().empty
+
+
+# --- success policy: rank 0 decides ------------------------------------------------------------
+
+DONE = message("completed", 0, "CKP-3_1", 300)
+
+
+def test_ranks_still_running_after_rank_0_finished_are_stopped_at_the_exit_deadline_and_the_job_succeeds() -> None:
+    """Rank 0's completion is the job's (the rule of PyTorchJob's master); a peer still running
+    then — typically blocked in a collective rank 0 will never join — is given
+    exitDeadlineSeconds, not its collective timeout."""
+    c = running(replicas=3)
+    c.exit(0, 0, DONE, finished_at=STAMP)
+    c.exit(1, 0, DONE, finished_at=STAMP)
+    d = c.step()
+    assert c.status["phase"] == "Running" and not d.delete
+    assert d.requeue_after == 30.0  # the 60 s deadline, re-decided within the cap
+    c.later(60)
+    d = c.step()
+    assert (c.status["phase"], c.status["stopReason"]) == ("Stopping", "Completion")
+    assert d.delete == (ObjectRef("v1", "Pod", "demo-1-2"),)
+    c.exit(2, 143)
+    d = c.step()
+    assert c.status["phase"] == "Succeeded"
+    assert (c.status.get("restarts", 0), c.status.get("preemptions", 0)) == (0, 0)
+    assert "Succeeded" in [e.reason for e in d.events]
+
+
+def test_peers_losing_rank_0_as_it_finishes_do_not_fail_the_job() -> None:
+    c = running()
+    c.exit(0, 0, DONE, finished_at=STAMP)
+    c.exit(1, 1, RESET, finished_at=STAMP)
+    c.step()
+    assert c.status["phase"] == "Succeeded"
+    assert c.status.get("restarts", 0) == 0
+
+
+def test_a_real_crash_after_rank_0_finished_is_still_a_failure() -> None:
+    c = running()
+    c.exit(0, 0, DONE, finished_at=STAMP)
+    c.exit(1, 1, message("error", 1), finished_at=STAMP)
+    c.step()
+    assert (c.status["stopReason"], c.status["restarts"]) == ("Failure", 1)
+
+
+def test_another_rank_finishing_first_waits_for_rank_0() -> None:
+    c = running()
+    c.exit(1, 0, DONE, finished_at=STAMP)
+    c.later(3600)
+    d = c.step()
+    assert c.status["phase"] == "Running" and not d.delete
