@@ -5,6 +5,7 @@ Torch-free: hooks see whatever objects the loop hands them.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -80,7 +81,12 @@ class RunContext:
         return self._stop_requested
 
     def request_exit(self, code: int, message: Any) -> None:
-        """Stop, then end the process with ``code`` after every ``on_*_end`` hook has run."""
+        """Stop with a documented exit ``code`` and termination ``message``.
+
+        The loop ends the process with them after every ``on_*_end`` hook has run when its
+        ``exit_process`` is on (see :func:`torpor._loop.exit_process_of`); otherwise it just
+        returns, and ``exit_code`` tells the caller why training stopped.
+        """
         self._stop_requested = True
         self.exit_code = code
         self.termination_message = message
@@ -111,12 +117,23 @@ class Callback:
     def on_train_end(self, run_context: RunContext) -> None:
         """After training, also after a requested stop."""
 
+    def on_train_teardown(self, run_context: RunContext) -> None:
+        """Last of all: after ``on_train_end`` or ``on_train_exception``, or when the user left
+        ``loop.epochs()`` with a ``break`` (torpor's addition to the seeds' hooks).
+
+        Every final and background save is durable by then, so this is where what
+        ``on_train_begin`` acquired is released: ``OnRequestExit`` restores the signal handler
+        here, not in ``on_train_end``, so a signal that arrives during the final save cannot
+        kill the process half-way through it.
+        """
+
     def on_train_exception(self, run_context: RunContext, exc: BaseException) -> None:
         """An exception escaped a training step (torpor's addition to the seeds' hooks).
 
         Called before the exception propagates on to the caller, which always gets it
-        unchanged; ``on_train_end`` is not called after it. ``CheckpointMonitor`` writes its
-        breakpoint checkpoint here, ``OnRequestExit`` restores the signal handler.
+        unchanged; ``on_train_end`` is not called after it, ``on_train_teardown`` is.
+        ``CheckpointMonitor`` writes its breakpoint checkpoint here (the signal handler is
+        still installed; it is restored in ``on_train_teardown``).
         """
 
     def on_eval_begin(self, run_context: RunContext) -> None:
@@ -133,6 +150,30 @@ class Callback:
 
 
 HOOKS = tuple(name for name in vars(Callback) if name.startswith("on_"))
+
+_TRAINING: list[weakref.ref[RunContext]] = []
+"""Training runs in progress in this process, innermost last (``Loop`` pushes and pops).
+Weak: a run abandoned without teardown (a loop dropped half-way) is forgotten with its loop."""
+
+
+def training_run() -> RunContext | None:
+    """The training run in progress, if any: what a stop during a nested evaluation saves."""
+    while _TRAINING:
+        run = _TRAINING[-1]()
+        if run is not None:
+            return run
+        _TRAINING.pop()
+    return None
+
+
+def enter_training(run_context: RunContext) -> None:
+    """Mark ``run_context`` as the training run in progress (``Loop.begin``)."""
+    _TRAINING.append(weakref.ref(run_context))
+
+
+def leave_training(run_context: RunContext) -> None:
+    """The run has been torn down (``Loop`` teardown); a no-op if it was never entered."""
+    _TRAINING[:] = [r for r in _TRAINING if r() is not None and r() is not run_context]
 
 
 def as_callback_list(callbacks: Callback | Iterable[Callback] | None) -> list[Callback]:

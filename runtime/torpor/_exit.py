@@ -35,7 +35,7 @@ from typing import Any
 
 from torpor import _distributed
 from torpor._background import drain_all, warm_in_background
-from torpor._callbacks import Callback, RunContext
+from torpor._callbacks import Callback, RunContext, training_run
 from torpor._saving import SaveOptions, export_only, save_checkpoint
 from torpor._sharing import Offer, SharedSettings
 from torpor._watching import ExitFileWatcher
@@ -100,7 +100,8 @@ class OnRequestExit(Callback):
             step; larger saves collectives, at the cost of up to n-1 extra steps).
         file_poll_seconds: how often the background thread looks at ``config_file``.
         exit_process: end the process with the documented code after the save; default
-            ``None`` means only under the operator (``TORPOR_JOB`` set).
+            ``None`` means only under the operator (``TORPOR_JOB`` set). The loop's own
+            ``exit_process`` (``Model.train``/``Model.eval``/``Loop``), when given, wins.
         integrated_save: replicated state written by rank 0 only (see ``CheckpointMonitor``);
             default ``None``: as the run's monitor, else ``True``.
         enc_key: encrypt with this key (as ``CheckpointMonitor``); ``from_env`` reads it from
@@ -111,6 +112,18 @@ class OnRequestExit(Callback):
     Before its own save it waits for every background (``async_save``) save in flight, so
     a checkpoint being uploaded when the signal came still completes; a failure of one is
     logged, and the exit save goes ahead.
+
+    The handler stays installed until ``on_train_teardown``, after every final and
+    background save is durable: a signal arriving after the last step is recorded (the run
+    still completes normally) instead of killing the process half-way through the final save.
+
+    During ``Model.eval`` it stops after the current evaluation step. Inside a training run
+    (an evaluation from a callback or between epochs) the exit save holds *training's* state,
+    epoch and step, and training stops at its next boundary, so a resumed run runs exactly the
+    remaining steps. A stop during an evaluation without training writes no checkpoint
+    (nothing was trained; a checkpoint with evaluation counters would be taken for training
+    progress by ``resume='latest'``); it ends like any stop, with the documented code and a
+    termination message without ``checkpoint`` (``extra: {"mode": "eval", "eval_step": n}``).
 
     Raises:
         ValueError: ``save_ckpt``/``save_export`` not bool, ``file_name``/``directory`` not
@@ -175,6 +188,7 @@ class OnRequestExit(Callback):
         self._signum: int | None = None
         self._previous: Any = None
         self._installed = False
+        self._installed_for_eval = False
         self._watcher: ExitFileWatcher | None = None
         self._storage: Storage | None = None
 
@@ -265,6 +279,9 @@ class OnRequestExit(Callback):
             self._stop(run_context, code, local)
 
     def _stop(self, run_context: RunContext, code: int, local: int) -> None:
+        if run_context.original_args().mode == "eval":
+            self._stop_eval(run_context, code, local)
+            return
         args = run_context.original_args()
         env = RuntimeEnv.from_environ()
         saved = None
@@ -295,11 +312,31 @@ class OnRequestExit(Callback):
             job=env.job,
             incarnation=env.incarnation or None,
         )
-        exit_process = env.under_operator if self.exit_process is None else self.exit_process
-        if exit_process:
-            run_context.request_exit(code, self.stop_message)
-        else:
-            run_context.request_stop()
+        run_context.request_exit(code, self.stop_message)  # the loop's exit_process decides if the process ends
+        self._signum = None
+
+    def _stop_eval(self, eval_context: RunContext, code: int, local: int) -> None:
+        """A stop at an evaluation step: save *training's* state if a training run is in
+        progress (and stop it at its next boundary), else only end the evaluation."""
+        eval_context.request_stop()
+        training = training_run()
+        if training is not None:
+            self._stop(training, code, local)
+            return
+        env = RuntimeEnv.from_environ()
+        signum = signal_from_exit_code(code) if code > SIGNAL_EXIT_BASE else None
+        self.stop_message = TerminationMessage(
+            reason=StopReason.SIGNAL if signum is not None else StopReason.FILE,
+            exit_code=code,
+            signal=signal_name(signum) if signum is not None else None,
+            local=local == code,
+            rank=_distributed.rank(),
+            world_size=_distributed.world_size(),
+            job=env.job,
+            incarnation=env.incarnation or None,
+            extra={"mode": "eval", "eval_step": eval_context.original_args().cur_step_num},
+        )
+        eval_context.request_exit(code, self.stop_message)
         self._signum = None
 
     # -- hooks -------------------------------------------------------------------------
@@ -316,17 +353,24 @@ class OnRequestExit(Callback):
         if run_context.exit_code is None:
             self._check(run_context)
 
-    def on_train_end(self, run_context: RunContext) -> None:
-        """Restore the previous handler and stop watching (the save already happened)."""
-        self._uninstall()
+    def on_train_teardown(self, run_context: RunContext) -> None:
+        """Every save is durable: restore the previous handler and stop watching the file.
 
-    def on_train_exception(self, run_context: RunContext, exc: BaseException) -> None:
-        """Training died: put the previous signal handler back and stop watching the file."""
+        A request that came after the last step boundary (during the final save) is only
+        logged: the run has finished and its last checkpoint is written.
+        """
         self._uninstall()
+        if self._signum is not None and run_context.exit_code is None:
+            _log.info("%s arrived after the last step; the run finished and saved its last step",
+                      signal_name(self._signum))
+        self._signum = None
 
     def on_eval_begin(self, run_context: RunContext) -> None:
-        """Install the handler for evaluation as for training."""
-        self._install()
+        """Install the handler for evaluation as for training (a nested evaluation keeps
+        training's handler: it is already installed)."""
+        if not self._installed and self._watcher is None:
+            self._install()
+            self._installed_for_eval = True
 
     def on_eval_step_end(self, run_context: RunContext) -> None:
         """As in training: a request stops evaluation after this step, with a save."""
@@ -334,5 +378,7 @@ class OnRequestExit(Callback):
             self._check(run_context)
 
     def on_eval_end(self, run_context: RunContext) -> None:
-        """Restore the previous handler."""
-        self._uninstall()
+        """Restore the previous handler if this evaluation installed it (never training's)."""
+        if self._installed_for_eval:
+            self._installed_for_eval = False
+            self._uninstall()

@@ -10,7 +10,15 @@
 
 Written as ``with torpor.Loop(...) as loop:``, an exception escaping the body first reaches
 the callbacks' ``on_train_exception`` (``CheckpointMonitor(exception_save=True)`` writes its
-breakpoint checkpoint there), then the caller, unchanged.
+breakpoint checkpoint there), then, with ``exit_process``, the ``error`` termination message is
+written, then the caller gets the exception unchanged (``Model.train`` is this form).
+
+How a run ends: when ``epochs()`` runs out (or a stop was requested) it calls :meth:`Loop.end`:
+``on_train_end`` (the monitor's final save), then ``on_train_teardown`` (every background save
+waited for, signal handlers restored), then :meth:`Loop.finish`. A ``break`` out of ``epochs()``
+closes the generator: the saves in flight still finish and the handlers are restored, but
+nothing that needs the other ranks runs there (no final save); ``loop.end()`` after the loop
+ends the run in full, and the ``with`` form calls :meth:`Loop.finish` on leaving the block.
 
 On resume, ``epochs`` starts at the saved epoch and ``batches`` skips the batches that epoch
 had already consumed, with the generators rewound so the data order and every random draw
@@ -20,12 +28,22 @@ match an uninterrupted run.
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 from torpor import _distributed, _state
-from torpor._callbacks import Callback, RunArgs, RunContext, as_callback_list, call_hooks
+from torpor._background import drain_all
+from torpor._callbacks import (
+    Callback,
+    RunArgs,
+    RunContext,
+    as_callback_list,
+    call_hooks,
+    enter_training,
+    leave_training,
+)
 from torpor._loading import LoadedCheckpoint, load_checkpoint
 from torpor._sharing import SharedSettings, share_settings
 from torpor.env import RuntimeEnv
@@ -35,6 +53,32 @@ from torpor.termination import (
     TerminationMessage,
     write_termination_message,
 )
+
+_log = logging.getLogger("torpor")
+
+
+def exit_process_of(explicit: bool | None, callbacks: list[Callback], env: RuntimeEnv) -> bool:
+    """Whether a requested stop ends the process: one rule for ``Model.train``, ``Model.eval``
+    and ``Loop``.
+
+    The loop's own ``exit_process`` when given; else the ``exit_process`` a callback was given
+    (``OnRequestExit(exit_process=...)``); else only under the operator (``TORPOR_JOB`` set).
+    When it is on, a stop ends the process with its code and termination message, and a run
+    that ends without a stop writes ``completed``; when it is off, nothing is written and the
+    call returns (``run_context.exit_code`` tells why it stopped).
+
+    Raises:
+        ValueError: ``explicit`` is neither a bool nor ``None``.
+    """
+    if explicit is not None and not isinstance(explicit, bool):
+        raise ValueError(f"exit_process must be a bool or None, got {explicit!r}")
+    if explicit is not None:
+        return explicit
+    for cb in callbacks:
+        value = getattr(cb, "exit_process", None)
+        if isinstance(value, bool):
+            return value
+    return env.under_operator
 
 
 def exit_if_requested(ctx: RunContext, env: RuntimeEnv) -> None:
@@ -86,7 +130,9 @@ class Loop:
                 fresh start if there is none; ``TORPOR_RESUME_FROM`` overrides it), a
                 checkpoint name or a path/URI.
             exit_process: end the process with the documented exit code after a requested
-                stop; default: only under the operator (``TORPOR_JOB`` set).
+                stop (and write ``completed`` after a run without one); default: as an
+                ``OnRequestExit(exit_process=...)`` among the callbacks says, else only under
+                the operator (``TORPOR_JOB`` set). See :func:`exit_process_of`.
 
         Raises:
             ValueError: two callbacks were given different directories, keys or
@@ -100,18 +146,30 @@ class Loop:
                             loss_fn=loss_fn, lr_scheduler=lr_scheduler)
         self.run_context = RunContext(self.args)
         self.resume = resume
-        self.exit_process = self.env.under_operator if exit_process is None else exit_process
+        self.exit_process = exit_process_of(exit_process, self.callbacks, self.env)
         self.loaded: LoadedCheckpoint | None = None
         self._skip = 0
         self._started = False
         self._epoch_open = False
+        self._managed = False
+        self._ended = False
+        self._torn_down = False
+        self._finished = False
 
     def __enter__(self) -> Loop:
+        self._managed = True
         return self
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
-        if isinstance(exc, Exception):
-            self.handle_exception(exc)
+        try:
+            if isinstance(exc, Exception):
+                self.handle_exception(exc)
+                if self.exit_process:
+                    write_termination_message(self.error_message(exc), self.env.termination_log)
+        finally:
+            self._teardown()  # after on_train_exception: the breakpoint save still had the handler
+        if exc is None and self._started:
+            self.finish()  # also after a break out of epochs(): the stop's exit, or "completed"
         return False  # never swallow: the caller gets the original exception and traceback
 
     def handle_exception(self, exc: BaseException) -> None:
@@ -168,28 +226,51 @@ class Loop:
         self._restore()
         self.args.run_token = _distributed.agreed_token(
             f"{self.env.job}#{self.env.incarnation}" if self.env.job else "")
+        enter_training(self.run_context)  # a nested Model.eval's stop saves this run's state
         call_hooks(self.callbacks, "on_train_begin", self.run_context)
 
     def epochs(self, epoch_num: int) -> Iterator[int]:
         """Yield epoch numbers from 1 (or from the resumed epoch) to ``epoch_num``.
 
-        Runs ``on_train_begin``, the epoch hooks and ``on_train_end``, and ends the process
-        after a requested stop when ``exit_process`` is on.
+        Runs ``on_train_begin``, the epoch hooks and :meth:`end`, and ends the process after a
+        requested stop when ``exit_process`` is on. Left with ``break`` (or by an exception in
+        the loop body) it finishes the saves in flight and restores the signal handlers, and
+        runs nothing that needs the other ranks (see the module docstring).
         """
         self.begin(epoch_num)
         first = self.args.cur_epoch_num + 1
-        for epoch in range(first, epoch_num + 1):
-            if self.should_stop:
-                break
-            self.args.cur_epoch_num = epoch
-            if self._skip == 0:
-                self.args.step_in_epoch = 0
-            self._epoch_open = True
-            call_hooks(self.callbacks, "on_train_epoch_begin", self.run_context)
-            yield epoch
-            self._epoch_open = False
-            call_hooks(self.callbacks, "on_train_epoch_end", self.run_context)
+        try:
+            for epoch in range(first, epoch_num + 1):
+                if self.should_stop:
+                    break
+                self.args.cur_epoch_num = epoch
+                if self._skip == 0:
+                    self.args.step_in_epoch = 0
+                self._epoch_open = True
+                call_hooks(self.callbacks, "on_train_epoch_begin", self.run_context)
+                yield epoch
+                self._epoch_open = False
+                call_hooks(self.callbacks, "on_train_epoch_end", self.run_context)
+        except BaseException:  # closed by a break (GeneratorExit), or an epoch hook raised
+            self._left_early()
+            raise
         self.end()
+
+    def _left_early(self) -> None:
+        """``epochs()`` was closed from outside (a ``break``, an exception in the loop body) or
+        an epoch hook raised.
+
+        Which of the two is unknowable here, and other ranks may be anywhere, so only local
+        work: the ``with`` form tears down in ``__exit__`` (after ``on_train_exception``);
+        otherwise tear down now. This may run from a garbage-collected generator, where an
+        exception would be dropped, so a stop that cannot end the process here is logged.
+        """
+        if self._managed:
+            return
+        self._teardown()
+        if self.exit_process and self.run_context.exit_code is not None and not self._finished:
+            _log.warning("left loop.epochs() after a stop (exit code %s): call loop.finish() to end the process "
+                         "with it, or use `with torpor.Loop(...) as loop:`", self.run_context.exit_code)
 
     def batches(self, dataset: Iterable[Any]) -> Iterator[Any]:
         """Yield the epoch's batches, skipping those a resumed epoch already consumed.
@@ -197,6 +278,10 @@ class Loop:
         Calls ``set_epoch`` on a ``DistributedSampler``-like sampler, ``on_train_step_begin``
         before each batch, and stops yielding once a stop is requested.
         """
+        if not self._started:
+            raise RuntimeError("Loop.batches() before Loop.epochs() or Loop.begin(): nothing would be resumed, no "
+                               "signal handler installed, no on_train_begin run; write "
+                               "`for epoch in loop.epochs(n): for batch in loop.batches(data): ...`")
         args = self.args
         args.train_dataset = dataset
         try:
@@ -254,18 +339,41 @@ class Loop:
         return self.should_stop
 
     def end(self) -> None:
-        """``on_train_end``, then the exit or the "completed" termination message."""
-        if self._epoch_open:
-            self._epoch_open = False
-            call_hooks(self.callbacks, "on_train_epoch_end", self.run_context)
-        call_hooks(self.callbacks, "on_train_end", self.run_context)
+        """``on_train_end``, ``on_train_teardown``, then the exit or the "completed" message.
+
+        Every rank must call it at the same point (the final save is a collective); once.
+        """
+        if not self._ended:
+            self._ended = True
+            try:
+                if self._epoch_open:
+                    self._epoch_open = False
+                    call_hooks(self.callbacks, "on_train_epoch_end", self.run_context)
+                call_hooks(self.callbacks, "on_train_end", self.run_context)
+            finally:
+                self._teardown()
         self.finish()
 
-    def finish(self) -> None:
-        """End the process after a requested exit (``exit_process``), or report completion."""
-        ctx = self.run_context
-        if not self.exit_process:
+    def _teardown(self) -> None:
+        """Wait for every background save, then ``on_train_teardown`` (handlers restored); once."""
+        if self._torn_down or not self._started:
             return
+        self._torn_down = True
+        try:
+            for label, exc in drain_all():
+                _log.error("background save of %r failed at the end of training: %s: %s",
+                           label, type(exc).__name__, exc)
+            call_hooks(self.callbacks, "on_train_teardown", self.run_context)
+        finally:
+            leave_training(self.run_context)
+
+    def finish(self) -> None:
+        """With ``exit_process``: end the process after a requested stop (its code and
+        message), or write the "completed" message. A no-op without it, and after the first call."""
+        ctx = self.run_context
+        if not self.exit_process or self._finished:
+            return
+        self._finished = True
         exit_if_requested(ctx, self.env)
         write_termination_message(self.completed_message(), self.env.termination_log)
 

@@ -22,9 +22,8 @@ from typing import Any
 import torch
 
 from torpor._callbacks import Callback, RunArgs, RunContext, as_callback_list, call_hooks
-from torpor._loop import Loop, exit_if_requested
+from torpor._loop import Loop, exit_if_requested, exit_process_of
 from torpor.env import RuntimeEnv
-from torpor.termination import write_termination_message
 
 
 def _split(batch: Any, has_loss_fn: bool) -> tuple[tuple[Any, ...], Any]:
@@ -107,7 +106,8 @@ class Model:
             train_dataset: yields batches; iterated once per epoch.
             callbacks: a callback or a list.
             resume: ``None``, ``'latest'``, a checkpoint name or a path (see :class:`torpor.Loop`).
-            exit_process: end the process after a requested stop (default: under the operator).
+            exit_process: end the process after a requested stop, and write the ``completed``
+                or ``error`` termination message otherwise (see :func:`torpor._loop.exit_process_of`).
 
         Returns:
             The run context (``original_args()`` has the final counters and loss).
@@ -122,7 +122,7 @@ class Model:
         loop = Loop(self.network, self.optimizer, loss_fn=self.loss_fn, lr_scheduler=self.lr_scheduler,
                     callbacks=callbacks, resume=resume, exit_process=exit_process)
         self.network.train()
-        try:
+        with loop:  # an exception: exception_save, the error message, then the exception unchanged
             loop.begin(epoch, train_dataset)
             for _ in loop.epochs(epoch):
                 for batch in loop.batches(train_dataset):
@@ -130,11 +130,6 @@ class Model:
                     loop.step_end(loss, inputs=inputs, outputs=outputs)
                 if self.lr_scheduler is not None and self.scheduler_interval == "epoch":
                     self.lr_scheduler.step()
-        except Exception as exc:
-            loop.handle_exception(exc)  # exception_save; the exception itself goes on unchanged
-            if loop.exit_process:
-                write_termination_message(loop.error_message(exc), loop.env.termination_log)
-            raise
         return loop.run_context
 
     def eval(
@@ -146,7 +141,13 @@ class Model:
     ) -> dict[str, float]:
         """Evaluate: mean loss (with a ``loss_fn``) and each metric over ``valid_dataset``.
 
-        Stops early if a callback requests it (``OnRequestExit`` during evaluation).
+        Stops early if a callback requests it (``OnRequestExit`` during evaluation). Called
+        inside a training run (from a callback, or between the epochs of a ``Loop``), a stop
+        saves training's state and training stops at its next boundary; this call then just
+        returns the partial means. Without a training run it ends the process when
+        ``exit_process`` says so (the same rule as ``Model.train`` and ``Loop``).
+
+        ``cur_step_num`` of the evaluation's run context counts evaluation steps.
         """
         network = self.eval_network or self.network
         cbs = as_callback_list(callbacks)
@@ -179,6 +180,6 @@ class Model:
             network.train(was_training)
         call_hooks(cbs, "on_eval_end", ctx)
         env = RuntimeEnv.from_environ()
-        if exit_process if exit_process is not None else env.under_operator:
+        if exit_process_of(exit_process, cbs, env):
             exit_if_requested(ctx, env)
         return {k: v / max(count, 1) for k, v in totals.items()}

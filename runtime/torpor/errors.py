@@ -35,6 +35,16 @@ class AsyncSaveError(TorporError):
     """
 
 
+class RetentionError(TorporError):
+    """Pruning old checkpoints failed after a save; its cause is chained (``__cause__``).
+
+    The checkpoint just saved is complete and will be resumed from; only older ones may be
+    left over until the next prune (or the operator's retention) removes them. Logged,
+    appended to ``CheckpointMonitor.prune_errors`` and warned about (``TorporWarning``) at the
+    next step boundary; it never ends training, whatever ``async_errors`` says.
+    """
+
+
 class CheckpointNotFoundError(TorporError):
     """The requested checkpoint (a name, a path or ``'latest'`` with ``required=True``) is absent."""
 
