@@ -4,9 +4,10 @@
 Baseline: ``boto3.client("s3").download_fileobj`` (default ``TransferConfig``) into a
 ``BytesIO``, then ``torch.load(weights_only=True)`` — no integrity check at all.
 torpor (``torpor._loading.load_shard``, what ``load_checkpoint`` uses): parallel ranged GETs
-straight into a memory-mapped file in ``/dev/shm``, sha256 checked against the manifest as
-parts arrive, then ``torch.load(mmap=True, weights_only=True)`` on that file — the tensors
-are the downloaded pages, no copy. Same object, same server, same run.
+straight into a private anonymous mapping, sha256 checked against the manifest as parts
+arrive, then ``torch.load(weights_only=True)`` reading each record once out of it while the
+pages behind the copy are given back (the shard is held about once; ``bench_memory.py``).
+Same object, same server, same run.
 """
 
 from __future__ import annotations

@@ -562,7 +562,9 @@ def _stopping(world: _World, plan: _Plan) -> None:
     requested = parse_time(s.stop_requested_at) or world.now
     deadline = requested + timedelta(seconds=world.spec.graceful_exit.exit_deadline_seconds)
     if s.stop_reason in ("Preemption", "Suspend"):
-        if live:
+        # Also with no rank left: an operator that died after writing the Stopping status but
+        # before the flag must end in the state it would have reached, flag included.
+        if live or world.exists("ConfigMap", config_map_name(world.job.ref.name, s.incarnation)):
             _request_exit(world, plan, current)
         late = [p for p in live if not p.deleting and world.now >= deadline]
     else:

@@ -1,7 +1,8 @@
 """Finding and loading a checkpoint: ``'latest'``, a name or a path, local or ``s3://``.
 
 Only complete checkpoints are loaded; every byte is checked against its manifest (size and
-sha256) before ``torch.load(weights_only=True)`` sees it.
+sha256) before ``torch.load(weights_only=True)`` sees it. With a key, the manifest's own tag
+is checked first and every file must have been sealed for the place the manifest gives it.
 """
 
 from __future__ import annotations
@@ -9,15 +10,21 @@ from __future__ import annotations
 import contextlib
 import itertools
 import mmap
-import os
 import re
-import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from torpor import _distributed, _state
-from torpor.checkpoints import Checkpoint, FileEntry, Manifest, newest_complete, scan
-from torpor.crypto import Encryption, encrypted_mode, is_encrypted
+from torpor.checkpoints import Checkpoint, FileEntry, FileKind, Manifest, file_key, newest_complete, scan
+from torpor.crypto import (
+    HEADER_SIZE,
+    Encryption,
+    encrypted_mode,
+    is_encrypted,
+    manifest_tag_matches,
+    place_context,
+)
 from torpor.env import RuntimeEnv, read_enc_key
 from torpor.errors import CheckpointNotFoundError, IncompleteCheckpointError, IntegrityError
 from torpor.storage import Storage, open_storage, read_verified_fast
@@ -156,98 +163,127 @@ def load_checkpoint(
     return _load(storage, found, network, optimizer, lr_scheduler, strict, restore_rng, map_location, keys)
 
 
-def read_shard(storage: Storage, entry: FileEntry, enc_key: bytes | None, enc_mode: str | None) -> Any:
-    """The verified, decrypted bytes of one file (parallel ranged reads on S3).
+def read_shard(storage: Storage, entry: FileEntry, enc_key: bytes | None, enc_mode: str | None,
+               save_id: str = "") -> Any:
+    """The verified, decrypted bytes of one file, held in memory (stores without ``get_verified``).
 
     Raises:
-        IntegrityError: size/sha256 mismatch, wrong key, modified chunk, or a plaintext file
-            where a key was given (an attacker swapping in a plaintext shard must not work).
+        IntegrityError: size/sha256 mismatch, wrong key, modified chunk, a file sealed for
+            another place, or a plaintext file where a key was given (an attacker swapping in
+            a plaintext shard must not work).
         ValueError: the file is encrypted and no key was given.
     """
     data = read_verified_fast(storage, entry.key, size=entry.size, sha256=entry.sha256)
     if is_encrypted(data):
-        return b"".join(_decrypting(storage, entry, iter([data]), enc_key, enc_mode))
+        with _naming(storage, entry.key):
+            return b"".join(_decrypting(storage, entry, iter([data]), enc_key, enc_mode, save_id))
     if enc_key is not None:
-        raise IntegrityError(f"{storage.uri}/{entry.key} is not encrypted but an enc_key was given; refusing to "
-                             "load a plaintext shard in its place")
+        raise _plaintext_error(storage, entry)
     return data
 
 
-def _scratch_dir(size: int) -> str | None:
-    """A RAM-backed directory with room for ``size`` bytes (twice, for safety), else ``None``.
-
-    ``/dev/shm`` is often tiny in containers (64 MiB by default), so its free space is
-    checked rather than assumed.
-    """
-    path = "/dev/shm"
-    try:
-        st = os.statvfs(path)
-    except OSError:
-        return None
-    free = st.f_bavail * st.f_frsize
-    return path if os.access(path, os.W_OK) and free > 2 * size + (64 << 20) else None
-
-
 def load_shard(storage: Storage, entry: FileEntry, enc_key: bytes | None, enc_mode: str | None,
-               map_location: Any = "cpu") -> dict[str, Any]:
-    """Verify, decrypt and deserialise one file, with as few copies as the store allows.
+               map_location: Any = "cpu", *, manifest: Manifest | None = None) -> dict[str, Any]:
+    """Verify, decrypt and deserialise one file, holding it about once in memory.
 
-    Large S3 shards are downloaded (parallel, verified) into a memory-mapped file in
-    ``/dev/shm`` that ``torch.load(mmap=True)`` then uses in place: the tensors' bytes are
-    the downloaded pages, where a ``BytesIO`` would copy them twice. The file is unlinked
-    as soon as it is mapped. Elsewhere (small files, local stores, no room in ``/dev/shm``)
-    the bytes are read into memory.
+    The file is read (parallel ranged GETs on S3, one pass locally) into a private anonymous
+    mapping while its sha256 is checked; an encrypted one is then decrypted in place there
+    (each plaintext chunk lands before its own record); ``torch.load`` copies each tensor out
+    and the scratch pages are given back right behind the copy (:class:`_state.ConsumingReader`).
+    So the peak is the shard once plus a few MiB, and the tensors are ordinary memory.
+    Measured in ``bench/bench_memory.py`` (figures in ``bench/README.md``).
+
+    Args:
+        manifest: the manifest that lists ``entry``. With ``enc_key`` its tag is checked first
+            (nothing in it is trusted otherwise), and its save id is part of the place the
+            file must have been sealed for.
 
     Raises:
-        IntegrityError: see :func:`read_shard`.
+        IntegrityError: see :func:`read_shard`; an unauthenticated or modified manifest when a
+            key was given. The message names the file.
         ValueError: the file is encrypted and no key was given; not a torpor shard.
     """
-    scratch = _scratch_dir(entry.size) if hasattr(storage, "get_verified") and entry.size > (64 << 20) else None
-    if scratch is None:
-        return _state.decode(read_shard(storage, entry, enc_key, enc_mode), map_location)
-    fd, path = tempfile.mkstemp(prefix=".torpor-load-", dir=scratch)
+    save_id = ""
+    if manifest is not None:
+        _check_manifest(storage, manifest, enc_key)
+        save_id = manifest.save_id
+    fetch = getattr(storage, "get_verified", None)
+    if not callable(fetch) or entry.size == 0 or not _state.can_consume():
+        return _state.decode(read_shard(storage, entry, enc_key, enc_mode, save_id), map_location)
+    scratch = mmap.mmap(-1, entry.size, flags=mmap.MAP_PRIVATE)
     try:
-        os.ftruncate(fd, entry.size)
-        with mmap.mmap(fd, entry.size) as mapped:
-            storage.get_verified(entry.key, size=entry.size, sha256=entry.sha256, into=mapped)  # type: ignore[attr-defined]
-            encrypted = crypto_header(mapped)
-        if encrypted:  # decrypt into a second file, chunk by chunk, then map that one
-            plain_fd, plain_path = tempfile.mkstemp(prefix=".torpor-plain-", dir=scratch)
-            try:
-                with open(path, "rb") as source, os.fdopen(plain_fd, "wb") as sink:
-                    chunks = iter(lambda: source.read(8 << 20), b"")
-                    for chunk in _decrypting(storage, entry, chunks, enc_key, enc_mode):
-                        sink.write(chunk)
-                os.unlink(path)
-                path = plain_path
-            except BaseException:
-                os.unlink(plain_path)
-                raise
+        fetch(entry.key, size=entry.size, sha256=entry.sha256, into=scratch)
+        length = entry.size
+        if is_encrypted(scratch[:16]):
+            length = _decrypt_in_place(storage, entry, scratch, enc_key, enc_mode, save_id)
+            tail = -(-length // mmap.PAGESIZE) * mmap.PAGESIZE
+            if tail < entry.size:  # the ciphertext's leftover tail is not needed any more
+                scratch.madvise(mmap.MADV_DONTNEED, tail)
         elif enc_key is not None:
-            raise IntegrityError(f"{storage.uri}/{entry.key} is not encrypted but an enc_key was given; refusing "
-                                 "to load a plaintext shard in its place")
-        return _state.decode_file(path, map_location)
+            raise _plaintext_error(storage, entry)
+        return _state.decode_consuming(scratch, length, map_location)
     finally:
-        os.close(fd)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+        _discard(scratch)
 
 
-def crypto_header(mapped: mmap.mmap) -> bool:
-    """Whether a mapped file starts with the encryption header."""
-    return is_encrypted(mapped[:16])
+def _discard(scratch: mmap.mmap) -> None:
+    """Free the scratch mapping now, even while an error's traceback still holds a view of it."""
+    try:
+        scratch.close()
+    except BufferError:  # the mapping itself goes with the last view; its pages go now
+        scratch.madvise(mmap.MADV_DONTNEED)
 
 
-def _decrypting(storage: Storage, entry: FileEntry, pieces: Any, enc_key: bytes | None,
-                enc_mode: str | None) -> Any:
-    head = next(pieces, b"")
+def _check_manifest(storage: Storage, manifest: Manifest, enc_key: bytes | None) -> None:
+    """With a key, the manifest must carry a tag that matches it: sizes and hashes come from it."""
+    if enc_key is None:
+        return
+    where = f"{storage.uri}/{file_key(manifest.name, manifest.rank, FileKind.MANIFEST)}"
+    if not manifest.auth:
+        raise IntegrityError(f"{where}: the manifest is not authenticated (format 1, or its tag was removed) but an "
+                             "enc_key was given; refusing to trust the sizes and hashes in it")
+    if not manifest_tag_matches(enc_key, manifest.signed_text().encode(), manifest.auth):
+        raise IntegrityError(f"{where}: manifest authentication failed: a wrong encryption key, or the manifest was "
+                             "modified (a size, hash, step or save id changed); nothing was loaded")
+
+
+def _decrypt_in_place(storage: Storage, entry: FileEntry, scratch: mmap.mmap, enc_key: bytes | None,
+                      enc_mode: str | None, save_id: str) -> int:
+    encryption = _encryption(storage, entry, scratch[:HEADER_SIZE], enc_key, enc_mode)
+    with _naming(storage, entry.key):
+        return encryption.decrypt_into(scratch, place_context(entry.key, save_id))
+
+
+def _plaintext_error(storage: Storage, entry: FileEntry) -> IntegrityError:
+    return IntegrityError(f"{storage.uri}/{entry.key} is not encrypted but an enc_key was given; refusing to "
+                          "load a plaintext shard in its place")
+
+
+@contextlib.contextmanager
+def _naming(storage: Storage, key: str) -> Iterator[None]:
+    """Cipher errors name the file they are about."""
+    try:
+        yield
+    except IntegrityError as exc:
+        raise IntegrityError(f"{storage.uri}/{key}: {exc}") from None
+
+
+def _encryption(storage: Storage, entry: FileEntry, head: bytes, enc_key: bytes | None,
+                enc_mode: str | None) -> Encryption:
     mode = encrypted_mode(head)
     if enc_key is None:
         raise ValueError(f"{storage.uri}/{entry.key} is encrypted ({mode or 'unknown mode'}) and no enc_key was "
                          "given; pass enc_key= or set TORPOR_ENC_KEY_FILE")
     if mode is None:
         raise IntegrityError(f"{storage.uri}/{entry.key}: unknown encryption mode in its header; refusing to load it")
-    return Encryption(enc_key, enc_mode or mode).decrypt_chunks(itertools.chain([head], pieces))
+    return Encryption(enc_key, enc_mode or mode)
+
+
+def _decrypting(storage: Storage, entry: FileEntry, pieces: Any, enc_key: bytes | None,
+                enc_mode: str | None, save_id: str = "") -> Any:
+    head = next(pieces, b"")
+    encryption = _encryption(storage, entry, head, enc_key, enc_mode)
+    return encryption.decrypt_chunks(itertools.chain([head], pieces), place_context(entry.key, save_id))
 
 
 def _load(storage: Storage, ckpt: Checkpoint, network: Any, optimizer: Any, lr_scheduler: Any,
@@ -267,7 +303,7 @@ def _load(storage: Storage, ckpt: Checkpoint, network: Any, optimizer: Any, lr_s
     assert model_manifest is not None
 
     def fetch(m: Manifest) -> dict[str, Any]:
-        return load_shard(storage, m.shard, *keys, map_location)
+        return load_shard(storage, m.shard, *keys, map_location, manifest=m)
 
     model_payload = fetch(model_manifest)
     own_payload = model_payload if own is model_manifest else (fetch(own) if own is not None else None)

@@ -15,6 +15,7 @@ checkpoint is complete, unlisted by the manifest (see :mod:`torpor.checkpoints`)
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import threading
@@ -31,7 +32,7 @@ from torpor import _distributed, _state
 from torpor._callbacks import RunArgs
 from torpor._config import is_tensor
 from torpor.checkpoints import FileEntry, FileKind, Manifest, Reason, file_key, parse_key
-from torpor.crypto import Encryption
+from torpor.crypto import Encryption, manifest_tag, place_context
 from torpor.env import RuntimeEnv
 from torpor.errors import TorporWarning
 from torpor.storage import ObjectWriter, Storage, open_writer
@@ -273,11 +274,15 @@ class _TorchSink(_Sink):
 
 
 class _EncryptingSink(_Sink):
-    """What ``torch.save`` writes into: encrypts chunk by chunk on the way to the store."""
+    """What ``torch.save`` writes into: encrypts chunk by chunk on the way to the store.
 
-    def __init__(self, writer: ObjectWriter, encryption: Encryption) -> None:
+    The file is sealed for its place (``place_context``: key and save id), so it only
+    decrypts where its manifest says it belongs.
+    """
+
+    def __init__(self, writer: ObjectWriter, encryption: Encryption, place: bytes) -> None:
         self._writer = writer
-        self._enc = encryption.encryptor()
+        self._enc = encryption.encryptor(place)
 
     def _write(self, data: Any) -> int:
         for record in self._enc.update(data):
@@ -329,16 +334,19 @@ def _without_zip_crc32() -> Iterator[None]:
                 save_config.compute_crc32 = _crc_saved
 
 
-def write_file(storage: Storage, key: str, content: Any, encryption: Encryption | None) -> FileEntry:
+def write_file(storage: Storage, key: str, content: Any, encryption: Encryption | None, *,
+               save_id: str = "") -> FileEntry:
     """Serialise ``content`` (a payload dict or bytes) straight into the store.
 
     ``torch.save`` hands each tensor's storage to the writer as a memoryview: with the
     streaming writers of :mod:`torpor.storage` those bytes go into upload parts (and through
-    the cipher) without a serialised copy of the whole shard ever existing.
+    the cipher) without a serialised copy of the whole shard ever existing. An encrypted
+    file is bound to ``key`` and ``save_id`` (the manifest's), see :func:`place_context`.
     """
     writer = open_writer(storage, key)
     try:
-        sink: Any = _EncryptingSink(writer, encryption) if encryption is not None else _TorchSink(writer, content)
+        sink: Any = (_EncryptingSink(writer, encryption, place_context(key, save_id)) if encryption is not None
+                     else _TorchSink(writer, content))
         if isinstance(content, bytes | bytearray | memoryview):
             sink.write(content)
         else:
@@ -372,13 +380,18 @@ def write_pending(pending: PendingSave, storage: Storage, encryption: Encryption
 
     The manifest goes out only after every file it lists is durable (each writer's ``close``
     returns once the object exists), so its presence proves this rank's part is complete.
+    With encryption every file is sealed for its place and the manifest carries a tag over
+    all its fields (format 2), so neither can be swapped or rolled back unnoticed.
     """
-    files = [write_file(storage, file_key(pending.name, pending.rank, kind), content, encryption)
+    save_id = str(pending.manifest_fields["save_id"])
+    files = [write_file(storage, file_key(pending.name, pending.rank, kind), content, encryption, save_id=save_id)
              for kind, content in pending.files]
     fields = dict(pending.manifest_fields)
     if encryption is not None:
         fields["extra"] = {**fields["extra"], "encryption": encryption.mode}  # the mode, never the key
     manifest = Manifest(created=time.time(), files=tuple(files), **fields)
+    if encryption is not None:
+        manifest = dataclasses.replace(manifest, auth=manifest_tag(encryption.key, manifest.signed_text().encode()))
     storage.put_bytes(file_key(pending.name, pending.rank, FileKind.MANIFEST), manifest.to_json().encode())
     return manifest
 

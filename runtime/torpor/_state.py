@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import mmap
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -162,20 +163,33 @@ class Staging:
     path, shape and dtype) turns that into a plain memcpy: no allocation, no page faults.
     Only one snapshot may use the buffers at a time (the background saver keeps one save in
     flight and the next snapshot waits for it).
+
+    A tensor that appears twice in one snapshot (the trainable parameters beside the model's
+    state dict with ``save_trainable_params``, tied weights) is staged once and both places
+    get the same copy, as a synchronous save writes the same tensor: staging holds at most
+    one copy of what is saved.
     """
 
     def __init__(self) -> None:
         """Start with no buffers."""
         self._buffers: dict[tuple[Any, ...], torch.Tensor] = {}
         self._used: set[tuple[Any, ...]] = set()
+        self._staged: dict[tuple[Any, ...], torch.Tensor] = {}
 
     def snapshot(self, state: Any) -> Any:
         """A deep copy of ``state`` whose tensors live in this staging area."""
         self._used = set()
-        copied = self._copy(state, ())
+        copied = self._copy_once(state)
         for key in set(self._buffers) - self._used:  # the model changed shape: free the old ones
             del self._buffers[key]
         return copied
+
+    def _copy_once(self, state: Any) -> Any:
+        self._staged = {}
+        try:
+            return self._copy(state, ())
+        finally:
+            self._staged = {}
 
     def reserve(self, state: Any) -> None:
         """Allocate and touch the buffers ``state``'s tensors will need, before any save.
@@ -185,7 +199,7 @@ class Staging:
         cost the same once, outside any step. Buffers of tensors that appear only later
         (optimizer moments) are still made by the first snapshot.
         """
-        self._copy(state, ())  # the copy is what touches the pages; snapshot() overwrites it
+        self._copy_once(state)  # the copy is what touches the pages; snapshot() overwrites it
 
     @property
     def nbytes(self) -> int:
@@ -195,6 +209,9 @@ class Staging:
     def _copy(self, value: Any, path: tuple[Any, ...]) -> Any:
         if isinstance(value, torch.Tensor):
             source = value.detach()
+            same = _identity(source)
+            if same in self._staged:  # the very same memory seen earlier in this snapshot
+                return self._staged[same]
             key = (*path, tuple(source.shape), source.dtype)
             buf = self._buffers.get(key)
             if buf is None:
@@ -202,6 +219,7 @@ class Staging:
                 self._buffers[key] = buf
             self._used.add(key)
             buf.copy_(source)
+            self._staged[same] = buf
             return buf
         if isinstance(value, dict):
             return {k: self._copy(v, (*path, k)) for k, v in value.items()}
@@ -210,12 +228,91 @@ class Staging:
         return value
 
 
-def decode_file(path: str, map_location: Any = "cpu") -> dict[str, Any]:
-    """:func:`decode` of a file, memory-mapped: tensors use the file's pages in place.
+def _identity(t: torch.Tensor) -> tuple[Any, ...]:
+    """What makes two tensors the same view of the same memory (``detach()`` keeps all of it)."""
+    return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
 
-    The caller may unlink the file once this returns (the mapping keeps the pages).
+
+_PAGE = mmap.PAGESIZE
+_CONSUME_SLICE = 8 * 1024 * 1024
+"""Bytes copied out of the scratch buffer before their pages are given back: the most the
+load holds twice at any moment."""
+_FREE_AT_LEAST = 1024 * 1024
+"""Reads shorter than this (zip headers, the pickle) keep their pages: they are tiny and may
+share a page with the next record's header."""
+
+
+class ConsumingReader(ViewReader):
+    """A reader over a private scratch mapping that gives each page back once it is read.
+
+    ``torch.load`` reads every tensor's record exactly once, into the tensor's own new
+    memory; freeing the scratch pages behind the copy (``MADV_DONTNEED``) means the shard is
+    held about once while it is decoded, not twice, and the tensors are ordinary memory (a
+    ``mmap=True`` load would leave the optimizer's moments on the scratch pages for the
+    whole run). A freed page reads back as zeros, so reading one again is an error here,
+    never silent: should a torch version ever read a record twice, loading fails loudly.
     """
-    payload = torch.load(path, map_location=map_location, weights_only=True, mmap=True)
+
+    def __init__(self, mapped: mmap.mmap, length: int) -> None:
+        """Read ``mapped[:length]`` (a private anonymous mapping this reader may free)."""
+        super().__init__(memoryview(mapped)[:length])
+        self._map = mapped
+        self._freed = bytearray(-(-length // _PAGE))  # 1 per page given back
+
+    def _check_unfreed(self, start: int, end: int) -> None:
+        if end > start and self._freed.find(1, start // _PAGE, -(-end // _PAGE)) != -1:
+            raise RuntimeError(f"shard bytes {start}..{end} read twice while loading; torpor frees each record "
+                               "after reading it, so this torch version's loader needs another reader")
+
+    def readinto(self, buffer: Any) -> int:
+        start = self._pos
+        n = max(0, min(len(buffer), len(self._view) - start))
+        self._check_unfreed(start, start + n)
+        with memoryview(buffer).cast("B") as out:
+            done = 0
+            while done < n:
+                step = min(_CONSUME_SLICE, n - done)
+                out[done:done + step] = self._view[start + done:start + done + step]
+                done += step
+                if n >= _FREE_AT_LEAST:  # small reads (headers, pickle) are left alone
+                    self._free(start, start + done)
+        self._pos += n
+        return n
+
+    def read(self, size: int | None = -1) -> bytes:
+        end = len(self._view) if size is None or size < 0 else min(len(self._view), self._pos + size)
+        self._check_unfreed(self._pos, end)
+        return super().read(size)
+
+    def _free(self, start: int, end: int) -> None:
+        """Give back the whole pages inside ``[start, end)`` (never a page shared with other bytes)."""
+        first, last = -(-start // _PAGE), end // _PAGE
+        if last > first:
+            self._map.madvise(mmap.MADV_DONTNEED, first * _PAGE, (last - first) * _PAGE)
+            self._freed[first:last] = b"\1" * (last - first)
+
+    def close(self) -> None:
+        """Release the view, so the caller can close the mapping."""
+        self._view.release()
+        super().close()
+
+
+def can_consume() -> bool:
+    """Whether this platform frees pages of an anonymous mapping on request (Linux does)."""
+    return hasattr(mmap, "MADV_DONTNEED") and hasattr(mmap, "MAP_PRIVATE") and hasattr(mmap.mmap, "madvise")
+
+
+def decode_consuming(mapped: mmap.mmap, length: int, map_location: Any = "cpu") -> dict[str, Any]:
+    """:func:`decode` of ``mapped[:length]``, giving its pages back as the tensors are read.
+
+    ``mapped`` is a private anonymous mapping the caller discards afterwards (its contents
+    are zeros where they were read).
+    """
+    reader = ConsumingReader(mapped, length)
+    try:
+        payload = torch.load(reader, map_location=map_location, weights_only=True)
+    finally:
+        reader.close()
     if not isinstance(payload, dict) or payload.get("torpor_format") != SHARD_FORMAT:
         raise ValueError(f"not a torpor shard of format {SHARD_FORMAT} (got {type(payload).__name__})")
     return payload

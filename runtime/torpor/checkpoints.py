@@ -39,7 +39,12 @@ from enum import StrEnum
 from torpor.storage import ObjectInfo, Storage
 
 FORMAT_VERSION = 1
-"""Manifest format; a reader refuses a newer one rather than misreading it."""
+"""Manifest format of a plaintext checkpoint; a reader refuses a newer one rather than misreading it."""
+AUTHENTICATED_FORMAT = 2
+"""Manifest format of an encrypted checkpoint: format 1 plus ``auth``, a tag over everything
+else made with a key derived from ``enc_key``. A reader without the key (the operator) reads
+it as format 1; the runtime checks the tag before it trusts any size or hash in it."""
+READABLE_FORMATS = (FORMAT_VERSION, AUTHENTICATED_FORMAT)
 
 
 class FileKind(StrEnum):
@@ -219,6 +224,9 @@ class Manifest:
     """Name of the checkpoint this run resumed from, empty for a fresh run."""
     extra: Mapping[str, object] = field(default_factory=dict)
     """JSON-safe extras (``append_info`` scalars, ``global_batch_size``, consumed samples)."""
+    auth: str = ""
+    """Encrypted checkpoints: ``hmac-sha256:<hex>`` over :meth:`signed_text`, so nobody without
+    the key can change a size, hash, step or save id (format 2). Empty for plaintext ones."""
 
     @property
     def shard(self) -> FileEntry:
@@ -234,9 +242,20 @@ class Manifest:
 
     def to_json(self) -> str:
         """Serialise; ``size``/``sha256`` of the shard are repeated at the top for humans and tools."""
+        doc = self._doc(AUTHENTICATED_FORMAT if self.auth else FORMAT_VERSION)
+        if self.auth:
+            doc["auth"] = self.auth
+        return json.dumps(doc, sort_keys=True, indent=1)
+
+    def signed_text(self) -> str:
+        """What ``auth`` authenticates: every field but ``auth`` itself, as format 2, in one
+        canonical form (so the same manifest gives the same text however it was indented)."""
+        return json.dumps(self._doc(AUTHENTICATED_FORMAT), sort_keys=True, separators=(",", ":"))
+
+    def _doc(self, fmt: int) -> dict[str, object]:
         shard = self.shard
-        doc = {
-            "format": FORMAT_VERSION,
+        return {
+            "format": fmt,
             "name": self.name,
             "rank": self.rank,
             "world_size": self.world_size,
@@ -256,7 +275,6 @@ class Manifest:
             "resumed_from": self.resumed_from,
             "extra": dict(self.extra),
         }
-        return json.dumps(doc, sort_keys=True, indent=1)
 
     @classmethod
     def from_json(cls, text: str | bytes) -> Manifest:
@@ -273,8 +291,10 @@ class Manifest:
         if not isinstance(data, dict):
             raise ValueError(f"manifest must be a JSON object, got {type(data).__name__}")
         fmt = _field(data, "format", int)
-        if fmt != FORMAT_VERSION:
-            raise ValueError(f"manifest field 'format' is {fmt!r}; this torpor reads {FORMAT_VERSION}")
+        if fmt not in READABLE_FORMATS:
+            raise ValueError(f"manifest field 'format' is {fmt!r}; this torpor reads {FORMAT_VERSION} and "
+                             f"{AUTHENTICATED_FORMAT}")
+        auth = str(_field(data, "auth", str)) if fmt == AUTHENTICATED_FORMAT else ""
         files = []
         for raw in _field(data, "files", list):  # type: ignore[union-attr]
             if not isinstance(raw, dict):
@@ -303,6 +323,7 @@ class Manifest:
             incarnation=str(data.get("incarnation", "")),
             resumed_from=str(data.get("resumed_from", "")),
             extra=extra,
+            auth=auth,
         )
         if manifest.world_size < 1 or not 0 <= manifest.rank < manifest.world_size:
             raise ValueError(

@@ -3,20 +3,29 @@
 Torch-free: it sees bytes only, so the same code encrypts a shard while it streams to S3 and
 decrypts it on load without ever holding more than one chunk of plaintext at a time.
 
-Format (version 1), all integers big-endian::
+Format (version 2), all integers big-endian::
 
     header   magic b"TORPENC" | version u8 | mode u8 | 3 zero bytes | chunk_size u32
-             | salt 16 bytes | key_check 16 bytes                        (48 bytes)
+             | salt 16 bytes | key_check 16 bytes | place_check 16 bytes  (64 bytes)
     chunks   AES-GCM:          ciphertext | tag 16
              AES-CBC, SM4-CBC: iv 16 | ciphertext (PKCS7-padded) | HMAC-SHA256 32
+
+Version 1 (torpor before issue 10) had no place check and no place in the chunks' AAD; it is
+refused by name, since accepting it would let an attacker swap in an old, unbound file.
 
 Why it is built this way:
 
 * **A fresh key per shard.** The cipher key and (CBC) the MAC key are derived from
   ``enc_key`` with HKDF-SHA256 over the random ``salt``, so a GCM nonce can be the chunk
   index without ever repeating under one key, and the MAC key is never the cipher key.
-* **Chunks bound to their place.** Every chunk's AAD (GCM) or MAC input (CBC) is the header,
-  the chunk index and a final-chunk flag: reordered, dropped, duplicated, appended or cut-off
+* **Files bound to their place.** The caller names where the file belongs
+  (:func:`place_context`: its key — checkpoint name, rank and file kind — and the save id);
+  that digest is in every chunk's authenticated data, so a shard swapped with another
+  rank's, copied from another checkpoint or rolled back to an older save of the same name
+  fails to authenticate. ``place_check`` (an HMAC of the header and the place) says so in
+  the error message before any chunk is touched.
+* **Chunks bound to their position.** Every chunk's AAD (GCM) or MAC input (CBC) is the header,
+  the place, the chunk index and a final-chunk flag: reordered, dropped, duplicated, appended or cut-off
   chunks all fail to authenticate. Every chunk but the last holds exactly ``chunk_size``
   plaintext bytes and the last one is flagged final, so a file cut at a chunk boundary is
   refused too (its new last chunk was not written as final).
@@ -38,6 +47,7 @@ import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from hashlib import sha256
+from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, padding
@@ -48,13 +58,14 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from torpor.errors import IntegrityError
 
 MAGIC = b"TORPENC"
-VERSION = 1
+VERSION = 2
 MODES = ("AES-GCM", "AES-CBC", "SM4-CBC")
 KEY_LENGTHS = {"AES-GCM": (16, 24, 32), "AES-CBC": (16, 24, 32), "SM4-CBC": (16,)}
 """Valid ``enc_key`` lengths in bytes per mode."""
 _MODE_IDS = {"AES-GCM": 1, "AES-CBC": 2, "SM4-CBC": 3}
 _HEAD = struct.Struct(">7sBB3sI16s")
-HEADER_SIZE = _HEAD.size + 16
+HEADER_SIZE = _HEAD.size + 32
+_CHECK = 16
 DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024
 """Plaintext bytes per chunk: large enough that per-chunk overhead (48-64 bytes, one call
 into OpenSSL) is noise, small enough that decrypting holds little memory."""
@@ -117,8 +128,37 @@ def _derive(key: bytes, salt: bytes, purpose: bytes, length: int) -> bytes:
     return HKDF(hashes.SHA256(), length, salt, b"torpor-enc v1 " + purpose).derive(key)
 
 
-def _chunk_aad(header: bytes, index: int, final: bool) -> bytes:
-    return header + struct.pack(">QB", index, 1 if final else 0)
+def _chunk_aad(header: bytes, place: bytes, index: int, final: bool) -> bytes:
+    return header + place + struct.pack(">QB", index, 1 if final else 0)
+
+
+def place_context(key: str, save_id: str) -> bytes:
+    """The place a sealed file is bound to: its key and the save that wrote it.
+
+    ``key`` (``rank_1/CKP-1_8.ckpt``) names the checkpoint, the rank and the file kind; the
+    save id tells two saves of one name apart. The storage root is left out on purpose: a
+    checkpoint copied from a directory to a bucket is still the same checkpoint.
+    """
+    return sha256(b"torpor-place v1\0" + key.encode() + b"\0" + save_id.encode()).digest()
+
+
+MANIFEST_TAG_PREFIX = "hmac-sha256:"
+
+
+def manifest_tag(key: bytes, text: bytes) -> str:
+    """The authentication tag of a manifest's signed text (:meth:`Manifest.signed_text`).
+
+    HMAC-SHA256 under a key derived from ``enc_key`` for this purpose only (HKDF), so the tag
+    reveals nothing about the cipher keys. Stored in the manifest itself (format 2), where a
+    reader without the key (the operator) simply ignores it.
+    """
+    mac_key = HKDF(hashes.SHA256(), 32, None, b"torpor manifest v2").derive(bytes(key))
+    return MANIFEST_TAG_PREFIX + hmac.new(mac_key, text, sha256).hexdigest()
+
+
+def manifest_tag_matches(key: bytes, text: bytes, tag: str) -> bool:
+    """Whether ``tag`` is :func:`manifest_tag` of ``text`` (in constant time)."""
+    return hmac.compare_digest(manifest_tag(key, text).encode(), tag.encode())
 
 
 @dataclass(frozen=True)
@@ -156,16 +196,16 @@ class Encryption:
             return plain + _TAG
         return _IV + (plain // _BLOCK + 1) * _BLOCK + _MAC
 
-    def encryptor(self) -> ChunkEncryptor:
-        """A fresh stream encryptor (new salt, so new keys)."""
-        return ChunkEncryptor(self)
+    def encryptor(self, place: bytes = b"") -> ChunkEncryptor:
+        """A fresh stream encryptor (new salt, so new keys) for a file bound to ``place``."""
+        return ChunkEncryptor(self, place)
 
-    def encrypt(self, data: bytes | memoryview) -> bytes:
+    def encrypt(self, data: bytes | memoryview, place: bytes = b"") -> bytes:
         """Encrypt a whole buffer (tests, small files); streams use :meth:`encryptor`."""
-        enc = self.encryptor()
+        enc = self.encryptor(place)
         return b"".join([*enc.update(data), *enc.finalize()])
 
-    def decrypt_chunks(self, pieces: Iterable[bytes | memoryview]) -> Iterator[bytes]:
+    def decrypt_chunks(self, pieces: Iterable[bytes | memoryview], place: bytes = b"") -> Iterator[bytes]:
         """Decrypt an encrypted stream given in pieces of any size, yielding plaintext chunks.
 
         Every chunk is authenticated before it is yielded, but a caller that needs the whole
@@ -174,13 +214,28 @@ class Encryption:
 
         Raises:
             IntegrityError: not a torpor-encrypted stream, another mode, a wrong key,
-                or any modified, reordered, missing, extra or truncated byte.
+                sealed for another ``place``, or any modified, reordered, missing, extra or
+                truncated byte.
         """
-        return _decrypt(self, pieces)
+        return _decrypt(self, pieces, place)
 
-    def decrypt(self, data: bytes | memoryview) -> bytes:
+    def decrypt(self, data: bytes | memoryview, place: bytes = b"") -> bytes:
         """Decrypt a whole buffer; nothing is returned unless every chunk authenticates."""
-        return b"".join(self.decrypt_chunks([data]))
+        return b"".join(self.decrypt_chunks([data], place))
+
+    def decrypt_into(self, buffer: bytearray | memoryview | Any, place: bytes = b"") -> int:
+        """Decrypt a whole encrypted file held in ``buffer`` in place; returns the plaintext length.
+
+        The plaintext ends up in ``buffer[:n]``. Each plaintext chunk is shorter than its
+        record and lands at or before the record's own offset, so it never overwrites a record
+        still to be read: a GiB shard is decrypted with one GiB and one chunk of memory, where
+        a second buffer would double it. Only a return (not an exception) means every chunk
+        authenticated; on an error ``buffer`` holds a mix and must be discarded.
+
+        Raises:
+            IntegrityError: as :meth:`decrypt_chunks`.
+        """
+        return _decrypt_into(self, buffer, place)
 
 
 def is_encrypted(data: bytes | memoryview) -> bool:
@@ -208,8 +263,8 @@ class _Keys:
     def block(self) -> algorithms.BlockCipherAlgorithm:
         return algorithms.SM4(self.cipher_key) if self.mode == "SM4-CBC" else algorithms.AES(self.cipher_key)
 
-    def seal(self, header: bytes, index: int, final: bool, plain: bytes | memoryview) -> bytes:
-        aad = _chunk_aad(header, index, final)
+    def seal(self, header: bytes, place: bytes, index: int, final: bool, plain: bytes | memoryview) -> bytes:
+        aad = _chunk_aad(header, place, index, final)
         if self.gcm is not None:
             return self.gcm.encrypt(struct.pack(">4xQ", index), plain, aad)
         iv = os.urandom(_IV)
@@ -219,8 +274,9 @@ class _Keys:
         body = iv + enc.update(padded) + enc.finalize()
         return body + hmac.new(self.mac_key, aad + body, sha256).digest()
 
-    def open(self, header: bytes, index: int, final: bool, record: bytes | bytearray | memoryview) -> bytes:
-        aad = _chunk_aad(header, index, final)
+    def open(self, header: bytes, place: bytes, index: int, final: bool,
+             record: bytes | bytearray | memoryview) -> bytes:
+        aad = _chunk_aad(header, place, index, final)
         if self.gcm is not None:
             if len(record) < _TAG:
                 raise IntegrityError(f"encrypted chunk {index} is truncated ({len(record)} bytes)")
@@ -246,9 +302,14 @@ class _Keys:
             raise IntegrityError(f"encrypted chunk {index} has bad padding after authenticating") from None
 
 
-def _header(enc: Encryption, salt: bytes, keys: _Keys) -> bytes:
+def _header(enc: Encryption, salt: bytes, keys: _Keys, place: bytes) -> bytes:
     head = _HEAD.pack(MAGIC, VERSION, _MODE_IDS[enc.mode], b"\0\0\0", enc.chunk_size, salt)
-    return head + hmac.new(keys.check_key, head, sha256).digest()[:16]
+    key_check = hmac.new(keys.check_key, head, sha256).digest()[:_CHECK]
+    return head + key_check + _place_check(keys, head + key_check, place)
+
+
+def _place_check(keys: _Keys, head: bytes, place: bytes) -> bytes:
+    return hmac.new(keys.check_key, b"place " + head + place, sha256).digest()[:_CHECK]
 
 
 class ChunkEncryptor:
@@ -259,12 +320,13 @@ class ChunkEncryptor:
     next byte arrives, because until then it might be the last one.
     """
 
-    def __init__(self, enc: Encryption) -> None:
-        """Start a stream with a fresh random salt."""
+    def __init__(self, enc: Encryption, place: bytes = b"") -> None:
+        """Start a stream with a fresh random salt, bound to ``place`` (:func:`place_context`)."""
         salt = os.urandom(16)
         self._keys = _Keys(enc, salt)
         self._size = enc.chunk_size
-        self._header = _header(enc, salt, self._keys)
+        self._place = bytes(place)
+        self._header = _header(enc, salt, self._keys, self._place)
         self._pending = bytearray()
         self._index = 0
         self._started = False
@@ -279,12 +341,12 @@ class ChunkEncryptor:
         size = self._size
         while len(view):
             if len(self._pending) == size:
-                out.append(self._keys.seal(self._header, self._index, False, self._pending))
+                out.append(self._keys.seal(self._header, self._place, self._index, False, self._pending))
                 self._index += 1
                 self._pending.clear()
             if not self._pending and len(view) > size:
                 # Whole chunks straight from the caller's buffer: no copy into ``_pending``.
-                out.append(self._keys.seal(self._header, self._index, False, view[:size]))
+                out.append(self._keys.seal(self._header, self._place, self._index, False, view[:size]))
                 self._index += 1
                 view = view[size:]
                 continue
@@ -298,7 +360,7 @@ class ChunkEncryptor:
         if self._done:
             raise ValueError("ChunkEncryptor.finalize called twice")
         out = self._start()
-        out.append(self._keys.seal(self._header, self._index, True, self._pending))
+        out.append(self._keys.seal(self._header, self._place, self._index, True, self._pending))
         self._pending = bytearray()
         self._done = True
         return out
@@ -310,10 +372,13 @@ class ChunkEncryptor:
         return [self._header]
 
 
-def _parse_header(enc: Encryption, head: bytes) -> tuple[_Keys, int]:
+def _parse_header(enc: Encryption, head: bytes, place: bytes) -> tuple[_Keys, int]:
     magic, version, mode_id, reserved, chunk_size, salt = _HEAD.unpack(head[: _HEAD.size])
     if magic != MAGIC:
         raise IntegrityError("not a torpor-encrypted shard (no encryption header); refusing to load it")
+    if version == 1:
+        raise IntegrityError("encryption format version 1 (written by an older torpor) is not bound to its place "
+                             f"(checkpoint, rank, save), so it is refused; this torpor reads version {VERSION}")
     if version != VERSION:
         raise IntegrityError(f"encryption format version {version} is not supported (this torpor reads {VERSION})")
     mode = next((m for m, i in _MODE_IDS.items() if i == mode_id), None)
@@ -322,14 +387,19 @@ def _parse_header(enc: Encryption, head: bytes) -> tuple[_Keys, int]:
     if mode != enc.mode:
         raise IntegrityError(f"the shard was encrypted with {mode}, but enc_mode is {enc.mode!r}; nothing was loaded")
     keys = _Keys(Encryption(enc.key, mode, chunk_size), salt)
-    expected = hmac.new(keys.check_key, head[: _HEAD.size], sha256).digest()[:16]
-    if not hmac.compare_digest(expected, head[_HEAD.size:HEADER_SIZE]):
+    key_end = _HEAD.size + _CHECK
+    expected = hmac.new(keys.check_key, head[: _HEAD.size], sha256).digest()[:_CHECK]
+    if not hmac.compare_digest(expected, head[_HEAD.size:key_end]):
         raise IntegrityError(
             f"wrong encryption key for this shard ({mode}), or its header was modified; nothing was loaded")
+    if not hmac.compare_digest(_place_check(keys, head[:key_end], place), head[key_end:HEADER_SIZE]):
+        raise IntegrityError(
+            "the file was sealed for another place (another checkpoint, rank, file kind or save): it was swapped, "
+            "copied from another checkpoint or rolled back to an older save; nothing was loaded")
     return keys, chunk_size
 
 
-def _decrypt(enc: Encryption, pieces: Iterable[bytes | memoryview]) -> Iterator[bytes]:
+def _decrypt(enc: Encryption, pieces: Iterable[bytes | memoryview], place: bytes) -> Iterator[bytes]:
     buf = bytearray()
     keys: _Keys | None = None
     header = b""
@@ -342,17 +412,39 @@ def _decrypt(enc: Encryption, pieces: Iterable[bytes | memoryview]) -> Iterator[
             if len(buf) < HEADER_SIZE:
                 continue
             header = bytes(buf[:HEADER_SIZE])
-            keys, chunk_size = _parse_header(enc, header)
+            keys, chunk_size = _parse_header(enc, header, place)
             record = Encryption(enc.key, enc.mode, chunk_size)._record(chunk_size)
             pos = HEADER_SIZE
         # Keep at least one record back: only the end of the stream says which one is final.
         view = memoryview(buf)
         while len(buf) - pos > record:
-            yield keys.open(header, index, False, view[pos:pos + record])
+            yield keys.open(header, place, index, False, view[pos:pos + record])
             index += 1
             pos += record
         view.release()
         del buf[:pos]
     if keys is None:
         raise IntegrityError(f"encrypted shard is truncated inside its header ({len(buf)} bytes); nothing was loaded")
-    yield keys.open(header, index, True, buf)
+    yield keys.open(header, place, index, True, buf)
+
+
+def _decrypt_into(enc: Encryption, buffer: Any, place: bytes) -> int:
+    view = memoryview(buffer).cast("B")
+    try:
+        end = len(view)
+        if end < HEADER_SIZE:
+            raise IntegrityError(f"encrypted shard is truncated inside its header ({end} bytes); nothing was loaded")
+        header = bytes(view[:HEADER_SIZE])
+        keys, chunk_size = _parse_header(enc, header, place)
+        record = Encryption(enc.key, enc.mode, chunk_size)._record(chunk_size)
+        pos, out, index = HEADER_SIZE, 0, 0
+        while True:
+            final = end - pos <= record  # as in _decrypt: the last record is the one flagged final
+            stop = end if final else pos + record
+            plain = keys.open(header, place, index, final, view[pos:stop])
+            view[out:out + len(plain)] = plain  # out + len(plain) <= pos: never past an unread record
+            out, pos, index = out + len(plain), stop, index + 1
+            if final:
+                return out
+    finally:
+        view.release()

@@ -40,6 +40,9 @@ from torpor.errors import IntegrityError, StorageError
 from torpor.transfer import PART_CHECKSUM_ALGORITHM, PartBody, RangeReader, direct_reads_possible, presigned_get
 
 S3_DELETE_BATCH = 1000
+_READ_SLICE = 8 * 1024 * 1024
+"""Bytes per read of a verified local read: large enough for few system calls, small enough
+to be hashed while still in the CPU cache."""
 """Objects per ``DeleteObjects`` call: the S3 API's own maximum, so pruning is one call per 1000."""
 
 
@@ -144,6 +147,41 @@ class LocalStorage:
 
     def get_bytes(self, key: str) -> bytes:
         return self._path(key).read_bytes()
+
+    def get_verified(self, key: str, *, size: int, sha256: str, into: Any = None) -> Any:
+        """Read ``key`` into ``into`` (or a new bytearray), checking size and sha256 on the way.
+
+        One pass in slices: each slice is hashed while it is still in the CPU cache, and
+        nothing but the destination is ever allocated, so loading a shard costs its size
+        once (``read_bytes`` plus a decode held it twice).
+
+        Raises:
+            IntegrityError: size or sha256 differ from the manifest's (also when the file
+                changes size while it is read).
+            FileNotFoundError: the key is absent.
+        """
+        with open(self._path(key), "rb", buffering=0) as f:
+            actual = os.fstat(f.fileno()).st_size
+            if actual != size:
+                raise _size_error(self, key, actual, size)
+            out = bytearray(size) if into is None else into
+            digest = hashlib.sha256()
+            pos = 0
+            with memoryview(out).cast("B") as view:
+                if len(view) != size:
+                    raise ValueError(f"into must hold exactly size={size} bytes, got {len(view)}")
+                while pos < size:
+                    with view[pos:min(pos + _READ_SLICE, size)] as piece:
+                        n = f.readinto(piece)
+                        if not n:
+                            break
+                        digest.update(piece[:n])
+                    pos += n
+            if pos != size or f.read(1):
+                raise _size_error(self, key, pos if pos != size else size + 1, size)
+        if digest.hexdigest() != sha256:
+            raise _sha_error(self, key, digest.hexdigest(), sha256)
+        return out
 
     def list(self, prefix: str = "") -> list[ObjectInfo]:
         if not self._root.is_dir():
@@ -572,17 +610,21 @@ def _is_not_found(exc: Exception) -> bool:
 
 def _check(storage: Storage, key: str, data: bytes | bytearray, size: int, sha256: str) -> bytes | bytearray:
     if len(data) != size:
-        raise IntegrityError(
-            f"{storage.uri}/{key}: size {len(data)} does not match the manifest's size {size}; "
-            "the shard is truncated or was replaced, refusing to load it"
-        )
+        raise _size_error(storage, key, len(data), size)
     digest = sha256_hex(data)
     if digest != sha256:
-        raise IntegrityError(
-            f"{storage.uri}/{key}: sha256 {digest} does not match the manifest's sha256 {sha256}; "
-            "the shard is corrupted or was modified, refusing to load it"
-        )
+        raise _sha_error(storage, key, digest, sha256)
     return data
+
+
+def _size_error(storage: Storage, key: str, actual: int, size: int) -> IntegrityError:
+    return IntegrityError(f"{storage.uri}/{key}: size {actual} does not match the manifest's size {size}; "
+                          "the shard is truncated or was replaced, refusing to load it")
+
+
+def _sha_error(storage: Storage, key: str, digest: str, sha256: str) -> IntegrityError:
+    return IntegrityError(f"{storage.uri}/{key}: sha256 {digest} does not match the manifest's sha256 {sha256}; "
+                          "the shard is corrupted or was modified, refusing to load it")
 
 
 class ObjectWriter:

@@ -9,7 +9,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from torpor.crypto import HEADER_SIZE, MODES, Encryption, check_key, encrypted_mode, is_encrypted, parse_key
+from torpor.crypto import (
+    HEADER_SIZE,
+    MODES,
+    VERSION,
+    Encryption,
+    check_key,
+    encrypted_mode,
+    is_encrypted,
+    manifest_tag,
+    parse_key,
+    place_context,
+)
 from torpor.env import read_enc_key
 from torpor.errors import IntegrityError
 
@@ -182,3 +193,75 @@ def test_the_crypto_module_is_torch_free() -> None:
     code = "import sys, torpor.crypto, torpor.env\nassert 'torch' not in sys.modules and 'numpy' not in sys.modules\n"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+# -- binding to a place (format 2) ---------------------------------------------------------
+
+PLACE_A = place_context("rank_0/CKP-1_4.ckpt", "run-a:4")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_file_sealed_for_one_place_is_refused_in_another(mode: str) -> None:
+    e = enc(mode)
+    blob = e.encrypt(os.urandom(3 * SMALL + 1), PLACE_A)
+    assert e.decrypt(blob, PLACE_A)
+    others = {
+        "another rank": place_context("rank_1/CKP-1_4.ckpt", "run-a:4"),
+        "another checkpoint": place_context("rank_0/CKP-1_8.ckpt", "run-a:4"),
+        "another kind": place_context("rank_0/CKP-1_4.trainable.pt", "run-a:4"),
+        "another save": place_context("rank_0/CKP-1_4.ckpt", "run-b:4"),
+        "no place": b"",
+    }
+    for what, place in others.items():
+        with pytest.raises(IntegrityError, match="another place"):
+            e.decrypt(blob, place)
+            pytest.fail(what)
+        with pytest.raises(IntegrityError, match="another place"):
+            b"".join(e.decrypt_chunks([blob], place))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_the_place_is_authenticated_by_every_chunk_not_only_the_header(mode: str) -> None:
+    # A header copied from a file of the right place onto chunks sealed for another one.
+    e = enc(mode)
+    data = os.urandom(3 * SMALL)
+    right = records(e, e.encrypt(data, PLACE_A))
+    wrong = records(e, e.encrypt(data, place_context("rank_1/CKP-1_4.ckpt", "run-a:4")))
+    with pytest.raises(IntegrityError):
+        e.decrypt(right[0] + b"".join(wrong[1:]), PLACE_A)
+
+
+def test_format_versions_are_checked_and_the_unbound_format_1_is_refused_by_name() -> None:
+    blob = bytearray(enc("AES-GCM").encrypt(b"x" * 100, PLACE_A))
+    assert blob[7] == VERSION == 2
+    blob[7] = 1
+    with pytest.raises(IntegrityError, match=r"format version 1.*not bound to its place"):
+        enc("AES-GCM").decrypt(bytes(blob), PLACE_A)
+    blob[7] = 3
+    with pytest.raises(IntegrityError, match=r"format version 3 is not supported.*reads 2"):
+        enc("AES-GCM").decrypt(bytes(blob), PLACE_A)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("size", [0, 1, 63, 64, 65, 1000])
+def test_decrypting_in_place_equals_decrypting_a_stream(mode: str, size: int) -> None:
+    e = enc(mode)
+    data = os.urandom(size)
+    buf = bytearray(e.encrypt(data, PLACE_A))
+    n = e.decrypt_into(buf, PLACE_A)
+    assert bytes(buf[:n]) == data
+    broken = bytearray(e.encrypt(data, PLACE_A))
+    broken[-1] ^= 1
+    with pytest.raises(IntegrityError):
+        e.decrypt_into(broken, PLACE_A)
+    with pytest.raises(IntegrityError):
+        e.decrypt_into(bytearray(e.encrypt(data, PLACE_A))[:-1], PLACE_A)
+
+
+def test_manifest_tags_depend_on_the_key_and_every_byte() -> None:
+    text = b'{"name":"CKP-1_4","rank":0}'
+    tag = manifest_tag(b"k" * 32, text)
+    assert tag.startswith("hmac-sha256:") and manifest_tag(b"k" * 32, text) == tag
+    assert manifest_tag(b"j" * 32, text) != tag
+    assert manifest_tag(b"k" * 32, text.replace(b"0", b"1")) != tag
+    assert (b"k" * 32).hex() not in tag
