@@ -22,6 +22,12 @@ from pki import Pki, make_pki
 from processes import free_port, poll, start_server, stop_server, wait_until
 
 SERVICE_CIDR = "10.0.0.0/24"
+#: How long the node lifecycle controller waits for a node's Lease/heartbeat before marking it
+#: NotReady (`--node-monitor-grace-period`; Kubernetes' default is 50 s since 1.32). Shortened so
+#: that a fault test's lost node is noticed in ~20 s; the node agent heartbeats every 5 s
+#: (`node_agent.HEARTBEAT_SECONDS`), so a node goes NotReady only after three missed beats,
+#: not because one heartbeat was late on a loaded machine.
+NODE_MONITOR_GRACE_SECONDS = 20
 
 
 class ControlPlane:
@@ -152,6 +158,7 @@ class ControlPlane:
             "--use-service-account-credentials=true",
             f"--service-cluster-ip-range={SERVICE_CIDR}",
             "--controllers=*,-cloud-node-lifecycle,-service-lb-controller,-node-route-controller",
+            f"--node-monitor-grace-period={NODE_MONITOR_GRACE_SECONDS}s", "--node-monitor-period=2s",
             "--v=1",
         ])
         wait_until(lambda: _https_ok(f"https://127.0.0.1:{port}/healthz"), timeout=self.startup_timeout,

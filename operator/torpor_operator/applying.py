@@ -271,5 +271,8 @@ class KubeClient:
             "ConfigMap": self.core.delete_namespaced_config_map,
             "PodDisruptionBudget": self.policy.delete_namespaced_pod_disruption_budget,
         }[ref.kind]
-        _ignore(404, lambda: delete(ref.name, namespace, propagation_policy="Background"))
+        options: dict[str, Any] = {"propagation_policy": "Background"}
+        if ref.grace_period_seconds is not None:  # 0: a force deletion (a pod of a lost node)
+            options["grace_period_seconds"] = ref.grace_period_seconds
+        _ignore(404, lambda: delete(ref.name, namespace, **options))
 

@@ -116,6 +116,18 @@ class OperatorSettings:
     pods reading Running until the node controller marks it NotReady (its grace period: 40 s,
     50 s since Kubernetes 1.32); its peers crash at once. Seconds, >= 0; 0 decides at once."""
 
+    lost_node_force_delete_seconds: float = dataclasses.field(
+        default=30.0, metadata=_env("TORPOR_LOST_NODE_FORCE_DELETE_SECONDS")
+    )
+    """How long a node must have been lost (``Ready`` not ``True`` since its
+    ``lastTransitionTime``) before the job's pods on it are force-deleted (grace 0) so that a
+    stopping job can restart: no kubelet is left to finish their deletion, and the node
+    controller's own eviction waits 300 s and is not a force deletion either. The wait lets a node
+    that only blinked come back before two copies of a rank could run; pods of a node tainted
+    ``node.kubernetes.io/out-of-service`` are released at once. With Kubernetes' 50 s
+    node-monitor grace period the default restarts a job about 80 s after its node stopped
+    reporting (docs/operator.md, "A node that stops reporting"). Seconds, >= 0."""
+
     retention_interval_seconds: float = dataclasses.field(
         default=60.0, metadata=_env("TORPOR_RETENTION_INTERVAL_SECONDS")
     )
@@ -187,6 +199,10 @@ class OperatorSettings:
         grace = self.peer_loss_grace_seconds
         if not isinstance(grace, int | float) or isinstance(grace, bool) or not math.isfinite(grace) or grace < 0:
             raise SettingsError(f"peer_loss_grace_seconds must be a finite number of seconds >= 0, got {grace!r}")
+        bound = self.lost_node_force_delete_seconds
+        if not isinstance(bound, int | float) or isinstance(bound, bool) or not math.isfinite(bound) or bound < 0:
+            raise SettingsError(f"lost_node_force_delete_seconds must be a finite number of seconds >= 0, "
+                                f"got {bound!r}")
         if not _is_int(self.admission_retries) or self.admission_retries < 0:
             raise SettingsError(f"admission_retries must be a whole number >= 0, got {self.admission_retries!r}")
         if not _is_int(self.watch_timeout_seconds) or self.watch_timeout_seconds < 1:
