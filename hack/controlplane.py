@@ -14,6 +14,7 @@ import json
 import ssl
 import subprocess
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 from bootstrap import binary, ensure
@@ -21,6 +22,12 @@ from pki import Pki, make_pki
 from processes import free_port, poll, start_server, stop_server, wait_until
 
 SERVICE_CIDR = "10.0.0.0/24"
+#: How long the node lifecycle controller waits for a node's Lease/heartbeat before marking it
+#: NotReady (`--node-monitor-grace-period`; Kubernetes' default is 50 s since 1.32). Shortened so
+#: that a fault test's lost node is noticed in ~20 s; the node agent heartbeats every 5 s
+#: (`node_agent.HEARTBEAT_SECONDS`), so a node goes NotReady only after three missed beats,
+#: not because one heartbeat was late on a loaded machine.
+NODE_MONITOR_GRACE_SECONDS = 20
 
 
 class ControlPlane:
@@ -42,6 +49,7 @@ class ControlPlane:
         self.kubeconfig = self.workdir / "kubeconfig"
         self.pki: Pki | None = None
         self.apiserver_port = 0
+        self._etcd_url = ""
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
 
     @property
@@ -104,9 +112,19 @@ class ControlPlane:
                    proc=proc, log_path=self.logs / "etcd.log")
         return url
 
-    def _start_apiserver(self, etcd_url: str) -> None:
+    def restart_apiserver(self, down: Callable[[], None] | None = None) -> None:
+        """Stop the kube-apiserver (SIGTERM), run ``down`` while it is away, start it again on the
+        same port and wait until it is ready: every client's connections break and its watches
+        end, as in an upgrade of the control plane. Fault tests use it."""
+        stop_server(self._procs.pop("kube-apiserver"))
+        if down is not None:
+            down()
+        self._start_apiserver(self._etcd_url, port=self.apiserver_port)
+
+    def _start_apiserver(self, etcd_url: str, port: int | None = None) -> None:
         assert self.pki
-        self.apiserver_port = free_port()
+        self._etcd_url = etcd_url
+        self.apiserver_port = port or free_port()
         proc = self._start("kube-apiserver", [
             str(binary("kube-apiserver")),
             f"--etcd-servers={etcd_url}",
@@ -140,6 +158,7 @@ class ControlPlane:
             "--use-service-account-credentials=true",
             f"--service-cluster-ip-range={SERVICE_CIDR}",
             "--controllers=*,-cloud-node-lifecycle,-service-lb-controller,-node-route-controller",
+            f"--node-monitor-grace-period={NODE_MONITOR_GRACE_SECONDS}s", "--node-monitor-period=2s",
             "--v=1",
         ])
         wait_until(lambda: _https_ok(f"https://127.0.0.1:{port}/healthz"), timeout=self.startup_timeout,

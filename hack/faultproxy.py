@@ -44,6 +44,8 @@ class FaultProxy:
         self._blackhole = threading.Event()
         self._closed = threading.Event()
         self._sockets: list[socket.socket] = []
+        self.accepted = 0
+        """Connections accepted so far (a test can await its client's attempts)."""
         self._lock = threading.Lock()
         threading.Thread(target=self._accept, name="faultproxy-accept", daemon=True).start()
 
@@ -100,6 +102,8 @@ class FaultProxy:
             except OSError:
                 return
             self._track(client)
+            with self._lock:
+                self.accepted += 1
             threading.Thread(target=self._serve, args=(client,), name="faultproxy-conn", daemon=True).start()
 
     def _serve(self, client: socket.socket) -> None:

@@ -5,7 +5,7 @@ Nodes (`<prefix>-0` … `<prefix>-N-1`) against a real API server:
 
 * **Nodes.** Registers each Node with capacity/allocatable (cpu 8, memory 16Gi, pods 110),
   addresses (InternalIP 127.0.0.1, Hostname), nodeInfo and a Ready condition, then renews
-  its Lease in `kube-node-lease` and the Ready heartbeat every 10 s. The node lifecycle
+  its Lease in `kube-node-lease` and the Ready heartbeat every 5 s. The node lifecycle
   controller removes the `node.kubernetes.io/not-ready` taint once it sees it Ready.
   `stop()` deletes the Nodes (and the pod GC then removes their pods).
 * **Pods.** Watches all pods (list + watch, reconnecting after a 410 or a dropped
@@ -40,6 +40,22 @@ Nodes (`<prefix>-0` … `<prefix>-N-1`) against a real API server:
 * **Logs.** A container's stdout+stderr go to
   `<workdir>/pods/<ns>_<name>_<uid>/<container>.log` (see `NodeAgent.logs_path`);
   `kubectl logs` does not work, as there is no kubelet API.
+* **Faults** (for fault-injection tests; each a method, undone by `restore(node)`):
+  - `reclaim(node)`: the node is gone like a reclaimed spot VM. Its heartbeats and Lease
+    renewals stop and its pods' processes are SIGKILLed, with no status update: the API
+    keeps showing them Running until the node lifecycle controller marks the node NotReady
+    (after `--node-monitor-grace-period`, see `hack/controlplane.py`). Nothing about the
+    node's pods reaches the API any more (no status, no deletion is finished), and no new
+    pod bound to it starts — there is no kubelet.
+  - `make_not_ready(node)`: a kubelet cut off from the API (a network partition): the
+    heartbeats, the Lease and every pod update stop as above, but the processes keep
+    running; what the API asks of its pods meanwhile (a deletion) is seen on `restore`.
+  - `hold_terminating(namespace, name)`: the agent ignores the pod's deletion (its
+    processes keep running, the pod stays Terminating) until a force deletion removes it
+    from the API or `release_terminating` hands the deletion back.
+  `restore(node)` resumes heartbeats and replays the newest state of the node's pods, as a
+  kubelet that comes back would (the processes of a reclaimed node stay dead: its pods then
+  report their exit).
 * **Stopping** kills every pod process group (SIGTERM, 2 s, SIGKILL). Mounts live only in
   the pods' namespaces, so nothing is left mounted on the host.
 
@@ -86,7 +102,7 @@ from nodeagent_volumes import NODE_ALLOCATABLE
 JsonDict = dict[str, Any]
 log = logging.getLogger("torpor.node_agent")
 
-HEARTBEAT_SECONDS = 10.0
+HEARTBEAT_SECONDS = 5.0  # kubelet's is 10 s; hack/controlplane.py's shortened grace period needs more
 LEASE_SECONDS = 40
 NOT_READY_TAINT = "node.kubernetes.io/not-ready"
 HOST_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "PYTHONPATH", "VIRTUAL_ENV")
@@ -139,6 +155,11 @@ class NodeAgent:
         self._started_at = ""
         # Where the pod watch resumes; None means list first. Only the watch thread sets it.
         self._watch_version: str | None = None
+        # Fault hooks: nodes whose kubelet is silent (no heartbeat, no pod updates), the last
+        # event of each of their pods held back until `restore`, and pods whose deletion is ignored.
+        self._silent: set[str] = set()
+        self._held: dict[str, tuple[str, JsonDict]] = {}
+        self._undeletable: set[tuple[str, str]] = set()
 
     # --- public -------------------------------------------------------------------------
 
@@ -231,6 +252,62 @@ class NodeAgent:
         """PIDs (= process group IDs) of the containers running now."""
         with self._lock:
             return [pid for worker in self._workers.values() for pid in worker.pids()]
+
+    # --- faults -------------------------------------------------------------------------
+
+    def reclaim(self, node: str) -> list[int]:
+        """The node vanishes like a reclaimed spot VM: heartbeats stop, its pods' processes are
+        SIGKILLed and nothing is reported (the API keeps showing them Running). Returns the
+        killed process group IDs."""
+        self._silence(node)
+        with self._lock:
+            workers = [w for w in self._workers.values() if w.pod["spec"].get("nodeName") == node]
+        killed = [pid for w in workers for pid in w.pids()]
+        for worker in workers:
+            worker.kill(signal.SIGKILL)
+        log.info("node agent: node %s reclaimed (killed %s)", node, killed)
+        return killed
+
+    def make_not_ready(self, node: str) -> None:
+        """The node's kubelet loses the API: heartbeats and pod updates stop, processes keep running."""
+        self._silence(node)
+        log.info("node agent: node %s stopped reporting", node)
+
+    def restore(self, node: str) -> None:
+        """Undo `reclaim` / `make_not_ready`: heartbeats resume and the held pod events are replayed."""
+        with self._lock:
+            self._silent.discard(node)
+            held = [self._held.pop(uid) for uid in list(self._held)
+                    if self._held[uid][1]["spec"].get("nodeName") == node]
+        self._heartbeat(node)
+        for kind, pod in held:
+            self._dispatch(kind, pod)
+        log.info("node agent: node %s reporting again", node)
+
+    def hold_terminating(self, namespace: str, name: str) -> None:
+        """Ignore the deletion of pod `namespace/name`: it stays Terminating, its processes run."""
+        with self._lock:
+            self._undeletable.add((namespace, name))
+
+    def release_terminating(self, namespace: str, name: str) -> None:
+        """Undo `hold_terminating`: a pending deletion of the pod now proceeds."""
+        with self._lock:
+            self._undeletable.discard((namespace, name))
+            pod = next((p for p in self._pods.values()
+                        if (p["metadata"]["namespace"], p["metadata"]["name"]) == (namespace, name)), None)
+        if pod is not None:
+            self._dispatch("MODIFIED", pod)
+
+    def silent(self, node: str | None) -> bool:
+        """Whether `node` is one of ours whose kubelet must not talk to the API now."""
+        with self._lock:
+            return node in self._silent
+
+    def _silence(self, node: str) -> None:
+        if node not in self.node_names:
+            raise ValueError(f"node {node!r} is not one of this agent's nodes {self.node_names}")
+        with self._lock:
+            self._silent.add(node)
 
     # --- nodes --------------------------------------------------------------------------
 
@@ -326,16 +403,20 @@ class NodeAgent:
     def _heartbeat_loop(self) -> None:
         while not self._stop.wait(HEARTBEAT_SECONDS):
             for name in self.node_names:
-                try:
-                    self._renew_lease(name)
-                    self.kube.patch(f"/api/v1/nodes/{name}/status", {"status": self._node_status()})
-                except ApiError as exc:
-                    if exc.status == 404:
-                        self._register(name)  # someone deleted it: register again, like kubelet
-                    else:
-                        log.warning("node agent: heartbeat for %s failed: %s", name, exc)
-                except urllib3.exceptions.HTTPError as exc:
-                    log.warning("node agent: heartbeat for %s failed: %s", name, exc)
+                if not self.silent(name):
+                    self._heartbeat(name)
+
+    def _heartbeat(self, name: str) -> None:
+        try:
+            self._renew_lease(name)
+            self.kube.patch(f"/api/v1/nodes/{name}/status", {"status": self._node_status()})
+        except ApiError as exc:
+            if exc.status == 404:
+                self._register(name)  # someone deleted it: register again, like kubelet
+            else:
+                log.warning("node agent: heartbeat for %s failed: %s", name, exc)
+        except urllib3.exceptions.HTTPError as exc:
+            log.warning("node agent: heartbeat for %s failed: %s", name, exc)
 
     def _node_ready(self, name: str) -> bool:
         node = self.kube.get(f"/api/v1/nodes/{name}")
@@ -398,7 +479,15 @@ class NodeAgent:
     def _on_pod(self, kind: str, pod: JsonDict) -> None:
         uid = pod["metadata"]["uid"]
         ours = pod["spec"].get("nodeName") in self.node_names
+        meta = pod["metadata"]
         with self._lock:
+            if pod["spec"].get("nodeName") in self._silent:
+                self._held[uid] = (kind, pod)  # a silent kubelet sees nothing; `restore` replays it
+                if kind == "DELETED":
+                    self._pods.pop(uid, None)
+                else:
+                    self._pods[uid] = pod
+                return
             if kind == "DELETED":
                 self._pods.pop(uid, None)
                 done = uid in self._done
@@ -407,7 +496,12 @@ class NodeAgent:
                 self._pods[uid] = pod
                 done = uid in self._done
             worker = self._workers.get(uid)
-        if worker is not None:
+            held = (meta["namespace"], meta["name"]) in self._undeletable
+        if worker is not None and kind != "DELETED" and held and meta.get("deletionTimestamp"):
+            # hold_terminating: the worker never learns of the deletion
+            seen = {k: v for k, v in meta.items() if k not in ("deletionTimestamp", "deletionGracePeriodSeconds")}
+            worker.update({**pod, "metadata": seen})
+        elif worker is not None:
             worker.gone(pod) if kind == "DELETED" else worker.update(pod)
         elif ours and kind != "DELETED" and not done and not self._stop.is_set():
             if (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):

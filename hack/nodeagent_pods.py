@@ -113,6 +113,10 @@ class PodWorker(threading.Thread):
         self._stopping = True
         self._wake.set()
 
+    def kill(self, sig: signal.Signals) -> None:
+        """Signal every container's process group now (a fault: the node vanished)."""
+        self._kill_all(sig)
+
     def write_hosts(self) -> None:
         """Rewrite the pod's hosts file in place: a bind mount keeps the inode, not the name.
 
@@ -340,6 +344,7 @@ class PodWorker(threading.Thread):
             while not (self._stopping or self._gone or self._deleting()):
                 self._wake.wait(1.0)
                 self._wake.clear()
+                self._report()  # a no-op unless a silenced node (a fault) reports again
             if self._stopping:
                 return
         meta = self.pod["metadata"]
@@ -489,8 +494,8 @@ class PodWorker(threading.Thread):
         }
         if inits:
             status["initContainerStatuses"] = [c.status() for c in inits]
-        if status == self._last_report:
-            return
+        if status == self._last_report or self.agent.silent(self.pod["spec"].get("nodeName")):
+            return  # unchanged, or the node's kubelet is cut off (a fault): the API shows the old status
         meta = self.pod["metadata"]
         try:
             self.agent.kube.patch(

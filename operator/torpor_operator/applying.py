@@ -3,6 +3,13 @@
 Synchronous (the Kubernetes client is); the kopf handlers run these calls in a worker thread.
 Every write is idempotent: a create that meets 409 Conflict found the object already there
 (creation is keyed by deterministic names), a delete that meets 404 found it gone.
+
+A pod the API *refuses* to create (4xx: a ResourceQuota, Pod Security admission, an invalid
+template) never leaves a half-made incarnation holding capacity: the ranks this decision
+created are deleted at once (grace 0: they never trained), and when the decision was the
+launch itself every pod of that incarnation is, then :class:`CreateRefused` tells the shell,
+which shows the API's message and retries with backoff. A create that fails because the API
+was away (5xx, no connection) is left as it is: the retry's decision creates the missing ranks.
 """
 
 from __future__ import annotations
@@ -17,12 +24,13 @@ from typing import Any
 
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
+from urllib3.exceptions import HTTPError
 
 from torpor_operator.builders import graceful_exit_data
-from torpor_operator.contract import API_VERSION, GROUP, KIND, LABEL_JOB, PLURAL, VERSION
+from torpor_operator.contract import API_VERSION, GROUP, KIND, LABEL_INCARNATION, LABEL_JOB, PLURAL, VERSION
 from torpor_operator.reconciling import Decision, ObjectRef
 
-__all__ = ["PEERING_GROUP", "PEERING_VERSION", "KubeClient"]
+__all__ = ["PEERING_GROUP", "PEERING_VERSION", "CreateRefused", "KubeClient", "api_message", "refused"]
 
 #: kopf's peering resources (crds/kopfpeerings.yaml).
 PEERING_GROUP = "kopf.dev"
@@ -38,6 +46,32 @@ def _ignore(status: int, call: Callable[[], Any]) -> Any:
         if exc.status == status:
             return None
         raise
+
+
+def refused(exc: BaseException) -> bool:
+    """An answer of the API that a retry alone will not change (400..499 but 409 Conflict and
+    429 Too Many Requests): admission, quota, validation, authorisation."""
+    return isinstance(exc, ApiException) and bool(exc.status) and 400 <= exc.status < 500 \
+        and exc.status not in (409, 429)
+
+
+def api_message(exc: BaseException) -> str:
+    """What the API said: the Status object's ``message``, else the HTTP reason, else the exception."""
+    if isinstance(exc, ApiException):
+        try:
+            message = json.loads(exc.body or "").get("message")
+        except (ValueError, AttributeError):
+            message = None
+        return str(message or f"{exc.status} {exc.reason}".strip())
+    return f"{type(exc).__name__}: {exc}"
+
+
+class CreateRefused(Exception):
+    """The API refused to create one of a decision's objects; what was torn down because of it."""
+
+    def __init__(self, kind: str, name: str, cause: ApiException, torn_down: list[str]) -> None:
+        super().__init__(api_message(cause))
+        self.kind, self.name, self.cause, self.torn_down = kind, name, cause, torn_down
 
 
 def _missing_namespace(exc: ApiException) -> bool:
@@ -137,9 +171,22 @@ class KubeClient:
         return True
 
     def apply(self, namespace: str, job: str, decision: Decision) -> None:
-        """Apply a decision in its documented order, Events last."""
+        """Apply a decision in its documented order, Events last.
+
+        Raises:
+            CreateRefused: the API refused a create (after the teardown described above).
+        """
+        created: list[str] = []
         for obj in decision.create:
-            self._create(namespace, obj)
+            try:
+                self._create(namespace, obj)
+            except ApiException as exc:
+                if not refused(exc):
+                    raise
+                torn_down = self._tear_down(namespace, job, decision, obj, created)
+                raise CreateRefused(obj["kind"], obj["metadata"]["name"], exc, torn_down) from exc
+            if obj["kind"] == "Pod":
+                created.append(obj["metadata"]["name"])
         for ref in decision.delete:
             self._delete(namespace, ref)
         if decision.graceful_exit is not None:
@@ -154,6 +201,22 @@ class KubeClient:
             _ignore(404, lambda: self.custom.patch_namespaced_custom_object_status(
                 GROUP, VERSION, namespace, PLURAL, job, {"status": decision.status}))
 
+    def _tear_down(self, namespace: str, job: str, decision: Decision, refused_obj: dict[str, Any],
+                   created: list[str]) -> list[str]:
+        """Delete the pods of a refused incarnation (see the module's docstring); their names."""
+        doomed = set(created)
+        incarnation = ((refused_obj.get("metadata") or {}).get("labels") or {}).get(LABEL_INCARNATION)
+        if incarnation is not None and str((decision.status or {}).get("incarnation")) == incarnation:
+            # the launch itself was refused: no rank of the incarnation may wait for the others
+            doomed |= {p["metadata"]["name"] for p in self.list_pods(namespace, job)
+                       if (p["metadata"].get("labels") or {}).get(LABEL_INCARNATION) == incarnation}
+        for name in sorted(doomed):
+            _ignore(404, lambda name=name: self.core.delete_namespaced_pod(name, namespace, grace_period_seconds=0))
+        if doomed:
+            log.warning("%s/%s: creating %s %s was refused; deleted %s so that no half incarnation holds capacity",
+                        namespace, job, refused_obj["kind"], refused_obj["metadata"]["name"], ", ".join(sorted(doomed)))
+        return sorted(doomed)
+
     def patch_status(self, namespace: str, job: str, patch: dict[str, Any]) -> None:
         """Merge-patch the job's ``.status`` (a deleted job is not an error)."""
         _ignore(404, lambda: self.custom.patch_namespaced_custom_object_status(
@@ -164,9 +227,9 @@ class KubeClient:
         for event in decision.events:
             try:
                 self.post_event(body, event.type, event.reason, event.message)
-            except ApiException as exc:
+            except (ApiException, HTTPError) as exc:  # the API away: the decision is applied, only its Event lost
                 log.warning("event %s on %s/%s not posted: %s", event.reason, body["metadata"].get("namespace"),
-                            body["metadata"].get("name"), exc.reason)
+                            body["metadata"].get("name"), api_message(exc))
 
     def post_event(self, job: dict[str, Any], type_: str, reason: str, message: str) -> None:
         """Post a core/v1 Event on the job (kopf's own poster works only inside its handler tasks)."""
@@ -208,5 +271,8 @@ class KubeClient:
             "ConfigMap": self.core.delete_namespaced_config_map,
             "PodDisruptionBudget": self.policy.delete_namespaced_pod_disruption_budget,
         }[ref.kind]
-        _ignore(404, lambda: delete(ref.name, namespace, propagation_policy="Background"))
+        options: dict[str, Any] = {"propagation_policy": "Background"}
+        if ref.grace_period_seconds is not None:  # 0: a force deletion (a pod of a lost node)
+            options["grace_period_seconds"] = ref.grace_period_seconds
+        _ignore(404, lambda: delete(ref.name, namespace, **options))
 

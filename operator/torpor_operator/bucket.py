@@ -6,10 +6,15 @@ handlers run it in a worker thread.
 
 Credentials and endpoint come from the operator's own environment (boto3's usual sources,
 ``AWS_ENDPOINT_URL``), so every job the operator prunes must live in a store those reach.
+
+Requests are short: ``timeout_seconds`` to connect and to read, two attempts (botocore's
+defaults, 60 s reads and 8 attempts, let one listing of a dead endpoint take minutes). The
+shell runs this on a pool of its own, never on the threads its API calls use.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -17,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from torpor.checkpoints import Checkpoint, ManifestCache, delete_checkpoints, scan
-from torpor.storage import Storage, open_storage, s3_client
+from torpor.storage import S3Settings, Storage, open_storage, s3_client
 from torpor_operator.naming import JobRef
 from torpor_operator.observing import CheckpointInfo, checkpoint_infos
 from torpor_operator.pruning import stale_upload_keys, to_prune
@@ -46,7 +51,11 @@ class PruneResult:
 class Bucket:
     """Scans and prunes job prefixes, caching parsed manifests between passes."""
 
-    def __init__(self) -> None:
+    def __init__(self, timeout_seconds: float | None = None, attempts: int = 2) -> None:
+        """``timeout_seconds``: connect and read timeout of each request (``None``: the runtime's
+        S3 settings, ``TORPOR_S3_*``); ``attempts`` per request, with it."""
+        self.timeout_seconds = timeout_seconds
+        self.attempts = attempts
         self._caches: dict[str, ManifestCache] = {}
         self._client: Any = None
         self._lock = threading.Lock()
@@ -56,13 +65,21 @@ class Bucket:
         a client per job cost ~100 client builds (and their log lines) for 100 jobs."""
         with self._lock:
             if self._client is None:
-                self._client = s3_client()
+                self._client = s3_client(self._s3_settings())
             return self._client
+
+    def _s3_settings(self) -> S3Settings:
+        settings = S3Settings.from_environ()
+        if self.timeout_seconds is None:
+            return settings
+        return dataclasses.replace(settings, max_attempts=self.attempts, connect_timeout=self.timeout_seconds,
+                                   read_timeout=self.timeout_seconds)
 
     def _storage(self, spec: TrainingJobSpec, job: JobRef) -> tuple[str, Storage]:
         uri = spec.checkpoint.job_uri(job.namespace, job.name)
-        client = self._shared_client() if uri.startswith("s3://") else None
-        return uri, open_storage(uri, client=client)
+        if not uri.startswith("s3://"):
+            return uri, open_storage(uri)
+        return uri, open_storage(uri, s3=self._s3_settings(), client=self._shared_client())
 
     def scan(self, spec: TrainingJobSpec, job: JobRef) -> list[Checkpoint]:
         """Every checkpoint under the job's prefix, judged complete or not."""

@@ -15,6 +15,9 @@ class ObjectRef:
     api_version: str
     kind: str
     name: str
+    grace_period_seconds: int | None = None
+    """``None``: the object's own grace period; ``0``: a force deletion (the API server removes a
+    pod at once, without waiting for a kubelet — for pods on a node that stopped reporting)."""
 
 
 @dataclass(frozen=True)
@@ -34,7 +37,7 @@ class Decision:
     create: tuple[dict[str, Any], ...] = ()
     """Objects to create; a 409 Conflict means it exists already and is not an error."""
     delete: tuple[ObjectRef, ...] = ()
-    """Objects to delete (with their own grace period); a 404 is not an error."""
+    """Objects to delete (with their own grace period unless the ref says otherwise); a 404 is not an error."""
     graceful_exit: tuple[str, int] | None = None
     """``(ConfigMap name, value)`` to write into the GracefulExit file."""
     annotate: tuple[tuple[str, dict[str, str]], ...] = ()

@@ -20,6 +20,20 @@ With peering, kopf stops a paused replica's watches but tells no handler; schedu
 and retention passes first ask :meth:`Shell.acting`, which reads the peering records with
 kopf's rule (:mod:`torpor_operator.peering`), so an outranked replica stops those as well.
 When kopf resumes a replica it lists every job again, and reconciles schedule afresh.
+
+kopf never retries an ``@kopf.on.event`` handler, so a reconcile that meets an API error (a
+create refused by a ResourceQuota or Pod Security, a 422, a 5xx, no connection) would simply
+be dropped. The shell catches it, logs it, retries the job after a backoff
+(``TORPOR_API_RETRY_*``; other events of that job wait for the retry), and — when the API
+answered — shows it: ``Ready=False`` with reason ``CreateFailed`` or ``ApiError`` and the
+API's message, and one Warning Event per distinct error.
+
+Bucket work (listings, retention) runs on a pool of its own (``TORPOR_BUCKET_WORKERS``) with
+short timeouts (``TORPOR_BUCKET_TIMEOUT_SECONDS``): a slow or dead store never queues the API
+calls of a reconcile, a decision waits for a listing only where it may start an incarnation and
+at most that timeout, and the path that writes GracefulExit (a Running job) never lists.
+The retention task isolates each job's pass and survives any error; if it dies or stalls
+anyway, the liveness probe fails and ``torpor_retention_loop_up`` reads 0.
 """
 
 from __future__ import annotations
@@ -29,6 +43,9 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -37,7 +54,7 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from urllib3.exceptions import HTTPError
 
-from torpor_operator.applying import KubeClient
+from torpor_operator.applying import CreateRefused, KubeClient, api_message
 from torpor_operator.bucket import Bucket
 from torpor_operator.contract import GROUP, LABEL_JOB, PLURAL, VERSION
 from torpor_operator.metrics import Metrics
@@ -46,7 +63,7 @@ from torpor_operator.peering import blockers
 from torpor_operator.reconciling import Job, decide
 from torpor_operator.settings import OperatorSettings
 from torpor_operator.spec import SpecError
-from torpor_operator.status import JobStatus, invalid_spec, merge_patch
+from torpor_operator.status import JobStatus, api_error, api_recovered, invalid_spec, merge_patch
 
 __all__ = ["Shell"]
 
@@ -57,6 +74,15 @@ _LAUNCHING = (None, "Restarting", "Suspended", "Stopping")
 #: How long one reading of the peering records answers :meth:`Shell.acting`, seconds: a burst of
 #: wake-ups costs one GET; kopf itself reacts to a record within about this long.
 _ACTING_CACHE_SECONDS = 1.0
+
+
+@dataclass
+class _Listing:
+    """One listing of a job's bucket prefix, queued or running on the bucket pool."""
+
+    started: float | None = None
+    """When a worker began it (monotonic); ``None`` while queued."""
+    future: asyncio.Future[list[CheckpointInfo]] | None = field(default=None, repr=False)
 
 
 def _api_client() -> client.ApiClient:
@@ -84,17 +110,86 @@ class Shell:
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._waiting: set[tuple[str, str]] = set()
         self._wakeups: dict[tuple[str, str], asyncio.TimerHandle] = {}
+        self.bucket_pool = ThreadPoolExecutor(settings.bucket_workers, thread_name_prefix="torpor-bucket")
+        self._listings: dict[tuple[str, str], _Listing] = {}
+        self._listed_at: dict[tuple[str, str], float] = {}
+        self._errors: dict[tuple[str, str], int] = {}
+        self._retry_at: dict[tuple[str, str], float] = {}
+        self.retention_task: asyncio.Task[None] | None = None
+        self.retention_progress = time.monotonic()
+        metrics.retention_up.set_function(lambda: 0.0 if self.retention_problem() else 1.0)
 
-    async def reconcile(self, namespace: str, name: str, *, triggered_at: float | None = None) -> None:
-        """Observe the job, decide, apply; coalesced with a reconcile already waiting."""
+    async def reconcile(self, namespace: str, name: str, *, triggered_at: float | None = None,
+                        retry: bool = False) -> None:
+        """Observe the job, decide, apply; coalesced with a reconcile already waiting.
+
+        After an API error the job's events wait for the scheduled retry (``retry``): a refused
+        create would otherwise be retried by the events of its own teardown, without backoff.
+        """
         key = (namespace, name)
+        if not retry and time.monotonic() < self._retry_at.get(key, 0.0):
+            return
         if key in self._waiting:
             return
         self._waiting.add(key)
         async with self._locks.setdefault(key, asyncio.Lock()):
             self._waiting.discard(key)
             with self.metrics.reconcile.time():
-                await self._reconcile(key, triggered_at)
+                try:
+                    await self._reconcile(key, triggered_at)
+                except Exception as exc:  # kopf would drop it: retry with backoff and show it
+                    await self._failed(key, exc)
+                else:
+                    await self._recovered(key)
+
+    async def _failed(self, key: tuple[str, str], exc: Exception) -> None:
+        """A reconcile met an API error: log it, retry after a backoff, and show it on the job when
+        the API answered (a refused connection cannot be shown there)."""
+        namespace, name = key
+        errors = self._errors[key] = self._errors.get(key, 0) + 1
+        delay = self.settings.api_retry_seconds(errors)
+        self._retry_at[key] = time.monotonic() + delay
+        self._schedule(key, delay)
+        self.metrics.reconcile_errors.inc()
+        message = api_message(exc.cause if isinstance(exc, CreateRefused) else exc)
+        log.warning("%s/%s: %s; retry %d in %.1f s", namespace, name, message, errors, delay,
+                    exc_info=not isinstance(exc, ApiException | HTTPError | CreateRefused))
+        if not isinstance(exc, CreateRefused | ApiException) or (isinstance(exc, ApiException) and not exc.status):
+            return
+        reason = "CreateFailed" if isinstance(exc, CreateRefused) else "ApiError"
+        try:
+            body = await asyncio.to_thread(self.kube.read_job, namespace, name)
+            if body is None:
+                return
+            old = JobStatus.from_dict(body.get("status"))
+            new = api_error(old, reason, message, body["metadata"].get("generation"), datetime.now(UTC))
+            if new is None:
+                return  # this error is on the job already: one Event per distinct error
+            patch = merge_patch(old, new)
+            if patch:
+                await asyncio.to_thread(self.kube.patch_status, namespace, name, patch)
+            await asyncio.to_thread(self.kube.post_event, body, "Warning", reason, message)
+        except Exception as shown:
+            log.warning("%s/%s: cannot show the error on the job: %s", namespace, name, api_message(shown))
+
+    async def _recovered(self, key: tuple[str, str]) -> None:
+        """A reconcile after API errors went through: ``Ready`` follows the phase again."""
+        if self._errors.pop(key, None) is None:
+            return
+        self._retry_at.pop(key, None)
+        namespace, name = key
+        log.info("%s/%s: reconciled again after API errors", namespace, name)
+        try:
+            body = await asyncio.to_thread(self.kube.read_job, namespace, name)
+            if body is None:
+                return
+            old = JobStatus.from_dict(body.get("status"))
+            new = api_recovered(old, body["metadata"].get("generation"), datetime.now(UTC))
+            patch = merge_patch(old, new) if new is not None else None
+            if patch:
+                await asyncio.to_thread(self.kube.patch_status, namespace, name, patch)
+        except Exception as exc:
+            log.warning("%s/%s: cannot clear the API error from Ready: %s", namespace, name, api_message(exc))
 
     async def _reconcile(self, key: tuple[str, str], triggered_at: float | None) -> None:
         namespace, name = key
@@ -116,11 +211,12 @@ class Shell:
             await asyncio.to_thread(self.kube.post_event, body, "Warning", "InvalidSpec", str(exc))
             return
         self.jobs.add(key)
+        observed_at = time.monotonic()
         pods, children = await asyncio.gather(
             asyncio.to_thread(self.kube.list_pods, namespace, name),
             asyncio.to_thread(self.kube.list_children, namespace, name),
         )
-        checkpoints = await self._checkpoints(key, job)
+        checkpoints = await self._checkpoints(key, job, observed_at)
         hosts = {(p.get("spec") or {}).get("nodeName") for p in pods}
         taints = self.settings.termination_taints
         nodes = [n for node, n in self.nodes.items() if node in hosts or NodeView.from_dict(n).going_away(taints)]
@@ -136,9 +232,15 @@ class Shell:
         self.metrics.observe(f"{namespace}/{name}", decision, job.status)
         self._schedule(key, decision.requeue_after)
 
-    async def _checkpoints(self, key: tuple[str, str], job: Job) -> list[CheckpointInfo] | None:
+    async def _checkpoints(self, key: tuple[str, str], job: Job,
+                           since: float | None = None) -> list[CheckpointInfo] | None:
         """The job's checkpoints: listed afresh where a decision may start an incarnation, else the
-        last listing (for ``status.lastCheckpoint``).
+        last listing (for ``status.lastCheckpoint``), never waiting for the bucket.
+
+        A fresh listing is one that began after ``since`` (when the pods were read: it sees every
+        save of a rank that had ended by then) and is waited for at most
+        ``bucket_timeout_seconds``; past it the decision goes on without one. Outside the launching
+        phases a job without a listing yet gets one in the background.
 
         A listing that fails gives ``None``, never the cached list: that may name a checkpoint older
         than the newest, or one retention has deleted since, and every rank would be told to load
@@ -147,13 +249,52 @@ class Shell:
         phases it only feeds ``lastCheckpoint``, and dropping it would make every later reconcile
         list the unreachable bucket before deciding.
         """
-        if job.status.phase in _LAUNCHING or key not in self.checkpoints:
-            try:
-                self.checkpoints[key] = await asyncio.to_thread(self.bucket.list, job.spec, job.ref)
-            except Exception as exc:  # the bucket is away: the ranks resolve "newest" themselves
-                log.warning("cannot list checkpoints of %s: %s", job.ref.key, exc)
-                return None
-        return self.checkpoints[key]
+        if job.status.phase not in _LAUNCHING:
+            if key not in self.checkpoints:
+                self._list(key, job, since)
+            return self.checkpoints.get(key)
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._list(key, job, since)),
+                                          self.settings.bucket_timeout_seconds)
+        except TimeoutError:
+            log.warning("listing the checkpoints of %s takes longer than %.1f s; deciding without it",
+                        job.ref.key, self.settings.bucket_timeout_seconds)
+            return None
+        except Exception as exc:  # the bucket is away: the ranks resolve "newest" themselves
+            log.warning("cannot list checkpoints of %s: %s", job.ref.key, exc)
+            return None
+
+    def _list(self, key: tuple[str, str], job: Job, since: float | None) -> asyncio.Future[list[CheckpointInfo]]:
+        """A listing of the job's prefix on the bucket pool that began after ``since`` (or is still
+        queued): the one under way if it qualifies, else a new one. Its result feeds the cache."""
+        running = self._listings.get(key)
+        if running is not None and running.future is not None and not running.future.done() and (
+                since is None or running.started is None or running.started >= since):
+            return running.future
+        listing = _Listing()
+
+        def run() -> list[CheckpointInfo]:
+            listing.started = time.monotonic()
+            return self.bucket.list(job.spec, job.ref)
+
+        future = listing.future = asyncio.get_running_loop().run_in_executor(self.bucket_pool, run)
+        self._listings[key] = listing
+        future.add_done_callback(lambda _: self._listed(key, listing))
+        return future
+
+    def _listed(self, key: tuple[str, str], listing: _Listing) -> None:
+        if self._listings.get(key) is listing:
+            del self._listings[key]
+        future = listing.future
+        if future is None or future.cancelled() or future.exception() is not None or key not in self.jobs:
+            return
+        started = listing.started or 0.0
+        if started >= self._listed_at.get(key, 0.0):  # never replace a newer listing by an older one
+            self._listed_at[key] = started
+            self.checkpoints[key] = future.result()
+
+    async def _in_bucket_pool(self, call: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.bucket_pool, call, *args)
 
     def _schedule(self, key: tuple[str, str], delay: float | None) -> None:
         if delay is None:
@@ -167,7 +308,7 @@ class Shell:
     async def _wake(self, key: tuple[str, str]) -> None:
         # dropped when paused: kopf lists every job again on resuming, and that reconcile reschedules
         if await self.acting():
-            await self.reconcile(*key)
+            await self.reconcile(*key, retry=True)
 
     async def acting(self) -> bool:
         """Whether kopf lets this replica act: always when standalone; with peering, while no live
@@ -207,36 +348,69 @@ class Shell:
         """Drop a deleted job's caches and wake-ups."""
         self.jobs.discard(key)
         self.checkpoints.pop(key, None)
+        self._listed_at.pop(key, None)
+        self._errors.pop(key, None)
+        self._retry_at.pop(key, None)
         handle = self._wakeups.pop(key, None)
         if handle is not None:
             handle.cancel()
         self.metrics.set_phase(f"{key[0]}/{key[1]}", None)
 
     async def prune_all(self) -> None:
-        """One retention pass over every known job; a failing bucket skips that job this time."""
+        """One retention pass over every known job, each isolated: an error (the API server away,
+        the bucket away) is logged and counted, and that job is tried again next pass."""
         for key in sorted(self.jobs):
-            body = await asyncio.to_thread(self.kube.read_job, *key)
-            if body is None:
-                self.forget(key)
-                continue
             try:
-                job = Job.from_dict(body)
-                result = await asyncio.to_thread(self.bucket.prune, job.spec, job.ref, job.status.resume_from)
-            except SpecError:
-                continue
+                await self._prune(key)
             except Exception as exc:
-                log.warning("retention of %s/%s failed: %s", *key, exc)
-                continue
+                self.metrics.retention_errors.inc()
+                log.warning("retention of %s/%s failed, next pass in %.0f s: %s", *key,
+                            self.settings.retention_interval_seconds, api_message(exc))
+            self.retention_progress = time.monotonic()
+
+    async def _prune(self, key: tuple[str, str]) -> None:
+        body = await asyncio.to_thread(self.kube.read_job, *key)
+        if body is None:
+            self.forget(key)
+            return
+        try:
+            job = Job.from_dict(body)
+        except SpecError:
+            return
+        started = time.monotonic()
+        result = await self._in_bucket_pool(self.bucket.prune, job.spec, job.ref, job.status.resume_from)
+        if key in self.jobs and started >= self._listed_at.get(key, 0.0):
+            self._listed_at[key] = started
             self.checkpoints[key] = result.checkpoints
-            self.metrics.retention_deletions.inc(len(result.deleted))
-            await self.reconcile(*key)
+        self.metrics.retention_deletions.inc(len(result.deleted))
+        await self.reconcile(*key)
 
     async def retention_loop(self) -> None:
-        """Run :meth:`prune_all` every ``retention_interval_seconds``."""
+        """Run :meth:`prune_all` every ``retention_interval_seconds``, whatever a pass meets."""
         while True:
             await asyncio.sleep(self.settings.retention_interval_seconds)
-            if await self.acting():
-                await self.prune_all()
+            self.retention_progress = time.monotonic()
+            try:
+                if await self.acting():
+                    await self.prune_all()
+            except Exception as exc:  # never silently end: every job's retention and resync hang on it
+                self.metrics.retention_errors.inc()
+                log.exception("retention pass failed, next in %.0f s: %s", self.settings.retention_interval_seconds,
+                              api_message(exc))
+
+    def retention_problem(self) -> str | None:
+        """Why the retention/resync task is not working, or ``None``: it ended (it never should), or
+        it made no progress for three intervals plus the longest a pass over a dead store may
+        block one job. The liveness probe fails on it, so Kubernetes restarts the operator."""
+        task = self.retention_task
+        if task is not None and task.done():
+            error = None if task.cancelled() else task.exception()
+            return f"the retention task ended: {error!r}" if error else "the retention task ended"
+        stalled = time.monotonic() - self.retention_progress
+        bound = 3 * self.settings.retention_interval_seconds + 20 * self.settings.bucket_timeout_seconds
+        if stalled > bound:
+            return f"the retention task made no progress for {stalled:.0f} s (bound {bound:.0f} s)"
+        return None
 
 
 def _shell(memo: kopf.Memo) -> Shell:
@@ -255,9 +429,20 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.watching.client_timeout = ours.watch_timeout_seconds + 30
     # read by kopf's peering tasks, which start only after the startup handlers
     settings.peering.lifetime = ours.peering_lifetime_seconds
-    shell = Shell(ours, KubeClient(_api_client()), Bucket(), memo.get("metrics") or Metrics(), memo.get("identity"))
+    shell = Shell(ours, KubeClient(_api_client()), Bucket(ours.bucket_timeout_seconds),
+                  memo.get("metrics") or Metrics(), memo.get("identity"))
     memo["shell"] = shell
-    memo["retention"] = asyncio.get_running_loop().create_task(shell.retention_loop())
+    memo["retention"] = shell.retention_task = asyncio.get_running_loop().create_task(shell.retention_loop())
+
+
+@kopf.on.probe(id="retention")
+async def retention_alive(memo: kopf.Memo, **_: Any) -> str:
+    """Part of ``/healthz``: fails (HTTP 500) when the retention/resync task died or stalled."""
+    shell = memo.get("shell")
+    problem = shell.retention_problem() if shell is not None else None
+    if problem:
+        raise kopf.PermanentError(problem)
+    return "ok"
 
 
 @kopf.on.startup()
@@ -294,6 +479,9 @@ async def stop_retention(memo: kopf.Memo, **_: Any) -> None:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+    shell = memo.get("shell")
+    if shell is not None:
+        shell.bucket_pool.shutdown(wait=False, cancel_futures=True)
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)

@@ -27,6 +27,13 @@ class Metrics:
         self.reconcile = Histogram("torpor_reconcile_seconds", "One observe-decide-apply pass", registry=registry)
         self.retention_deletions = Counter("torpor_retention_deleted_checkpoints_total",
                                            "Checkpoints deleted by retention", registry=registry)
+        self.reconcile_errors = Counter("torpor_reconcile_errors_total",
+                                        "Reconciles that met an API error (retried with backoff)", registry=registry)
+        self.retention_errors = Counter("torpor_retention_errors_total",
+                                        "Retention passes of a job, or whole passes, that failed", registry=registry)
+        self.retention_up = Gauge("torpor_retention_loop_up",
+                                  "1 while the retention/resync task runs and makes progress, else 0",
+                                  registry=registry)
         self._phases: dict[str, str] = {}
 
     def observe(self, key: str, decision: Decision, before: JobStatus) -> None:

@@ -78,6 +78,12 @@ class PodView:
     init_failure: str | None = None
     """``init container NAME exited CODE (REASON)`` for the first init container that failed; native
     sidecars (``restartPolicy: Always``), which are ended with the pod, never count."""
+    created: datetime | None = None
+    """``metadata.creationTimestamp``: where a rank's startup timeout starts."""
+    not_starting: str = ""
+    """Why a Pending pod has not started, in the cluster's words: ``Unschedulable: 0/2 nodes…``
+    (its ``PodScheduled`` condition) or a container's waiting reason and message
+    (``ImagePullBackOff: …``, ``CreateContainerConfigError: …``); empty when nothing says."""
 
     @property
     def terminated(self) -> bool:
@@ -134,7 +140,20 @@ class PodView:
             status_reason=status.get("reason"),
             termination=termination,
             annotations=dict(meta.get("annotations") or {}),
+            created=parse_time(meta.get("creationTimestamp")),
+            not_starting=_not_starting(status, conditions),
         )
+
+
+def _not_starting(status: Mapping[str, Any], conditions: Mapping[str, Any]) -> str:
+    scheduled = conditions.get("PodScheduled") or {}
+    if scheduled.get("status") == "False":
+        return f"{scheduled.get('reason') or 'NotScheduled'}: {scheduled.get('message') or ''}".rstrip(": ")
+    for cs in [*(status.get("initContainerStatuses") or []), *(status.get("containerStatuses") or [])]:
+        waiting = (cs.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") and waiting["reason"] not in ("ContainerCreating", "PodInitializing"):
+            return f"{waiting['reason']}: {waiting.get('message') or ''}".rstrip(": ")
+    return ""
 
 
 def _init_failure(pod: Mapping[str, Any]) -> str | None:
@@ -150,6 +169,9 @@ def _init_failure(pod: Mapping[str, Any]) -> str | None:
 
 #: Taints the node lifecycle controller puts on a node that stopped reporting.
 LOST_NODE_TAINTS = ("node.kubernetes.io/unreachable", "node.kubernetes.io/not-ready")
+#: The taint an administrator (or a cloud controller) puts on a node that is down for good:
+#: Kubernetes' non-graceful node shutdown. Its pods will never be finished by a kubelet.
+OUT_OF_SERVICE_TAINT = "node.kubernetes.io/out-of-service"
 
 
 @dataclass(frozen=True)
@@ -162,18 +184,37 @@ class NodeView:
     ready: str = "True"
     """Status of the node's ``Ready`` condition: ``True``, ``False`` or ``Unknown`` (the kubelet
     stopped reporting). A node without the condition reads as ready."""
+    lost_since: datetime | None = None
+    """When the node was last seen reporting, for a lost node: its ``Ready`` condition's
+    ``lastTransitionTime`` (the node controller's verdict), else the ``timeAdded`` of its
+    unreachable / not-ready taint; ``None`` when neither says."""
 
     @classmethod
     def from_dict(cls, node: Mapping[str, Any]) -> NodeView:
         """View a Node object."""
         spec = node.get("spec") or {}
         conditions = {c.get("type"): c for c in (node.get("status") or {}).get("conditions") or []}
+        taints = spec.get("taints") or []
+        ready = conditions.get("Ready") or {}
+        since = parse_time(ready.get("lastTransitionTime")) if ready.get("status", "True") != "True" else None
+        if since is None:
+            since = min((t for t in (parse_time(t.get("timeAdded")) for t in taints
+                                     if t.get("key") in LOST_NODE_TAINTS) if t is not None), default=None)
         return cls(
             name=(node.get("metadata") or {}).get("name", ""),
             unschedulable=bool(spec.get("unschedulable")),
-            taints=tuple(t.get("key", "") for t in spec.get("taints") or []),
-            ready=str((conditions.get("Ready") or {}).get("status") or "True"),
+            taints=tuple(t.get("key", "") for t in taints),
+            ready=str(ready.get("status") or "True"),
+            lost_since=since,
         )
+
+    def gone_for_good(self, now: datetime, bound_seconds: float) -> bool:
+        """Whether no kubelet will ever finish this node's pods: it is tainted out-of-service, or
+        it has been lost for at least ``bound_seconds`` (a lost node without a time never is)."""
+        if OUT_OF_SERVICE_TAINT in self.taints:
+            return True
+        return (self.lost() is not None and self.lost_since is not None
+                and (now - self.lost_since).total_seconds() >= bound_seconds)
 
     def lost(self) -> str | None:
         """Why this node is not running its pods any more (NotReady, unreachable), or ``None``."""

@@ -274,6 +274,31 @@ def _live(pods: Iterable[PodView]) -> list[PodView]:
     return [p for p in pods if not p.terminated]
 
 
+def _release_lost(world: _World, plan: _Plan, live: list[PodView]) -> list[PodView]:
+    """Force-delete (grace 0) the live pods of nodes gone for good; returns the others.
+
+    A pod on a node that stopped reporting never finishes a deletion (no kubelet to stop its
+    containers and remove it), so a stop would wait for it for ever. Once the node has been lost
+    for ``TORPOR_LOST_NODE_FORCE_DELETE_SECONDS`` (or is tainted out-of-service) the API object
+    is all that is left of the rank: it is removed. Until then the decision is re-made when the
+    bound passes. The rank had no chance to save: the job resumes from the newest complete
+    checkpoint, like after any preemption."""
+    bound = world.settings.lost_node_force_delete_seconds
+    kept = []
+    for p in live:
+        node = world.nodes.get(p.node or "")
+        if node is not None and node.gone_for_good(world.now, bound):
+            plan.delete.append(ObjectRef("v1", "Pod", p.name, grace_period_seconds=0))
+            plan.events.append(Event("Warning", "LostNodePodDeleted",
+                                     f"force-deleted rank {p.rank} (pod {p.name}): node {node.name} is "
+                                     f"{node.lost() or 'out of service'}, no kubelet will finish its deletion"))
+            continue
+        kept.append(p)
+        if node is not None and node.lost() and node.lost_since is not None:
+            plan.requeue((node.lost_since + timedelta(seconds=bound) - world.now).total_seconds())
+    return kept
+
+
 # --- phases --------------------------------------------------------------------------------
 
 
@@ -335,6 +360,10 @@ def _active(world: _World, plan: _Plan) -> None:
         _begin_stop(world, plan, current, "Preemption",
                     f"{disruptions[0]}{more}; {collateral}, not failures (rank {ranks}: {crashed[0].detail})")
         return
+    rank_0 = next((o for p, o in zip(current, outcomes, strict=True) if p.rank == 0), None)
+    if (rank_0 is not None and rank_0.outcome is Outcome.FINISHED and all(o.lost_peer for o in crashed)
+            and _completing(world, plan, current, rank_0)):
+        return
     if crashed:
         if not _awaiting_silent_rank(world, plan, current, crashed):
             _begin_failure(world, plan, current, crashed)
@@ -355,6 +384,8 @@ def _active(world: _World, plan: _Plan) -> None:
     if world.spec.suspend:
         _begin_stop(world, plan, current, "Suspend", "spec.suspend is true")
         return
+    if _startup_timed_out(world, plan, current):
+        return
     rejected = [(p, o) for p, o in zip(current, outcomes, strict=True) if o.outcome is Outcome.REJECTED]
     if any(not p.deleting for p, _ in rejected) and _recreate_rejected(world, plan, current, rejected):
         return
@@ -363,6 +394,39 @@ def _active(world: _World, plan: _Plan) -> None:
     if plan.status.phase == "Pending" and len(running) == world.spec.replicas:
         _transition(world, plan, "Running", Event(
             "Normal", "Running", f"all {world.spec.replicas} ranks of incarnation {incarnation} are running"))
+
+
+def _completing(world: _World, plan: _Plan, current: list[PodView], rank_0: RankOutcome) -> bool:
+    """The success policy: rank 0's completion is the job's (PyTorchJob's rule for its master).
+
+    The others usually finish the same last step within moments; one still running after
+    ``exitDeadlineSeconds`` from rank 0's ``finishedAt`` is blocked in a collective rank 0 will
+    never join, and is deleted (stop reason ``Completion``) instead of waiting for its collective
+    timeout. Peers that crash on the lost connection to rank 0 are part of that ending, not
+    failures (the caller only comes here when every crash is a lost connection). Returns whether
+    the decision is made here: always, once every rank has a pod."""
+    if {p.rank for p in current} != set(range(world.spec.replicas)):
+        return False
+    live = [p for p in _live(current) if not p.deleting]
+    if not _live(current):
+        _finish(world, plan, plan.status.incarnation)
+        return True
+    if rank_0.ended_at is None or not live:
+        plan.requeue(MAX_REQUEUE_SECONDS)
+        return True
+    deadline = rank_0.ended_at + timedelta(seconds=world.spec.graceful_exit.exit_deadline_seconds)
+    if world.now < deadline:
+        plan.requeue((deadline - world.now).total_seconds())
+        return True
+    ranks = ", ".join(str(p.rank) for p in live)
+    message = (f"rank 0 completed; ranks {ranks} still running {world.spec.graceful_exit.exit_deadline_seconds}s "
+               "after it are stopped")
+    plan.update(stop_reason="Completion", stop_message=message, stop_requested_at=format_time(world.now))
+    for p in live:
+        plan.delete.append(ObjectRef("v1", "Pod", p.name))
+    _transition(world, plan, "Stopping", Event("Normal", "Completing", message))
+    plan.requeue(world.spec.graceful_exit.exit_deadline_seconds)
+    return True
 
 
 def _awaiting_silent_rank(world: _World, plan: _Plan, current: list[PodView], crashed: list[RankOutcome]) -> bool:
@@ -380,6 +444,30 @@ def _awaiting_silent_rank(world: _World, plan: _Plan, current: list[PodView], cr
     if world.now >= deadline:
         return False
     plan.requeue((deadline - world.now).total_seconds())
+    return True
+
+
+def _startup_timed_out(world: _World, plan: _Plan, current: list[PodView]) -> bool:
+    """A rank still Pending ``spec.startupTimeoutSeconds`` after its pod was created (never
+    scheduled, its image not pulled, its Secret missing) would leave the others blocking in the
+    rendezvous until its timeout, holding their capacity: the incarnation is torn down as a
+    failure (maxRestarts, backoff), the pod's own reason in the message. Returns whether it was."""
+    timeout = timedelta(seconds=world.spec.startup_timeout_seconds)
+    late = []
+    for p in current:
+        if p.phase != "Pending" or p.deleting or p.created is None:
+            continue
+        if world.now >= p.created + timeout:
+            late.append(p)
+        else:
+            plan.requeue((p.created + timeout - world.now).total_seconds())
+    if not late:
+        return False
+    p = late[0]
+    why = p.not_starting or "still Pending"
+    detail = f"rank {p.rank} (pod {p.name}) did not start within {world.spec.startup_timeout_seconds}s: {why}"
+    detail += f" (and {len(late) - 1} more)" if len(late) > 1 else ""
+    _begin_failure(world, plan, current, [], detail=detail, reason="StartupTimeout")
     return True
 
 
@@ -435,25 +523,29 @@ def _request_exit(world: _World, plan: _Plan, current: list[PodView]) -> None:
             plan.annotate.append((p.name, {ANNOTATION_EXIT_REQUESTED: stamp}))
 
 
-def _begin_failure(world: _World, plan: _Plan, current: list[PodView], crashed: list[RankOutcome]) -> None:
-    """A rank crashed: the others cannot finish a collective without it, so delete them now.
+def _begin_failure(world: _World, plan: _Plan, current: list[PodView], crashed: list[RankOutcome], *,
+                   detail: str = "", reason: str = "Failure") -> None:
+    """A rank crashed (or could not start: ``detail`` and ``reason`` say so): the others cannot
+    finish a collective without it, so delete them now.
 
     The message leads with a crash that is not a lost connection: the rank that failed by itself,
     not the peers that then lost their connection to it."""
-    crashed = sorted(crashed, key=lambda o: o.lost_peer)
-    detail = crashed[0].detail + (f" (and {len(crashed) - 1} more)" if len(crashed) > 1 else "")
+    if not detail:
+        crashed = sorted(crashed, key=lambda o: o.lost_peer)
+        detail = crashed[0].detail + (f" (and {len(crashed) - 1} more)" if len(crashed) > 1 else "")
     spec, s = world.spec, plan.status
+    event_reason = "RankFailed" if reason == "Failure" else reason
     if s.restarts >= spec.max_restarts:
         plan.update(stop_reason="MaxRestartsExceeded", stop_message=f"{detail}; maxRestarts {spec.max_restarts} "
                     "exhausted", stop_requested_at=format_time(world.now))
-        event = Event("Warning", "RankFailed", plan.status.stop_message or "")
+        event = Event("Warning", event_reason, plan.status.stop_message or "")
     else:
         restarts = s.restarts + 1
         delay = world.settings.backoff_seconds(restarts)
-        plan.update(restarts=restarts, stop_reason="Failure", stop_message=detail,
+        plan.update(restarts=restarts, stop_reason=reason, stop_message=detail,
                     stop_requested_at=format_time(world.now),
                     next_restart_time=format_time(world.now + timedelta(seconds=delay)))
-        event = Event("Warning", "RankFailed",
+        event = Event("Warning", event_reason,
                       f"{detail}; restart {restarts}/{spec.max_restarts} in {delay:g}s from the newest checkpoint")
     for p in _live(current):
         if not p.deleting:
@@ -466,7 +558,7 @@ def _stopping(world: _World, plan: _Plan) -> None:
     """Wait for every rank of the incarnation to exit; delete stragglers past the deadline."""
     s = plan.status
     current = world.pods_of(s.incarnation)
-    live = _live(current)
+    live = _release_lost(world, plan, _live(current))
     requested = parse_time(s.stop_requested_at) or world.now
     deadline = requested + timedelta(seconds=world.spec.graceful_exit.exit_deadline_seconds)
     if s.stop_reason in ("Preemption", "Suspend"):
@@ -489,7 +581,7 @@ def _stopping(world: _World, plan: _Plan) -> None:
         return
     outcomes = [world.classify(p) for p in current]
     finished = [o for o in outcomes if o.outcome is Outcome.FINISHED]
-    if len(finished) == world.spec.replicas:
+    if len(finished) == world.spec.replicas or s.stop_reason == "Completion":
         _finish(world, plan, s.incarnation)
     elif s.stop_reason == "MaxRestartsExceeded":
         plan.update(completion_time=format_time(world.now))
@@ -561,8 +653,9 @@ def _restarting(world: _World, plan: _Plan) -> None:
         _release(world, plan)
         _transition(world, plan, "Suspended", Event("Normal", "Suspended", "spec.suspend is true"))
         return
-    stragglers = [p for p in _live(world.pods) if p.incarnation <= s.incarnation]
-    if stragglers:
+    live = [p for p in _live(world.pods) if p.incarnation <= s.incarnation]
+    stragglers = _release_lost(world, plan, live)
+    if live:
         for p in stragglers:
             if not p.deleting:
                 plan.delete.append(ObjectRef("v1", "Pod", p.name))

@@ -116,11 +116,41 @@ class OperatorSettings:
     pods reading Running until the node controller marks it NotReady (its grace period: 40 s,
     50 s since Kubernetes 1.32); its peers crash at once. Seconds, >= 0; 0 decides at once."""
 
+    lost_node_force_delete_seconds: float = dataclasses.field(
+        default=30.0, metadata=_env("TORPOR_LOST_NODE_FORCE_DELETE_SECONDS")
+    )
+    """How long a node must have been lost (``Ready`` not ``True`` since its
+    ``lastTransitionTime``) before the job's pods on it are force-deleted (grace 0) so that a
+    stopping job can restart: no kubelet is left to finish their deletion, and the node
+    controller's own eviction waits 300 s and is not a force deletion either. The wait lets a node
+    that only blinked come back before two copies of a rank could run; pods of a node tainted
+    ``node.kubernetes.io/out-of-service`` are released at once. With Kubernetes' 50 s
+    node-monitor grace period the default restarts a job about 80 s after its node stopped
+    reporting (docs/operator.md, "A node that stops reporting"). Seconds, >= 0."""
+
     retention_interval_seconds: float = dataclasses.field(
         default=60.0, metadata=_env("TORPOR_RETENTION_INTERVAL_SECONDS")
     )
     """How often each running job's bucket prefix is listed and pruned, and its
     ``status.lastCheckpoint`` refreshed, seconds."""
+
+    api_retry_base_seconds: float = dataclasses.field(default=1.0, metadata=_env("TORPOR_API_RETRY_BASE_SECONDS"))
+    """First wait before a reconcile that met an API error (a refused create, a 5xx, no
+    connection) runs again; it doubles with each error in a row, up to
+    ``api_retry_max_seconds``. kopf never retries an event handler, so the shell does."""
+
+    api_retry_max_seconds: float = dataclasses.field(default=60.0, metadata=_env("TORPOR_API_RETRY_MAX_SECONDS"))
+    """Longest wait between retries of a reconcile that keeps meeting API errors, seconds."""
+
+    bucket_timeout_seconds: float = dataclasses.field(default=5.0, metadata=_env("TORPOR_BUCKET_TIMEOUT_SECONDS"))
+    """Connect and read timeout of each S3 request the operator makes (two attempts each), and
+    the longest a decision that may start an incarnation waits for the job's listing: past it,
+    the decision goes on without one (the ranks resolve the newest checkpoint themselves).
+    botocore's defaults (8 attempts, 60 s reads) let a dead endpoint delay a restart by minutes."""
+
+    bucket_workers: int = dataclasses.field(default=4, metadata=_env("TORPOR_BUCKET_WORKERS"))
+    """Threads for bucket work (listings, retention), apart from the ones the API calls use, so
+    a slow store never queues the calls that write GracefulExit. >= 1."""
 
     peering: str = dataclasses.field(default="", metadata=_env("TORPOR_PEERING"))
     """Name of the kopf peering object for several operator replicas; empty (the default)
@@ -169,12 +199,17 @@ class OperatorSettings:
         grace = self.peer_loss_grace_seconds
         if not isinstance(grace, int | float) or isinstance(grace, bool) or not math.isfinite(grace) or grace < 0:
             raise SettingsError(f"peer_loss_grace_seconds must be a finite number of seconds >= 0, got {grace!r}")
+        bound = self.lost_node_force_delete_seconds
+        if not isinstance(bound, int | float) or isinstance(bound, bool) or not math.isfinite(bound) or bound < 0:
+            raise SettingsError(f"lost_node_force_delete_seconds must be a finite number of seconds >= 0, "
+                                f"got {bound!r}")
         if not _is_int(self.admission_retries) or self.admission_retries < 0:
             raise SettingsError(f"admission_retries must be a whole number >= 0, got {self.admission_retries!r}")
         if not _is_int(self.watch_timeout_seconds) or self.watch_timeout_seconds < 1:
             raise SettingsError(f"watch_timeout_seconds must be a whole number of seconds >= 1, "
                                 f"got {self.watch_timeout_seconds!r}")
-        for name in ("backoff_base_seconds", "backoff_max_seconds", "retention_interval_seconds"):
+        for name in ("backoff_base_seconds", "backoff_max_seconds", "retention_interval_seconds",
+                     "api_retry_base_seconds", "api_retry_max_seconds", "bucket_timeout_seconds"):
             value = getattr(self, name)
             if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
                 raise SettingsError(f"{name} must be a finite number of seconds > 0, got {value!r}")
@@ -183,6 +218,13 @@ class OperatorSettings:
                 f"backoff_max_seconds ({self.backoff_max_seconds!r}) must be >= backoff_base_seconds "
                 f"({self.backoff_base_seconds!r})"
             )
+        if self.api_retry_max_seconds < self.api_retry_base_seconds:
+            raise SettingsError(
+                f"api_retry_max_seconds ({self.api_retry_max_seconds!r}) must be >= api_retry_base_seconds "
+                f"({self.api_retry_base_seconds!r})"
+            )
+        if not _is_int(self.bucket_workers) or self.bucket_workers < 1:
+            raise SettingsError(f"bucket_workers must be a whole number >= 1, got {self.bucket_workers!r}")
         if self.log_format not in ("json", "plain"):
             raise SettingsError(f"log_format must be 'json' or 'plain', got {self.log_format!r}")
         if self.peering and not _DNS_LABEL.match(self.peering):
@@ -205,6 +247,10 @@ class OperatorSettings:
     def backoff_seconds(self, failures: int) -> float:
         """Wait before the restart that follows the ``failures``-th failure (1-based)."""
         return min(self.backoff_max_seconds, self.backoff_base_seconds * 2 ** max(0, failures - 1))
+
+    def api_retry_seconds(self, errors: int) -> float:
+        """Wait before retrying a reconcile after the ``errors``-th API error in a row (1-based)."""
+        return min(self.api_retry_max_seconds, self.api_retry_base_seconds * 2 ** max(0, errors - 1))
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> OperatorSettings:

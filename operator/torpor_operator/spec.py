@@ -167,6 +167,8 @@ class TrainingJobSpec:
         dataclasses.field(default_factory=GracefulExitSpec)
     )
     max_restarts: Annotated[int, CrdField("maxRestarts", "integer", minimum=0, maximum=1000)] = 3
+    startup_timeout_seconds: Annotated[int, CrdField("startupTimeoutSeconds", "integer", minimum=10,
+                                                     maximum=86_400)] = 600
     suspend: Annotated[bool, CrdField("suspend", "boolean")] = False
 
     def __post_init__(self) -> None:

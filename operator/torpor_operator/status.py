@@ -8,6 +8,7 @@ duplicating pods or counting a restart twice.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -15,7 +16,11 @@ from typing import Any
 
 from torpor_operator.observing import format_time
 
-__all__ = ["PHASES", "Condition", "JobStatus", "LastCheckpoint", "invalid_spec", "merge_patch", "set_condition"]
+__all__ = ["API_ERROR_REASONS", "PHASES", "Condition", "JobStatus", "LastCheckpoint", "api_error", "api_recovered",
+           "invalid_spec", "merge_patch", "set_condition"]
+
+#: ``Ready=False`` reasons of a reconcile the API refused: a create (``CreateFailed``) or any other call.
+API_ERROR_REASONS = ("CreateFailed", "ApiError")
 
 PHASES = ("Pending", "Running", "Stopping", "Restarting", "Succeeded", "Failed", "Suspended")
 
@@ -179,6 +184,41 @@ def invalid_spec(status: JobStatus, message: str, generation: int | None, now: d
         return None
     conditions = set_condition(status.conditions, "Ready", False, "InvalidSpec", message, now, generation)
     return dataclasses.replace(status, conditions=conditions, observed_generation=generation)
+
+
+def _same_error(a: str, b: str) -> bool:
+    """Whether two API messages are one error: equal but for the objects they name (``pods "x-1-0"
+    is forbidden: exceeded quota`` for rank 0, then for rank 1, is one quota refusing the job)."""
+    def unnamed(text: str) -> str:
+        return re.sub(r'"[^"]*"', '""', text)
+    return unnamed(a) == unnamed(b)
+
+
+def api_error(status: JobStatus, reason: str, message: str, generation: int | None, now: datetime) -> JobStatus | None:
+    """The status recording that a reconcile met an API error; ``None`` if it already does.
+
+    ``Ready`` goes False with ``reason`` (one of :data:`API_ERROR_REASONS`) and the API's own
+    message. Like :func:`invalid_spec`, the caller posts a Warning Event only when this returns a
+    status, so a quota that keeps refusing a job gives one Event, not one per retry; the phase
+    and counters are untouched (the decision that failed is simply made again).
+    """
+    old = status.condition("Ready")
+    if old is not None and old.status == "False" and old.reason == reason and _same_error(old.message, message):
+        return None
+    conditions = set_condition(status.conditions, "Ready", False, reason, message, now, generation)
+    return dataclasses.replace(status, conditions=conditions)
+
+
+def api_recovered(status: JobStatus, generation: int | None, now: datetime) -> JobStatus | None:
+    """After an API error, the status whose ``Ready`` follows the phase again; ``None`` if ``Ready``
+    does not show an API error (a transition since has set it already)."""
+    old = status.condition("Ready")
+    if old is None or old.reason not in API_ERROR_REASONS:
+        return None
+    phase = status.phase or "Pending"
+    conditions = set_condition(status.conditions, "Ready", phase == "Running", phase,
+                               "" if phase == "Running" else f"recovered from: {old.message}", now, generation)
+    return dataclasses.replace(status, conditions=conditions)
 
 
 def merge_patch(old: JobStatus, new: JobStatus) -> dict[str, Any] | None:

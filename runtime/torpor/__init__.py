@@ -23,6 +23,7 @@ from torpor._config import CheckpointConfig
 from torpor.errors import (
     AsyncSaveError,
     CheckpointNotFoundError,
+    CheckpointSaveError,
     IncompleteCheckpointError,
     IntegrityError,
     RetentionError,
@@ -57,6 +58,7 @@ __all__ = [
     "CheckpointConfig",
     "CheckpointMonitor",
     "CheckpointNotFoundError",
+    "CheckpointSaveError",
     "IncompleteCheckpointError",
     "IntegrityError",
     "LoadedCheckpoint",

@@ -43,6 +43,16 @@ class BackgroundSaver:
         """Whether a job is running now."""
         return self._thread is not None and self._thread.is_alive()
 
+    @property
+    def failed(self) -> bool:
+        """Whether the last job has finished with an error not yet taken (a peek, unlike :meth:`take_error`)."""
+        return not self.in_flight and self._error is not None
+
+    @property
+    def label(self) -> str:
+        """The label of the last job submitted."""
+        return self._label
+
     def submit(self, label: str, job: Callable[[], Any]) -> float:
         """Wait for the job in flight (if any), then start ``job`` in the background.
 

@@ -6,9 +6,12 @@ Torch-free: hooks see whatever objects the loop hands them.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from torpor._agreement import Fact
 
 
 @dataclass
@@ -58,6 +61,9 @@ class RunArgs:
     """Global step at which ``OnRequestExit`` saved, so other savers skip that step."""
     state: dict[str, Any] = field(default_factory=dict)
     """``state=`` of the run: name → object saved and restored beside the model."""
+    agreed: Any = None
+    """What every rank agreed at this step's boundary (a ``torpor._agreement.Agreed``), set by
+    ``Loop`` before ``on_train_step_end``; ``None`` outside a ``Loop``-driven training step."""
 
 
 class RunContext:
@@ -115,6 +121,15 @@ class Callback:
 
     def on_train_epoch_end(self, run_context: RunContext) -> None:
         """After each epoch."""
+
+    def step_facts(self, run_context: RunContext) -> Mapping[Fact, int]:
+        """This rank's facts for the step boundary's one collective (torpor's addition).
+
+        Called by ``Loop`` before ``on_train_step_end`` at the boundaries that have the
+        collective; what every rank then agreed is ``original_args().agreed`` in that hook.
+        Act on the agreed facts only, so every rank acts alike (see ``torpor._agreement``).
+        """
+        return {}
 
     def on_train_end(self, run_context: RunContext) -> None:
         """After training, also after a requested stop."""

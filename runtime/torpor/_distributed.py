@@ -78,6 +78,19 @@ def all_ok(ok: bool) -> bool:
     return max_each([0 if ok else 1])[0] == 0
 
 
+def failed_ranks(ok: bool) -> list[int]:
+    """The ranks where ``ok`` is false, known on every rank: :func:`all_ok` that names them.
+
+    One all-reduce of a world-sized vector (each rank sets its own slot), so an error message
+    on every rank can say which rank's save failed.
+    """
+    if not is_initialized() or dist.get_world_size() == 1:
+        return [] if ok else [rank()]
+    flags = [0] * dist.get_world_size()
+    flags[dist.get_rank()] = 0 if ok else 1
+    return [r for r, flag in enumerate(max_each(flags)) if flag]
+
+
 def broadcast_object(obj: T, src: int = 0) -> T:
     """``obj`` as rank ``src`` has it, on every rank (identity in one process).
 

@@ -8,7 +8,9 @@ Differences from MindSpore's callback, each fixing a flaw of the seed:
 * The file is watched by a background thread; the step reads a bool.
 * Ranks **OR** their requests (an all-reduce MAX at the step boundary, every step or every
   ``check_every_n_steps``): one rank's SIGTERM stops all ranks after the same step. The seed
-  ANDs them, so a signal reaching only the preempted node's pods never stops anything.
+  ANDs them, so a signal reaching only the preempted node's pods never stops anything. Under
+  ``Loop`` the request rides in the loop's one collective of the step (:meth:`step_facts`,
+  :mod:`torpor._agreement`); evaluation and hooks driven without ``Loop`` reduce it here.
 * It saves **once**, with full metadata, under the **global** rank, write-then-rename, under a
   name of its own, ``{file_name}-{epoch}_{step}`` (``Net-2_7``) where the seed always writes
   ``{file_name}.ckpt``: a second stop then never rewrites the checkpoint the run resumed
@@ -38,6 +40,7 @@ from types import FrameType
 from typing import Any
 
 from torpor import _distributed
+from torpor._agreement import Fact
 from torpor._background import drain_all, warm_in_background
 from torpor._callbacks import Callback, RunContext, training_run
 from torpor._saving import SaveOptions, export_only, save_checkpoint, taken_names
@@ -46,7 +49,7 @@ from torpor._watching import ExitFileWatcher
 from torpor.checkpoints import Reason, check_name, checkpoint_name, unique_name
 from torpor.crypto import Encryption, check_key
 from torpor.env import DEFAULT_CHECKPOINT_URI, RuntimeEnv, given_checkpoint_uri, read_enc_key
-from torpor.errors import TorporWarning
+from torpor.errors import CheckpointSaveError, TorporWarning
 from torpor.storage import Storage, open_storage
 from torpor.termination import (
     EXIT_FILE_REQUEST,
@@ -102,7 +105,11 @@ class OnRequestExit(Callback):
         config_file: JSON file whose ``{"GracefulExit": 1}`` requests a stop; missing or
             malformed is a warning only.
         check_every_n_steps: reduce the flag across ranks every this many steps (1 = every
-            step; larger saves collectives, at the cost of up to n-1 extra steps).
+            step; larger saves collectives, at the cost of up to n-1 extra steps). Under
+            ``Loop``/``Model.train`` it sets the cadence of the loop's one per-step collective
+            (the smallest of the callbacks'), which also carries "data exhausted": an epoch
+            where some rank's loader has no ``len`` is checked every step anyway (see
+            :mod:`torpor._agreement`).
         file_poll_seconds: how often the background thread looks at ``config_file``.
         exit_process: end the process with the documented code after the save; default
             ``None`` means only under the operator (``TORPOR_JOB`` set). The loop's own
@@ -116,7 +123,11 @@ class OnRequestExit(Callback):
 
     Before its own save it waits for every background (``async_save``) save in flight, so
     a checkpoint being uploaded when the signal came still completes; a failure of one is
-    logged, and the exit save goes ahead.
+    logged, and the exit save goes ahead. If the exit save fails on any rank, every rank
+    raises :class:`torpor.errors.CheckpointSaveError` (naming the failed ranks) at the same
+    point instead of exiting with the stop's code: the process ends with 1 and, under the
+    operator, an ``error`` termination message, so nothing reports an incomplete checkpoint
+    as saved, and no rank waits for another.
 
     The handler stays installed until ``on_train_teardown``, after every final and
     background save is durable: a signal arriving after the last step is recorded (the run
@@ -197,6 +208,7 @@ class OnRequestExit(Callback):
         self._watcher: ExitFileWatcher | None = None
         self._storage: Storage | None = None
         self._taken: set[str] | None = None
+        self._local = 0
 
     @classmethod
     def from_env(cls, **overrides: Any) -> OnRequestExit:
@@ -272,9 +284,18 @@ class OnRequestExit(Callback):
         return 0
 
     # -- the step boundary -------------------------------------------------------------
+    def step_facts(self, run_context: RunContext) -> dict[Fact, int]:
+        """This rank's requested exit code, for the loop's one collective of the step."""
+        self._local = self._local_code()
+        return {Fact.STOP: self._local}
+
     def _check(self, run_context: RunContext) -> None:
-        local = self._local_code()
         args = run_context.original_args()
+        if args.agreed is not None:  # a Loop step: its collective carried our code (step_facts)
+            if args.agreed.stop:
+                self._stop(run_context, args.agreed.stop, self._local)
+            return
+        local = self._local_code()
         if _distributed.is_initialized() and _distributed.world_size() > 1:
             if args.cur_step_num % self.check_every_n_steps:
                 return
@@ -299,12 +320,20 @@ class OnRequestExit(Callback):
             self._taken = taken_names(self._storage)
         name = unique_name(checkpoint_name(self.file_name, args.cur_epoch_num, args.step_in_epoch), self._taken)
         self._taken.add(name)
+        error: Exception | None = None
         if self.save_ckpt:
-            save_checkpoint(args, self._storage, name, Reason.EXIT,
-                            SaveOptions(integrated=self.integrated_save), env, self.encryption)
+            try:
+                save_checkpoint(args, self._storage, name, Reason.EXIT,
+                                SaveOptions(integrated=self.integrated_save), env, self.encryption)
+            except Exception as exc:  # every rank must still reach the agreement below
+                error = exc
             saved = name
             args.exit_saved_step = args.cur_step_num  # without our save, the monitor's final save is the stop's
-        _distributed.barrier()  # every rank's manifest exists before any rank reports or exits
+        # Every rank's manifest exists before any rank reports or exits, or every rank knows whose does not.
+        failed = _distributed.failed_ranks(error is None)
+        if failed:
+            self._signum = None
+            raise CheckpointSaveError.of(saved or name, self._storage.uri, failed, error) from error
         if self.save_export:  # only now: the checkpoint is complete whatever becomes of the export
             export_only(args, self._storage, name, self.encryption)
         signum = signal_from_exit_code(code) if code > SIGNAL_EXIT_BASE else None

@@ -35,6 +35,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from torpor import _distributed, _resuming, _state, _user_state
+from torpor._agreement import EpochFeed, Fact, merge
 from torpor._background import drain_all
 from torpor._callbacks import (
     Callback,
@@ -170,6 +171,7 @@ class Loop:
         self._skip = 0
         self._started = False
         self._epoch_open = False
+        self._feed: EpochFeed | None = None
         self._managed = False
         self._ended = False
         self._torn_down = False
@@ -296,7 +298,9 @@ class Loop:
         """Yield the epoch's batches, skipping those a resumed epoch already consumed.
 
         Calls ``set_epoch`` on a ``DistributedSampler``-like sampler, ``on_train_step_begin``
-        before each batch, and stops yielding once a stop is requested.
+        before each batch, and stops yielding once a stop is requested. Reads one batch ahead
+        and yields a batch only when every rank has one (see :mod:`torpor._agreement`): with
+        uneven data every rank ends the epoch after the shortest rank's last batch.
         """
         if not self._started:
             raise RuntimeError("Loop.batches() before Loop.epochs() or Loop.begin(): nothing would be resumed, no "
@@ -323,16 +327,32 @@ class Loop:
             resumed = (loaded.epoch_rng, loaded.rng) if loaded is not None and args.epoch_rng is None else None
             iterator, args.epoch_rng = _resuming.start_epoch(dataset, args.cur_epoch_num, resumed)
             args.step_in_epoch = 0
-        for batch in iterator:
-            if self.should_stop:
-                break
-            args.cur_step_num += 1
-            args.step_in_epoch += 1
-            args.last_batch = batch
-            call_hooks(self.callbacks, "on_train_step_begin", self.run_context)
-            yield batch
-            if self.should_stop:
-                break
+        feed = self._feed = EpochFeed(iterator, length=args.batch_num, every=self._check_every(),
+                                      distributed=_distributed.is_initialized() and _distributed.world_size() > 1,
+                                      reduce=_distributed.max_each, facts=self._step_facts)
+        try:
+            feed.begin(args.step_in_epoch)
+            args.batch_num = feed.length  # the shortest rank's: what every rank trains this epoch
+            while not self.should_stop:
+                more, batch = feed.take()
+                if not more:
+                    break
+                args.cur_step_num += 1
+                args.step_in_epoch += 1
+                args.last_batch = batch
+                call_hooks(self.callbacks, "on_train_step_begin", self.run_context)
+                yield batch
+                args.agreed = feed.boundary(args.cur_step_num, args.step_in_epoch)  # taken by step_end already
+        finally:
+            self._feed = None
+            args.agreed = None
+
+    def _check_every(self) -> int:
+        """Steps between the boundary collectives: the smallest ``check_every_n_steps`` of the callbacks."""
+        return min((int(getattr(cb, "check_every_n_steps", 1)) for cb in self.callbacks), default=1)
+
+    def _step_facts(self) -> dict[Fact, int]:
+        return merge(*(cb.step_facts(self.run_context) for cb in self.callbacks))
 
     def step_end(self, loss: Any = None, *, inputs: Any = None, outputs: Any = None) -> bool:
         """Close the step: record the loss and inputs, run ``on_train_step_end``.
@@ -349,6 +369,8 @@ class Loop:
         if inputs is not None:
             self.args.last_inputs = inputs if isinstance(inputs, tuple) else (inputs,)
         self.args.outputs = outputs
+        if self._feed is not None:  # the step's one collective, before the hooks act on it
+            self.args.agreed = self._feed.boundary(self.args.cur_step_num, self.args.step_in_epoch)
         call_hooks(self.callbacks, "on_train_step_end", self.run_context)
         return self.should_stop
 

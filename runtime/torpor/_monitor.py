@@ -3,12 +3,27 @@
 Names and layout follow the seed (``{prefix}-{epoch}_{step}.ckpt`` under ``rank_{rank}/``,
 no ``_1``/``_2`` prefix suffixes after a restart), plus a per-rank manifest written after the
 shard (see :mod:`torpor.checkpoints`); a name already stored (an earlier run reached the same
-step) is never rewritten, the save takes ``{name}-v{n}``. Precedence of the mutually
-exclusive settings is in :mod:`torpor._config`; retention is :mod:`torpor.retention`, applied
-by rank 0 only after the new checkpoint is complete (a barrier, then a listing proves it),
-never to the checkpoint the run resumed from, and to every checkpoint **of this monitor's
-prefix** in the directory, whichever run wrote it: a second monitor (``prefix='best'``,
-keep 1) and another experiment sharing the directory keep theirs.
+step) is never rewritten, the save takes ``{name}-v{n}``. Precedence of the mutually exclusive settings is in
+:mod:`torpor._config`; retention is :mod:`torpor.retention`, applied by rank 0 only after
+the new checkpoint is complete (every rank agreed its save went well, then a listing proves it), never to the
+checkpoint the run resumed from, and to every checkpoint **of this monitor's prefix** in the
+directory, whichever run wrote it: a second monitor (``prefix='best'``, keep 1) and another
+experiment sharing the directory keep theirs.
+
+A save that fails on one rank never leaves the others waiting (DESIGN §7): every rank learns
+the outcome at the same point and acts alike.
+
+==========================  ================================================================
+save                        when it fails on any rank
+==========================  ================================================================
+periodic, synchronous       every rank raises ``CheckpointSaveError`` right after the save
+periodic, ``async_save``    at the next agreed step boundary (or the next save, whichever
+                            comes first) every rank records the ``AsyncSaveError``
+                            (``async_errors="record"``: logged, in :attr:`save_errors`,
+                            training goes on) or raises it (``"raise"``); found at the end of
+                            training, the final save writes the step again on every rank
+final (end of training)     every rank raises ``CheckpointSaveError``
+==========================  ================================================================
 """
 
 from __future__ import annotations
@@ -22,6 +37,7 @@ import warnings
 from typing import Any
 
 from torpor import _distributed, _state
+from torpor._agreement import Agreed, Fact
 from torpor._background import BackgroundSaver, warm_in_background
 from torpor._callbacks import Callback, RunContext
 from torpor._config import CheckpointConfig
@@ -39,7 +55,7 @@ from torpor.checkpoints import (
 )
 from torpor.crypto import Encryption
 from torpor.env import DEFAULT_CHECKPOINT_URI, RuntimeEnv, given_checkpoint_uri, read_enc_key
-from torpor.errors import AsyncSaveError, RetentionError, TorporWarning
+from torpor.errors import AsyncSaveError, CheckpointSaveError, RetentionError, TorporWarning
 from torpor.retention import candidates, to_delete
 from torpor.storage import Storage, open_storage
 
@@ -81,7 +97,8 @@ class CheckpointMonitor(Callback):
             name.
         global_batch_size: samples per global step, to record consumed samples.
         async_errors: ``"record"`` (log, append to :attr:`save_errors`, train on) or
-            ``"raise"`` (:class:`torpor.errors.AsyncSaveError` at the next step boundary).
+            ``"raise"`` (:class:`torpor.errors.AsyncSaveError` at the next step boundary), on
+            every rank alike whichever rank's save failed (see the module's table).
 
     Raises:
         ValueError: ``prefix`` not a str or containing ``/``; ``directory`` not a str; a
@@ -222,12 +239,27 @@ class CheckpointMonitor(Callback):
         if self._saver is not None:
             reserve_staging(self._staging, args, self._options())
 
-    def _due(self, step: int) -> bool:
+    def _late(self) -> bool:
+        return time.monotonic() - self._last_time >= self.config.save_checkpoint_seconds
+
+    def step_facts(self, run_context: RunContext) -> dict[Fact, int]:
+        """For the loop's one collective: a seconds-save due on this rank's clock; this rank's
+        background save failed (its rank + 1, so every rank can name it)."""
+        facts = {}
+        if self.config.by_seconds:
+            facts[Fact.SAVE_DUE] = int(self._late())
+        if self._saver is not None and self._saver.failed:
+            facts[Fact.SAVE_FAILED] = _distributed.rank() + 1
+        return facts
+
+    def _due(self, step: int, agreed: Agreed | None) -> bool:
         cfg = self.config
         if cfg.by_seconds:
-            # Clocks differ across ranks; any rank past due makes every rank save (MAX).
-            late = int(time.monotonic() - self._last_time >= cfg.save_checkpoint_seconds)
-            return bool(_distributed.max_over_ranks(late))
+            # Clocks differ across ranks; any rank past due makes every rank save (MAX): in a
+            # Loop step the loop's collective carried it, otherwise one of our own.
+            if agreed is not None:
+                return agreed.save_due
+            return bool(_distributed.max_over_ranks(int(self._late())))
         return step % cfg.save_checkpoint_steps == 0
 
     @property
@@ -241,18 +273,34 @@ class CheckpointMonitor(Callback):
             self._saver.wait()
             self._report()
 
-    def _report(self) -> None:
+    def _report(self, failed_rank: int | None = None) -> None:
+        """Report this rank's background failure, or (``failed_rank``) the one every rank agreed on."""
         failure = self._saver.take_error() if self._saver is not None else None
-        if failure is None:
+        if failure is not None:
+            label, exc = failure
+            error = AsyncSaveError(f"background save of checkpoint {label!r} to {self.directory} failed: "
+                                   f"{type(exc).__name__}: {exc}; it is incomplete and will not be resumed from")
+            error.__cause__ = exc
+        elif failed_rank is not None:
+            label = self._saver.label if self._saver is not None else "?"
+            error = AsyncSaveError(f"background save of checkpoint {label!r} to {self.directory} failed on rank "
+                                   f"{failed_rank} (see its log); it is incomplete and will not be resumed from")
+        else:
             return
-        label, exc = failure
-        error = AsyncSaveError(f"background save of checkpoint {label!r} to {self.directory} failed: "
-                               f"{type(exc).__name__}: {exc}; it is incomplete and will not be resumed from")
-        error.__cause__ = exc
-        _log.error("%s", error, exc_info=exc)
+        _log.error("%s", error, exc_info=error.__cause__)
         self.save_errors.append(error)
         if self.config.async_errors == "raise":
             raise error
+
+    def _settle(self) -> None:
+        """Wait for the background save in flight and make its outcome every rank's (one
+        all-reduce; every rank calls this at the same step), then report it alike."""
+        if self._saver is None:
+            return
+        self._saver.wait()
+        failed = _distributed.failed_ranks(not self._saver.failed)
+        if failed:
+            self._report(failed_rank=failed[-1])
 
     def _report_prunes(self) -> None:
         """Warn, from the training thread, about each prune that failed since the last call."""
@@ -261,14 +309,19 @@ class CheckpointMonitor(Callback):
             warnings.warn(str(error), TorporWarning, stacklevel=3)
 
     def on_train_step_end(self, run_context: RunContext) -> None:
-        """Report a failed background save or prune, then save when due (unless an exit save ran)."""
+        """Report a failed background save (as agreed by every rank) or prune, then save when
+        due (unless an exit save ran)."""
         args = run_context.original_args()
         self._done_step = args.cur_step_num  # this step is done: a later exception does not undo it
         self._report_prunes()
-        self._report()
+        agreed = args.agreed
+        if agreed is None:
+            self._report()
+        elif agreed.save_failed_rank is not None:
+            self._report(failed_rank=agreed.save_failed_rank)
         if args.exit_saved_step == args.cur_step_num or not self.config.periodic:
             return
-        if self._due(args.cur_step_num):
+        if self._due(args.cur_step_num, agreed):
             self._save(run_context, Reason.PERIODIC)
 
     def on_train_end(self, run_context: RunContext) -> None:
@@ -351,8 +404,7 @@ class CheckpointMonitor(Callback):
         resumed = args.resumed_from.name if args.resumed_from is not None else None
         started = time.perf_counter()
         if self._saver is not None and background:
-            self._saver.wait()
-            self._report()
+            self._settle()
             pending = capture(args, name, reason, self._options(), env, staging=self._staging)
             storage, encryption, prune = self.storage, self.encryption, _distributed.rank() == 0
 
@@ -368,11 +420,18 @@ class CheckpointMonitor(Callback):
             self._last_step = args.cur_step_num
             self._last_time = time.monotonic()
             return
-        save_checkpoint(args, self.storage, name, reason, self._options(), env, self.encryption)
+        error: Exception | None = None
+        try:
+            save_checkpoint(args, self.storage, name, reason, self._options(), env, self.encryption)
+        except Exception as exc:  # every rank must still reach the agreement below
+            error = exc
+        self._last_time = time.monotonic()
+        # Every rank's manifest is written (the checkpoint is complete), or every rank knows whose is not.
+        failed = _distributed.failed_ranks(error is None)
+        if failed:
+            raise CheckpointSaveError.of(name, self.directory, failed, error) from error
         self.saved.append(name)
         self._last_step = args.cur_step_num
-        self._last_time = time.monotonic()
-        _distributed.barrier()  # every rank's manifest is written: the checkpoint is complete
         self.stalls.append(time.perf_counter() - started)
         if _distributed.rank() == 0:
             self._prune_reporting(name, resumed)

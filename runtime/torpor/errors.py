@@ -28,12 +28,29 @@ class StorageError(TorporError):
 class AsyncSaveError(TorporError):
     """A background (``async_save=True``) save failed; its cause is chained (``__cause__``).
 
-    Raised at the first step boundary after the failure when the monitor's ``async_errors``
+    Raised on every rank at the same step boundary after the failure (every rank learns of
+    one rank's failure through the step's collective) when the monitor's ``async_errors``
     is ``"raise"``; with ``"record"`` (the default) it is logged and appended to
     ``CheckpointMonitor.save_errors`` instead and training goes on. Either way the failed
     checkpoint has no manifest for this rank, so it is incomplete and never resumed from.
     """
 
+
+class CheckpointSaveError(TorporError):
+    """A synchronous save (periodic, final or exit) failed on at least one rank.
+
+    Raised on **every** rank at the same step, after every rank's save has ended, so no rank
+    is left waiting for the others; the failed ranks are named, and on a failed rank the
+    cause is chained. The checkpoint lacks those ranks' manifests: it is incomplete and never
+    resumed from.
+    """
+
+    @classmethod
+    def of(cls, name: str, directory: str, failed: list[int], cause: BaseException | None) -> CheckpointSaveError:
+        """The error every rank raises for checkpoint ``name``; ``cause`` is this rank's own failure."""
+        why = f"{type(cause).__name__}: {cause}" if cause is not None else "see the failed ranks' logs"
+        return cls(f"checkpoint {name!r} was not saved on rank(s) {failed} in {directory}: {why}; "
+                   "it is incomplete and will not be resumed from")
 
 class RetentionError(TorporError):
     """Pruning old checkpoints failed after a save; its cause is chained (``__cause__``).

@@ -40,10 +40,18 @@ def trainingjob_crd(control_plane: ControlPlane) -> str:
 
 
 @pytest.fixture(scope="module")
+def operator_extra_env(request: pytest.FixtureRequest) -> dict[str, str]:
+    """Settings a module adds to its operator's environment: its ``OPERATOR_ENV`` dictionary. A module
+    whose settings need a fixture (a fault proxy's port) overrides this fixture instead."""
+    return dict(getattr(request.module, "OPERATOR_ENV", {}))
+
+
+@pytest.fixture(scope="module")
 def operator(control_plane: ControlPlane, trainingjob_crd: str, node_agent: Any, minio: MinioServer,
-             tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[OperatorProcess]:
-    """One operator for the module's tests: 1 s restart backoff, retention every 2 s; a module's
-    ``OPERATOR_ENV`` dictionary overrides these settings."""
+             tmp_path_factory: pytest.TempPathFactory,
+             operator_extra_env: dict[str, str]) -> Iterator[OperatorProcess]:
+    """One operator for the module's tests: 1 s restart backoff, retention every 2 s; the
+    ``operator_extra_env`` fixture (by default the module's ``OPERATOR_ENV``) overrides these."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TORPOR_")}
     env.update(minio.env())
     env.update(KUBECONFIG=str(control_plane.kubeconfig), TORPOR_HEALTH_PORT="0", TORPOR_METRICS_PORT="0",
@@ -51,7 +59,7 @@ def operator(control_plane: ControlPlane, trainingjob_crd: str, node_agent: Any,
                TORPOR_WATCH_TIMEOUT_SECONDS="60",
                # rank 0 listens on all addresses: a port of its own keeps it clear of other work here
                TORPOR_MASTER_PORT=str(free_port()))
-    env.update(getattr(request.module, "OPERATOR_ENV", {}))
+    env.update(operator_extra_env)
     op = OperatorProcess(env, tmp_path_factory.mktemp("operator") / "operator.log")
     op.start()
     try:

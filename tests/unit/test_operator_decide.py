@@ -871,3 +871,239 @@ def test_the_failure_names_the_crash_that_was_not_a_lost_connection() -> None:
     d = c.decide()
     assert d.status is not None
     assert d.status["stopMessage"].startswith("rank 1 failed with exit 1: IsADirectoryError: x (and 1 more)")
+
+
+# --- a node that stopped reporting: its pods never finish a deletion ---------------------------
+
+FORCE = ObjectRef("v1", "Pod", "demo-1-0", grace_period_seconds=0)
+
+
+def node_a_lost(c: Cluster, since: str = STAMP, **kw: Any) -> None:
+    """node-a (rank 0) stopped reporting; the node controller marked it NotReady at ``since``.
+    Rank 0's pod still reads Running: no kubelet is left to say otherwise."""
+    c.nodes["node-a"] = node("node-a", ready="Unknown", since=since, **kw)
+
+
+def test_a_rank_on_a_lost_node_is_force_deleted_once_the_node_is_gone_past_the_bound() -> None:
+    """Today's bug: the rank on the lost node is deleted with its grace period, no kubelet ever
+    finishes the deletion, and the job stays Stopping for ever."""
+    c = running()
+    node_a_lost(c)
+    c.step()
+    assert (c.status["phase"], c.status["stopReason"]) == ("Stopping", "Preemption")
+    assert c.flag() == 1  # the rank on the healthy node is asked to save
+    c.exit(1, 143, message("signal", 143, "CKP-1_40", 40))
+    c.checkpoints = [ckpt("CKP-1_40", 40, 59)]
+    c.later(29)
+    d = c.step()
+    assert FORCE not in d.delete and c.status["phase"] == "Stopping"
+    assert d.requeue_after == pytest.approx(1)  # woken when the bound passes
+    c.later(1)
+    d = c.step()
+    assert FORCE in d.delete
+    assert ObjectRef("v1", "Pod", "demo-1-0") not in d.delete
+    assert c.status["phase"] == "Restarting"
+    del c.pods["demo-1-0"]  # grace 0: the API server removes it at once
+    c.step()
+    assert (c.status["phase"], c.status["incarnation"], c.status["resumeFrom"]) == ("Pending", 2, "CKP-1_40")
+    assert (c.status["preemptions"], c.status.get("restarts", 0)) == (1, 0)
+
+
+def test_the_force_deletion_bound_is_a_setting() -> None:
+    c = running()
+    c.settings = OperatorSettings(lost_node_force_delete_seconds=5)
+    node_a_lost(c)
+    c.step()
+    c.exit(1, 143, message("signal", 143, "CKP-1_40", 40))
+    c.later(5)
+    assert FORCE in c.decide().delete
+
+
+def test_a_pod_stuck_terminating_on_a_lost_node_is_force_deleted_after_a_failure() -> None:
+    """A failure deletes the live ranks; one on a node that then stops reporting stays
+    Terminating for ever without the force deletion."""
+    c = running(replicas=3)
+    c.exit(1, 1, message("error", 1))
+    c.step()
+    assert c.status["stopReason"] == "Failure"
+    c.exit(2, 143)
+    node_a_lost(c)
+    c.later(30)
+    d = c.step()
+    assert FORCE in d.delete
+    assert c.status["phase"] == "Restarting"
+
+
+def test_an_out_of_service_node_releases_its_pods_at_once() -> None:
+    """``node.kubernetes.io/out-of-service`` is the administrator saying the node is down for good
+    (Kubernetes' non-graceful node shutdown): there is nothing to wait for."""
+    c = running()
+    c.nodes["node-a"] = node("node-a", taints=("node.kubernetes.io/out-of-service",))
+    c.step()
+    c.exit(1, 143, message("signal", 143, "CKP-1_40", 40))
+    assert FORCE in c.decide().delete
+
+
+def test_a_lost_node_without_a_transition_time_is_not_force_deleted() -> None:
+    """Without a time the bound cannot be measured: wait for the node controller (or the
+    taint manager's eviction) rather than force-delete a pod that may still run."""
+    c = running()
+    node_a_lost(c, since="")
+    c.step()
+    c.exit(1, 143, message("signal", 143, "CKP-1_40", 40))
+    c.later(600)
+    assert FORCE not in c.decide().delete
+
+
+def test_restarting_force_deletes_a_straggler_on_a_lost_node() -> None:
+    c = running()
+    node_a_lost(c)
+    c.status.update(phase="Restarting", stopReason="Preemption")
+    c.later(30)
+    d = c.decide()
+    assert FORCE in d.delete
+
+
+# --- a rank that cannot start ------------------------------------------------------------------
+
+
+def not_starting(c: Cluster, name: str, *, created: str = STAMP, unschedulable: bool = False,
+                 waiting: tuple[str, str] | None = None) -> None:
+    """The pod ``name`` was created at ``created`` and is still Pending: never scheduled, or its
+    container waiting with ``waiting`` (reason, message)."""
+    p = c.pods[name]
+    p["metadata"]["creationTimestamp"] = created
+    status: dict[str, Any] = {"phase": "Pending", "conditions": []}
+    if unschedulable:
+        p["spec"].pop("nodeName", None)
+        status["conditions"].append({"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                                     "message": "0/2 nodes are available: 2 node(s) didn't match Pod's node "
+                                                "affinity/selector."})
+    if waiting:
+        status["containerStatuses"] = [{"name": "train", "state": {"waiting": {"reason": waiting[0],
+                                                                               "message": waiting[1]}}}]
+    p["status"] = status
+
+
+def pending_with_rank_1_not_starting(**kw: Any) -> Cluster:
+    c = Cluster(job_body())
+    c.step()
+    c.run()
+    for p in c.pods.values():
+        p["metadata"]["creationTimestamp"] = STAMP
+    not_starting(c, "demo-1-1", **kw)
+    c.step()
+    assert c.status["phase"] == "Pending"
+    return c
+
+
+@pytest.mark.parametrize(
+    ("kw", "reason"),
+    [
+        ({"unschedulable": True}, "Unschedulable: 0/2 nodes are available"),
+        ({"waiting": ("ImagePullBackOff", "Back-off pulling image \"nope:1\"")}, "ImagePullBackOff: Back-off pulling"),
+        ({"waiting": ("CreateContainerConfigError", "secret \"s3-creds\" not found")},
+         "CreateContainerConfigError: secret \"s3-creds\" not found"),
+    ],
+    ids=["unschedulable", "image-pull-back-off", "missing-credentials-secret"],
+)
+def test_a_rank_that_cannot_start_tears_the_incarnation_down_after_the_startup_timeout(
+        kw: dict[str, Any], reason: str) -> None:
+    """Today's bug: the other ranks block in the rendezvous for its whole timeout, then crash."""
+    c = pending_with_rank_1_not_starting(**kw)
+    c.later(599)
+    d = c.step()
+    assert c.status["phase"] == "Pending" and not d.delete
+    assert d.requeue_after == pytest.approx(1)
+    c.later(1)
+    d = c.step()
+    assert (c.status["phase"], c.status["stopReason"], c.status["restarts"]) == ("Stopping", "StartupTimeout", 1)
+    assert f"rank 1 (pod demo-1-1) did not start within 600s: {reason}" in c.status["stopMessage"]
+    assert set(d.delete) == {ObjectRef("v1", "Pod", "demo-1-0"), ObjectRef("v1", "Pod", "demo-1-1")}
+    ready = next(x for x in c.status["conditions"] if x["type"] == "Ready")
+    assert reason in ready["message"]
+    assert [e.reason for e in d.events] == ["StartupTimeout"]
+    c.vanish_deleted()
+    c.step()
+    assert c.status["phase"] == "Restarting" and c.status["nextRestartTime"]  # with backoff
+
+
+def test_the_startup_timeout_is_a_spec_field() -> None:
+    c = Cluster(job_body(startupTimeoutSeconds=30))
+    c.step()
+    c.run()
+    not_starting(c, "demo-1-0", unschedulable=True)
+    c.later(30)
+    c.step()
+    assert c.status["stopReason"] == "StartupTimeout"
+
+
+def test_a_rank_that_never_starts_fails_the_job_past_max_restarts() -> None:
+    c = pending_with_rank_1_not_starting(unschedulable=True)
+    c.body["spec"]["maxRestarts"] = 0
+    c.later(600)
+    c.step()
+    c.vanish_deleted()
+    c.step()
+    assert c.status["phase"] == "Failed"
+    failed = next(x for x in c.status["conditions"] if x["type"] == "Failed")
+    assert "did not start within 600s: Unschedulable" in failed["message"]
+
+
+def test_running_ranks_never_time_out() -> None:
+    c = running()
+    for p in c.pods.values():
+        p["metadata"]["creationTimestamp"] = STAMP
+    c.later(3600)
+    assert c.decide().empty
+
+
+# --- success policy: rank 0 decides ------------------------------------------------------------
+
+DONE = message("completed", 0, "CKP-3_1", 300)
+
+
+def test_ranks_still_running_after_rank_0_finished_are_stopped_at_the_exit_deadline_and_the_job_succeeds() -> None:
+    """Rank 0's completion is the job's (the rule of PyTorchJob's master); a peer still running
+    then — typically blocked in a collective rank 0 will never join — is given
+    exitDeadlineSeconds, not its collective timeout."""
+    c = running(replicas=3)
+    c.exit(0, 0, DONE, finished_at=STAMP)
+    c.exit(1, 0, DONE, finished_at=STAMP)
+    d = c.step()
+    assert c.status["phase"] == "Running" and not d.delete
+    assert d.requeue_after == 30.0  # the 60 s deadline, re-decided within the cap
+    c.later(60)
+    d = c.step()
+    assert (c.status["phase"], c.status["stopReason"]) == ("Stopping", "Completion")
+    assert d.delete == (ObjectRef("v1", "Pod", "demo-1-2"),)
+    c.exit(2, 143)
+    d = c.step()
+    assert c.status["phase"] == "Succeeded"
+    assert (c.status.get("restarts", 0), c.status.get("preemptions", 0)) == (0, 0)
+    assert "Succeeded" in [e.reason for e in d.events]
+
+
+def test_peers_losing_rank_0_as_it_finishes_do_not_fail_the_job() -> None:
+    c = running()
+    c.exit(0, 0, DONE, finished_at=STAMP)
+    c.exit(1, 1, RESET, finished_at=STAMP)
+    c.step()
+    assert c.status["phase"] == "Succeeded"
+    assert c.status.get("restarts", 0) == 0
+
+
+def test_a_real_crash_after_rank_0_finished_is_still_a_failure() -> None:
+    c = running()
+    c.exit(0, 0, DONE, finished_at=STAMP)
+    c.exit(1, 1, message("error", 1), finished_at=STAMP)
+    c.step()
+    assert (c.status["stopReason"], c.status["restarts"]) == ("Failure", 1)
+
+
+def test_another_rank_finishing_first_waits_for_rank_0() -> None:
+    c = running()
+    c.exit(1, 0, DONE, finished_at=STAMP)
+    c.later(3600)
+    d = c.step()
+    assert c.status["phase"] == "Running" and not d.delete

@@ -23,6 +23,7 @@ def test_defaults() -> None:
     assert s.peering == ""
     assert s.peering_priority is None  # drawn at start-up
     assert s.peering_lifetime_seconds == 60
+    assert s.lost_node_force_delete_seconds == 30
 
 
 def test_every_field_has_a_variable_and_a_docstring() -> None:
@@ -54,6 +55,7 @@ def test_from_env_parses_every_kind() -> None:
         "TORPOR_WATCH_TIMEOUT_SECONDS": "10",
         "TORPOR_PEERING_PRIORITY": "-7",
         "TORPOR_PEERING_LIFETIME_SECONDS": "6",
+        "TORPOR_LOST_NODE_FORCE_DELETE_SECONDS": "2.5",
         "UNRELATED": "x",
     })
     assert s.namespaces == ("team-a", "team-b")
@@ -62,6 +64,7 @@ def test_from_env_parses_every_kind() -> None:
     assert (s.backoff_base_seconds, s.backoff_max_seconds) == (0.5, 8.0)
     assert (s.peering, s.log_format, s.watch_timeout_seconds) == ("torpor", "plain", 10.0)
     assert (s.peering_priority, s.peering_lifetime_seconds) == (-7, 6)
+    assert s.lost_node_force_delete_seconds == 2.5
 
 
 def test_backoff_doubles_up_to_the_cap() -> None:
@@ -95,6 +98,8 @@ def test_backoff_doubles_up_to_the_cap() -> None:
                                                    "be a whole number of seconds in 5..3600, got 4"),
         ({"TORPOR_PEERING_LIFETIME_SECONDS": "3601"}, "peering_lifetime_seconds must be a whole number of seconds in "
                                                       "5..3600, got 3601"),
+        ({"TORPOR_LOST_NODE_FORCE_DELETE_SECONDS": "-1"}, "TORPOR_LOST_NODE_FORCE_DELETE_SECONDS: "
+         "lost_node_force_delete_seconds must be a finite number of seconds >= 0, got -1.0"),
         ({"TORPOR_PEERING_LIFETIME_SECONDS": "7.5"}, "TORPOR_PEERING_LIFETIME_SECONDS must be an integer, got '7.5'"),
     ],
 )

@@ -76,13 +76,17 @@ def pod(job: str, incarnation: int, rank: int, *, phase: str = "Running", ready:
 
 
 def node(name: str, *, unschedulable: bool = False, taints: tuple[str, ...] = (),
-         ready: str = "True") -> dict[str, Any]:
-    """A Node object; ``ready`` is the status of its ``Ready`` condition."""
+         ready: str = "True", since: str | None = None) -> dict[str, Any]:
+    """A Node object; ``ready`` is the status of its ``Ready`` condition, ``since`` its
+    ``lastTransitionTime`` (RFC 3339)."""
     spec: dict[str, Any] = {"taints": [{"key": t, "effect": "NoSchedule"} for t in taints]}
     if unschedulable:
         spec["unschedulable"] = True
+    condition = {"type": "Ready", "status": ready}
+    if since:
+        condition["lastTransitionTime"] = since
     return {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}, "spec": spec,
-            "status": {"conditions": [{"type": "Ready", "status": ready}]}}
+            "status": {"conditions": [condition]}}
 
 
 def ckpt(name: str, step: int, minutes: float, complete: bool = True) -> CheckpointInfo:
