@@ -1,8 +1,9 @@
 """The seed's MindSpore example (``OnRequestExit`` with LeNet-5), in PyTorch with torpor.
 
 Send SIGTERM (or write ``{"GracefulExit": 1}`` to a ``config_file``) while it trains: it
-finishes the current step, saves ``./checkpoints/rank_0/LeNet5.ckpt`` (then ``LeNet5.pt2``)
-and stops. (The seed writes ``./rank_0/``; torpor's default is the run's checkpoint root.)
+finishes the current step, saves ``./checkpoints/rank_0/LeNet5-{epoch}_{step}.ckpt`` (then its
+``.pt2``) and stops: a name per save, so a second stop never rewrites the first one's checkpoint.
+(The seed writes ``./rank_0/LeNet5.ckpt``; torpor's default is the run's checkpoint root.)
 
     python examples/lenet.py
 """

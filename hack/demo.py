@@ -219,8 +219,8 @@ class Demo:
         status = self.status()
         resumed_from = status.get("resumeFrom", "")
         last = status.get("lastCheckpoint") or {}
-        # The exit save is named after OnRequestExit's file_name, not the step: take the step
-        # from the checkpoint's manifest (status.lastCheckpoint) or from the last logged step.
+        # The exit save's name carries the step within its epoch ({file_name}-{epoch}_{step}):
+        # take the global step from its manifest (status.lastCheckpoint) or the last logged step.
         saved_step = last["step"] if last.get("name") == resumed_from and "step" in last else self.step()
         self.mark(f"saved: checkpoint {resumed_from} at step {saved_step} complete on every rank")
         out, _ = drain.communicate(timeout=180)

@@ -274,16 +274,22 @@ class CheckpointInfo:
     step: int
     time: datetime
     complete: bool
+    resumable: bool = True
+    """Not a breakpoint (``reason: exception``, the state at a crash): only resumable
+    checkpoints are resume points; a breakpoint is loaded only when named by a user."""
 
 
 def checkpoint_infos(checkpoints: Iterable[Checkpoint]) -> list[CheckpointInfo]:
     """Adapt the runtime's scanned checkpoints (:func:`torpor.checkpoints.scan`)."""
     return [
-        CheckpointInfo(c.name, c.step, datetime.fromtimestamp(c.modified, UTC), c.complete) for c in checkpoints
+        CheckpointInfo(c.name, c.step, datetime.fromtimestamp(c.modified, UTC), c.complete,
+                       c.resumable or not c.complete)
+        for c in checkpoints
     ]
 
 
 def newest_complete(checkpoints: Iterable[CheckpointInfo]) -> CheckpointInfo | None:
-    """The newest complete checkpoint, or ``None``: what every rank of a new incarnation loads."""
-    complete = [c for c in checkpoints if c.complete]
+    """The newest complete, resumable checkpoint, or ``None``: what every rank of a new
+    incarnation loads (the runtime's ``newest_complete`` skips breakpoints the same way)."""
+    complete = [c for c in checkpoints if c.complete and c.resumable]
     return max(complete, key=lambda c: (c.time, c.step, c.name)) if complete else None

@@ -11,7 +11,11 @@ Differences from MindSpore's callback, each fixing a flaw of the seed:
   ANDs them, so a signal reaching only the preempted node's pods never stops anything. Under
   ``Loop`` the request rides in the loop's one collective of the step (:meth:`step_facts`,
   :mod:`torpor._agreement`); evaluation and hooks driven without ``Loop`` reduce it here.
-* It saves **once**, with full metadata, under the **global** rank, write-then-rename, then
+* It saves **once**, with full metadata, under the **global** rank, write-then-rename, under a
+  name of its own, ``{file_name}-{epoch}_{step}`` (``Net-2_7``) where the seed always writes
+  ``{file_name}.ckpt``: a second stop then never rewrites the checkpoint the run resumed
+  from, and a kill part-way through it leaves that one intact (see :mod:`torpor.checkpoints`;
+  a name already stored gets ``-v{n}``). Then
   (under the operator) exits with a documented code after writing a termination message
   (see :mod:`torpor.termination`: 128 + signum, 143 for SIGTERM; 75 for the file).
 * It does not load ``{file_name}.ckpt`` at start as the seed does: resuming is explicit
@@ -39,10 +43,10 @@ from torpor import _distributed
 from torpor._agreement import Fact
 from torpor._background import drain_all, warm_in_background
 from torpor._callbacks import Callback, RunContext, training_run
-from torpor._saving import SaveOptions, export_only, save_checkpoint
+from torpor._saving import SaveOptions, export_only, save_checkpoint, taken_names
 from torpor._sharing import Offer, SharedSettings
 from torpor._watching import ExitFileWatcher
-from torpor.checkpoints import Reason, check_name
+from torpor.checkpoints import Reason, check_name, checkpoint_name, unique_name
 from torpor.crypto import Encryption, check_key
 from torpor.env import DEFAULT_CHECKPOINT_URI, RuntimeEnv, given_checkpoint_uri, read_enc_key
 from torpor.errors import CheckpointSaveError, TorporWarning
@@ -86,13 +90,14 @@ class OnRequestExit(Callback):
     """Save and stop after the current step when asked by a signal or a JSON file.
 
     Args:
-        save_ckpt: save ``directory/rank_{rank}/{file_name}.ckpt`` (and its manifest) on exit.
+        save_ckpt: save ``directory/rank_{rank}/{file_name}-{epoch}_{step}.ckpt`` (and its
+            manifest) on exit; ``step`` is the step within ``epoch``, as periodic names.
             ``False`` leaves the stop's checkpoint to a ``CheckpointMonitor`` (its final save).
-        save_export: save a ``torch.export`` program ``{file_name}.pt2`` from the last batch's
+        save_export: save a ``torch.export`` program beside it (``.pt2``) from the last batch's
             inputs (rank 0), after the checkpoint is complete; it is not listed in the
             manifest (the checkpoint is complete without it) and is deleted with the
             checkpoint. A failed export is a warning, the checkpoint still counts.
-        file_name: checkpoint name for the exit save.
+        file_name: name prefix of the exit save (the seed's fixed name, now with the step).
         directory: checkpoint root, a path or ``s3://bucket/prefix``; default ``None``: the
             run's (a ``CheckpointMonitor``'s in the same run, else ``TORPOR_CHECKPOINT_URI``,
             else ``./checkpoints``). A different one than the monitor's is a ``ValueError``.
@@ -202,6 +207,7 @@ class OnRequestExit(Callback):
         self._installed_for_eval = False
         self._watcher: ExitFileWatcher | None = None
         self._storage: Storage | None = None
+        self._taken: set[str] | None = None
         self._local = 0
 
     @classmethod
@@ -310,22 +316,26 @@ class OnRequestExit(Callback):
             self._storage = open_storage(self.exit_directory)
         for label, exc in drain_all():  # a save in flight completes before the exit save starts
             _log.error("background save of %r failed before the exit save: %s: %s", label, type(exc).__name__, exc)
+        if self._taken is None:  # a stop without on_train_begin (evaluation alone)
+            self._taken = taken_names(self._storage)
+        name = unique_name(checkpoint_name(self.file_name, args.cur_epoch_num, args.step_in_epoch), self._taken)
+        self._taken.add(name)
         error: Exception | None = None
         if self.save_ckpt:
             try:
-                save_checkpoint(args, self._storage, self.file_name, Reason.EXIT,
+                save_checkpoint(args, self._storage, name, Reason.EXIT,
                                 SaveOptions(integrated=self.integrated_save), env, self.encryption)
             except Exception as exc:  # every rank must still reach the agreement below
                 error = exc
-            saved = self.file_name
+            saved = name
             args.exit_saved_step = args.cur_step_num  # without our save, the monitor's final save is the stop's
         # Every rank's manifest exists before any rank reports or exits, or every rank knows whose does not.
         failed = _distributed.failed_ranks(error is None)
         if failed:
             self._signum = None
-            raise CheckpointSaveError.of(saved or self.file_name, self._storage.uri, failed, error) from error
+            raise CheckpointSaveError.of(saved or name, self._storage.uri, failed, error) from error
         if self.save_export:  # only now: the checkpoint is complete whatever becomes of the export
-            export_only(args, self._storage, self.file_name, self.encryption)
+            export_only(args, self._storage, name, self.encryption)
         signum = signal_from_exit_code(code) if code > SIGNAL_EXIT_BASE else None
         self.stop_message = TerminationMessage(
             reason=StopReason.SIGNAL if signum is not None else StopReason.FILE,
@@ -340,6 +350,7 @@ class OnRequestExit(Callback):
             directory=self._storage.uri,
             job=env.job,
             incarnation=env.incarnation or None,
+            resumed_from=args.resumed_from.name if args.resumed_from is not None else None,
         )
         run_context.request_exit(code, self.stop_message)  # the loop's exit_process decides if the process ends
         self._signum = None
@@ -370,12 +381,14 @@ class OnRequestExit(Callback):
 
     # -- hooks -------------------------------------------------------------------------
     def on_train_begin(self, run_context: RunContext) -> None:
-        """Install the signal handler (chained), start watching the file and open the store
-        (its client is built in the background: the exit save must not wait for it)."""
+        """Install the signal handler (chained), start watching the file, open the store and
+        learn the names already taken in it (rank 0 lists), so the exit save spends no time
+        on either."""
         self._install()
         if self._storage is None:
             self._storage = open_storage(self.exit_directory)
         warm_in_background(self._storage)
+        self._taken = taken_names(self._storage)
 
     def on_train_step_end(self, run_context: RunContext) -> None:
         """At the step boundary: OR the ranks' requests; if any, save once and stop."""

@@ -3,20 +3,37 @@
 Only complete checkpoints are loaded; every byte is checked against its manifest (size and
 sha256) before ``torch.load(weights_only=True)`` sees it. With a key, the manifest's own tag
 is checked first and every file must have been sealed for the place the manifest gives it.
+
+**Every rank loads the same checkpoint, and a bad newest one is never the end.** Rank 0
+lists the store and broadcasts the candidates in order; every rank then reads, verifies,
+decrypts and decodes its payloads of the first candidate *before anything is applied to the
+model*, and one all-reduce of an ok flag decides: if any rank failed (an integrity error, an
+object gone, a wrong key), every rank moves on to the next candidate, with a warning naming
+both. The candidates are
+
+* ``'latest'``: every resumable checkpoint (complete, not a breakpoint) of the run's
+  prefixes, newest first: the MindFormers resume behaviour, without its marker files;
+* ``TORPOR_RESUME_FROM`` (the operator's choice): that one, then the resumable ones older
+  than it, so a damaged choice costs the steps since the next older one, not a crash loop;
+* a name or path a user passed in code: that one only. Whoever names a checkpoint means it,
+  and gets its error rather than another checkpoint's state.
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import mmap
+import pickle
 import re
-from collections.abc import Iterator, Mapping
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from torpor import _distributed, _state, _user_state
-from torpor.checkpoints import Checkpoint, FileEntry, FileKind, Manifest, file_key, newest_complete, scan
+from torpor.checkpoints import Checkpoint, FileEntry, FileKind, Manifest, file_key, resumable_newest_first, scan
 from torpor.crypto import (
     HEADER_SIZE,
     Encryption,
@@ -26,8 +43,14 @@ from torpor.crypto import (
     place_context,
 )
 from torpor.env import RuntimeEnv, read_enc_key
-from torpor.errors import CheckpointNotFoundError, IncompleteCheckpointError, IntegrityError
+from torpor.errors import CheckpointNotFoundError, IncompleteCheckpointError, IntegrityError, TorporError, TorporWarning
 from torpor.storage import Storage, open_storage, read_verified_fast
+
+_log = logging.getLogger("torpor")
+UNLOADABLE = (TorporError, OSError, ValueError, KeyError, RuntimeError, pickle.UnpicklingError)
+"""What reading a candidate may raise that makes every rank try the next one: integrity and
+decryption errors, a storage error, an object gone (``FileNotFoundError``), a payload torch
+cannot decode. Raised before anything is applied, so the model is untouched."""
 
 _RANK_SEGMENT = re.compile(r"^rank_[0-9]+$")
 _FILE_SUFFIXES = (".manifest.json", ".network.pt", ".trainable.pt", ".ckpt", ".pt2")
@@ -59,6 +82,8 @@ class LoadedCheckpoint:
     """Generators when the saved epoch's iterator was created, for the exact mid-epoch resume."""
     consumed_samples: int | None = None
     """``step * global_batch_size`` when the saver knew the global batch size."""
+    skipped: tuple[str, ...] = ()
+    """Newer candidates that could not be loaded on every rank, newest first (fallback)."""
 
 
 def split_source(source: str, default_directory: str) -> tuple[str, str | None]:
@@ -82,24 +107,59 @@ def split_source(source: str, default_directory: str) -> tuple[str, str | None]:
     return head or "/", tail
 
 
-def find_checkpoint(storage: Storage, name: str | None) -> Checkpoint | None:
-    """The complete checkpoint ``name`` (or the newest complete one for ``None``).
+def find_checkpoint(storage: Storage, name: str | None, prefixes: Iterable[str] | None = None,
+                    fallback: bool = False) -> list[Checkpoint]:
+    """The checkpoints a resume tries, in order (see the module docstring); empty: none.
+
+    Args:
+        storage: the checkpoint root.
+        name: the named checkpoint, or ``None`` for ``'latest'``.
+        prefixes: names ``'latest'`` and the fallbacks may have (``None``: any).
+        fallback: after ``name``, the resumable checkpoints older than it; a ``name`` that is
+            absent or incomplete is then a warning and the resumable ones are tried instead.
 
     Raises:
-        CheckpointNotFoundError: ``name`` is not stored at all.
-        IncompleteCheckpointError: ``name`` is stored but not complete (the message says why).
+        CheckpointNotFoundError: ``name`` is not stored at all (without ``fallback``).
+        IncompleteCheckpointError: ``name`` is stored but not complete (without ``fallback``).
     """
-    checkpoints = scan(storage, names=None if name is None else {name})
+    checkpoints = scan(storage, names=None if name is None or fallback else {name})
     if name is None:
-        return newest_complete(checkpoints)
+        return resumable_newest_first(checkpoints, prefixes)
     found = next((c for c in checkpoints if c.name == name), None)
-    if found is None:
-        raise CheckpointNotFoundError(f"checkpoint {name!r} not found in {storage.uri}")
-    if not found.complete:
-        raise IncompleteCheckpointError(
-            f"checkpoint {name!r} in {storage.uri} is incomplete and will not be loaded: {found.problem}"
-        )
-    return found
+    problem = (f"checkpoint {name!r} not found in {storage.uri}" if found is None else
+               f"checkpoint {name!r} in {storage.uri} is incomplete and will not be loaded: {found.problem}"
+               if not found.complete else None)
+    if problem is None:
+        assert found is not None
+        return [found, *(resumable_newest_first(checkpoints, prefixes, older_than=found) if fallback else [])]
+    if not fallback:
+        raise (CheckpointNotFoundError if found is None else IncompleteCheckpointError)(problem)
+    rest = resumable_newest_first(checkpoints, prefixes)
+    _warn(f"{problem}; resuming from the newest resumable checkpoint instead: "
+          f"{rest[0].name if rest else 'none, a fresh start'}")
+    return rest
+
+
+def _warn(message: str) -> None:
+    """A fallback is news for whoever reads the logs and for a test's warning filter alike."""
+    _log.warning("%s", message)
+    warnings.warn(message, TorporWarning, stacklevel=3)
+
+
+def _decided(storage: Storage, name: str | None, prefixes: Iterable[str] | None,
+             fallback: bool) -> list[Checkpoint]:
+    """Rank 0's :func:`find_checkpoint`, on every rank (its error too, so no rank waits alone)."""
+    result: tuple[list[Checkpoint], BaseException | None] = ([], None)
+    if _distributed.rank() == 0 or not _distributed.is_initialized():
+        try:
+            result = (find_checkpoint(storage, name, None if prefixes is None else sorted(set(prefixes)), fallback),
+                      None)
+        except Exception as exc:  # forwarded, so every rank raises it and none waits in the broadcast
+            result = ([], exc)
+    candidates, error = _distributed.broadcast_object(result)
+    if error is not None:
+        raise error
+    return candidates
 
 
 def load_checkpoint(
@@ -115,14 +175,20 @@ def load_checkpoint(
     map_location: Any = "cpu",
     enc_key: bytes | None = None,
     enc_mode: str | None = None,
+    prefixes: Iterable[str] | None = None,
     state: Mapping[str, Any] | None = None,
 ) -> LoadedCheckpoint | None:
     """Restore model, optimizer, scheduler, RNG and ``state`` from a checkpoint.
 
+    Every rank must call it (rank 0 decides, the others follow); see the module docstring for
+    the candidates and the fallback.
+
     Args:
-        source: ``'latest'`` (the newest complete checkpoint; ``TORPOR_RESUME_FROM`` names
-            it instead when set, so every rank of a job loads the one the operator chose),
-            a checkpoint name, or a path/URI to one (``s3://b/p/CKP-1_5``).
+        source: ``'latest'`` (the newest resumable checkpoint, falling back to older ones;
+            ``TORPOR_RESUME_FROM`` names it instead when set, so every rank of a job loads
+            the one the operator chose, with the same fallback), a checkpoint name, or a
+            path/URI to one (``s3://b/p/CKP-1_5``); a name or path given here is loaded or
+            raises, it never falls back.
         network: module to load the weights into (DDP wrappers are looked through).
         optimizer: optimizer to restore, if any.
         lr_scheduler: LR scheduler to restore, if any.
@@ -135,21 +201,26 @@ def load_checkpoint(
         enc_key: key of encrypted checkpoints; default: ``TORPOR_ENC_KEY_FILE`` /
             ``TORPOR_ENC_KEY`` when set. With a key, plaintext shards are refused.
         enc_mode: expected mode; default: the one named in the shard's header.
+        prefixes: ``'latest'`` and fallbacks consider only names of these prefixes (a run's
+            monitors' and exit save's, so a shared directory may hold other experiments);
+            default ``None``: every name.
         state: more objects to restore by name (``state_dict``/``load_state_dict`` or a
             ``torch.Generator``), as saved by ``Loop``/``Model`` with the same ``state=``. A
             key the checkpoint lacks raises ``KeyError`` (with ``strict=False``: a warning,
             the object is left as it is); keys only the checkpoint has are ignored.
 
     Returns:
-        What was loaded, or ``None`` when ``'latest'`` found no complete checkpoint (a fresh
-        start).
+        What was loaded (``skipped`` names the newer candidates that failed), or ``None``
+        when ``'latest'`` found no resumable checkpoint (a fresh start).
 
     Raises:
         CheckpointNotFoundError: a named checkpoint is absent (or none, with ``required``).
         IncompleteCheckpointError: the named checkpoint lacks a rank's manifest or its
             manifests disagree.
         IntegrityError: a file does not match its manifest's size or sha256, a wrong key,
-            a modified encrypted chunk, or a plaintext shard where a key was given.
+            a modified encrypted chunk, or a plaintext shard where a key was given (for
+            ``'latest'``: on every candidate; a rank whose own reads all succeeded says that
+            another rank refused them).
         ValueError: the shard is encrypted and no key was given.
         KeyError: a ``state`` key is not in the checkpoint (with ``strict``).
         TypeError: ``state`` is not a dict of such objects.
@@ -158,18 +229,63 @@ def load_checkpoint(
     env = RuntimeEnv.from_environ()
     if enc_key is None:
         enc_key = read_enc_key()
+    fallback = source == "latest"
     if source == "latest" and env.resume_from:
         source = env.resume_from
     root, name = split_source(source, directory or env.checkpoint_uri)
     storage = open_storage(root)
-    found = find_checkpoint(storage, name)
-    if found is None:
+    candidates = _decided(storage, name, prefixes, fallback)
+    if not candidates:
         if required:
             raise CheckpointNotFoundError(f"no complete checkpoint in {storage.uri}")
         return None
     keys = (enc_key, enc_mode or env.enc_mode)
-    return _load(storage, found, network, optimizer, lr_scheduler, strict, restore_rng, map_location, keys,
-                 state=state)
+    payloads, skipped = _first_readable(storage, candidates, keys, map_location)
+    loaded = _apply(payloads, network, optimizer, lr_scheduler, strict, restore_rng, skipped, state=state)
+    _log.info("resumed from checkpoint %r in %s at step %d", loaded.name, loaded.directory, loaded.step)
+    return loaded
+
+
+def _first_readable(storage: Storage, candidates: list[Checkpoint], keys: tuple[bytes | None, str | None],
+                    map_location: Any) -> tuple[Payloads, tuple[str, ...]]:
+    """The payloads of the first candidate every rank could read, and the names skipped.
+
+    One ``all_ok`` per candidate tried: every rank reaches it whether its read worked or not,
+    so all of them move on, or stop, together.
+
+    Raises:
+        the newest failure of this rank (or an ``IntegrityError`` saying another rank refused
+        them) when no candidate could be read on every rank.
+    """
+    skipped: list[str] = []
+    failures: list[BaseException] = []
+    for index, ckpt in enumerate(candidates):
+        payloads: Payloads | None = None
+        error: BaseException | None = None
+        try:
+            payloads = read_payloads(storage, ckpt, keys, map_location)
+        except UNLOADABLE as exc:
+            error = exc
+            failures.append(exc)
+        if _distributed.all_ok(error is None):
+            assert payloads is not None
+            if skipped:  # the warning went out with each failure; the log says how it ended
+                _log.warning("resumed from the older complete checkpoint %r instead of %s in %s", ckpt.name,
+                             ", ".join(map(repr, skipped)), storage.uri)
+            return payloads, tuple(skipped)
+        del payloads  # another rank failed: let this rank's copy go before reading the next one
+        skipped.append(ckpt.name)
+        why = (f"rank {_distributed.rank()}: {type(error).__name__}: {error}" if error is not None
+               else "another rank could not read its part")
+        if index + 1 < len(candidates):  # after the last one, the error raised below says it
+            _warn(f"checkpoint {ckpt.name!r} in {storage.uri} could not be loaded ({why}); "
+                  f"trying the next older complete checkpoint {candidates[index + 1].name!r}")
+    tried = ", ".join(map(repr, skipped))
+    if failures:
+        failures[0].add_note(f"torpor: no checkpoint could be loaded on every rank; tried {tried}")
+        raise failures[0]
+    raise IntegrityError(f"no checkpoint in {storage.uri} could be loaded on every rank: another rank refused "
+                         f"each of {tried}")
 
 
 def read_shard(storage: Storage, entry: FileEntry, enc_key: bytes | None, enc_mode: str | None,
@@ -295,10 +411,36 @@ def _decrypting(storage: Storage, entry: FileEntry, pieces: Any, enc_key: bytes 
     return encryption.decrypt_chunks(itertools.chain([head], pieces), place_context(entry.key, save_id))
 
 
-def _load(storage: Storage, ckpt: Checkpoint, network: Any, optimizer: Any, lr_scheduler: Any,
-          strict: bool, restore_rng: bool, map_location: Any,
-          keys: tuple[bytes | None, str | None] = (None, None), *,
-          state: Mapping[str, Any] | None = None) -> LoadedCheckpoint:
+@dataclass(frozen=True)
+class Payloads:
+    """One rank's verified, decoded part of a checkpoint, not yet applied to anything."""
+
+    storage_uri: str
+    checkpoint: Checkpoint
+    model: dict[str, Any]
+    """The shard holding model/optimizer state (rank 0's when replicated, else this rank's)."""
+    own: dict[str, Any] | None
+    """This rank's shard (its generators and loop position); ``None`` if it had none."""
+    manifest: Manifest
+    """This rank's manifest, or rank 0's when this rank did not exist in the saving run."""
+    weights: dict[str, Any]
+    """The saved model weights (from the shard, or the ``.network.pt`` that is their only copy)."""
+    meta: dict[str, Any]
+    """The shard's JSON metadata (this rank's, else the model shard's)."""
+    rng: _state.RngState | None
+    """This rank's generators at the save (not yet restored)."""
+    epoch_rng: _state.RngState | None
+    """Generators when the saved epoch's iterator was created."""
+
+
+def read_payloads(storage: Storage, ckpt: Checkpoint, keys: tuple[bytes | None, str | None],
+                  map_location: Any) -> Payloads:
+    """Read, verify, decrypt and decode this rank's payloads of ``ckpt`` (nothing is applied).
+
+    Raises:
+        IncompleteCheckpointError: sharded state and this rank has no shard in it.
+        IntegrityError, ValueError, OSError: see :func:`load_shard`.
+    """
     rank = _distributed.rank()
     world = ckpt.world_size or 1
     own = ckpt.manifests.get(rank)
@@ -317,11 +459,24 @@ def _load(storage: Storage, ckpt: Checkpoint, network: Any, optimizer: Any, lr_s
 
     model_payload = fetch(model_manifest)
     own_payload = model_payload if own is model_manifest else (fetch(own) if own is not None else None)
+    meta = _state.meta_of(own_payload if own_payload is not None else model_payload)
+    rng = epoch_rng = None
+    if own_payload is not None:
+        rng = _state.RngState.from_parts(meta["rng"], own_payload["rng"])
+        if meta.get("epoch_rng") is not None:
+            epoch_rng = _state.RngState.from_parts(meta["epoch_rng"], own_payload["epoch_rng"])
+    weights = _model_state(model_payload, model_manifest,
+                           lambda e: load_shard(storage, e, *keys, map_location, manifest=model_manifest))
+    return Payloads(storage.uri, ckpt, model_payload, own_payload, own or anchor, weights, meta, rng, epoch_rng)
 
+
+def _apply(payloads: Payloads, network: Any, optimizer: Any, lr_scheduler: Any, strict: bool,
+           restore_rng: bool, skipped: tuple[str, ...] = (), *,
+           state: Mapping[str, Any] | None = None) -> LoadedCheckpoint:
+    """Load read payloads into the objects and describe what was restored."""
+    model_payload, own_payload, ckpt = payloads.model, payloads.own, payloads.checkpoint
     if network is not None:
-        weights = _model_state(model_payload, model_manifest,
-                               lambda e: load_shard(storage, e, *keys, map_location, manifest=model_manifest))
-        _state.unwrap(network).load_state_dict(weights, strict=strict)
+        _state.unwrap(network).load_state_dict(payloads.weights, strict=strict)
     if optimizer is not None and "optimizer" in model_payload:
         optimizer.load_state_dict(model_payload["optimizer"])
     if lr_scheduler is not None and "lr_scheduler" in model_payload:
@@ -330,29 +485,34 @@ def _load(storage: Storage, ckpt: Checkpoint, network: Any, optimizer: Any, lr_s
         _user_state.restore(state, model_payload.get("state"), ckpt.name, strict)
 
     meta_source = own_payload if own_payload is not None else model_payload
-    meta = _state.meta_of(meta_source)
-    rng = epoch_rng = None
-    if own_payload is not None:
-        rng = _state.RngState.from_parts(meta["rng"], own_payload["rng"])
-        if meta.get("epoch_rng") is not None:
-            epoch_rng = _state.RngState.from_parts(meta["epoch_rng"], own_payload["epoch_rng"])
-        if restore_rng:
-            rng.restore()
+    meta, rng, epoch_rng = payloads.meta, payloads.rng, payloads.epoch_rng
+    if rng is not None and restore_rng:
+        rng.restore()
     info = dict(meta.get("append_info") or {})
     info.update(meta_source.get("append_info") or {})
     return LoadedCheckpoint(
         name=ckpt.name,
-        directory=storage.uri,
+        directory=payloads.storage_uri,
         epoch=int(meta["epoch"]),
         step=int(meta["step"]),
         step_in_epoch=int(meta["step_in_epoch"]),
         batch_num=meta.get("batch_num"),
         append_info=info,
-        manifest=own or anchor,
+        manifest=payloads.manifest,
         rng=rng,
         epoch_rng=epoch_rng,
         consumed_samples=meta.get("consumed_samples"),
+        skipped=skipped,
     )
+
+
+def _load(storage: Storage, ckpt: Checkpoint, network: Any, optimizer: Any, lr_scheduler: Any,
+          strict: bool, restore_rng: bool, map_location: Any,
+          keys: tuple[bytes | None, str | None] = (None, None), *,
+          state: Mapping[str, Any] | None = None) -> LoadedCheckpoint:
+    """Read then apply one checkpoint (no fallback): :func:`read_payloads`, then :func:`_apply`."""
+    return _apply(read_payloads(storage, ckpt, keys, map_location), network, optimizer, lr_scheduler, strict,
+                  restore_rng, state=state)
 
 
 def _model_state(payload: dict[str, Any], manifest: Manifest, fetch: Any) -> dict[str, Any]:

@@ -83,6 +83,17 @@ def exit_process_of(explicit: bool | None, callbacks: list[Callback], env: Runti
     return env.under_operator
 
 
+def _prefixes_of(callbacks: list[Callback]) -> set[str] | None:
+    """The name prefixes this run saves under (monitors' ``prefix``, the exit ``file_name``).
+
+    ``'latest'`` considers only these, so another experiment's checkpoints in a shared
+    directory are never resumed; ``None`` (no saver among the callbacks): every name.
+    """
+    found = {str(value) for cb in callbacks for attr in ("prefix", "file_name")
+             if isinstance(value := getattr(cb, attr, None), str) and value}
+    return found or None
+
+
 def exit_if_requested(ctx: RunContext, env: RuntimeEnv) -> None:
     """After every end hook: write the termination message and raise ``SystemExit(code)``.
 
@@ -210,7 +221,8 @@ class Loop:
         loaded = load_checkpoint(self.resume, self.args.network, self.args.optimizer, self.args.lr_scheduler,
                                  directory=self.shared.directory,
                                  enc_key=enc.key if enc is not None else None,
-                                 enc_mode=enc.mode if enc is not None else None, state=self.args.state)
+                                 enc_mode=enc.mode if enc is not None else None, state=self.args.state,
+                                 prefixes=_prefixes_of(self.callbacks))
         if loaded is None:
             return
         self.loaded = loaded
@@ -407,7 +419,11 @@ class Loop:
         return TerminationMessage(
             reason=StopReason.COMPLETED, exit_code=EXIT_COMPLETED, step=a.cur_step_num, epoch=a.cur_epoch_num,
             rank=_distributed.rank(), world_size=_distributed.world_size(), job=self.env.job,
-            incarnation=self.env.incarnation or None)
+            incarnation=self.env.incarnation or None, resumed_from=self._resumed_name())
+
+    def _resumed_name(self) -> str | None:
+        """The checkpoint actually loaded at the start (after any fallback), for the messages."""
+        return self.loaded.name if self.loaded is not None else None
 
     def error_message(self, exc: BaseException) -> TerminationMessage:
         """The message of a run that an exception ended."""
@@ -415,4 +431,5 @@ class Loop:
         return TerminationMessage(
             reason=StopReason.ERROR, exit_code=1, step=a.cur_step_num, epoch=a.cur_epoch_num,
             rank=_distributed.rank(), world_size=_distributed.world_size(), job=self.env.job,
-            incarnation=self.env.incarnation or None, error=f"{type(exc).__name__}: {exc}")
+            incarnation=self.env.incarnation or None, error=f"{type(exc).__name__}: {exc}",
+            resumed_from=self._resumed_name())

@@ -2,11 +2,13 @@
 
 Names and layout follow the seed (``{prefix}-{epoch}_{step}.ckpt`` under ``rank_{rank}/``,
 no ``_1``/``_2`` prefix suffixes after a restart), plus a per-rank manifest written after the
-shard (see :mod:`torpor.checkpoints`). Precedence of the mutually exclusive settings is in
+shard (see :mod:`torpor.checkpoints`); a name already stored (an earlier run reached the same
+step) is never rewritten, the save takes ``{name}-v{n}``. Precedence of the mutually exclusive settings is in
 :mod:`torpor._config`; retention is :mod:`torpor.retention`, applied by rank 0 only after
 the new checkpoint is complete (every rank agreed its save went well, then a listing proves it), never to the
-checkpoint the run resumed from, and to every checkpoint in the directory, whichever run
-wrote it.
+checkpoint the run resumed from, and to every checkpoint **of this monitor's prefix** in the
+directory, whichever run wrote it: a second monitor (``prefix='best'``, keep 1) and another
+experiment sharing the directory keep theirs.
 
 A save that fails on one rank never leaves the others waiting (DESIGN §7): every rank learns
 the outcome at the same point and acts alike.
@@ -27,6 +29,7 @@ final (end of training)     every rank raises ``CheckpointSaveError``
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -38,9 +41,18 @@ from torpor._agreement import Agreed, Fact
 from torpor._background import BackgroundSaver, warm_in_background
 from torpor._callbacks import Callback, RunContext
 from torpor._config import CheckpointConfig
-from torpor._saving import SaveOptions, capture, reserve_staging, save_checkpoint, write_pending
+from torpor._saving import SaveOptions, capture, reserve_staging, save_checkpoint, taken_names, write_pending
 from torpor._sharing import Offer, SharedSettings
-from torpor.checkpoints import ManifestCache, Reason, check_name, checkpoint_name, delete_checkpoints, scan
+from torpor.checkpoints import (
+    BREAKPOINT_SUFFIX,
+    ManifestCache,
+    Reason,
+    checkpoint_name,
+    delete_checkpoints,
+    in_scope,
+    scan,
+    unique_name,
+)
 from torpor.crypto import Encryption
 from torpor.env import DEFAULT_CHECKPOINT_URI, RuntimeEnv, given_checkpoint_uri, read_enc_key
 from torpor.errors import AsyncSaveError, CheckpointSaveError, RetentionError, TorporWarning
@@ -79,7 +91,10 @@ class CheckpointMonitor(Callback):
         enc_mode: ``AES-GCM``, ``AES-CBC`` or ``SM4-CBC``.
         exception_save: an exception escaping a training step writes
             ``{prefix}-{epoch}_{step}_breakpoint`` (reason ``exception``), then the exception
-            reaches the caller unchanged.
+            reaches the caller unchanged. ``step`` counts completed steps only: an exception
+            during step N records N-1 (the weights are as the exception left them). A
+            breakpoint is never resumed by ``'latest'`` nor chosen by the operator; load it by
+            name.
         global_batch_size: samples per global step, to record consumed samples.
         async_errors: ``"record"`` (log, append to :attr:`save_errors`, train on) or
             ``"raise"`` (:class:`torpor.errors.AsyncSaveError` at the next step boundary), on
@@ -155,6 +170,8 @@ class CheckpointMonitor(Callback):
         self._cache = ManifestCache()
         self._last_step: int | None = None
         self._last_time = time.monotonic()
+        self._taken: set[str] = set()
+        self._done_step: int | None = None
         self.encryption = Encryption(config.enc_key, config.enc_mode) if config.enc_key is not None else None
         """The cipher every file is written with (the run's, once a ``Loop`` shared it), or ``None``."""
         self._offered = SharedSettings(directory=self.directory if directory is not None else None,
@@ -216,7 +233,9 @@ class CheckpointMonitor(Callback):
         args = run_context.original_args()
         self._last_step = args.resumed_from.step if args.resumed_from is not None else None
         self._last_time = time.monotonic()
+        self._done_step = args.cur_step_num
         warm_in_background(self.storage)
+        self._taken = taken_names(self.storage)
         if self._saver is not None:
             reserve_staging(self._staging, args, self._options())
 
@@ -293,6 +312,7 @@ class CheckpointMonitor(Callback):
         """Report a failed background save (as agreed by every rank) or prune, then save when
         due (unless an exit save ran)."""
         args = run_context.original_args()
+        self._done_step = args.cur_step_num  # this step is done: a later exception does not undo it
         self._report_prunes()
         agreed = args.agreed
         if agreed is None:
@@ -309,7 +329,7 @@ class CheckpointMonitor(Callback):
         exit save: that is the last).
 
         A background save that fails here does not count as the last step's save: the final
-        save writes the step again, synchronously, under a new name (``..._final`` if the
+        save writes the step again, synchronously, under a new name (``...-v1`` if the
         failed one had the step's name), on every rank if any rank's failed. The failure is
         logged and in ``save_errors``, not raised, even with ``async_errors="raise"``: the
         final save supersedes it (and raises itself if it fails).
@@ -335,7 +355,10 @@ class CheckpointMonitor(Callback):
 
         Each rank that raised writes its own full state (no barrier: the other ranks may be
         blocked in a collective); a failure to save is attached to the original exception as
-        a note, never raised in its place.
+        a note, never raised in its place. A step counts as done once this monitor's
+        ``on_train_step_end`` has run for it, so an exception inside step N (``cur_step_num``
+        already counts it, see :class:`RunArgs`) records step N-1 and one step less of the
+        epoch.
         """
         if self._saver is not None:
             self._saver.wait()
@@ -344,7 +367,13 @@ class CheckpointMonitor(Callback):
         if not self.config.exception_save:
             return
         args = run_context.original_args()
-        name = check_name(f"{checkpoint_name(self.prefix, args.cur_epoch_num, args.step_in_epoch)}_breakpoint")
+        unfinished = args.cur_step_num - self._done_step if self._done_step is not None else 0
+        if unfinished > 0:
+            args = dataclasses.replace(args, cur_step_num=args.cur_step_num - unfinished,
+                                       step_in_epoch=max(0, args.step_in_epoch - unfinished))
+        base = checkpoint_name(self.prefix, args.cur_epoch_num, args.step_in_epoch) + BREAKPOINT_SUFFIX
+        name = unique_name(base, self._taken)
+        self._taken.add(name)
         try:
             save_checkpoint(args, self.storage, name, Reason.EXCEPTION, self._options(integrated=False),
                             RuntimeEnv.from_environ(), self.encryption)
@@ -369,9 +398,8 @@ class CheckpointMonitor(Callback):
 
     def _save(self, run_context: RunContext, reason: Reason, background: bool = True) -> None:
         args = run_context.original_args()
-        name = checkpoint_name(self.prefix, args.cur_epoch_num, args.step_in_epoch)
-        if name in self.saved:  # a failed background save had it: nothing is written twice under one name
-            name = check_name(f"{name}_{reason.value}")
+        name = unique_name(checkpoint_name(self.prefix, args.cur_epoch_num, args.step_in_epoch), self._taken)
+        self._taken.add(name)
         env = RuntimeEnv.from_environ()
         resumed = args.resumed_from.name if args.resumed_from is not None else None
         started = time.perf_counter()
@@ -427,7 +455,7 @@ class CheckpointMonitor(Callback):
         """Apply retention. In the background (``require_complete=False``) other ranks may
         still be uploading ``newest``; it is protected and not yet counted, so for a moment
         one checkpoint more than ``keep_checkpoint_max`` may exist."""
-        checkpoints = scan(self.storage, cache=self._cache)
+        checkpoints = [c for c in scan(self.storage, cache=self._cache) if in_scope(c.name, {self.prefix})]
         mine = next((c for c in checkpoints if c.name == newest), None)
         if require_complete and (mine is None or not mine.complete):
             warnings.warn(f"checkpoint {newest!r} is not complete after the save "

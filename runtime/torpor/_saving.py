@@ -403,6 +403,24 @@ def write_pending(pending: PendingSave, storage: Storage, encryption: Encryption
     return manifest
 
 
+def taken_names(storage: Storage) -> set[str]:
+    """Every checkpoint name in the store, as rank 0 lists it, on every rank.
+
+    A save picks :func:`torpor.checkpoints.unique_name` against these, so it never rewrites a
+    stored checkpoint; one rank lists, so every rank derives the same name.
+    """
+    listed: tuple[list[str], BaseException | None] = ([], None)
+    if _distributed.rank() == 0 or not _distributed.is_initialized():
+        try:
+            listed = (sorted({p.name for obj in storage.list() if (p := parse_key(obj.key)) is not None}), None)
+        except Exception as exc:  # forwarded, so every rank raises it and none waits in the broadcast
+            listed = ([], exc)
+    names, error = _distributed.broadcast_object(listed)
+    if error is not None:
+        raise error
+    return set(names)
+
+
 def save_checkpoint(
     args: RunArgs,
     storage: Storage,

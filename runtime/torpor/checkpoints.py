@@ -14,18 +14,37 @@ Layout under a checkpoint root (a directory or ``s3://bucket/prefix``)::
     rank_{rank}/{name}.trainable.pt    optional trainable weights only (save_trainable_params)
 
 ``name`` is ``{prefix}-{epoch}_{step}`` for periodic saves (epoch from 1, step within that
-epoch from 1, as MindSpore names them) and ``{file_name}`` (``Net``) for the save on exit.
-``rank`` is the *global* rank, so ranks on different nodes never collide on shared storage.
+epoch from 1, as MindSpore names them), ``{file_name}-{epoch}_{step}`` (``Net-2_7``) for the
+save on exit and ``{prefix}-{epoch}_{step}_breakpoint`` for ``exception_save``. ``rank`` is
+the *global* rank, so ranks on different nodes never collide on shared storage.
+
+**Every save has a name of its own; nothing is ever rewritten under an existing name.** This
+deviates from the seed, whose exit save always writes ``{file_name}.ckpt`` (``Net.ckpt``): a
+second preemption then rewrites the very checkpoint the job resumed from, and a kill part-way
+(grace period over, node gone) leaves old manifests beside new shard bytes, which a listing
+takes for complete and a load refuses, so the job has nothing to resume from. When a save's
+name is already taken in the store (an earlier run of the same directory reached the same
+step, a crash loop writes the same breakpoint again), the save goes to the next free
+``{name}-v{n}`` (:func:`unique_name`, as Lightning's ``ModelCheckpoint`` versions a taken
+file name); rank 0 lists the names when training begins and every rank uses that list.
 
 A checkpoint is **complete** when, for its world size ``W``, ranks ``0..W-1`` each have a
 manifest, the manifests agree (same ``save_id``, step, epoch and world size) and every file
-they list is present. Nothing incomplete is resumed from or counted for retention. The
-``.pt2`` is an inference artifact written once the checkpoint is complete: no manifest lists
+they list is stored **with the size the manifest records** (the listing has sizes, so this
+costs nothing; the sha256 is checked on load). Nothing incomplete is resumed from or counted
+for retention. A checkpoint is **resumable** when it is complete and not a breakpoint
+(``reason: exception``: the state at a crash, possibly NaN weights or a half-applied step);
+``resume='latest'`` and the operator choose among resumable checkpoints only, a breakpoint
+is loaded only when asked for by name.
+
+**Prefixes scope a run's checkpoints.** A name's prefix is everything before its
+``-{epoch}_{step}``; retention of a ``CheckpointMonitor`` counts and deletes only its own
+prefix's checkpoints, and ``'latest'`` of a run considers only its own prefixes (the monitors'
+and the exit save's, :func:`in_scope`), so a shared directory may hold other experiments.
+The ``.pt2`` is an inference artifact written once the checkpoint is complete: no manifest lists
 it, so completeness never waits for it and a failed or killed export costs nothing; its key
 carries the checkpoint's name, so :func:`assemble` groups it with that checkpoint and
-retention deletes both together. The
-agreement check matters for names that are rewritten (the exit save's ``Net``): while ranks
-overwrite one by one, the set is a mix of two saves and is, correctly, not complete.
+retention deletes both together.
 """
 
 from __future__ import annotations
@@ -82,7 +101,10 @@ class Reason(StrEnum):
 
 
 _RANK_DIR = re.compile(r"^rank_(0|[1-9][0-9]*)$")
-_NAME = re.compile(r"^(?P<prefix>.+)-(?P<epoch>[0-9]+)_(?P<step>[0-9]+)$")
+_NAME = re.compile(r"^(?P<prefix>.+)-(?P<epoch>[0-9]+)_(?P<step>[0-9]+)(?P<breakpoint>_breakpoint)?"
+                   r"(?:-v(?P<version>[1-9][0-9]*))?$")
+BREAKPOINT_SUFFIX = "_breakpoint"
+"""Appended to the periodic name of a breakpoint (``exception_save``) checkpoint."""
 
 
 def rank_dir(rank: int) -> str:
@@ -101,6 +123,22 @@ def file_key(name: str, rank: int, kind: FileKind) -> str:
 def checkpoint_name(prefix: str, epoch: int, step: int) -> str:
     """``{prefix}-{epoch}_{step}``, the periodic checkpoint name of the seeds."""
     return check_name(f"{prefix}-{epoch}_{step}")
+
+
+def unique_name(name: str, taken: Iterable[str]) -> str:
+    """``name``, or ``{name}-v{n}`` with the smallest ``n >= 1`` not in ``taken`` (pure).
+
+    How a save never rewrites a checkpoint already stored under its name (see the module
+    docstring): ``taken`` is every name in the store when training began plus the names the
+    run saved since.
+    """
+    used = set(taken)
+    if name not in used:
+        return check_name(name)
+    version = 1
+    while f"{name}-v{version}" in used:
+        version += 1
+    return check_name(f"{name}-v{version}")
 
 
 def check_name(name: str) -> str:
@@ -124,20 +162,38 @@ def check_name(name: str) -> str:
 
 @dataclass(frozen=True)
 class NameParts:
-    """A periodic name taken apart."""
+    """A periodic, exit or breakpoint name taken apart."""
 
     prefix: str
     epoch: int
     step: int
     """Step within the epoch, as in the seeds' names."""
+    breakpoint: bool = False
+    """The name ends in ``_breakpoint`` (``exception_save``)."""
+    version: int = 0
+    """``n`` of a ``-v{n}`` suffix (a taken name, see :func:`unique_name`); 0 without one."""
 
 
 def parse_name(name: str) -> NameParts | None:
-    """``CKP-3_17`` → ``NameParts('CKP', 3, 17)``; ``None`` for names without that form (``Net``)."""
+    """``CKP-3_17`` → ``NameParts('CKP', 3, 17)``; ``CKP-3_17_breakpoint-v1`` → ``breakpoint``
+    and ``version=1`` too; ``None`` for names without that form (the seed's fixed ``Net``)."""
     m = _NAME.match(name)
     if not m:
         return None
-    return NameParts(m["prefix"], int(m["epoch"]), int(m["step"]))
+    return NameParts(m["prefix"], int(m["epoch"]), int(m["step"]), bool(m["breakpoint"]), int(m["version"] or 0))
+
+
+def in_scope(name: str, prefixes: Iterable[str] | None) -> bool:
+    """Whether checkpoint ``name`` belongs to one of ``prefixes`` (``None``: every name does).
+
+    A name without the ``-{epoch}_{step}`` form belongs to a prefix equal to it, so the fixed
+    ``Net`` of runs before every save had its own name is still this run's exit checkpoint.
+    """
+    if prefixes is None:
+        return True
+    wanted = set(prefixes)
+    parts = parse_name(name)
+    return (parts.prefix if parts is not None else name) in wanted
 
 
 @dataclass(frozen=True)
@@ -195,7 +251,7 @@ class Manifest:
     """
 
     name: str
-    """Checkpoint name (``CKP-1_5``, ``Net``)."""
+    """Checkpoint name (``CKP-1_5``, ``Net-2_7``)."""
     rank: int
     """Global rank that wrote it."""
     world_size: int
@@ -354,6 +410,11 @@ class Checkpoint:
         return self.problem is None
 
     @property
+    def resumable(self) -> bool:
+        """Complete and not a breakpoint (``reason: exception``): what ``'latest'`` may pick."""
+        return self.complete and all(m.reason is not Reason.EXCEPTION for m in self.manifests.values())
+
+    @property
     def step(self) -> int:
         """Global step, from the manifests (or the name when no manifest is readable)."""
         if self.manifests:
@@ -380,12 +441,14 @@ class Checkpoint:
         return tuple(k for k in self.keys if (p := parse_key(k)) and p.kind is FileKind.MANIFEST)
 
 
-def completeness_problem(name: str, present: set[str], manifests: Mapping[int, Manifest]) -> str | None:
+def completeness_problem(name: str, present: Mapping[str, int], manifests: Mapping[int, Manifest]) -> str | None:
     """Why the checkpoint ``name`` is not complete, or ``None`` when it is (pure).
 
     Args:
         name: the checkpoint name.
-        present: every key in the listing (to check the files the manifests list).
+        present: size in bytes of every key in the listing: each file a manifest lists must
+            be stored with the size it records, so old manifests beside new bytes (a save
+            interrupted while rewriting a name) never read as complete.
         manifests: readable manifests of ``name`` by rank.
     """
     if not manifests:
@@ -408,6 +471,8 @@ def completeness_problem(name: str, present: set[str], manifests: Mapping[int, M
         for entry in m.files:
             if entry.key not in present:
                 return f"rank {m.rank} lists {entry.key} but it is not stored"
+            if present[entry.key] != entry.size:
+                return f"rank {m.rank} lists {entry.key} of {entry.size} bytes but {present[entry.key]} are stored"
     return None
 
 
@@ -423,13 +488,13 @@ def assemble(objects: Iterable[ObjectInfo], manifests: Mapping[str, Manifest]) -
     """
     keys: dict[str, list[str]] = {}
     modified: dict[str, float] = {}
-    present = set()
+    present: dict[str, int] = {}
     by_rank: dict[str, dict[int, Manifest]] = {}
     for obj in objects:
         parts = parse_key(obj.key)
         if parts is None:
             continue
-        present.add(obj.key)
+        present[obj.key] = obj.size
         keys.setdefault(parts.name, []).append(obj.key)
         modified[parts.name] = max(modified.get(parts.name, obj.modified), obj.modified)
         if parts.kind is FileKind.MANIFEST and obj.key in manifests:
@@ -450,10 +515,28 @@ def assemble(objects: Iterable[ObjectInfo], manifests: Mapping[str, Manifest]) -
     return result
 
 
+def _order(c: Checkpoint) -> tuple[float, int, str]:
+    return (c.modified, c.step, c.name)
+
+
 def newest_complete(checkpoints: Iterable[Checkpoint]) -> Checkpoint | None:
-    """The newest complete checkpoint: what ``resume='latest'`` and the operator both pick."""
-    complete = [c for c in checkpoints if c.complete]
-    return max(complete, key=lambda c: (c.modified, c.step, c.name)) if complete else None
+    """The newest resumable checkpoint (complete, not a breakpoint): what ``resume='latest'``
+    and the operator both pick."""
+    complete = [c for c in checkpoints if c.resumable]
+    return max(complete, key=_order) if complete else None
+
+
+def resumable_newest_first(checkpoints: Iterable[Checkpoint], prefixes: Iterable[str] | None,
+                           older_than: Checkpoint | None = None) -> list[Checkpoint]:
+    """Resumable checkpoints of ``prefixes`` (``None``: any), newest first (pure).
+
+    The order a resume tries them in: when the newest cannot be loaded, the next one. With
+    ``older_than``, only those ordered before it (the fallbacks of a named checkpoint).
+    """
+    scope = None if prefixes is None else set(prefixes)
+    found = [c for c in checkpoints if c.resumable and in_scope(c.name, scope)
+             and (older_than is None or _order(c) < _order(older_than))]
+    return sorted(found, key=_order, reverse=True)
 
 
 class ManifestCache:

@@ -19,7 +19,13 @@ N-minute window although it documents the latest, and forgets files of an earlie
   shard of step 18 can be listed before a slow rank completes step 16, so by time alone the
   in-flight step 18 would look stale. (The cost: an incomplete checkpoint from an earlier run
   with a higher step than anything complete now lingers until deleted by hand.)
-* Everything in the listing counts, whichever run wrote it.
+* Everything in the listing counts, whichever run wrote it; the caller chooses the listing:
+  a ``CheckpointMonitor`` passes only its own prefix's checkpoints (a second monitor with
+  ``prefix='best'``, keep 1, must not delete the first one's), the operator its job's
+  directory.
+* Breakpoint checkpoints (``reason: exception``) are neither counted nor deleted: they are
+  not resume points (a breakpoint must not push the last resumable checkpoint out of
+  ``keep_max``), and they are kept for whoever investigates the crash, who deletes them.
 
 Torch-free; the operator imports it.
 """
@@ -64,11 +70,13 @@ class Candidate:
     complete: bool
     step: int = 0
     """Global step; breaks ties between equal times."""
+    resumable: bool = True
+    """Not a breakpoint (see the module docstring): only resumable ones are counted."""
 
 
 def candidates(checkpoints: Iterable[Checkpoint]) -> list[Candidate]:
     """Project scanned checkpoints onto what the policy reads."""
-    return [Candidate(c.name, c.modified, c.complete, c.step) for c in checkpoints]
+    return [Candidate(c.name, c.modified, c.complete, c.step, c.resumable or not c.complete) for c in checkpoints]
 
 
 def _order(c: Candidate) -> tuple[float, int, str]:
@@ -87,7 +95,7 @@ def to_delete(
     """
     pool = sorted(items, key=_order)
     keep_always = set(protected)
-    complete = [c for c in pool if c.complete]
+    complete = [c for c in pool if c.complete and c.resumable]
     if not complete:
         return []  # nothing proves any leftover is stale, and nothing is over any limit
     newest = complete[-1]

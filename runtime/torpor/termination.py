@@ -73,7 +73,7 @@ class TerminationMessage:
     exit_code: int
     """The code the process exits with (see the module table)."""
     checkpoint: str | None = None
-    """Name of the checkpoint saved on the way out (``Net``), ``None`` if none was saved."""
+    """Name of the checkpoint saved on the way out (``Net-2_7``), ``None`` if none was saved."""
     step: int | None = None
     """Global step after which the rank stopped."""
     epoch: int | None = None
@@ -90,6 +90,9 @@ class TerminationMessage:
     incarnation: str | None = None
     error: str | None = None
     """``Type: message`` of the exception for ``reason == "error"``."""
+    resumed_from: str | None = None
+    """Name of the checkpoint this run actually loaded at its start (after any fallback to an
+    older one, see :mod:`torpor._loading`), ``None`` for a fresh start."""
     extra: dict[str, object] = field(default_factory=dict)
 
     def to_json(self) -> str:

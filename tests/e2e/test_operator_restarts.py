@@ -78,7 +78,9 @@ def test_operator_killed_while_stopping_finishes_the_preemption_once(e2e: Env, k
     status = e2e.wait_phase("Running", incarnation=2, timeout=120)
     assert (status["preemptions"], status["restarts"]) == (1, 0)
     assert pods_per_rank(e2e) == {("2", "0"): 1, ("2", "1"): 1}
-    assert status["resumeFrom"] == "Net"
+    # the exit save of incarnation 1, under its own name ({file_name}-{epoch}_{step})
+    resumed = next(c for c in e2e.checkpoints() if c.name == status["resumeFrom"])
+    assert resumed.name.startswith("Net-") and resumed.step == saved[0]
     e2e.wait("incarnation 2 trains", lambda: len(e2e.steps()) >= before + 2, timeout=60)
     assert {s["rank"]: s["step"] for s in e2e.steps()[before:][::-1]} == {0: saved[0] + 1, 1: saved[0] + 1}
     assert e2e.reasons().count("Restarted") == 1

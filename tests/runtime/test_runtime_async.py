@@ -119,8 +119,8 @@ def test_sigterm_during_an_async_upload_waits_for_it_then_saves_the_exit_checkpo
     assert info.value.code == 143
     assert seen_in_flight == [True]
     checkpoints = {c.name: c for c in scan(open_storage(uri))}
-    assert checkpoints["CKP-1_3"].complete and checkpoints["Net"].complete
-    periodic, final = checkpoints["CKP-1_3"].manifests[0], checkpoints["Net"].manifests[0]
+    assert checkpoints["CKP-1_3"].complete and checkpoints["Net-1_4"].complete
+    periodic, final = checkpoints["CKP-1_3"].manifests[0], checkpoints["Net-1_4"].manifests[0]
     assert (periodic.reason, periodic.step, final.reason, final.step) == (Reason.PERIODIC, 3, Reason.EXIT, 4)
     assert periodic.created < final.created  # the exit save began after the upload finished
     assert not monitor.in_flight and monitor.save_errors == []
@@ -221,9 +221,11 @@ def test_encrypted_async_checkpoints_resume_and_refuse_a_wrong_key(s3_bucket: st
 
     untouched, _, _, _ = wide_setup(width=64)
     before = copy.deepcopy(untouched.state_dict())
-    with pytest.raises(torpor.IntegrityError, match="wrong encryption key"):
+    # 'latest' tries every complete checkpoint (a warning each), then raises the newest's error
+    with pytest.raises(torpor.IntegrityError, match="wrong encryption key"), \
+            pytest.warns(torpor.TorporWarning, match="'CKP-1_12' .* wrong encryption key.* 'CKP-1_6'"):
         torpor.load_checkpoint("latest", untouched, directory=uri, enc_key=os.urandom(16))
-    with pytest.raises(ValueError, match="encrypted"):
+    with pytest.raises(ValueError, match="encrypted"), pytest.warns(torpor.TorporWarning, match="no enc_key"):
         torpor.load_checkpoint("latest", untouched, directory=uri)
     assert_state_equal(untouched.state_dict(), before)  # nothing was loaded
 

@@ -51,8 +51,9 @@ def test_model_train_writes_the_breakpoint_and_reraises_the_original(tmp_path: P
     assert type(info.value) is Boom
     frames = [f.name for f in traceback.extract_tb(info.value.__traceback__)]
     assert frames[-2:] == ["on_train_step_begin", "explode_in_user_code"]  # where it was raised, intact
-    assert any("CKP-2_3_breakpoint" in note for note in info.value.__notes__)
-    assert_breakpoint(tmp_path, "CKP-2_3_breakpoint", 11)  # 8 steps per epoch: epoch 2, its 3rd step
+    assert any("CKP-2_2_breakpoint" in note for note in info.value.__notes__)
+    # 8 steps per epoch: step 11 (epoch 2, its 3rd) failed, so 10 steps are done, 2 of epoch 2
+    assert_breakpoint(tmp_path, "CKP-2_2_breakpoint", 10)
     assert signal.getsignal(signal.SIGTERM) == before  # OnRequestExit put the handler back
 
 
@@ -71,7 +72,7 @@ def test_plain_loop_form_writes_the_breakpoint_and_reraises(tmp_path: Path) -> N
                 loop.step_end(loss)
     assert str(info.value) == "division by zero"
     assert traceback.extract_tb(info.value.__traceback__)[-1].line == "_ = 1 / 0"
-    assert_breakpoint(tmp_path, "CKP-1_5_breakpoint", 5)
+    assert_breakpoint(tmp_path, "CKP-1_4_breakpoint", 4)  # step 5 never reached step_end: 4 are done
 
 
 def test_a_failing_breakpoint_save_never_replaces_the_original_exception(tmp_path: Path) -> None:

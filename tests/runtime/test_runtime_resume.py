@@ -107,6 +107,7 @@ def test_a_partial_checkpoint_is_never_resumed_from(tmp_path: Path) -> None:
 
 def test_a_corrupted_shard_is_refused(tmp_path: Path) -> None:
     two_rank_history(tmp_path)
+    assert [c.name for c in scan(LocalStorage(tmp_path)) if c.complete] == ["CKP-1_4", "CKP-1_8"]
     shard = tmp_path / "rank_0" / "CKP-1_8.ckpt"
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0x01  # one flipped bit
@@ -114,8 +115,11 @@ def test_a_corrupted_shard_is_refused(tmp_path: Path) -> None:
     net, *_ = tiny_setup()
     before = net[0].weight.detach().clone()
     with pytest.raises(torpor.IntegrityError, match=r"rank_0/CKP-1_8.ckpt: sha256 .* refusing to load"):
-        torpor.load_checkpoint("latest", net, directory=str(tmp_path))
+        torpor.load_checkpoint("CKP-1_8", net, directory=str(tmp_path))  # named in code: that one or an error
     torch.testing.assert_close(net[0].weight, before)  # nothing was loaded
+    with pytest.warns(torpor.TorporWarning, match=r"'CKP-1_8' .* could not be loaded .* 'CKP-1_4'"):
+        loaded = torpor.load_checkpoint("latest", net, directory=str(tmp_path), restore_rng=False)
+    assert loaded is not None and loaded.name == "CKP-1_4"  # 'latest' falls back to the next older one
 
 
 def test_replicated_state_is_written_once(tmp_path: Path) -> None:

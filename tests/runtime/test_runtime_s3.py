@@ -70,8 +70,10 @@ def test_three_ranks_one_sigterm_all_stop_and_resume_exactly(s3_bucket: str, tmp
     messages = [json.loads((run1 / f"termination-{r}.json").read_text()) for r in range(3)]
     stop_step = messages[0]["step"]
     assert stop_step >= 15
+    exit_name = f"Net-{messages[0]['epoch']}_{stop_step - 20 * (messages[0]['epoch'] - 1)}"  # 20 steps per epoch
     for rank, msg in enumerate(messages):
-        assert (msg["reason"], msg["signal"], msg["checkpoint"], msg["step"]) == ("signal", "SIGTERM", "Net", stop_step)
+        assert (msg["reason"], msg["signal"], msg["checkpoint"], msg["step"]) == ("signal", "SIGTERM", exit_name,
+                                                                                  stop_step)
         assert msg["local"] is (rank == 1)  # only rank 1 got the signal; the others followed it
     for rank in range(3):
         assert max(r["step"] for r in read_jsonl(losses1) if r["rank"] == rank) == stop_step
@@ -79,15 +81,15 @@ def test_three_ranks_one_sigterm_all_stop_and_resume_exactly(s3_bucket: str, tmp
     store = open_storage(uri)
     keys = {o.key for o in store.list()}
     for rank in range(3):
-        assert {file_key("Net", rank, FileKind.SHARD), file_key("Net", rank, FileKind.MANIFEST)} <= keys
-    assert file_key("Net", 0, FileKind.EXPORT) in keys
+        assert {file_key(exit_name, rank, FileKind.SHARD), file_key(exit_name, rank, FileKind.MANIFEST)} <= keys
+    assert file_key(exit_name, 0, FileKind.EXPORT) in keys
     checkpoints = scan(store)
     net = newest_complete(checkpoints)
-    assert net is not None and net.name == "Net" and net.world_size == 3 and net.step == stop_step
+    assert net is not None and net.name == exit_name and net.world_size == 3 and net.step == stop_step
     assert {m.reason for m in net.manifests.values()} == {Reason.EXIT}
     assert len([c for c in checkpoints if c.complete]) <= 3 + 1  # keep_max 3, plus the exit save
 
-    # 2. Resumed run: new processes, resume='latest' → Net; 20 more steps.
+    # 2. Resumed run: new processes, resume='latest' → the exit save; 20 more steps.
     end = stop_step + 20
     run2 = tmp_path / "run2"
     run2.mkdir()

@@ -73,6 +73,7 @@ def test_lenet_seed_example_saves_ckpt_and_pt2_on_sigterm(tmp_path: Path) -> Non
     assert saved.name.startswith("LeNet5") and store.exists(export_key)
     loaded = torpor.load_checkpoint(saved.name, network=_lenet(), directory=str(root))
     assert loaded is not None and loaded.step == signalled_after + 1
+    assert saved.name == f"LeNet5-{loaded.epoch}_{loaded.step_in_epoch}"  # a name per save, with its step
     program = torch.export.load(str(root / export_key))
     assert program.module()(torch.zeros(2, 1, 32, 32)).shape == (2, 10)
 

@@ -59,23 +59,24 @@ def test_sigterm_inside_a_step_saves_ckpt_and_pt2_then_exits_143(tmp_path: Path,
         signal.signal(signal.SIGTERM, previous)
 
     rank_dir = tmp_path / "ck" / "rank_0"
-    assert {p.name for p in rank_dir.iterdir()} == {"Tiny.ckpt", "Tiny.pt2", "Tiny.manifest.json"}
-    manifest = Manifest.from_json((rank_dir / "Tiny.manifest.json").read_text())
+    # every save its own name: {file_name}-{epoch}_{step}, never the seed's fixed Tiny.ckpt
+    assert {p.name for p in rank_dir.iterdir()} == {"Tiny-1_3.ckpt", "Tiny-1_3.pt2", "Tiny-1_3.manifest.json"}
+    manifest = Manifest.from_json((rank_dir / "Tiny-1_3.manifest.json").read_text())
     assert (manifest.reason, manifest.step, manifest.epoch, manifest.world_size) == (Reason.EXIT, 3, 1, 1)
     assert manifest.job == "test-ns/test-job" and manifest.incarnation == "1"
     message = json.loads(operator_env.read_text())
-    assert message == {"reason": "signal", "exit_code": 143, "signal": "SIGTERM", "checkpoint": "Tiny", "step": 3,
+    assert message == {"reason": "signal", "exit_code": 143, "signal": "SIGTERM", "checkpoint": "Tiny-1_3", "step": 3,
                        "epoch": 1, "local": True, "rank": 0, "world_size": 1, "directory": str(tmp_path / "ck"),
                        "job": "test-ns/test-job", "incarnation": "1"}
 
-    program = torch.export.load(str(rank_dir / "Tiny.pt2"))
+    program = torch.export.load(str(rank_dir / "Tiny-1_3.pt2"))
     x = torch.randn(4, 6)
     net.eval()
     torch.testing.assert_close(program.module()(x), net(x))
     restored = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.ReLU(), torch.nn.Dropout(0.2),
                                    torch.nn.Linear(12, 2))
-    loaded = torpor.load_checkpoint("Tiny", restored, directory=str(tmp_path / "ck"), restore_rng=False)
-    assert loaded is not None and (loaded.name, loaded.step, loaded.step_in_epoch) == ("Tiny", 3, 3)
+    loaded = torpor.load_checkpoint("Tiny-1_3", restored, directory=str(tmp_path / "ck"), restore_rng=False)
+    assert loaded is not None and (loaded.name, loaded.step, loaded.step_in_epoch) == ("Tiny-1_3", 3, 3)
     restored.eval()
     torch.testing.assert_close(restored(x), net(x))
 
@@ -89,7 +90,7 @@ def test_without_the_operator_a_stop_just_returns(tmp_path: Path, monkeypatch: p
     assert ctx.original_args().cur_step_num == 10
     assert exit_cb.stop_message is not None and exit_cb.stop_message.exit_code == 128 + signal.SIGUSR1
     assert ctx.exit_code == 128 + signal.SIGUSR1  # why it stopped; exit_process is off, so train() returned
-    assert (tmp_path / "rank_0" / "Net.ckpt").exists() and not (tmp_path / "rank_0" / "Net.pt2").exists()
+    assert (tmp_path / "rank_0" / "Net-2_2.ckpt").exists() and not (tmp_path / "rank_0" / "Net-2_2.pt2").exists()
     assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL
 
 
@@ -121,10 +122,11 @@ def test_exit_file_trigger_saves_and_exits_75(tmp_path: Path, operator_env: Path
     assert info.value.code == EXIT_FILE_REQUEST == 75
     assert recorder.steps[-1] == 6
     message = json.loads(operator_env.read_text())
-    assert (message["reason"], message["exit_code"], message["checkpoint"], message["step"]) == ("file", 75, "Net", 6)
+    assert (message["reason"], message["exit_code"], message["checkpoint"]) == ("file", 75, "Net-1_6")
+    assert message["step"] == 6
     (ckpt,) = scan(LocalStorage(tmp_path / "ck"))
-    assert ckpt.complete and ckpt.name == "Net" and ckpt.step == 6
-    assert (tmp_path / "ck" / "rank_0" / "Net.pt2").exists()
+    assert ckpt.complete and ckpt.name == "Net-1_6" and ckpt.step == 6
+    assert (tmp_path / "ck" / "rank_0" / "Net-1_6.pt2").exists()
 
 
 def test_a_request_already_in_the_file_stops_after_the_first_step(tmp_path: Path, operator_env: Path) -> None:
@@ -166,13 +168,13 @@ def test_a_failed_export_is_a_warning_and_the_checkpoint_counts(tmp_path: Path, 
     _, loss, _, loader = tiny_setup()
     net = Unexportable()
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
-    with pytest.warns(torpor.TorporWarning, match=r"Net\.pt2 not exported, the checkpoint still counts"), \
+    with pytest.warns(torpor.TorporWarning, match=r"Net-1_2\.pt2 not exported, the checkpoint still counts"), \
             pytest.raises(SystemExit) as info:
         torpor.Model(net, loss_fn=loss, optimizer=opt).train(
             1, loader, callbacks=[KillInStep(2), torpor.OnRequestExit(directory=str(tmp_path))])
     assert info.value.code == 143
     (ckpt,) = scan(LocalStorage(tmp_path))
-    assert ckpt.complete and not (tmp_path / "rank_0" / "Net.pt2").exists()
+    assert ckpt.complete and not (tmp_path / "rank_0" / "Net-1_2.pt2").exists()
 
 
 def test_sigterm_from_a_parent_process(tmp_path: Path) -> None:
@@ -193,8 +195,9 @@ def test_sigterm_from_a_parent_process(tmp_path: Path) -> None:
     assert proc.returncode == 143, out.decode(errors="replace")
     message = json.loads(log.read_text())
     steps = [line["step"] for line in read_jsonl(losses)]
-    assert message["reason"] == "signal" and message["checkpoint"] == "Net"
+    name = f"Net-{message['epoch']}_{message['step'] - 60 * (message['epoch'] - 1)}"  # 60 steps per epoch
+    assert message["reason"] == "signal" and message["checkpoint"] == name
     assert message["step"] == steps[-1] >= 10  # the step in flight completed, then it stopped
-    (ckpt,) = [c for c in scan(LocalStorage(tmp_path / "ck")) if c.name == "Net"]
+    (ckpt,) = [c for c in scan(LocalStorage(tmp_path / "ck")) if c.name == name]
     assert ckpt.complete and ckpt.step == message["step"]
-    assert (tmp_path / "ck" / "rank_0" / "Net.pt2").exists()
+    assert (tmp_path / "ck" / "rank_0" / f"{name}.pt2").exists()

@@ -161,7 +161,7 @@ def test_exit_process_true_ends_the_process_after_a_stop(tmp_path: Path, local_r
         form([torpor.OnRequestExit(directory=str(tmp_path), save_export=False), KillInStep(3)], exit_process=True)
     assert info.value.code == 143
     message = json.loads(local_run.read_text())
-    assert (message["reason"], message["step"], message["checkpoint"]) == ("signal", 3, "Net")
+    assert (message["reason"], message["step"], message["checkpoint"]) == ("signal", 3, "Net-1_3")
 
 
 def test_exit_process_true_ends_a_standalone_eval_after_a_stop(tmp_path: Path, local_run: Path) -> None:

@@ -142,7 +142,8 @@ def test_local_verified_read_into_a_buffer(tmp_path: Path) -> None:
 
 
 def listing(*keys: str, t: float = 1.0) -> list[ObjectInfo]:
-    return [ObjectInfo(k, 1, t) for k in keys]
+    """Keys as a listing shows them; shards have the size ``manifest()`` records."""
+    return [ObjectInfo(k, 10 if k.endswith(".ckpt") else 1, t) for k in keys]
 
 
 def test_complete_only_when_every_rank_agrees() -> None:
@@ -166,9 +167,9 @@ def test_complete_only_when_every_rank_agrees() -> None:
 def test_newest_complete_ignores_newer_incomplete() -> None:
     old = [manifest("A-1_1", r, step=1, save_id="r:1") for r in (0, 1)]
     new = manifest("A-1_2", 0, step=2, save_id="r:2")
-    objs = [ObjectInfo(m.shard.key, 1, 10.0) for m in old] + [ObjectInfo(file_key(m.name, m.rank, FileKind.MANIFEST),
+    objs = [ObjectInfo(m.shard.key, 10, 10.0) for m in old] + [ObjectInfo(file_key(m.name, m.rank, FileKind.MANIFEST),
                                                                          1, 10.0) for m in old]
-    objs += [ObjectInfo(new.shard.key, 1, 20.0), ObjectInfo("rank_0/A-1_2.manifest.json", 1, 20.0)]
+    objs += [ObjectInfo(new.shard.key, 10, 20.0), ObjectInfo("rank_0/A-1_2.manifest.json", 1, 20.0)]
     parsed = {file_key(m.name, m.rank, FileKind.MANIFEST): m for m in [*old, new]}
     found = assemble(objs, parsed)
     assert [c.name for c in found] == ["A-1_1", "A-1_2"]
