@@ -87,8 +87,12 @@ def child_env(extra: dict[str, str]) -> dict[str, str]:
 
 
 def launch_ranks(world: int, extra_env: dict[str, str], argv: list[str], logdir: Path, *,
-                 script: Path = TRAIN) -> list[subprocess.Popen[bytes]]:
-    """Start ``script`` (``examples/train.py``) as ``world`` ranks on loopback (gloo), logs in ``logdir``."""
+                 script: Path = TRAIN, rank_env: dict[int, dict[str, str]] | None = None,
+                 ) -> list[subprocess.Popen[bytes]]:
+    """Start ``script`` (``examples/train.py``) as ``world`` ranks on loopback (gloo), logs in ``logdir``.
+
+    ``rank_env`` adds variables to single ranks (e.g. one rank's S3 endpoint behind a fault proxy).
+    """
     port = free_port()
     procs = []
     for rank in range(world):
@@ -97,6 +101,7 @@ def launch_ranks(world: int, extra_env: dict[str, str], argv: list[str], logdir:
             "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "GLOO_SOCKET_IFNAME": "lo",
             "TORPOR_TERMINATION_LOG": str(logdir / f"termination-{rank}.json"),
+            **(rank_env or {}).get(rank, {}),
         })
         log = open(logdir / f"rank-{rank}.log", "wb")  # noqa: SIM115 - closed with the process
         procs.append(subprocess.Popen([sys.executable, str(script), *argv], env=env, stdout=log,
