@@ -11,8 +11,7 @@ download), a step takes a few milliseconds on a CPU. The same file runs:
   next incarnation resumes from the one named in ``TORPOR_RESUME_FROM``.
 
 Options let tests observe it: ``--losses FILE`` appends one JSON line per step
-(``{"rank", "step", "epoch", "loss"}``), ``--max-steps N`` stops after step N and ``--wide N``
-adds a layer of N units, so that a checkpoint is large enough for a test to act during its save.
+(``{"rank", "step", "epoch", "loss"}``) and ``--max-steps N`` stops after step N.
 """
 
 from __future__ import annotations
@@ -69,8 +68,6 @@ def main() -> None:
     parser.add_argument("--losses", default=None, help="append one JSON line per step to this file")
     parser.add_argument("--step-delay", type=float, default=float(os.environ.get("TRAIN_STEP_DELAY", "0")),
                         help="seconds to sleep after each step (demos)")
-    parser.add_argument("--wide", type=int, default=0,
-                        help="add a hidden layer of this many units (tests that need a save to take a while)")
     opts = parser.parse_args()
 
     distributed = torpor.init_distributed()  # gloo on CPU when WORLD_SIZE > 1
@@ -83,8 +80,7 @@ def main() -> None:
     data = TensorDataset(features, labels)
     sampler = DistributedSampler(data, shuffle=True, seed=0) if distributed else None
     loader = DataLoader(data, batch_size=opts.batch_size, shuffle=sampler is None, sampler=sampler)
-    wide = [nn.Linear(32, opts.wide), nn.ReLU(), nn.Linear(opts.wide, 32), nn.ReLU()] if opts.wide else []
-    net: nn.Module = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Dropout(0.1), *wide, nn.Linear(32, 4))
+    net: nn.Module = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Dropout(0.1), nn.Linear(32, 4))
     if distributed:
         net = nn.parallel.DistributedDataParallel(net)
     optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
