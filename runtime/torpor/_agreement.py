@@ -136,20 +136,30 @@ class Lookahead:
 
     _NOTHING = object()
 
-    def __init__(self, iterator: Iterator[Any]) -> None:
+    def __init__(self, iterator: Iterator[Any], snapshot: Callable[[], Any] | None = None) -> None:
         self._iterator = iterator
         self._next: Any = self._NOTHING
+        self._snapshot = snapshot
         self.exhausted = False
         """Whether the iterator has ended (and nothing is held)."""
+        self.before_held: Any = None
+        """``snapshot()`` taken just before the held item was read, while one is held.
+
+        What a checkpoint of the steps trained so far must record as the generators' state:
+        reading the item ahead may draw random numbers (augmentation in ``__getitem__``), and a
+        resumed run reads that item again, from this state."""
 
     def fetch(self) -> None:
         """Read the next item unless one is held or the iterator has ended."""
         if self._next is not self._NOTHING or self.exhausted:
             return
+        before = self._snapshot() if self._snapshot is not None else None
         try:
             self._next = next(self._iterator)
         except StopIteration:
             self.exhausted = True
+            return
+        self.before_held = before
 
     def take(self) -> Any:
         """The held item (fetched first if needed); ``StopIteration`` if there is none."""
@@ -157,6 +167,7 @@ class Lookahead:
         if self._next is self._NOTHING:
             raise StopIteration
         item, self._next = self._next, self._NOTHING
+        self.before_held = None
         return item
 
 
@@ -171,8 +182,8 @@ class EpochFeed:
 
     def __init__(self, iterator: Iterator[Any] | Lookahead, *, length: int | None, every: int, distributed: bool,
                  reduce: Callable[[Sequence[int]], Sequence[int]],
-                 facts: Callable[[], Mapping[Fact, int]]) -> None:
-        self._ahead = iterator if isinstance(iterator, Lookahead) else Lookahead(iterator)
+                 facts: Callable[[], Mapping[Fact, int]], snapshot: Callable[[], Any] | None = None) -> None:
+        self._ahead = iterator if isinstance(iterator, Lookahead) else Lookahead(iterator, snapshot)
         self._own_length = length
         self._every = every
         self._distributed = distributed
@@ -221,6 +232,11 @@ class EpochFeed:
             self.agreed = UNCHECKED
         self._ended = last or self.agreed.exhausted
         return self.agreed
+
+    @property
+    def before_held(self) -> Any:
+        """The generators' snapshot from before the batch read ahead and not trained yet, or ``None``."""
+        return self._ahead.before_held
 
     def take(self) -> tuple[bool, Any]:
         """``(True, batch)`` for the next step, or ``(False, None)`` when the epoch ends on every rank."""

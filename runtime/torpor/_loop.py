@@ -329,12 +329,15 @@ class Loop:
             args.step_in_epoch = 0
         feed = self._feed = EpochFeed(iterator, length=args.batch_num, every=self._check_every(),
                                       distributed=_distributed.is_initialized() and _distributed.world_size() > 1,
-                                      reduce=_distributed.max_each, facts=self._step_facts)
+                                      reduce=_distributed.max_each, facts=self._step_facts,
+                                      snapshot=lambda: _state.RngState.capture(_resuming.loader_generators(dataset)))
         try:
             feed.begin(args.step_in_epoch)
             args.batch_num = feed.length  # the shortest rank's: what every rank trains this epoch
+            args.rng_before_lookahead = feed.before_held
             while not self.should_stop:
                 more, batch = feed.take()
+                args.rng_before_lookahead = None
                 if not more:
                     break
                 args.cur_step_num += 1
@@ -371,6 +374,7 @@ class Loop:
         self.args.outputs = outputs
         if self._feed is not None:  # the step's one collective, before the hooks act on it
             self.args.agreed = self._feed.boundary(self.args.cur_step_num, self.args.step_in_epoch)
+            self.args.rng_before_lookahead = self._feed.before_held
         call_hooks(self.callbacks, "on_train_step_end", self.run_context)
         return self.should_stop
 

@@ -131,7 +131,8 @@ def capture(
     holds_model = _holds_model(options)
     network = _state.unwrap(args.network)
     scalars, info_tensors = _append_info(args, options.append_info)
-    rng_doc, rng_tensors = _state.RngState.capture(loader_generators(args.train_dataset)).to_parts()
+    rng = args.rng_before_lookahead or _state.RngState.capture(loader_generators(args.train_dataset))
+    rng_doc, rng_tensors = rng.to_parts()
     epoch_rng_doc, epoch_rng_tensors = (args.epoch_rng.to_parts() if args.epoch_rng is not None else (None, {}))
     consumed = args.cur_step_num * options.global_batch_size if options.global_batch_size else None
     meta = {

@@ -173,6 +173,34 @@ def test_persistent_workers_resume_in_the_uninterrupted_order(tmp_path: Path, st
     assert_resumes_exactly(tmp_path, persistent_loader, epochs=3, stop_at=stop_at)
 
 
+class NoisyDataset(Dataset):
+    """Random augmentation in ``__getitem__`` (noise from the global generator), read in the main
+    process: fetching a batch draws random numbers, as many real pipelines do."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x[i] + 0.1 * torch.randn(self.x.shape[1]), self.y[i]
+
+
+def noisy_loader() -> Setup:
+    net = small_net()
+    loader = DataLoader(NoisyDataset(*data()), batch_size=6, shuffle=True)
+    return Setup(net, torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9), loader)
+
+
+@pytest.mark.parametrize("stop_at", [11, 10], ids=["stop-then-final-save", "periodic-save"])
+def test_a_loader_that_draws_random_numbers_while_fetching_resumes_exactly(tmp_path: Path, stop_at: int) -> None:
+    # The loop reads one batch ahead (every rank must know it has a next batch before the
+    # step): the checkpoint must hold the generators as they were before that read, or the
+    # resumed run draws the next batch's noise from a state one batch too far.
+    assert_resumes_exactly(tmp_path, noisy_loader, epochs=2, stop_at=stop_at)
+
+
 # --- item 15: the skip of a mid-epoch resume ---------------------------------------------------
 
 def counting_loader() -> Setup:
