@@ -29,6 +29,7 @@ own generators continue from their seed, not from where the consumed samples lef
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -85,16 +86,22 @@ def _replay_the_end_of(loader: DataLoader, epoch: int, epoch_rng: RngState, rng:
                        generators: dict[str, torch.Generator]) -> None:
     """Leave the loader's generators where the uninterrupted run has them after ``epoch`` ran out.
 
-    A save at an epoch's last step comes before its iterator ran out, and running out draws
-    again (``RandomSampler`` with a ``generator`` draws one more permutation when exhausted);
-    a save after the end comes after it. Both resume the same: the epoch's draws are replayed
-    from its start (the base seed of a new iterator, then every index — no sample is
-    loaded), and the global generators go back to the save's state.
+    The loop reads an epoch's batches only as far as the epoch's length (``torpor._agreement``):
+    it never asks a loader with a ``len`` for one batch more, so without workers its sampler never
+    runs out and ``RandomSampler``'s extra permutation on running out is never drawn (with
+    workers, their prefetch runs it out, extra draw included). A save at the epoch's
+    last step and one after the end then see the same generators; both resume alike: the
+    epoch's draws are replayed from its start (the base seed of a new iterator, then the indices
+    of ``len(loader)`` batches — no sample is loaded), and the global generators go back to the
+    save's state.
     """
     epoch_rng.restore(generators)
     if not (loader.persistent_workers and loader.num_workers > 0) or epoch <= 1:
         torch.empty((), dtype=torch.int64).random_(generator=loader.generator)  # a new iterator's base seed
-    for _ in _index_sampler(loader):
+    indices = iter(_index_sampler(loader))
+    # Worker processes are fed indices ahead (prefetch), which runs the sampler out before the
+    # epoch's last batch arrives; in the main process nothing asks past ``len(loader)``.
+    for _ in indices if loader.num_workers > 0 else itertools.islice(indices, len(loader)):
         pass
     if rng is not None:
         rng.restore()  # global generators only: the loader's own ones stay where the epoch's end left them
