@@ -106,8 +106,9 @@ def test_a_rank_that_never_schedules_times_out_with_its_reason_and_is_retried(e2
     stopped = e2e.wait("the startup timeout", lambda: (st := e2e.status()).get("restarts") == 1 and st, timeout=90)
     assert stopped["stopReason"] == "StartupTimeout", stopped
     assert "did not start within 10s: Unschedulable" in stopped["stopMessage"], stopped
-    ready = next(c for c in stopped["conditions"] if c["type"] == "Ready")
-    assert "Unschedulable" in ready["message"] and "node affinity/selector" in ready["message"], ready
+    # The pod's own reason is kept in the status (Ready shows it too while Stopping, but under
+    # load the job may already be Restarting when this is read, so the stop message is asserted).
+    assert "node affinity/selector" in stopped["stopMessage"], stopped
     assert "StartupTimeout" in e2e.reasons()
 
     # the cause fixed, the retry (a new incarnation, after the backoff) runs
