@@ -13,8 +13,9 @@ with ``get_state``/``set_state``). They are saved with the model: in rank 0's sh
 ``integrated_save`` (replicated state, as a DDP run's scaler, EMA and optimizers are), in
 every rank's own shard otherwise (so per-rank state, such as a stateful loader over a
 ``DistributedSampler``, needs ``integrated_save=False``). A loader that restores its own
-position this way must not also be skipped by ``loop.batches`` (which passes over the
-consumed batches itself): give it one or the other. A checkpoint is loaded with ``torch.load(weights_only=True)``,
+position (torchdata's ``StatefulDataLoader``) is not supported through ``state=`` yet:
+``loop.batches`` passes over the consumed batches itself, and reads one batch ahead, so such
+a loader would be skipped twice and saved one batch ahead. A checkpoint is loaded with ``torch.load(weights_only=True)``,
 so a state dict may hold only tensors, numbers, strings, ``None`` and dicts/lists/tuples of
 them; anything else is refused when it is saved, not when a resume can no longer load it.
 """

@@ -170,3 +170,18 @@ def test_a_second_monitors_retention_and_another_experiments_checkpoints_are_kep
     ctx = torpor.Model(net, loss_fn=loss, optimizer=opt).train(2, loader, callbacks=[mine, recorder], resume="latest")
     assert ctx.original_args().resumed_from.name == "CKP-1_8" and recorder.steps[0] == 9
     assert "other-2_8" in complete_names(tmp_path)  # and nobody pruned the other experiment
+
+
+def test_a_newest_checkpoint_that_does_not_decrypt_falls_back_to_an_older_one(tmp_path: Path) -> None:
+    old_key, new_key = os.urandom(16), os.urandom(16)
+    for key, epochs in ((old_key, 1), (new_key, 1)):  # a second, fresh run sealed with a rotated key
+        net, loss, opt, loader = tiny_setup()
+        monitor = torpor.CheckpointMonitor(directory=str(tmp_path), save_checkpoint_steps=4, keep_checkpoint_max=0,
+                                           enc_key=key)
+        torpor.Model(net, loss_fn=loss, optimizer=opt).train(epochs, loader, callbacks=monitor)
+    newest_first = sorted((c for c in scan(LocalStorage(tmp_path)) if c.complete), key=lambda c: -c.modified)
+    sealed_with_new = [c.name for c in newest_first[:2]]
+    net, *_ = tiny_setup(seed=3)
+    with pytest.warns(torpor.TorporWarning, match=r"could not be loaded .*IntegrityError"):
+        loaded = torpor.load_checkpoint("latest", net, directory=str(tmp_path), restore_rng=False, enc_key=old_key)
+    assert loaded is not None and loaded.name == "CKP-1_8" and set(loaded.skipped) == set(sealed_with_new)
