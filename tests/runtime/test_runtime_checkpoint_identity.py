@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from torpor_harness import REPO, Recorder, child_env, launch_ranks, logs, read_jsonl, tiny_setup, wait_all
+from torpor_harness import REPO, KillInStep, Recorder, child_env, launch_ranks, logs, read_jsonl, tiny_setup, wait_all
 
 import torpor
 from torpor.checkpoints import Manifest, Reason, scan
@@ -21,16 +21,6 @@ from torpor.storage import LocalStorage
 
 EXIT_TWICE = REPO / "tests" / "runtime" / "procs" / "exit_twice.py"
 
-
-class KillInStep(torpor.Callback):
-    """Sends a real SIGTERM to this process from inside a training step."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_step_begin(self, run_context: torpor.RunContext) -> None:
-        if run_context.original_args().cur_step_num == self.step:
-            os.kill(os.getpid(), signal.SIGTERM)
 
 
 class ExplodeAt(torpor.Callback):

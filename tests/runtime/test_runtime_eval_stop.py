@@ -10,14 +10,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
-from torpor_harness import Recorder, launch_ranks, logs, read_jsonl, tiny_setup, wait_all
+from torpor_harness import KillInStep, Recorder, launch_ranks, logs, read_jsonl, tiny_setup, wait_all
 
 import torpor
 from torpor.checkpoints import Reason, scan
@@ -60,26 +59,6 @@ class KillInEval(torpor.Callback):
             os.kill(os.getpid(), self.sig)
 
 
-class KillInStep(torpor.Callback):
-    """Sends this process a real signal inside training step ``step``."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_step_begin(self, run_context: torpor.RunContext) -> None:
-        if run_context.original_args().cur_step_num == self.step:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-
-@pytest.fixture
-def previous_handler() -> Iterator[list[int]]:
-    """A user's own SIGTERM handler, installed before training: torpor chains to it and puts it back."""
-    calls: list[int] = []
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: calls.append(signum))
-    try:
-        yield calls
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _train(directory: Path, extra: list[torpor.Callback], resume: str | None = None,

@@ -11,23 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from torpor_harness import TRAIN, Recorder, child_env, read_jsonl, tiny_setup, wait_for
+from torpor_harness import TRAIN, KillInStep, Recorder, child_env, read_jsonl, tiny_setup, wait_for
 
 import torpor
 from torpor.checkpoints import Manifest, Reason, scan
 from torpor.storage import LocalStorage
 from torpor.termination import EXIT_FILE_REQUEST
-
-
-class KillInStep(torpor.Callback):
-    """Sends a real signal to this process from inside a training step."""
-
-    def __init__(self, step: int, sig: int = signal.SIGTERM) -> None:
-        self.step, self.sig = step, sig
-
-    def on_train_step_begin(self, run_context: torpor.RunContext) -> None:
-        if run_context.original_args().cur_step_num == self.step:
-            os.kill(os.getpid(), self.sig)
 
 
 @pytest.fixture

@@ -10,12 +10,11 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from torpor_harness import Recorder, child_env, tiny_setup
+from torpor_harness import KillInStep, Recorder, child_env, tiny_setup
 
 import torpor
 from torpor.checkpoints import scan
@@ -26,26 +25,6 @@ PROCS = Path(__file__).parent / "procs"
 STEPS_PER_EPOCH = 8  # tiny_setup: 64 samples, batches of 8
 
 
-class KillInStep(torpor.Callback):
-    """Sends this process a real SIGTERM inside training step ``step``."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_step_begin(self, run_context: torpor.RunContext) -> None:
-        if run_context.original_args().cur_step_num == self.step:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-
-@pytest.fixture
-def previous_handler() -> Iterator[list[int]]:
-    """A user's own SIGTERM handler: torpor chains to it and must put it back."""
-    calls: list[int] = []
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: calls.append(signum))
-    try:
-        yield calls
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 @pytest.fixture

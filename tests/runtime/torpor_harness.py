@@ -149,3 +149,4 @@ def five_mib_parts(bucket: str, prefix: str) -> Any:
     mib = 1024 * 1024
     return S3Storage(bucket, prefix, S3Settings(multipart_chunksize=5 * mib, multipart_threshold=5 * mib,
                                                 max_concurrency=2))
+
