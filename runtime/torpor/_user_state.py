@@ -16,8 +16,9 @@ every rank's own shard otherwise (so per-rank state, such as a stateful loader o
 position (torchdata's ``StatefulDataLoader``) is not supported through ``state=`` yet:
 ``loop.batches`` passes over the consumed batches itself, and reads one batch ahead, so such
 a loader would be skipped twice and saved one batch ahead. A checkpoint is loaded with
-``torch.load(weights_only=True)``, so a state dict may hold only tensors, numbers, strings, ``None`` and dicts/lists/tuples of
-them; anything else is refused when it is saved, not when a resume can no longer load it.
+``torch.load(weights_only=True)``, so a state dict may hold only tensors, numbers, strings,
+``None`` and dicts/lists/tuples of them; anything else is refused when it is saved, not when
+a resume can no longer load it.
 """
 
 from __future__ import annotations
