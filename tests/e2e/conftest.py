@@ -154,8 +154,16 @@ class Env:
         path = self.losses(name)
         kept = path.with_name(f"{path.name}.{time.monotonic_ns()}")
         path.rename(kept)
-        path.mkdir()
-        return kept
+        while True:  # a rank may append (and so re-create the file) between rename and mkdir
+            try:
+                path.mkdir()
+                return kept
+            except FileExistsError:
+                late = path.with_name(f"{path.name}.late")
+                path.rename(late)
+                with kept.open("a", encoding="utf-8") as f:
+                    f.write(late.read_text(encoding="utf-8"))
+                late.unlink()
 
     def node_of(self, pod: str) -> str:
         return self.pod(pod)["spec"]["nodeName"]
