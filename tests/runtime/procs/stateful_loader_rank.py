@@ -1,5 +1,6 @@
 """One gloo rank of a DDP job whose loader keeps its own position (``torpor_harness.PositionLoader``
-over this rank's half of the data), passed in ``state=`` with the default ``integrated_save``.
+over this rank's half of the data, its order drawn from its own per-rank generator), passed in
+``state=`` with the default ``integrated_save``: rank 0's position is not rank 1's.
 
 With ``--kill-at N`` on the rank named by ``--kill-rank``, the rank sends itself SIGTERM inside
 step N. Writes one JSON line per step to ``--steps`` (rank, step, loss, the step's sample ids)
@@ -36,7 +37,7 @@ def main() -> None:
     x = torch.randn(48, 6, generator=g)
     y = (x[:, :3].sum(dim=1) > 0).long()
     mine = torch.arange(rank, len(x), world)  # this rank's part: the rank's own positions and samples
-    loader = (PositionLoader if opts.no_len else SizedPositionLoader)(x[mine], y[mine], batch_size=4)
+    loader = (PositionLoader if opts.no_len else SizedPositionLoader)(x[mine], y[mine], batch_size=4, seed=rank)
     ids = {row.numpy().tobytes(): int(i) for i, row in zip(mine, x[mine], strict=True)}
     torch.manual_seed(0)
     net = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Dropout(0.2),
@@ -60,7 +61,8 @@ def main() -> None:
             loop.step_end(loss.detach())
     with open(opts.report.format(rank=rank), "w", encoding="utf-8") as f:
         json.dump({"rank": rank, "steps": loop.args.cur_step_num, "produced": loader.produced,
-                   "position": loader.state_dict()}, f)
+                   "position": {k: v.tolist() if isinstance(v, torch.Tensor) else v
+                                for k, v in loader.state_dict().items()}}, f)
 
 
 if __name__ == "__main__":
