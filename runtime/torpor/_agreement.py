@@ -49,7 +49,13 @@ The lookahead has one consequence for exact resume: a checkpoint saved at step k
 holds the generators' state *after* batch k+1 was fetched. Where fetching draws from the
 global generators (random augmentation in the main process), a resume that is to match an
 uninterrupted run bit for bit fetches batch k+1 before it restores that state; it can hand
-``EpochFeed`` a :class:`Lookahead` that already holds the batch.
+``EpochFeed`` a :class:`Lookahead` that already holds the batch. ``Loop`` instead hands in a
+``snapshot`` hook, called right before every fetch: the generators, and the ``state_dict()``
+of a loader that keeps its own position (torchdata's ``StatefulDataLoader``), as they were
+before batch k+1 was read. That is what a save at step k's boundary records, so the resumed
+run reads batch k+1 again (``EpochFeed.before_held``). Such a loader is also read to its end
+when the epoch ends (``run_out``), so that it records a finished epoch, as
+``for batch in loader`` would have it.
 
 Batches a longer rank has beyond the shortest one are not trained on (like ``drop_last``):
 every rank trains the same steps and their losses count alike. One process (no process group,

@@ -23,7 +23,8 @@ ends the run in full, and the ``with`` form calls :meth:`Loop.finish` on leaving
 On resume, ``epochs`` starts at the saved epoch and ``batches`` skips the batches that epoch
 had already consumed (by index, without loading them, for a ``DataLoader`` over a map-style
 dataset: see :mod:`torpor._resuming`), with the generators rewound so the data order and every
-random draw match an uninterrupted run.
+random draw match an uninterrupted run. A loader passed in ``state=`` keeps its own position
+instead: it continues where it was saved, and nothing is skipped (:mod:`torpor._user_state`).
 """
 
 from __future__ import annotations
@@ -149,8 +150,10 @@ class Loop:
                 the operator (``TORPOR_JOB`` set). See :func:`exit_process_of`.
             state: everything else to save and restore, by name: objects with
                 ``state_dict``/``load_state_dict`` (a ``GradScaler``, more optimizers and
-                schedulers, an EMA, a stateful loader) or ``torch.Generator``; see
-                :mod:`torpor._user_state`. A key missing from the resumed checkpoint raises
+                schedulers, an EMA) or ``torch.Generator``; see :mod:`torpor._user_state`.
+                The loader that ``batches()`` iterates may be one of them (torchdata's
+                ``StatefulDataLoader``): it then keeps its own position, and nothing is
+                skipped for it on resume. A key missing from the resumed checkpoint raises
                 ``KeyError``.
 
         Raises:

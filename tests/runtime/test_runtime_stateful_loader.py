@@ -115,7 +115,8 @@ def same_position(a: PositionLoader, b: PositionLoader) -> bool:
 RANK_SCRIPT = Path(__file__).parent / "procs" / "stateful_loader_rank.py"
 
 
-@pytest.mark.parametrize(("loader", "kill_at"), [("len", 11), ("no-len", 12)], ids=["len-mid-epoch", "no-len-epoch-end"])
+@pytest.mark.parametrize(("loader", "kill_at"), [("len", 11), ("no-len", 12)],
+                         ids=["len-mid-epoch", "no-len-epoch-end"])
 def test_two_gloo_ranks_with_their_own_position_keeping_loaders_resume_after_a_sigterm(
         tmp_path: Path, loader: str, kill_at: int) -> None:
     path = os.pathsep.join([str(REPO / "runtime"), str(REPO / "hack"), str(RANK_SCRIPT.parents[1]),
