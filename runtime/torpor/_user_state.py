@@ -42,6 +42,15 @@ The loop recognises it by identity (:func:`key_of`) and then:
   ``KeyError``, as for any key the checkpoint lacks.
 
 The loader's ``state_dict()`` is called (and deep-copied) once per step, so it should be cheap.
+
+What the loader itself does on a resume is its own. Measured with torchdata 0.11's
+``StatefulDataLoader`` over a map-style dataset (``shuffle=True``, 0 or 2 workers, persistent
+or not): a mid-epoch resume matches the uninterrupted run (samples and losses). A resume from
+an epoch's end does not always: loading a finished iterator's state, it builds that iterator
+and then a fresh one, so it draws its base seed once more than the uninterrupted run; without
+``generator=`` that shifts the global generator (later dropout differs), with one and no
+workers it shifts the next epoch's order. torchdata does the same without torpor
+(``load_state_dict`` then ``iter``).
 A loader given in ``state=`` but not the one the loop iterates is saved like any other object,
 and the loop skips its own loader's consumed batches as usual.
 """
@@ -93,8 +102,23 @@ def key_of(state: Mapping[str, Any], loader: Any) -> str | None:
 
 
 def position(loader: Any) -> Any:
-    """A copy of ``loader.state_dict()`` now: reading the next batch must not change it."""
-    return copy.deepcopy(loader.state_dict())
+    """A copy of ``loader.state_dict()`` now: reading the next batch must not change it.
+
+    Containers are rebuilt and tensors cloned; everything else a checkpoint may hold is
+    immutable (anything else is refused at the save anyway), so this is all a deep copy would
+    do, at a fraction of ``copy.deepcopy``'s cost: it runs before every batch.
+    """
+    return _copied(loader.state_dict())
+
+
+def _copied(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _copied(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_copied(v) for v in value) if type(value) in (list, tuple) else copy.deepcopy(value)
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    return value
 
 
 def capture(state: Mapping[str, Any], taken: Mapping[str, Any] | None = None) -> dict[str, Any]:
