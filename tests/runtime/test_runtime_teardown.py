@@ -116,7 +116,7 @@ def test_batches_without_epochs_or_begin_is_a_clear_error(local_run: Path) -> No
 
 # -- exit_process means one thing ----------------------------------------------------------
 
-def _plain_loop(callbacks: list[torpor.Callback], **kwargs: Any) -> torpor.Loop:
+def _plain_loop(callbacks: list[torpor.Callback], **kwargs: Any) -> torpor.RunContext:
     net, loss_fn, opt, loader = tiny_setup()
     loop = torpor.Loop(net, opt, callbacks=callbacks, **kwargs)
     for _ in loop.epochs(2):
@@ -126,12 +126,25 @@ def _plain_loop(callbacks: list[torpor.Callback], **kwargs: Any) -> torpor.Loop:
             loss.backward()
             opt.step()
             loop.step_end(loss.detach())
-    return loop
+    return loop.run_context
 
 
-def _model_train(callbacks: list[torpor.Callback], **kwargs: Any) -> None:
+def _with_loop(callbacks: list[torpor.Callback], **kwargs: Any) -> torpor.RunContext:
     net, loss_fn, opt, loader = tiny_setup()
-    torpor.Model(net, loss_fn=loss_fn, optimizer=opt).train(2, loader, callbacks=callbacks, **kwargs)
+    with torpor.Loop(net, opt, callbacks=callbacks, **kwargs) as loop:
+        for _ in loop.epochs(2):
+            for x, y in loop.batches(loader):
+                opt.zero_grad()
+                loss = loss_fn(net(x), y)
+                loss.backward()
+                opt.step()
+                loop.step_end(loss.detach())
+    return loop.run_context
+
+
+def _model_train(callbacks: list[torpor.Callback], **kwargs: Any) -> torpor.RunContext:
+    net, loss_fn, opt, loader = tiny_setup()
+    return torpor.Model(net, loss_fn=loss_fn, optimizer=opt).train(2, loader, callbacks=callbacks, **kwargs)
 
 
 @pytest.mark.parametrize("form", [_plain_loop, _model_train], ids=["Loop", "Model.train"])
@@ -155,6 +168,32 @@ def test_exit_process_true_ends_a_standalone_eval_after_a_stop(tmp_path: Path, l
         torpor.Model(net, loss_fn=loss_fn, optimizer=opt).eval(
             loader, callbacks=[torpor.OnRequestExit(directory=str(tmp_path)), KillInEval()], exit_process=True)
     assert info.value.code == 143 and json.loads(local_run.read_text())["reason"] == "signal"
+
+
+@pytest.mark.parametrize("form", [_plain_loop, _with_loop, _model_train], ids=["Loop", "with Loop", "Model.train"])
+def test_exit_process_false_returns_after_a_real_sigterm_under_the_operator(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, previous_handler: list[int], form: Any) -> None:
+    """``exit_process=False`` on the loop itself: the stop saves, then the call returns (no
+    ``SystemExit``), nothing is written to the termination log (the caller owns the process),
+    and ``run_context.exit_code`` and ``termination_message`` say why it stopped; the same in
+    every form. Under the operator, where the default would end the process."""
+    log = tmp_path / "termination-log"
+    monkeypatch.setenv("TORPOR_JOB", "ns/j")
+    monkeypatch.setenv("TORPOR_TERMINATION_LOG", str(log))
+    exit_cb = torpor.OnRequestExit(directory=str(tmp_path / "ck"), save_export=False)
+    recorder = Recorder()
+    ctx = form([exit_cb, KillInStep(3), recorder], exit_process=False)  # SystemExit here fails the test
+    assert recorder.steps == [1, 2, 3]
+    assert ctx.exit_code == 143 and ctx.termination_message is exit_cb.stop_message
+    message = exit_cb.stop_message
+    assert message is not None
+    assert (message.reason, message.exit_code, message.signal, message.checkpoint, message.step, message.job) == (
+        "signal", 143, "SIGTERM", "Net-1_3", 3, "ns/j")
+    assert not log.exists(), f"exit_process=False wrote a termination message: {log.read_text()}"
+    (ckpt,) = scan(LocalStorage(tmp_path / "ck"))
+    assert ckpt.name == "Net-1_3" and ckpt.complete, ckpt.problem
+    assert previous_handler == [signal.SIGTERM]  # chained to the user's handler ...
+    assert _user_handler_is_back()  # ... and it is back once the call returned
 
 
 @pytest.mark.parametrize("form", [_plain_loop, _model_train], ids=["Loop", "Model.train"])
