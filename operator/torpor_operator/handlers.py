@@ -60,6 +60,7 @@ from torpor_operator.contract import GROUP, LABEL_JOB, PLURAL, VERSION
 from torpor_operator.metrics import Metrics
 from torpor_operator.observing import CheckpointInfo, NodeView, avoided_nodes
 from torpor_operator.peering import blockers
+from torpor_operator.placing import node_change
 from torpor_operator.reconciling import Job, decide
 from torpor_operator.settings import OperatorSettings
 from torpor_operator.spec import SpecError
@@ -537,18 +538,12 @@ async def on_node(event: dict[str, Any], body: kopf.Body, name: str, memo: kopf.
         return
     before = shell.nodes.get(name)
     shell.nodes[name] = dict(body)
-    taints = shell.settings.termination_taints
-
-    def why(node: dict[str, Any]) -> str | None:
-        view = NodeView.from_dict(node)
-        return view.going_away(taints) or view.lost()
-
-    was = why(before) if before else None
-    now = why(dict(body))
-    if now == was:
+    change = node_change(NodeView.from_dict(before) if before else None, NodeView.from_dict(dict(body)),
+                         shell.settings.termination_taints)
+    if change is None:
         return
     triggered_at = time.monotonic()
-    index = ranks_by_node if now is not None else pending_by_avoided_node
+    index = ranks_by_node if change == "away" else pending_by_avoided_node
     jobs = sorted(set(index.get(name, [])))
     await asyncio.gather(*(shell.reconcile(ns, job, triggered_at=triggered_at) for ns, job in jobs))
 

@@ -25,11 +25,11 @@ that stays is free or the node comes back.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 from torpor_operator.observing import NodeView
 
-__all__ = ["UNSCHEDULABLE_TAINT", "nodes_back", "nodes_to_avoid", "scheduler_keeps_off", "tolerates"]
+__all__ = ["UNSCHEDULABLE_TAINT", "node_change", "nodes_back", "nodes_to_avoid", "scheduler_keeps_off", "tolerates"]
 
 #: The taint a cordoned node is treated as having by the scheduler's NodeUnschedulable filter.
 UNSCHEDULABLE_TAINT = "node.kubernetes.io/unschedulable"
@@ -79,3 +79,20 @@ def nodes_back(avoided: Iterable[str], nodes: Mapping[str, NodeView], terminatio
     the given order. A node that no longer exists is not back."""
     taints = tuple(termination_taints)
     return [name for name in avoided if name in nodes and not _unwanted(nodes[name], taints)]
+
+
+def node_change(before: NodeView | None, after: NodeView,
+                termination_taints: Iterable[str]) -> Literal["away", "back"] | None:
+    """What a node's watch event means for jobs: ``away`` when it is now going away or lost and
+    was not, or for another reason (the jobs with ranks on it must stop them); ``back`` when it
+    was and is no more (the jobs with Pending ranks kept off it may place them there now);
+    ``None`` otherwise. ``before`` is ``None`` for the first event of a node the operator sees."""
+    taints = tuple(termination_taints)
+
+    def why(node: NodeView) -> str | None:
+        return node.going_away(taints) or node.lost()
+
+    was, now = (why(before) if before else None), why(after)
+    if now == was:
+        return None
+    return "away" if now is not None else "back"

@@ -9,6 +9,7 @@ What is asserted is what docs/operator.md's "Faults" table promises.
 from __future__ import annotations
 
 import json
+import time
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -83,12 +84,14 @@ def test_template_changed_while_running_saves_and_restarts_into_incarnation_2_wi
         {"op": "add", "path": "/spec/template/spec/containers/0/args/-", "value": "0.04"},
         {"op": "add", "path": "/spec/template/spec/containers/0/env", "value": [{"name": "RUN_NOTE", "value": "v2"}]},
     ]
+    changed_at = time.monotonic()
     e2e.kubectl("patch", "tj", "mlp", "--type=json", "-p", json.dumps(change))
 
     stopping = e2e.wait("the graceful stop", lambda: (st := e2e.status()).get("stopReason") == "SpecChanged" and st,
                         timeout=60)
     assert "spec.template changed" in stopping["stopMessage"], stopping
     status = e2e.wait_phase("Running", incarnation=2, timeout=180)
+    print(f"template patched -> incarnation 2 Running after {time.monotonic() - changed_at:.1f}s")
     assert (status.get("preemptions", 0), status.get("restarts", 0)) == (0, 0), status
 
     # incarnation 2 is made from the new template
@@ -142,8 +145,13 @@ def test_a_node_uncordoned_while_a_rank_is_pending_because_of_it_gets_the_rank(e
     assert kept_off(waiting) == [cordoned], waiting["spec"].get("affinity")
     assert e2e.status()["phase"] == "Pending"
 
+    uncordoned_at = time.monotonic()
     e2e.uncordon_all()
+    e2e.wait("the rank made again", lambda: e2e.pod(waiting["metadata"]["name"])["metadata"]["uid"]
+             != waiting["metadata"]["uid"], timeout=60)
+    print(f"uncordoned -> rank made again after {time.monotonic() - uncordoned_at:.1f}s")
     status = e2e.wait_phase("Running", timeout=120)
+    print(f"uncordoned -> Running after {time.monotonic() - uncordoned_at:.1f}s")
     assert (status["incarnation"], status.get("restarts", 0), status.get("preemptions", 0)) == (1, 0, 0), status
     rank = waiting["metadata"]["name"]
     again = e2e.pod(rank)

@@ -10,7 +10,7 @@ from test_operator_world import Cluster, job_body, node
 
 from torpor_operator.contract import ANNOTATION_AVOIDED_NODES
 from torpor_operator.observing import NodeView
-from torpor_operator.placing import nodes_back, nodes_to_avoid, tolerates
+from torpor_operator.placing import node_change, nodes_back, nodes_to_avoid, tolerates
 from torpor_operator.reconciling import ObjectRef
 from torpor_operator.settings import DEFAULT_TERMINATION_TAINTS
 
@@ -104,6 +104,29 @@ def test_nodes_to_avoid_and_nodes_back_over_views() -> None:
     assert nodes_to_avoid(views.values(), [], DEFAULT_TERMINATION_TAINTS) == []
     # c is healthy, a still cordoned, d unknown (deleted: nothing to come back to)
     assert nodes_back(["a", "c", "d"], views, DEFAULT_TERMINATION_TAINTS) == ["c"]
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "expected"),
+    [
+        (None, node("n"), None),  # the first sight of a healthy node
+        (None, node("n", unschedulable=True), "away"),
+        (node("n"), node("n", unschedulable=True), "away"),
+        (node("n", unschedulable=True), node("n", unschedulable=True), None),  # a heartbeat
+        (node("n", unschedulable=True), node("n", ready="Unknown"), "away"),  # another reason
+        (node("n", unschedulable=True), node("n"), "back"),  # uncordoned
+        (node("n", taints=(SPOT,)), node("n"), "back"),
+        (node("n", ready="False"), node("n"), "back"),
+        (node("n"), node("n", taints=("example.com/unlisted",)), None),
+    ],
+    ids=["first-healthy", "first-cordoned", "cordoned", "still-cordoned", "then-lost", "uncordoned", "untainted",
+         "ready-again", "unlisted-taint"],
+)
+def test_node_events_that_reach_jobs(before: dict[str, Any] | None, after: dict[str, Any],
+                                     expected: str | None) -> None:
+    """``away`` reaches the jobs with ranks on the node, ``back`` those with Pending ranks kept off it."""
+    view = NodeView.from_dict(before) if before else None
+    assert node_change(view, NodeView.from_dict(after), DEFAULT_TERMINATION_TAINTS) == expected
 
 
 # --- a Pending rank kept off a node that came back ----------------------------------------------
