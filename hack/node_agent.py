@@ -117,7 +117,11 @@ HEARTBEAT_TIMEOUT_SECONDS = 5.0
 #: resumes from the last resourceVersion. Bounded so that no stream lives on a dead connection.
 WATCH_SECONDS = (60, 120)
 LEASE_SECONDS = 40
-NOT_READY_TAINT = "node.kubernetes.io/not-ready"
+#: The node lifecycle controller's taints of a node it has not heard from (NoSchedule and, for
+#: taint-based eviction, NoExecute). A node is ready for the next pod only once they are gone:
+#: pods tolerate `unreachable:NoExecute` for 300 s, so they are scheduled onto a node that still
+#: carries it, and an operator then rightly takes that node for lost.
+LOST_NODE_TAINTS = ("node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable")
 HOST_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "PYTHONPATH", "VIRTUAL_ENV")
 KUBELET_VERSION = "v1.36.3"
 
@@ -231,7 +235,8 @@ class NodeAgent:
         self.stop()
 
     def wait_ready(self, timeout: float) -> None:
-        """Wait until every Node is Ready and untainted by the node lifecycle controller.
+        """Wait until every Node is Ready and the node lifecycle controller's taints of a lost
+        node (`LOST_NODE_TAINTS`, after `reclaim`/`make_not_ready` or an outage) are gone.
 
         Raises:
             TimeoutError: a Node is still not ready after `timeout` seconds.
@@ -243,7 +248,7 @@ class NodeAgent:
                 return
             if time.monotonic() > deadline:
                 raise TimeoutError(
-                    f"nodes {pending} not Ready (or still tainted {NOT_READY_TAINT}) "
+                    f"nodes {pending} not Ready (or still tainted {' or '.join(LOST_NODE_TAINTS)}) "
                     f"after {timeout:g}s: is kube-controller-manager running?"
                 )
             time.sleep(0.5)
@@ -450,7 +455,7 @@ class NodeAgent:
         ready = any(
             c["type"] == "Ready" and c["status"] == "True" for c in node.get("status", {}).get("conditions", [])
         )
-        tainted = any(t["key"] == NOT_READY_TAINT for t in node.get("spec", {}).get("taints") or [])
+        tainted = any(t["key"] in LOST_NODE_TAINTS for t in node.get("spec", {}).get("taints") or [])
         return ready and not tainted
 
     # --- pods ---------------------------------------------------------------------------

@@ -32,6 +32,13 @@ def node_ready(cp: ControlPlane, node: str) -> str:
     return next((c["status"] for c in conditions if c["type"] == "Ready"), "missing")
 
 
+def lost_node_taints(cp: ControlPlane, node: str) -> list[str]:
+    """The taints the node lifecycle controller puts on a node it cannot hear from."""
+    taints = (get_json(cp, "node", node) or {}).get("spec", {}).get("taints") or []
+    return [f"{t['key']}:{t['effect']}" for t in taints
+            if t["key"] in ("node.kubernetes.io/unreachable", "node.kubernetes.io/not-ready")]
+
+
 @pytest.fixture
 def node(control_plane: ControlPlane, node_agent: NodeAgent) -> Iterator[str]:
     """The node a test silences; reporting again, and Ready, afterwards."""
@@ -73,8 +80,14 @@ def test_not_ready_node_keeps_its_processes_running(
 
     eventually(lambda: node_ready(control_plane, node) == "Unknown", NOT_READY_WITHIN, f"node {node} NotReady")
     assert alive(pid), "a node cut off from the API keeps running its containers"
+    eventually(lambda: "node.kubernetes.io/unreachable:NoExecute" in lost_node_taints(control_plane, node), 30,
+               f"node {node} tainted unreachable")
     node_agent.restore(node)
-    eventually(lambda: node_ready(control_plane, node) == "True", NOT_READY_WITHIN, f"node {node} Ready again")
+    node_agent.wait_ready(NOT_READY_WITHIN)
+    # what the next pod on the node meets at once: Ready, and none of the lost node's taints left
+    # (pods tolerate `unreachable:NoExecute` for 300 s, so they would be scheduled there regardless)
+    assert node_ready(control_plane, node) == "True"
+    assert not lost_node_taints(control_plane, node), "wait_ready returned with the lost node's taints"
     assert alive(pid)
     control_plane.kubectl("delete", "pod", "partitioned", "-n", namespace, "--force", "--grace-period=0")
     eventually(lambda: not alive(pid), 10, "the force deletion seen after the node came back")
