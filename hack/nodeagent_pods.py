@@ -15,6 +15,11 @@ until it is deleted from the API server. It does, in order, what kubelet does:
 5. on `deletionTimestamp`: SIGTERM to every process group, wait the grace period, SIGKILL,
    report the final status, delete the pod with grace period 0 and a UID precondition.
 
+While the API server is away (`nodeagent_kube.is_transient`) the processes go on: a status
+that could not be sent is sent again (0.5 s…5 s back-off) until it lands, the final status
+and the deletion are retried until they land, volumes keep their last contents, and a
+container that needs an object it cannot fetch now waits as it would for a missing one.
+
 Each container's stdout and stderr go to `<pod dir>/<container>.log` (appended across
 restarts). Its termination message file is `<pod dir>/<container>.termination-log`,
 mounted at `terminationMessagePath`. How one container process is run and reaped:
@@ -35,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 import nodeagent_volumes as volumes
 from nodeagent_containers import Container, now_iso
-from nodeagent_kube import ApiError
+from nodeagent_kube import ApiError, Backoff, is_transient
 
 if TYPE_CHECKING:
     from node_agent import NodeAgent
@@ -76,6 +81,11 @@ class PodWorker(threading.Thread):
         self._start_time: str | None = None
         self._last_sync = 0.0
         self._last_report: JsonDict | None = None
+        # A status the API does not show yet (the server away, or the node silenced by a
+        # fault): `_wait` sends it again from `_retry_at` on.
+        self._unreported = False
+        self._retry_at = 0.0
+        self._backoff = Backoff()
         self._transitions: dict[str, tuple[str, str]] = {}
         self._tokens: dict[tuple[str, int], tuple[bytes, float]] = {}
         spec = pod["spec"]
@@ -210,6 +220,8 @@ class PodWorker(threading.Thread):
         self._wake.clear()
         if self._stopping or self._gone or self._deleting():
             return True
+        if self._unreported and time.monotonic() >= self._retry_at:
+            self._report()
         with self._lock:
             changed, self._changed = self._changed, False
         if changed or time.monotonic() - self._last_sync >= self.agent.configmap_sync_seconds:
@@ -344,7 +356,8 @@ class PodWorker(threading.Thread):
             while not (self._stopping or self._gone or self._deleting()):
                 self._wake.wait(1.0)
                 self._wake.clear()
-                self._report()  # a no-op unless a silenced node (a fault) reports again
+                if time.monotonic() >= self._retry_at:
+                    self._report()  # a no-op unless the API server was away or the node silenced
             if self._stopping:
                 return
         meta = self.pod["metadata"]
@@ -352,18 +365,38 @@ class PodWorker(threading.Thread):
         if grace is None:
             grace = self.pod["spec"].get("terminationGracePeriodSeconds", 30)
         self._terminate(SHUTDOWN_GRACE if self._stopping else float(grace))
-        if self._gone or self._stopping:
-            return
-        self._report()
+        # The final status, then the deletion; each retried until it lands (the API server may
+        # be away just now), unless the pod is force-deleted or the agent stops meanwhile.
+        while not (self._gone or self._stopping):
+            if self._report() and self._delete():
+                return
+            self._wake.wait(max(0.0, self._retry_at - time.monotonic()))
+            self._wake.clear()
+
+    def _delete(self) -> bool:
+        """Delete the pod (grace 0, UID precondition); False if the API server could not be reached."""
+        meta = self.pod["metadata"]
         try:
             self.agent.kube.delete(
                 f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}",
                 {"gracePeriodSeconds": 0, "preconditions": {"uid": self.uid}},
             )
-            log.info("pod %s: deleted", self.key)
-        except ApiError as exc:
-            if exc.status not in (404, 409):
+        except Exception as exc:
+            if isinstance(exc, ApiError) and exc.status in (404, 409):
+                return True  # gone already (force-deleted), or another pod of that name now
+            if not is_transient(exc):
                 raise
+            return self._retry_later("deletion", exc)
+        log.info("pod %s: deleted", self.key)
+        return True
+
+    def _retry_later(self, what: str, exc: Exception | None) -> bool:
+        """Schedule the next attempt after a back-off; False, for the caller to return."""
+        delay = self._backoff.next() if exc is not None else 1.0
+        self._retry_at = time.monotonic() + delay
+        if exc is not None:
+            log.warning("pod %s: %s not sent (%s), again in %gs", self.key, what, exc, delay)
+        return False
 
     # --- volumes ------------------------------------------------------------------------
 
@@ -376,8 +409,10 @@ class PodWorker(threading.Thread):
             if key not in cache:
                 try:
                     cache[key] = self.agent.kube.get(f"/api/v1/namespaces/{ns}/{plural[kind]}/{name}")
-                except ApiError as exc:
-                    if exc.status != 404:
+                except Exception as exc:
+                    if is_transient(exc):  # wait for the API server as for a missing object
+                        raise volumes.ConfigError(f"cannot get {kind} {ns}/{name}: {exc}") from exc
+                    if not (isinstance(exc, ApiError) and exc.status == 404):
                         raise
                     cache[key] = None
             return cache[key]
@@ -404,7 +439,9 @@ class PodWorker(threading.Thread):
         }
         try:
             answer = self.agent.kube.create(f"/api/v1/namespaces/{meta['namespace']}/serviceaccounts/{sa}/token", body)
-        except ApiError as exc:
+        except Exception as exc:
+            if not (isinstance(exc, ApiError) or is_transient(exc)):
+                raise
             raise volumes.ConfigError(f"cannot get a token for service account {sa}: {exc}") from exc
         token = answer["status"]["token"].encode()
         self._tokens[(audience, ttl)] = (token, time.monotonic() + 0.8 * ttl)
@@ -471,8 +508,14 @@ class PodWorker(threading.Thread):
             self._transitions[kind] = previous = (status, now_iso())
         return {"type": kind, "status": status, "lastProbeTime": None, "lastTransitionTime": previous[1]}
 
-    def _report(self) -> None:
-        """Patch the pod's status with what the containers are doing now."""
+    def _report(self) -> bool:
+        """Patch the pod's status with what the containers are doing now.
+
+        Returns:
+            True when the API shows this status (sent now or before, or the pod is gone);
+            False when it could not be sent — the node is silenced (a fault) or the API server
+            is away — and `_wait` sends it again later.
+        """
         inits = [c for c in self.containers if c.init]
         mains = [c for c in self.containers if not c.init]
         initialized = all(c.terminated is not None and c.terminated["exitCode"] == 0 for c in inits)
@@ -494,19 +537,31 @@ class PodWorker(threading.Thread):
         }
         if inits:
             status["initContainerStatuses"] = [c.status() for c in inits]
-        if status == self._last_report or self.agent.silent(self.pod["spec"].get("nodeName")):
-            return  # unchanged, or the node's kubelet is cut off (a fault): the API shows the old status
+        if self.agent.silent(self.pod["spec"].get("nodeName")):
+            self._unreported = True  # the node's kubelet is cut off (a fault): the API shows the old status
+            return self._retry_later("status", None)
+        if status == self._last_report:
+            self._unreported = False
+            return True
         meta = self.pod["metadata"]
         try:
             self.agent.kube.patch(
                 f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}/status",
                 {"metadata": {"uid": self.uid}, "status": status},
             )
-            self._last_report = status
-        except ApiError as exc:
-            if exc.status not in (404, 409):
+        except Exception as exc:
+            if isinstance(exc, ApiError) and exc.status in (404, 409):
+                log.debug("pod %s: status not reported: %s", self.key, exc)
+                self._unreported = False
+                return True
+            if not is_transient(exc):
                 raise
-            log.debug("pod %s: status not reported: %s", self.key, exc)
+            self._unreported = True
+            return self._retry_later("status", exc)
+        self._last_report = status
+        self._unreported = False
+        self._backoff.reset()
+        return True
 
 
 def _fingerprint(pod: JsonDict) -> str:
