@@ -67,14 +67,17 @@ Nodes (`<prefix>-0` … `<prefix>-N-1`) against a real API server:
   the pods' namespaces, so nothing is left mounted on the host.
 
 Containers run as root on the host file system (no chroot, no cgroups): only what is
-listed above is isolated. Init containers run one after another before the containers;
-`restartPolicy` Always/OnFailure restarts with a 1 s…10 s back-off. Deletion: SIGTERM to
-each process group, the grace period, SIGKILL, final status, delete with grace 0.
+listed above is isolated. Init containers run one after another before the containers; a
+native sidecar (`restartPolicy: Always` on an init container) starts in its turn, runs beside
+the containers and is stopped once they have all ended; `restartPolicy` Always/OnFailure
+restarts with a 1 s…10 s back-off. `activeDeadlineSeconds` (also set on a running pod) fails
+the pod with `DeadlineExceeded` and stops its containers. Deletion: SIGTERM to each process
+group, the grace period, SIGKILL, final status, delete with grace 0.
 
-Not done: probes (Ready = running), lifecycle hooks, sidecar (restartable) init containers,
-resource limits, ClusterIP Services (no kube-proxy; headless names only),
-`kubectl logs/exec/port-forward`, image pulls, volume types other than those above. Mount
-points created on the host (e.g. `/etc/torpor`, `/dev/termination-log`) stay there, empty.
+Not done: probes (Ready = running), lifecycle hooks, resource limits, ClusterIP Services (no
+kube-proxy; headless names only), `kubectl logs/exec/port-forward`, image pulls, volume types
+other than those above. Mount points created on the host (e.g. `/etc/torpor`,
+`/dev/termination-log`) stay there, empty.
 
 Command line (runs until SIGINT/SIGTERM)::
 

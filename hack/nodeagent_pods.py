@@ -6,10 +6,16 @@ until it is deleted from the API server. It does, in order, what kubelet does:
 1. materialise the pod's volumes under `<workdir>/pods/<ns>_<name>_<uid>/volumes/`
    (waiting, as `ContainerCreating`, while a ConfigMap or Secret is missing);
 2. run the init containers one after another, then all containers, each as a process
-   (see `nodeagent_launch`) in its own session and process group;
+   (see `nodeagent_launch`) in its own session and process group. A native sidecar (an init
+   container with `restartPolicy: Always`) is started in its turn and left running, restarted
+   whenever it exits, and stopped (SIGTERM, the grace period, SIGKILL) once every container has
+   ended for good; it never decides the pod's phase;
 3. report status (`Pending` → `Running` → `Succeeded`/`Failed`) with containerStatuses,
    exit codes and termination messages; restart containers per `restartPolicy` with a
    short exponential back-off (1 s doubling up to 10 s);
+   `spec.activeDeadlineSeconds` (also when set later, as a pod update may) counts from the
+   worker's start: past it the pod is `Failed` with reason `DeadlineExceeded` and every
+   container is stopped like on deletion, the pod staying until it is deleted;
 4. refresh ConfigMap, Secret, downwardAPI and projected volumes every
    `configmap_sync_seconds` and at once when the pod's metadata or spec changes;
 5. on `deletionTimestamp`: SIGTERM to every process group, wait the grace period, SIGKILL,
@@ -79,6 +85,9 @@ class PodWorker(threading.Thread):
         self._gone = False
         self._stopping = False
         self._start_time: str | None = None
+        self._active_since = time.monotonic()
+        self._mains_done = False  # every container ended for good: native sidecars are stopped now
+        self._deadline_exceeded = False  # activeDeadlineSeconds passed: stop everything, phase Failed
         self._last_sync = 0.0
         self._last_report: JsonDict | None = None
         # A status the API does not show yet (the server away, or the node silenced by a
@@ -163,7 +172,7 @@ class PodWorker(threading.Thread):
     def _run(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.write_hosts()
-        self._start_time = now_iso()
+        self._start_time, self._active_since = now_iso(), time.monotonic()
         log.info("pod %s: assigned to %s, pod IP %s", self.key, self.pod["spec"]["nodeName"], self.ip)
         self._report()
         while not self._prepare_volumes():
@@ -172,23 +181,49 @@ class PodWorker(threading.Thread):
         inits = [c for c in self.containers if c.init]
         mains = [c for c in self.containers if not c.init]
         for container in inits:
-            if not self._run_init(container):
+            if not (self._start_sidecar(container) if container.restartable else self._run_init(container)):
                 return self._finish()
+        sidecars = [c for c in inits if c.restartable]
         for container in mains:
             self._start(container)
         self._report()
         while not self._wait(TICK):
-            changed = False
-            for container in mains:
-                changed |= self._reap(container)
-                if not container.running and container.terminated is None and time.monotonic() >= container.next_start:
-                    self._start(container)
-                    changed = True
-            if changed:
+            if self._tend(mains + sidecars):
                 self._report()
             if all(c.terminated is not None and not self._will_restart(c) for c in mains):
+                self._end_sidecars()
                 break
         self._finish()
+
+    def _tend(self, containers: list[Container]) -> bool:
+        """Reap the containers that exited and (re)start those due; True if anything changed."""
+        changed = False
+        for container in containers:
+            changed |= self._reap(container)
+            if not container.running and container.terminated is None and time.monotonic() >= container.next_start:
+                self._start(container)
+                changed = True
+        return changed
+
+    def _start_sidecar(self, container: Container) -> bool:
+        """Start a native sidecar and go on once it runs (no startup probes here); False if the
+        pod must end first. The sidecars started before it are tended meanwhile."""
+        sidecars = [c for c in self.containers if c.restartable and c.started_at is not None and c is not container]
+        while not container.running:
+            if self._tend([*sidecars, container]):
+                self._report()
+            if not container.running and self._wait(TICK):
+                return False
+        self._report()
+        return True
+
+    def _end_sidecars(self) -> None:
+        """Every container has ended: stop the native sidecars, as kubelet does, before the
+        pod's final phase (Running until then)."""
+        self._mains_done = True
+        if any(c.running for c in self.containers):
+            self._report()
+            self._terminate(float(self.pod["spec"].get("terminationGracePeriodSeconds", 30)))
 
     def _crashed(self, exc: Exception) -> None:
         """Show the agent's failure in the pod's status, then still honour its deletion."""
@@ -202,7 +237,9 @@ class PodWorker(threading.Thread):
             log.exception("pod %s: cannot clean up after the failure", self.key)
 
     def _run_init(self, container: Container) -> bool:
-        """Run one init container to success; False if it failed for good or the pod is going away."""
+        """Run one init container to success; False if it failed for good or the pod is going away.
+        The native sidecars started before it are tended meanwhile."""
+        sidecars = [c for c in self.containers if c.restartable and c.started_at is not None]
         while True:
             if not container.running and container.terminated is None and time.monotonic() >= container.next_start:
                 self._start(container)
@@ -211,14 +248,14 @@ class PodWorker(threading.Thread):
                 return container.terminated["exitCode"] == 0
             if self._wait(TICK):
                 return False
-            if self._reap(container):
+            if self._tend(sidecars) | self._reap(container):
                 self._report()
 
     def _wait(self, timeout: float) -> bool:
         """Sleep up to `timeout`, refreshing volumes when due; True if the pod must end now."""
         self._wake.wait(timeout)
         self._wake.clear()
-        if self._stopping or self._gone or self._deleting():
+        if self._stopping or self._gone or self._deleting() or self._past_deadline():
             return True
         if self._unreported and time.monotonic() >= self._retry_at:
             self._report()
@@ -230,6 +267,14 @@ class PodWorker(threading.Thread):
 
     def _deleting(self) -> bool:
         return bool(self.pod["metadata"].get("deletionTimestamp"))
+
+    def _past_deadline(self) -> bool:
+        """`spec.activeDeadlineSeconds` has passed (sticky: the pod is Failed from then on)."""
+        deadline = self.pod["spec"].get("activeDeadlineSeconds")
+        if not self._deadline_exceeded and deadline is not None and time.monotonic() - self._active_since >= deadline:
+            log.info("pod %s: active for longer than its deadline of %ss", self.key, deadline)
+            self._deadline_exceeded = True
+        return self._deadline_exceeded
 
     # --- processes ----------------------------------------------------------------------
 
@@ -310,8 +355,10 @@ class PodWorker(threading.Thread):
         return True
 
     def _will_restart(self, container: Container) -> bool:
-        if self._stopping or self._gone or self._deleting():
+        if self._stopping or self._gone or self._deleting() or self._deadline_exceeded:
             return False
+        if container.restartable:
+            return not self._mains_done
         policy = self.pod["spec"].get("restartPolicy", "Always")
         if container.init:
             return policy != "Never" and (container.terminated or {}).get("exitCode", 1) != 0
@@ -350,6 +397,9 @@ class PodWorker(threading.Thread):
         if self._stopping:
             self._terminate(SHUTDOWN_GRACE)
             return
+        if self._deadline_exceeded and not (self._gone or self._deleting()):
+            self._report()  # Failed at once, as kubelet says it, then the containers are stopped
+            self._terminate(float(self.pod["spec"].get("terminationGracePeriodSeconds", 30)))
         if not (self._gone or self._deleting()):
             self._report()
             log.info("pod %s: %s", self.key, self._phase())
@@ -486,7 +536,10 @@ class PodWorker(threading.Thread):
     # --- status -------------------------------------------------------------------------
 
     def _phase(self) -> str:
-        inits = [c for c in self.containers if c.init]
+        if self._deadline_exceeded:
+            return "Failed"
+        inits = [c for c in self.containers if c.init and not c.restartable]
+        sidecars = [c for c in self.containers if c.restartable]
         mains = [c for c in self.containers if not c.init]
         init_failed = any(c.terminated and c.terminated["exitCode"] != 0 and not self._will_restart(c) for c in inits)
         if init_failed:
@@ -494,7 +547,7 @@ class PodWorker(threading.Thread):
         if any(c.running for c in mains):
             return "Running"
         if mains and all(c.terminated is not None for c in mains):
-            if any(self._will_restart(c) for c in mains):
+            if any(self._will_restart(c) for c in mains) or any(c.running for c in sidecars):
                 return "Running"
             return "Succeeded" if all(c.terminated["exitCode"] == 0 for c in mains) else "Failed"
         if any(c.restart_count or c.started_at for c in mains):
@@ -518,8 +571,9 @@ class PodWorker(threading.Thread):
         """
         inits = [c for c in self.containers if c.init]
         mains = [c for c in self.containers if not c.init]
-        initialized = all(c.terminated is not None and c.terminated["exitCode"] == 0 for c in inits)
-        ready = bool(mains) and all(c.running for c in mains)
+        initialized = all(c.started_at is not None if c.restartable
+                          else c.terminated is not None and c.terminated["exitCode"] == 0 for c in inits)
+        ready = bool(mains) and all(c.running for c in mains + [c for c in inits if c.restartable])
         status: JsonDict = {
             "phase": self._phase(),
             "hostIP": "127.0.0.1",
@@ -537,6 +591,9 @@ class PodWorker(threading.Thread):
         }
         if inits:
             status["initContainerStatuses"] = [c.status() for c in inits]
+        if self._deadline_exceeded:
+            status.update(reason="DeadlineExceeded",
+                          message="Pod was active on the node longer than the specified deadline")
         if self.agent.silent(self.pod["spec"].get("nodeName")):
             self._unreported = True  # the node's kubelet is cut off (a fault): the API shows the old status
             return self._retry_later("status", None)
