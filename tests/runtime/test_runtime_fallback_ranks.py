@@ -16,7 +16,7 @@ from pathlib import Path
 
 import boto3
 import pytest
-from torpor_harness import launch_ranks, logs, read_jsonl, wait_all, wait_for
+from torpor_harness import flip_a_byte, launch_ranks, logs, read_jsonl, wait_all, wait_for
 
 from faultproxy import FaultProxy
 from s3server import MinioServer
@@ -25,12 +25,6 @@ from torpor.storage import LocalStorage, Storage, open_storage
 
 SAVES = {"TORPOR_SAVE_STEPS": "4"}
 """Run 1 (8 steps) leaves CKP-1_4 and CKP-1_8; examples/train.py has 30 steps per epoch on 2 ranks."""
-
-
-def flip_a_byte(path: Path) -> None:
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0x01
-    path.write_bytes(bytes(data))
 
 
 def complete_names(store: Storage) -> list[str]:

@@ -29,6 +29,13 @@ def wait_for(condition: Callable[[], Any], *, timeout: float, what: str, interva
     return poll(condition, timeout=timeout, what=what, interval=interval)
 
 
+def flip_a_byte(path: Path) -> None:
+    """Corrupt a stored file in place: one bit in its middle (its size stays, its digest does not)."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """Complete lines of a JSON-lines file (a line being written is skipped)."""
     if not path.exists():
