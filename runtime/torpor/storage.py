@@ -869,17 +869,20 @@ class _S3Writer(ObjectWriter):
 
 
 def s3_client(settings: S3Settings | None = None, *, parameter_validation: bool = True,
-              sign_payload: bool = True) -> Any:
+              sign_payload: bool = True, endpoint_url: str | None = None,
+              credentials: tuple[str, str] | None = None) -> Any:
     """A boto3 S3 client configured as :class:`S3Storage` uses it (thread-safe, shareable).
 
     Endpoint and credentials from boto3's usual sources (``AWS_ENDPOINT_URL`` selects
-    path-style addressing for MinIO and other S3-compatible stores).
+    path-style addressing for MinIO and other S3-compatible stores), unless given:
+    ``endpoint_url`` and ``credentials`` (access key id, secret access key) serve a caller that
+    reaches several stores, such as the operator with each job's own.
     """
     import boto3
     from botocore.config import Config
 
     s = settings or S3Settings.from_environ()
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+    endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
     config = Config(
         retries={"max_attempts": s.max_attempts, "mode": "standard"},
         max_pool_connections=max(10, 2 * s.max_concurrency),
@@ -895,7 +898,8 @@ def s3_client(settings: S3Settings | None = None, *, parameter_validation: bool 
         response_checksum_validation="when_required",
         parameter_validation=parameter_validation,
     )
-    return boto3.session.Session().client("s3", endpoint_url=endpoint, config=config)
+    keys = {"aws_access_key_id": credentials[0], "aws_secret_access_key": credentials[1]} if credentials else {}
+    return boto3.session.Session().client("s3", endpoint_url=endpoint, config=config, **keys)
 
 
 def open_storage(uri: str | os.PathLike[str], *, s3: S3Settings | None = None, client: Any = None) -> Storage:
