@@ -72,3 +72,31 @@ def test_an_unreadable_secret_says_why() -> None:
     spec = CheckpointSpec(uri="s3://bucket/runs", credentials_secret="s3")
     error = unreadable(spec, "team", 'secrets "s3" is forbidden')
     assert error.reason == "CredentialsSecretUnreadable" and "is forbidden" in error.message
+
+
+def test_the_bucket_keeps_one_client_per_secret_version_and_reads_the_secret_every_pass(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from torpor_operator.bucket import Bucket
+    from torpor_operator.naming import JobRef
+    from torpor_operator.spec import parse_spec
+
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    versions = iter(["7", "7", "8"])
+    reads: list[tuple[str, str]] = []
+
+    def read(namespace: str, name: str) -> dict[str, Any]:
+        reads.append((namespace, name))
+        return secret(next(versions), **KEYS)
+
+    bucket = Bucket(1.0, secrets=read)
+    spec = parse_spec({"replicas": 1, "template": {"spec": {"containers": [{"name": "t", "image": "i"}]}},
+                       "checkpoint": {"uri": "s3://bucket/runs", "endpoint": "http://b:9000",
+                                      "credentialsSecret": "s3"}})
+    job = JobRef("mlp", "team", "uid")
+    first = bucket._client(bucket.access(spec, job))
+    assert bucket._client(bucket.access(spec, job)) is first  # the same version: the same client
+    rotated = bucket._client(bucket.access(spec, job))
+    assert rotated is not first and len(bucket._clients) == 1  # the old version's client is gone
+    assert reads == [("team", "s3")] * 3
+    assert rotated.meta.endpoint_url == "http://b:9000"
+    assert rotated._request_signer._credentials.access_key == "tenant-a"
