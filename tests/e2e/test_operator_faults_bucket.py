@@ -118,4 +118,6 @@ def test_s3_endpoint_blackholed_keeps_cordon_to_graceful_exit_prompt(e2e: Env, k
     # where none of the five was written within 180 s (botocore's 8 attempts and 60 s reads of the
     # blackholed listings filled the thread pool the API calls need).
     assert delays[-1] < GENEROUS_BOUND_SECONDS, delays
-    assert all(e2e.status(name).get("stopReason") == "Preemption" for name in measured)
+    # the status patch follows the flag in the same apply: await it (read at once, it may lag a moment)
+    e2e.wait("every measured job stopping for a preemption",
+             lambda: all(e2e.status(name).get("stopReason") == "Preemption" for name in measured), timeout=60)
