@@ -11,7 +11,9 @@ from __future__ import annotations
 from torpor import env as runtime_env
 
 __all__ = [
+    "ANNOTATION_AVOIDED_NODES",
     "ANNOTATION_EXIT_REQUESTED",
+    "ANNOTATION_POD_SHAPE",
     "ANNOTATION_RESUME_FROM",
     "API_VERSION",
     "DEFAULT_TERMINATION_LOG",
@@ -52,6 +54,14 @@ ANNOTATION_EXIT_REQUESTED = "torpor.dev/exit-requested-at"
 #: The checkpoint every rank of the incarnation resumes from (also in TORPOR_RESUME_FROM);
 #: read back so that a re-run of a half-applied restart keeps the same choice.
 ANNOTATION_RESUME_FROM = "torpor.dev/resume-from"
+#: What the pod was made from: ``part=digest`` of each part of the spec that shapes a rank's
+#: pod (:mod:`torpor_operator.shaping`); a live pod whose digests differ from the spec's is
+#: replaced through a graceful restart.
+ANNOTATION_POD_SHAPE = "torpor.dev/pod-shape"
+#: The nodes (comma-separated) the pod's required node affinity keeps it off because they were
+#: going away when it was made (:mod:`torpor_operator.placing`); an unscheduled pod is made
+#: again when one of them is back.
+ANNOTATION_AVOIDED_NODES = "torpor.dev/avoided-nodes"
 
 #: Key of the GracefulExit JSON file in the ConfigMap, and where the ConfigMap is mounted (as a
 #: directory: subPath mounts never see updates).

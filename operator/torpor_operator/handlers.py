@@ -67,8 +67,9 @@ from torpor_operator.contract import GROUP, LABEL_JOB, PLURAL, VERSION
 from torpor_operator.credentials import CREDENTIALS_REASONS, CredentialsError
 from torpor_operator.deleting import stop_ranks
 from torpor_operator.metrics import Metrics
-from torpor_operator.observing import CheckpointInfo, NodeView
+from torpor_operator.observing import CheckpointInfo, NodeView, avoided_nodes
 from torpor_operator.peering import blockers
+from torpor_operator.placing import node_change
 from torpor_operator.reconciling import Job, decide
 from torpor_operator.settings import OperatorSettings
 from torpor_operator.spec import SpecError
@@ -232,9 +233,17 @@ class Shell:
             asyncio.to_thread(self.kube.list_children, namespace, name),
         )
         checkpoints = await self._checkpoints(key, job, observed_at)
+        # the nodes hosting its ranks, the nodes a new rank may have to avoid (going away, lost),
+        # and those its pods avoid now (one that is back frees a Pending rank)
         hosts = {(p.get("spec") or {}).get("nodeName") for p in pods}
+        hosts.update(n for p in pods for n in avoided_nodes((p.get("metadata") or {}).get("annotations")))
         taints = self.settings.termination_taints
-        nodes = [n for node, n in self.nodes.items() if node in hosts or NodeView.from_dict(n).going_away(taints)]
+
+        def wanted(node: str, body: dict[str, Any]) -> bool:
+            view = NodeView.from_dict(body)
+            return node in hosts or view.going_away(taints) is not None or view.lost() is not None
+
+        nodes = [n for node, n in self.nodes.items() if wanted(node, n)]
         decision = decide(job, pods, nodes, checkpoints, datetime.now(UTC), self.settings, children)
         if not decision.empty:
             await asyncio.to_thread(self.kube.apply, namespace, name, decision)
@@ -583,29 +592,36 @@ def ranks_by_node(spec: dict[str, Any], labels: dict[str, str], namespace: str, 
     return {node: (namespace, labels[LABEL_JOB])} if node else {}
 
 
+@kopf.index("", "v1", "pods", labels={LABEL_JOB: kopf.PRESENT})
+def pending_by_avoided_node(spec: dict[str, Any], annotations: dict[str, str], labels: dict[str, str],
+                            namespace: str, **_: Any) -> dict[str, Any]:
+    """Which jobs have an unscheduled pod kept off which node, so that the node coming back
+    reaches the jobs whose Pending ranks may now be scheduled there."""
+    if spec.get("nodeName"):
+        return {}
+    return {node: (namespace, labels[LABEL_JOB]) for node in avoided_nodes(annotations)}
+
+
 @kopf.on.event("", "v1", "nodes")
 async def on_node(event: dict[str, Any], body: kopf.Body, name: str, memo: kopf.Memo,
-                  ranks_by_node: kopf.Index[str, tuple[str, str]], **_: Any) -> None:
+                  ranks_by_node: kopf.Index[str, tuple[str, str]],
+                  pending_by_avoided_node: kopf.Index[str, tuple[str, str]], **_: Any) -> None:
     """A node cordoned, given a termination taint or lost (NotReady, unreachable): reconcile every
-    job with a rank on it."""
+    job with a rank on it. A node back from that (uncordoned, untainted, Ready): reconcile every
+    job with a Pending rank kept off it."""
     shell = _shell(memo)
     if event.get("type") == "DELETED":
         shell.nodes.pop(name, None)
         return
     before = shell.nodes.get(name)
     shell.nodes[name] = dict(body)
-    taints = shell.settings.termination_taints
-
-    def why(node: dict[str, Any]) -> str | None:
-        view = NodeView.from_dict(node)
-        return view.going_away(taints) or view.lost()
-
-    was = why(before) if before else None
-    now = why(dict(body))
-    if now is None or now == was:
+    change = node_change(NodeView.from_dict(before) if before else None, NodeView.from_dict(dict(body)),
+                         shell.settings.termination_taints)
+    if change is None:
         return
     triggered_at = time.monotonic()
-    jobs = sorted(set(ranks_by_node.get(name, [])))
+    index = ranks_by_node if change == "away" else pending_by_avoided_node
+    jobs = sorted(set(index.get(name, [])))
     await asyncio.gather(*(shell.reconcile(ns, job, triggered_at=triggered_at) for ns, job in jobs))
 
 

@@ -12,7 +12,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from torpor_operator.contract import ANNOTATION_EXIT_REQUESTED, ANNOTATION_RESUME_FROM, LABEL_INCARNATION, LABEL_RANK
+from torpor_operator.contract import (
+    ANNOTATION_AVOIDED_NODES,
+    ANNOTATION_EXIT_REQUESTED,
+    ANNOTATION_POD_SHAPE,
+    ANNOTATION_RESUME_FROM,
+    LABEL_INCARNATION,
+    LABEL_RANK,
+)
+from torpor_operator.shaping import parse_digests
 
 if TYPE_CHECKING:
     from torpor.checkpoints import Checkpoint
@@ -21,12 +29,21 @@ __all__ = [
     "CheckpointInfo",
     "NodeView",
     "PodView",
+    "Taint",
+    "avoided_nodes",
     "checkpoint_infos",
     "format_time",
     "newest_complete",
     "parse_time",
     "preemption_signals",
 ]
+
+
+def avoided_nodes(annotations: Mapping[str, str] | None) -> tuple[str, ...]:
+    """The nodes named by a pod's ``torpor.dev/avoided-nodes`` annotation (for the shell's
+    index as well as for :class:`PodView`)."""
+    text = (annotations or {}).get(ANNOTATION_AVOIDED_NODES, "")
+    return tuple(n for n in (part.strip() for part in text.split(",")) if n)
 
 
 def parse_time(value: str | None) -> datetime | None:
@@ -99,6 +116,18 @@ class PodView:
     def resume_from(self) -> str | None:
         """The checkpoint the pod was told to resume from."""
         return self.annotations.get(ANNOTATION_RESUME_FROM)
+
+    @property
+    def avoided_nodes(self) -> tuple[str, ...]:
+        """The nodes the pod's required node affinity keeps it off (they were going away when
+        it was made); empty for a pod made without such a list."""
+        return avoided_nodes(self.annotations)
+
+    @property
+    def shape(self) -> dict[str, str]:
+        """The digests of the spec parts the pod was made from (:mod:`torpor_operator.shaping`);
+        empty for a pod made by an operator that did not record them."""
+        return parse_digests(self.annotations.get(ANNOTATION_POD_SHAPE, ""))
 
     @classmethod
     def from_dict(cls, pod: Mapping[str, Any], container: str) -> PodView | None:
@@ -175,12 +204,23 @@ OUT_OF_SERVICE_TAINT = "node.kubernetes.io/out-of-service"
 
 
 @dataclass(frozen=True)
+class Taint:
+    """One taint of a node, as the scheduler matches it against a pod's tolerations."""
+
+    key: str
+    value: str = ""
+    effect: str = ""
+    """``NoSchedule``, ``PreferNoSchedule`` or ``NoExecute``."""
+
+
+@dataclass(frozen=True)
 class NodeView:
     """A node's schedulability, readiness and taints."""
 
     name: str
     unschedulable: bool
     taints: tuple[str, ...]
+    """The taints' keys."""
     ready: str = "True"
     """Status of the node's ``Ready`` condition: ``True``, ``False`` or ``Unknown`` (the kubelet
     stopped reporting). A node without the condition reads as ready."""
@@ -188,6 +228,9 @@ class NodeView:
     """When the node was last seen reporting, for a lost node: its ``Ready`` condition's
     ``lastTransitionTime`` (the node controller's verdict), else the ``timeAdded`` of its
     unreachable / not-ready taint; ``None`` when neither says."""
+    taint_details: tuple[Taint, ...] = ()
+    """The taints with their values and effects (:mod:`torpor_operator.placing` matches them
+    against a template's tolerations)."""
 
     @classmethod
     def from_dict(cls, node: Mapping[str, Any]) -> NodeView:
@@ -206,6 +249,8 @@ class NodeView:
             taints=tuple(t.get("key", "") for t in taints),
             ready=str(ready.get("status") or "True"),
             lost_since=since,
+            taint_details=tuple(Taint(str(t.get("key") or ""), str(t.get("value") or ""), str(t.get("effect") or ""))
+                                for t in taints),
         )
 
     def gone_for_good(self, now: datetime, bound_seconds: float) -> bool:

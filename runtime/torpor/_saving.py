@@ -1,8 +1,9 @@
 """Writing one checkpoint: each rank's shard, extras and, last, its manifest.
 
 Replicated (DDP) state is written once: with ``integrated=True`` rank 0's shard holds the
-model, optimizer and scheduler, and every other rank writes only what is its own (RNG and
-loop position). Every rank writes a manifest all the same, so "complete = every rank's
+model, optimizer and scheduler, and every other rank writes only what is its own (RNG, loop
+position, and the position of a loader that keeps its own: ``rank_state``, see
+:mod:`torpor._user_state`). Every rank writes a manifest all the same, so "complete = every rank's
 manifest exists" holds whatever the layout. With ``integrated=False`` (sharded state) each
 rank writes its own model and optimizer state.
 
@@ -131,7 +132,11 @@ def capture(
     holds_model = _holds_model(options)
     network = _state.unwrap(args.network)
     scalars, info_tensors = _append_info(args, options.append_info)
-    rng = args.rng_before_lookahead or _state.RngState.capture(loader_generators(args.train_dataset))
+    before: _state.BeforeLookahead | None = args.before_lookahead
+    rng = before.rng if before is not None else _state.RngState.capture(loader_generators(args.train_dataset))
+    # A loader that keeps its own position: this rank's own, in every rank's shard (like its generators).
+    positioned = _user_state.key_of(args.state, args.train_dataset)
+    shared_state = {k: v for k, v in args.state.items() if k != positioned}
     rng_doc, rng_tensors = rng.to_parts()
     epoch_rng_doc, epoch_rng_tensors = (args.epoch_rng.to_parts() if args.epoch_rng is not None else (None, {}))
     consumed = args.cur_step_num * options.global_batch_size if options.global_batch_size else None
@@ -155,14 +160,18 @@ def capture(
         "epoch_rng": epoch_rng_tensors,
         "append_info": info_tensors,
     }
+    if positioned is not None:
+        loader = args.state[positioned]
+        taken = before.positions if before is not None else {positioned: _user_state.position(loader)}
+        payload["rank_state"] = _user_state.capture({positioned: loader}, taken)
     if holds_model:
         payload["model"] = _state.local_state(network.state_dict())
         if args.optimizer is not None:
             payload["optimizer"] = _state.local_state(args.optimizer.state_dict())
         if args.lr_scheduler is not None:
             payload["lr_scheduler"] = args.lr_scheduler.state_dict()
-        if args.state:
-            payload["state"] = _state.local_state(_user_state.capture(args.state))
+        if shared_state:
+            payload["state"] = _state.local_state(_user_state.capture(shared_state))
         if options.trainable_params:
             payload["_trainable"] = _state.local_state(
                 {k: p.detach() for k, p in network.named_parameters() if p.requires_grad})
