@@ -32,7 +32,7 @@ from torpor_operator.applying import api_message
 from torpor_operator.credentials import S3Access, job_access, unreadable
 from torpor_operator.naming import JobRef
 from torpor_operator.observing import CheckpointInfo, checkpoint_infos
-from torpor_operator.pruning import stale_upload_keys, to_prune
+from torpor_operator.pruning import held_by_uploads, stale_upload_keys, to_prune
 from torpor_operator.spec import TrainingJobSpec
 
 __all__ = ["Bucket", "PruneResult"]
@@ -132,8 +132,16 @@ class Bucket:
         where, storage = self._storage(spec, job)
         scanned = scan(storage, cache=self._caches.setdefault(where, ManifestCache()))
         doomed = to_prune(spec.checkpoint, scanned, protected=[resume_from or ""])
+        aborted = 0
+        stale = stale_upload_keys(doomed)
+        if stale and hasattr(storage, "multipart_uploads"):
+            abort, kept = held_by_uploads(doomed, storage.multipart_uploads(stale),
+                                          time.time() - self.stale_upload_seconds)
+            for upload in abort:
+                storage.abort_upload(upload)
+            aborted = len(abort)
+            doomed = [c for c in doomed if c.name not in kept]
         keys = delete_checkpoints(storage, doomed) if doomed else 0
-        aborted = self._abort_uploads(storage, doomed, time.time() - self.stale_upload_seconds)
         if doomed:
             log.info("pruned %d checkpoints (%d keys) of %s: %s", len(doomed), keys, job.key,
                      ", ".join(c.name for c in doomed))
@@ -147,19 +155,9 @@ class Bucket:
         where, storage = self._storage(spec, job)
         scanned = scan(storage)
         self._caches.pop(where, None)
-        keys = delete_checkpoints(storage, scanned)
-        self._abort_uploads(storage, scanned, time.time() + 1.0, whole_prefix=True)
-        return keys
-
-    @staticmethod
-    def _abort_uploads(storage: Storage, checkpoints: list[Checkpoint], older_than: float, *,
-                       whole_prefix: bool = False) -> int:
-        """Abort the uploads older than ``older_than`` of the shards ``checkpoints`` lack, and with
-        ``whole_prefix`` every one under the prefix (AWS lists those; MinIO only per exact key)."""
-        if not hasattr(storage, "abort_stale_uploads"):
-            return 0
-        stale = stale_upload_keys(checkpoints)
-        aborted = int(storage.abort_stale_uploads(older_than, keys=stale)) if stale else 0
-        if whole_prefix:
-            aborted += int(storage.abort_stale_uploads(older_than))
-        return aborted
+        if hasattr(storage, "abort_stale_uploads"):  # no rank is left: every upload is a dead one
+            stale = stale_upload_keys(scanned)
+            if stale:  # MinIO lists uploads only per exact key: the missing shards'
+                storage.abort_stale_uploads(time.time() + 1.0, keys=stale)
+            storage.abort_stale_uploads(time.time() + 1.0)  # AWS: the whole prefix
+        return delete_checkpoints(storage, scanned)

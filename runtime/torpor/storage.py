@@ -47,6 +47,17 @@ to be hashed while still in the CPU cache."""
 
 
 @dataclass(frozen=True)
+class Upload:
+    """One multipart upload in progress, as the store lists it."""
+
+    key: str
+    """Relative to the store's prefix."""
+    upload_id: str
+    initiated: float
+    """When it was started, epoch seconds by the store's clock."""
+
+
+@dataclass(frozen=True)
 class ObjectInfo:
     """One stored object, as a listing reports it."""
 
@@ -575,31 +586,46 @@ class S3Storage:
                     f"{first.get('Code')} {first.get('Message')}"
                 )
 
-    def abort_stale_uploads(self, older_than: float, keys: Iterable[str] | None = None) -> int:
-        """Abort multipart uploads started before ``older_than`` (epoch seconds).
+    def multipart_uploads(self, keys: Iterable[str] | None = None) -> list[Upload]:
+        """The multipart uploads in progress: of ``keys`` (relative), or under the whole prefix.
 
-        A save killed mid-upload leaves parts that cost storage but never become an object;
-        the operator's retention calls this. AWS lists uploads under the whole prefix; MinIO
-        lists them only for an exact key, so pass ``keys`` (e.g. the missing shards of an
-        incomplete checkpoint) to reach those too. A bucket lifecycle rule
-        (``AbortIncompleteMultipartUpload``) is the belt to these braces.
-
-        Returns:
-            How many uploads were aborted.
+        AWS lists uploads under a prefix; MinIO lists them only for an exact key, so pass
+        ``keys`` (e.g. the missing shards of an incomplete checkpoint) to reach those too.
         """
         client = self._client()
         root = f"{self._prefix}/" if self._prefix else ""
         prefixes = [self._key(k) for k in keys] if keys is not None else [root]
-        aborted = 0
+        found: list[Upload] = []
         for prefix in prefixes:
             for page in client.get_paginator("list_multipart_uploads").paginate(Bucket=self._bucket, Prefix=prefix):
                 for upload in page.get("Uploads", []):
-                    if upload["Initiated"].timestamp() < older_than:
-                        client.abort_multipart_upload(
-                            Bucket=self._bucket, Key=upload["Key"], UploadId=upload["UploadId"]
-                        )
-                        aborted += 1
-        return aborted
+                    key = upload["Key"][len(root):] if upload["Key"].startswith(root) else upload["Key"]
+                    found.append(Upload(key, upload["UploadId"], upload["Initiated"].timestamp()))
+        return found
+
+    def abort_upload(self, upload: Upload) -> None:
+        """Abort one multipart upload (its parts are freed; an upload already gone is no error)."""
+        try:
+            self._client().abort_multipart_upload(Bucket=self._bucket, Key=self._key(upload.key),
+                                                  UploadId=upload.upload_id)
+        except Exception as exc:
+            if _code(exc) != "NoSuchUpload":
+                raise
+
+    def abort_stale_uploads(self, older_than: float, keys: Iterable[str] | None = None) -> int:
+        """Abort multipart uploads started before ``older_than`` (epoch seconds).
+
+        A save killed mid-upload leaves parts that cost storage but never become an object;
+        the operator's retention calls this. ``keys`` as in :meth:`multipart_uploads`. A bucket
+        lifecycle rule (``AbortIncompleteMultipartUpload``) is the belt to these braces.
+
+        Returns:
+            How many uploads were aborted.
+        """
+        stale = [u for u in self.multipart_uploads(keys) if u.initiated < older_than]
+        for upload in stale:
+            self.abort_upload(upload)
+        return len(stale)
 
     def __repr__(self) -> str:
         return f"S3Storage({self.uri!r})"

@@ -29,9 +29,10 @@ if TYPE_CHECKING:  # the fixtures' types; conftest modules are not importable by
 
 pytestmark = pytest.mark.cluster
 
-#: Multipart uploads of a doomed incomplete checkpoint older than a second are stale here (the
-#: default is an hour), so a test can make one without waiting for it to age.
-OPERATOR_ENV = {"TORPOR_STALE_UPLOAD_SECONDS": "1"}
+#: Multipart uploads of a doomed incomplete checkpoint older than 5 s are stale here (the default
+#: is an hour), so a test can make one without waiting long for it to age; longer than a retention
+#: pass (2 s), so the first pass after a simulated kill always meets a young upload.
+OPERATOR_ENV = {"TORPOR_STALE_UPLOAD_SECONDS": "5"}
 
 
 def keep_everything(body: dict[str, Any]) -> dict[str, Any]:
@@ -91,15 +92,17 @@ def test_a_stale_multipart_upload_of_a_killed_save_is_aborted(e2e: Env) -> None:
     names = e2e.wait("the operator's retention", lambda: settled(e2e, 3), timeout=60)  # steps 12, 16, 20
 
     # the oldest kept save, as if rank 1 was killed while uploading its shard: its shard is an
-    # incomplete multipart upload (one part stored), it never wrote its manifest
+    # incomplete multipart upload (one part stored), it never wrote its manifest. The upload
+    # first, as a save makes it; a pass may come at any moment after the delete, while the upload
+    # is younger than the bound: the checkpoint must then wait for a later pass, not go without it.
     s3 = boto3.client("s3")
     prefix = f"runs/{e2e.ns}/mlp"
     killed = names[0]
     shard = f"{prefix}/{file_key(killed, 1, FileKind.SHARD)}"
-    s3.delete_objects(Bucket=e2e.bucket, Delete={"Objects": [
-        {"Key": shard}, {"Key": f"{prefix}/{file_key(killed, 1, FileKind.MANIFEST)}"}]})
     upload = s3.create_multipart_upload(Bucket=e2e.bucket, Key=shard)["UploadId"]
     s3.upload_part(Bucket=e2e.bucket, Key=shard, UploadId=upload, PartNumber=1, Body=b"x" * (5 << 20))
+    s3.delete_objects(Bucket=e2e.bucket, Delete={"Objects": [
+        {"Key": shard}, {"Key": f"{prefix}/{file_key(killed, 1, FileKind.MANIFEST)}"}]})
 
     def uploads() -> list[str]:
         return [u["UploadId"] for u in s3.list_multipart_uploads(Bucket=e2e.bucket, Prefix=shard).get("Uploads", [])]
