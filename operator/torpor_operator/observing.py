@@ -17,6 +17,7 @@ from torpor_operator.contract import (
     ANNOTATION_EXIT_REQUESTED,
     ANNOTATION_POD_SHAPE,
     ANNOTATION_RESUME_FROM,
+    ANNOTATION_SIDECARS_STOPPED,
     LABEL_INCARNATION,
     LABEL_RANK,
 )
@@ -101,11 +102,23 @@ class PodView:
     """Why a Pending pod has not started, in the cluster's words: ``Unschedulable: 0/2 nodes…``
     (its ``PodScheduled`` condition) or a container's waiting reason and message
     (``ImagePullBackOff: …``, ``CreateContainerConfigError: …``); empty when nothing says."""
+    sidecars: tuple[str, ...] = ()
+    """The pod's other (regular) containers that have not ended: a log shipper or a mesh proxy
+    keeps the pod Running after the training container has ended."""
 
     @property
     def terminated(self) -> bool:
-        """The rank has ended for good (``restartPolicy: Never``)."""
-        return self.phase in ("Succeeded", "Failed")
+        """The rank has ended for good (``restartPolicy: Never``): its pod has, or its training
+        container has while sidecars keep the pod Running."""
+        return self.phase in ("Succeeded", "Failed") or self.termination is not None
+
+    @property
+    def sidecars_outlive_trainer(self) -> bool:
+        """The training container has ended, other containers still run and nobody has stopped
+        them yet (the pod is not being deleted, the operator has not marked it): without help the
+        pod would stay Running for ever."""
+        return (self.termination is not None and bool(self.sidecars) and self.phase not in ("Succeeded", "Failed")
+                and not self.deleting and ANNOTATION_SIDECARS_STOPPED not in self.annotations)
 
     @property
     def exit_requested_at(self) -> str | None:
@@ -154,10 +167,15 @@ class PodView:
                     message=terminated.get("message") or "",
                     finished_at=parse_time(terminated.get("finishedAt")),
                 )
+        annotations = dict(meta.get("annotations") or {})
+        reason, message = status.get("reason"), status.get("message") or ""
+        if reason == "DeadlineExceeded" and ANNOTATION_SIDECARS_STOPPED in annotations:
+            # the deadline is the operator's way of stopping the sidecars of an ended trainer, not the rank's end
+            reason, message = None, ""
         return cls(
             name=meta.get("name", ""),
             incarnation=incarnation,
-            status_message=status.get("message") or "",
+            status_message=message,
             init_failure=_init_failure(pod),
             rank=rank,
             phase=status.get("phase") or "Pending",
@@ -166,12 +184,23 @@ class PodView:
             deleting=bool(meta.get("deletionTimestamp")),
             disruption=(disruption.get("reason") or "DisruptionTarget")
             if disruption and disruption.get("status") == "True" else None,
-            status_reason=status.get("reason"),
+            status_reason=reason,
             termination=termination,
-            annotations=dict(meta.get("annotations") or {}),
+            annotations=annotations,
             created=parse_time(meta.get("creationTimestamp")),
             not_starting=_not_starting(status, conditions),
+            sidecars=_sidecars(pod, container),
         )
+
+
+def _sidecars(pod: Mapping[str, Any], container: str) -> tuple[str, ...]:
+    """The regular containers other than ``container`` that have not ended (by their status; a
+    container without one has not started yet). Native sidecars are init containers: not here."""
+    statuses = {cs.get("name"): cs for cs in (pod.get("status") or {}).get("containerStatuses") or []}
+    names = [c.get("name") for c in (pod.get("spec") or {}).get("containers") or []]
+    names += [n for n in statuses if n not in names]
+    return tuple(str(n) for n in names if n != container
+                 and not ((statuses.get(n) or {}).get("state") or {}).get("terminated"))
 
 
 def _not_starting(status: Mapping[str, Any], conditions: Mapping[str, Any]) -> str:

@@ -36,6 +36,7 @@ from torpor_operator.observing import (
     preemption_signals,
 )
 from torpor_operator.outcomes import Outcome, RankOutcome, classify
+from torpor_operator.owning import Stale, controlled_by, free_incarnation, incarnation_of, stale_objects
 from torpor_operator.placing import nodes_back, nodes_to_avoid
 from torpor_operator.pods import build_pod
 from torpor_operator.settings import OperatorSettings
@@ -87,6 +88,7 @@ class _Plan:
     delete: list[ObjectRef] = field(default_factory=list)
     graceful_exit: tuple[str, int] | None = None
     annotate: list[tuple[str, dict[str, str]]] = field(default_factory=list)
+    stop_sidecars: list[str] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
     requeue_after: float | None = None
 
@@ -110,6 +112,8 @@ class _World:
     """Services, ConfigMaps and PDBs by (kind, name)."""
     now: datetime
     settings: OperatorSettings
+    stale: tuple[Stale, ...] = ()
+    """What an earlier job of this name left (:mod:`torpor_operator.owning`): never acted on, it only holds names."""
 
     @property
     def spec(self) -> TrainingJobSpec:
@@ -146,27 +150,33 @@ def decide(
 
     Args:
         job: the observed job.
-        pods: every pod labelled with the job's name, as API dicts.
+        pods: every pod labelled with the job's name, as API dicts. Only those the job controls
+            (by uid) are its ranks; the others only hold names (:mod:`torpor_operator.owning`).
         nodes: nodes as API dicts (at least those hosting the job's pods).
         checkpoints: the job's checkpoints in the bucket, or ``None`` when the bucket could
             not be listed (the ranks then resolve "newest complete" themselves).
         now: the current time (timezone-aware).
         settings: the operator's settings.
-        children: the job's Services, ConfigMaps and PodDisruptionBudgets, as API dicts.
+        children: the Services, ConfigMaps and PodDisruptionBudgets labelled with the job's name,
+            as API dicts; as for pods, only those it controls are its own.
 
     Returns:
         The actions; deciding again on the state they produce never repeats a creation or a count.
     """
-    container = job.spec.training_container
-    views = tuple(v for v in (PodView.from_dict(p, container) for p in pods) if v is not None)
+    container, uid = job.spec.training_container, job.ref.uid
+    pods, children = list(pods), list(children)
+    views = tuple(v for v in (PodView.from_dict(p, container) for p in pods if controlled_by(p, uid))
+                  if v is not None)
     world = _World(
         job=job,
         pods=views,
         nodes={v.name: v for v in (NodeView.from_dict(n) for n in nodes)},
         checkpoints=checkpoints,
-        children={(c.get("kind", ""), (c.get("metadata") or {}).get("name", "")): c for c in children},
+        children={(c.get("kind", ""), (c.get("metadata") or {}).get("name", "")): c for c in children
+                  if controlled_by(c, uid)},
         now=now,
         settings=settings,
+        stale=(*stale_objects(pods, job.ref.name, uid, kind="Pod"), *stale_objects(children, job.ref.name, uid)),
     )
     plan = _Plan(status=dataclasses.replace(job.status, observed_generation=job.generation))
     _refresh_last_checkpoint(world, plan)
@@ -183,12 +193,14 @@ def decide(
         _suspended(world, plan)
     else:  # Succeeded, Failed: pods stay for their logs; finish a half-applied release
         _release(world, plan)
+    _stop_sidecars(world, plan)
     _refresh_ready(world, plan)
     return Decision(
         create=tuple(plan.create),
         delete=tuple(dict.fromkeys(plan.delete)),
         graceful_exit=plan.graceful_exit,
         annotate=tuple(plan.annotate),
+        stop_sidecars=tuple(plan.stop_sidecars),
         status=merge_patch(job.status, plan.status),
         events=tuple(plan.events),
         requeue_after=plan.requeue_after,
@@ -221,6 +233,29 @@ def _refresh_last_checkpoint(world: _World, plan: _Plan) -> None:
     newest = newest_complete(world.checkpoints)
     if newest is not None:
         plan.update(last_checkpoint=LastCheckpoint(newest.name, newest.step, format_time(newest.time)))
+
+
+def _stop_sidecars(world: _World, plan: _Plan) -> None:
+    """Stop the other containers of pods whose training container has ended.
+
+    A regular sidecar (a log shipper, a service-mesh proxy) keeps its pod Running after the
+    trainer exits; the rank's outcome is read from the trainer's status all the same, but the
+    sidecar would hold the node's capacity for ever. ``activeDeadlineSeconds: 1`` makes the
+    kubelet stop every container the way it stops a pod (SIGTERM, the grace period) and keep
+    the pod, with the trainer's status and logs (``kubectl logs POD -c TRAINER``), as Job
+    pods are kept; deleting the pod would lose both. Pods this decision deletes need nothing."""
+    deleting = {r.name for r in plan.delete if r.kind == "Pod"}
+    pods = [p for p in world.pods if p.sidecars_outlive_trainer and p.name not in deleting]
+    if not pods:
+        return
+    plan.stop_sidecars += [p.name for p in pods]
+    containers = ", ".join(sorted({c for p in pods for c in p.sidecars}))
+    ranks = ", ".join(str(p.rank) for p in sorted(pods, key=lambda p: (p.incarnation, p.rank)))
+    many = len(pods) > 1
+    plan.events.append(Event("Normal", "SidecarsStopped",
+                             f"the training container of rank{'s' if many else ''} {ranks} has ended; stopping the "
+                             f"other containers of {'their pods' if many else 'its pod'} ({containers}) with "
+                             "activeDeadlineSeconds"))
 
 
 def _refresh_ready(world: _World, plan: _Plan) -> None:
@@ -316,7 +351,14 @@ def _start(world: _World, plan: _Plan) -> None:
 
 
 def _launch(world: _World, plan: _Plan, incarnation: int, reason: str, why: str) -> None:
-    """Start ``incarnation``: fresh children, every rank told the same checkpoint."""
+    """Start ``incarnation`` — or the first after it whose names no earlier job of this name
+    holds (:func:`torpor_operator.owning.free_incarnation`): fresh children, every rank told the
+    same checkpoint."""
+    own = [p.incarnation for p in world.pods] + [n for n in map(incarnation_of, world.children.values())
+                                                 if n is not None]
+    incarnation, skipped = free_incarnation(incarnation, own, world.stale, world.job.ref.name)
+    if skipped is not None:
+        plan.events.append(skipped)
     existing = [p.resume_from for p in world.pods_of(incarnation) if p.resume_from is not None]
     if existing:  # a half-applied launch: keep the choice the created pods already carry
         resume_from = existing[0]
