@@ -129,6 +129,12 @@ class KubeClient:
                 PEERING_GROUP, PEERING_VERSION, namespace, "kopfpeerings", name))
         return None if body is None else dict(body.get("status") or {})
 
+    def read_secret(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The Secret as the API sends it (``data`` base64-encoded), or ``None`` if it does not exist.
+        Read raw: the client's model would be serialised back to a dict for nothing."""
+        response = _ignore(404, lambda: self.core.read_namespaced_secret(name, namespace, _preload_content=False))
+        return None if response is None else dict(json.loads(response.data))
+
     def list_pods(self, namespace: str, job: str) -> list[dict[str, Any]]:
         """Every pod labelled with the job's name, all incarnations (also those an earlier job of
         the name left: :func:`torpor_operator.owning.controlled_by` tells them apart)."""
@@ -284,6 +290,10 @@ class KubeClient:
         }[obj["kind"]]
         if _ignore(409, lambda: create(namespace, obj)) is None:
             log.info("%s %s/%s exists already", obj["kind"], namespace, obj["metadata"]["name"])
+
+    def delete_object(self, namespace: str, ref: ObjectRef) -> None:
+        """Delete one child (a 404 is not an error)."""
+        self._delete(namespace, ref)
 
     def _delete(self, namespace: str, ref: ObjectRef) -> None:
         delete = {
