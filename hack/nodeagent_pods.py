@@ -34,10 +34,12 @@ mounted at `terminationMessagePath`. How one container process is run and reaped
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -167,6 +169,10 @@ class PodWorker(threading.Thread):
             self._crashed(exc)
         finally:
             self._kill_all(signal.SIGKILL)
+            for container in self.containers:  # reap them: a killed child never waited for stays a zombie
+                if container.proc is not None:
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        container.proc.wait(timeout=10)
             self.agent.worker_done(self)
 
     def _run(self) -> None:
