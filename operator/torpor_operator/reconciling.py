@@ -377,12 +377,13 @@ def _abandon_peers_of_lost(world: _World, plan: _Plan, live: list[PodView]) -> s
     for p in todo:
         plan.delete.append(ObjectRef("v1", "Pod", p.name, grace_period_seconds=grace))
     if todo:
-        ranks = ", ".join(str(p.rank) for p in todo)
-        gone = ", ".join(f"{p.rank} (node {p.node})" for p in lost)
+        ranks = ("rank " if len(todo) == 1 else "ranks ") + ", ".join(str(p.rank) for p in todo)
+        gone = ("rank " if len(lost) == 1 else "ranks ") + ", ".join(f"{p.rank} (node {p.node})" for p in lost)
         plan.events.append(Event("Warning", "PeersOfLostRankDeleted",
-                                 f"ranks {ranks} cannot finish a save without rank {gone}, which is on a lost "
-                                 f"node: deleting them with grace {grace}s rather than waiting exitDeadlineSeconds "
-                                 "and their grace period; the job resumes from the newest complete checkpoint"))
+                                 f"{ranks} cannot finish a save without {gone}, lost with its node: deleting "
+                                 f"{'it' if len(todo) == 1 else 'them'} with grace {grace}s rather than waiting "
+                                 "out exitDeadlineSeconds and the grace period; the job resumes from the newest "
+                                 "complete checkpoint"))
     return {p.name for p in peers}
 
 
