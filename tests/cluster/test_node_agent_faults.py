@@ -1,5 +1,6 @@
 """The node agent's fault hooks against the real control plane: a reclaimed node, a vanished
-node (its processes frozen), a node that stops reporting, a pod held in Terminating; and the agent outliving a kube-apiserver restart.
+node (its processes frozen), a node that stops reporting, a pod held in Terminating; and the
+agent outliving a kube-apiserver restart.
 
 What is asserted is what the operator would see through the API (the node's Ready condition,
 the pod's phase and deletion) and what really happened to the processes (/proc). Each test
