@@ -48,6 +48,12 @@ Nodes (`<prefix>-0` … `<prefix>-N-1`) against a real API server:
     (after `--node-monitor-grace-period`, see `hack/controlplane.py`). Nothing about the
     node's pods reaches the API any more (no status, no deletion is finished), and no new
     pod bound to it starts — there is no kubelet.
+  - `vanish(node)`: the node is gone like a VM that vanished mid-flight (reclaimed, powered
+    off, cut from the network): heartbeats and pod updates stop as for `reclaim`, but its
+    pods' processes are SIGSTOPped, not killed. Their TCP connections stay open and nothing
+    answers on them, so a peer blocked in a collective with them stays blocked (a SIGKILL
+    would reset the connections and the peer would fail at once). `restore(node)` and `stop()`
+    SIGKILL them: a VM that comes back has rebooted.
   - `make_not_ready(node)`: a kubelet cut off from the API (a network partition): the
     heartbeats, the Lease and every pod update stop as above, but the processes keep
     running; what the API asks of its pods meanwhile (a deletion) is seen on `restore`.
@@ -180,6 +186,8 @@ class NodeAgent:
         self._silent: set[str] = set()
         self._held: dict[str, tuple[str, JsonDict]] = {}
         self._undeletable: set[tuple[str, str]] = set()
+        # vanish: the process groups SIGSTOPped per node, SIGKILLed by `restore` / `stop`.
+        self._frozen: dict[str, list[int]] = {}
         # One boot per agent: re-registering a Node (after a 404) must not look like a reboot.
         self._boot_ids = {name: str(uuid.uuid4()) for name in self.node_names}
 
@@ -214,6 +222,8 @@ class NodeAgent:
         self._started = False
         self._stop.set()
         self.kube.close()
+        for node in list(self._frozen):
+            self._kill_frozen(node)
         with self._lock:
             workers = list(self._workers.values())
         for worker in workers:
@@ -291,13 +301,38 @@ class NodeAgent:
         log.info("node agent: node %s reclaimed (killed %s)", node, killed)
         return killed
 
+    def vanish(self, node: str) -> list[int]:
+        """The node vanishes without a trace: heartbeats stop, its pods' processes are SIGSTOPped
+        (connections open, nothing answers) and nothing is reported. Returns the stopped
+        process group IDs; `restore` or `stop` SIGKILLs them."""
+        self._silence(node)
+        with self._lock:
+            workers = [w for w in self._workers.values() if w.pod["spec"].get("nodeName") == node]
+        frozen = [pid for w in workers for pid in w.pids()]
+        self._frozen.setdefault(node, []).extend(frozen)
+        for worker in workers:
+            worker.kill(signal.SIGSTOP)
+        log.info("node agent: node %s vanished (stopped %s)", node, frozen)
+        return frozen
+
+    def _kill_frozen(self, node: str) -> None:
+        """SIGKILL (then SIGCONT, so the kill is delivered at once) what `vanish` stopped on `node`."""
+        for pgid in self._frozen.pop(node, []):
+            for sig in (signal.SIGKILL, signal.SIGCONT):
+                try:
+                    os.killpg(pgid, sig)
+                except ProcessLookupError:
+                    break
+
     def make_not_ready(self, node: str) -> None:
         """The node's kubelet loses the API: heartbeats and pod updates stop, processes keep running."""
         self._silence(node)
         log.info("node agent: node %s stopped reporting", node)
 
     def restore(self, node: str) -> None:
-        """Undo `reclaim` / `make_not_ready`: heartbeats resume and the held pod events are replayed."""
+        """Undo `reclaim` / `vanish` / `make_not_ready`: heartbeats resume and the held pod events
+        are replayed (a vanished node's processes are SIGKILLed first: it has rebooted)."""
+        self._kill_frozen(node)
         with self._lock:
             self._silent.discard(node)
             held = [self._held.pop(uid) for uid in list(self._held)

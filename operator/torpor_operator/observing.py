@@ -105,6 +105,9 @@ class PodView:
     sidecars: tuple[str, ...] = ()
     """The pod's other (regular) containers that have not ended: a log shipper or a mesh proxy
     keeps the pod Running after the training container has ended."""
+    deletion_grace: int | None = None
+    """``metadata.deletionGracePeriodSeconds`` of a pod being deleted: the grace period its
+    deletion was given (a later deletion may only shorten it)."""
 
     @property
     def terminated(self) -> bool:
@@ -190,7 +193,15 @@ class PodView:
             created=parse_time(meta.get("creationTimestamp")),
             not_starting=_not_starting(status, conditions),
             sidecars=_sidecars(pod, container),
+            deletion_grace=_int_or_none(meta.get("deletionGracePeriodSeconds")),
         )
+
+
+def _int_or_none(value: Any) -> int | None:
+    try:
+        return None if value is None else int(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def _sidecars(pod: Mapping[str, Any], container: str) -> tuple[str, ...]:

@@ -51,6 +51,12 @@ __all__ = ["Decision", "Event", "Job", "ObjectRef", "decide"]  # the output type
 MAX_REQUEUE_SECONDS = 30.0
 #: Stops in which every rank is asked to save (GracefulExit) and given exitDeadlineSeconds.
 _GRACEFUL_STOPS = ("Preemption", "Suspend", "SpecChanged")
+#: Grace period, seconds, of the live ranks of an incarnation one of whose ranks is on a node
+#: gone for good (:func:`_abandon_peers_of_lost`). They are blocked in a collective with a rank
+#: that will never answer, so neither SIGTERM nor a longer wait lets them save. Not 0: a grace
+#: keeps each pod in the API until its kubelet has stopped the process, so the next incarnation
+#: never starts beside a rank of this one; a few seconds is all that costs.
+PEERS_OF_LOST_RANK_GRACE_SECONDS = 5
 
 
 @dataclass(frozen=True)
@@ -314,6 +320,14 @@ def _live(pods: Iterable[PodView]) -> list[PodView]:
     return [p for p in pods if not p.terminated]
 
 
+def _lost_for_good(world: _World, pods: Iterable[PodView]) -> list[PodView]:
+    """The pods on nodes no kubelet will ever finish (:meth:`NodeView.gone_for_good` with
+    ``TORPOR_LOST_NODE_FORCE_DELETE_SECONDS``)."""
+    bound = world.settings.lost_node_force_delete_seconds
+    return [p for p in pods if (node := world.nodes.get(p.node or "")) is not None
+            and node.gone_for_good(world.now, bound)]
+
+
 def _release_lost(world: _World, plan: _Plan, live: list[PodView]) -> list[PodView]:
     """Force-delete (grace 0) the live pods of nodes gone for good; returns the others.
 
@@ -324,10 +338,11 @@ def _release_lost(world: _World, plan: _Plan, live: list[PodView]) -> list[PodVi
     bound passes. The rank had no chance to save: the job resumes from the newest complete
     checkpoint, like after any preemption."""
     bound = world.settings.lost_node_force_delete_seconds
+    released = {p.name for p in _lost_for_good(world, live)}
     kept = []
     for p in live:
         node = world.nodes.get(p.node or "")
-        if node is not None and node.gone_for_good(world.now, bound):
+        if p.name in released and node is not None:
             plan.delete.append(ObjectRef("v1", "Pod", p.name, grace_period_seconds=0))
             plan.events.append(Event("Warning", "LostNodePodDeleted",
                                      f"force-deleted rank {p.rank} (pod {p.name}): node {node.name} is "
@@ -337,6 +352,39 @@ def _release_lost(world: _World, plan: _Plan, live: list[PodView]) -> list[PodVi
         if node is not None and node.lost() and node.lost_since is not None:
             plan.requeue((node.lost_since + timedelta(seconds=bound) - world.now).total_seconds())
     return kept
+
+
+def _abandon_peers_of_lost(world: _World, plan: _Plan, live: list[PodView]) -> set[str]:
+    """Delete promptly (grace :data:`PEERS_OF_LOST_RANK_GRACE_SECONDS`) the live ranks whose peer
+    is on a node gone for good; returns their names.
+
+    A node that vanishes (a VM powered off or cut off) resets none of its connections, so the
+    ranks on healthy nodes stay blocked in a collective with its rank — gloo waits its whole
+    timeout — and the stop step they would agree on needs that rank too. Once the lost rank is
+    force-deleted (:func:`_release_lost`) none of them can finish a save: waiting the rest of
+    ``exitDeadlineSeconds`` and then their grace period (SIGTERM does not reach a rank inside
+    a collective) would only delay the restart from the newest complete checkpoint by minutes.
+    A rank that already saved and exited is not live and not touched; one already being deleted
+    with a longer grace is deleted again with the short one (a later deletion may shorten it).
+    These deletions come before the force deletions in the plan: an operator that dies between
+    the two leaves the lost rank, and so this decision, for its next pass."""
+    lost = _lost_for_good(world, live)
+    if not lost:
+        return set()
+    grace = PEERS_OF_LOST_RANK_GRACE_SECONDS
+    peers = [p for p in live if p not in lost]
+    todo = [p for p in peers if not p.deleting or p.deletion_grace is None or p.deletion_grace > grace]
+    for p in todo:
+        plan.delete.append(ObjectRef("v1", "Pod", p.name, grace_period_seconds=grace))
+    if todo:
+        ranks = ("rank " if len(todo) == 1 else "ranks ") + ", ".join(str(p.rank) for p in todo)
+        gone = ("rank " if len(lost) == 1 else "ranks ") + ", ".join(f"{p.rank} (node {p.node})" for p in lost)
+        plan.events.append(Event("Warning", "PeersOfLostRankDeleted",
+                                 f"{ranks} cannot finish a save without {gone}, lost with its node: deleting "
+                                 f"{'it' if len(todo) == 1 else 'them'} with grace {grace}s rather than waiting "
+                                 "out exitDeadlineSeconds and the grace period; the job resumes from the newest "
+                                 "complete checkpoint"))
+    return {p.name for p in peers}
 
 
 # --- phases --------------------------------------------------------------------------------
@@ -660,6 +708,7 @@ def _stopping(world: _World, plan: _Plan) -> None:
     """Wait for every rank of the incarnation to exit; delete stragglers past the deadline."""
     s = plan.status
     current = world.pods_of(s.incarnation)
+    abandoned = _abandon_peers_of_lost(world, plan, _live(current))
     live = _release_lost(world, plan, _live(current))
     requested = parse_time(s.stop_requested_at) or world.now
     deadline = requested + timedelta(seconds=world.spec.graceful_exit.exit_deadline_seconds)
@@ -668,9 +717,9 @@ def _stopping(world: _World, plan: _Plan) -> None:
         # before the flag must end in the state it would have reached, flag included.
         if live or world.exists("ConfigMap", config_map_name(world.job.ref.name, s.incarnation)):
             _request_exit(world, plan, current)
-        late = [p for p in live if not p.deleting and world.now >= deadline]
+        late = [p for p in live if not p.deleting and p.name not in abandoned and world.now >= deadline]
     else:
-        late = [p for p in live if not p.deleting]
+        late = [p for p in live if not p.deleting and p.name not in abandoned]
     for p in late:
         plan.delete.append(ObjectRef("v1", "Pod", p.name))
     if late and s.stop_reason in _GRACEFUL_STOPS:

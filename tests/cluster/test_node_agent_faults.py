@@ -1,5 +1,6 @@
-"""The node agent's fault hooks against the real control plane: a reclaimed node, a node that
-stops reporting, a pod held in Terminating; and the agent outliving a kube-apiserver restart.
+"""The node agent's fault hooks against the real control plane: a reclaimed node, a vanished
+node (its processes frozen), a node that stops reporting, a pod held in Terminating; and the
+agent outliving a kube-apiserver restart.
 
 What is asserted is what the operator would see through the API (the node's Ready condition,
 the pod's phase and deletion) and what really happened to the processes (/proc). Each test
@@ -67,6 +68,33 @@ def test_reclaimed_node_kills_its_pods_silently_and_goes_not_ready(
     after = get_json(control_plane, "pod", "spot", "-n", namespace)
     assert after["status"]["phase"] == "Running", "still Running: only the node controller speaks for a lost node"
     control_plane.kubectl("delete", "pod", "spot", "-n", namespace, "--force", "--grace-period=0")
+
+
+def process_state(pid: int) -> str:
+    """The process's state letter in /proc (``T``: stopped by a signal), ``""`` once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return ""
+
+
+def test_vanished_node_freezes_its_pods_and_kills_them_when_it_comes_back(
+    control_plane: ControlPlane, node_agent: NodeAgent, namespace: str, node: str
+):
+    """A VM that vanishes: its processes neither run nor die, so their connections stay open."""
+    apply(control_plane, namespace, python_pod("frozen", SLEEPER, nodeName=node))
+    pod = wait_running(control_plane, namespace, "frozen")
+    wait_log(node_agent, pod, "ready")
+    pid = container_pid(pod)
+
+    stopped = node_agent.vanish(node)
+
+    assert pid in stopped
+    eventually(lambda: process_state(pid) == "T", 10, "the vanished node's process is SIGSTOPped")
+    assert get_json(control_plane, "pod", "frozen", "-n", namespace)["status"]["phase"] == "Running"
+    node_agent.restore(node)
+    eventually(lambda: not alive(pid), 10, "a vanished node that comes back has rebooted: its process is gone")
+    control_plane.kubectl("delete", "pod", "frozen", "-n", namespace, "--force", "--grace-period=0")
 
 
 def test_not_ready_node_keeps_its_processes_running(

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.cluster
 
 #: docs/operator.md: a job whose node stops reporting is back within two minutes by default
 #: (Kubernetes' 50 s node-monitor grace period + TORPOR_LOST_NODE_FORCE_DELETE_SECONDS 30 s +
-#: the restart). The control plane here notices in 20 s, so the default bound is generous.
+#: the restart). The control plane here notices in 40 s (`NODE_MONITOR_GRACE_SECONDS`).
 NODE_LOST_BOUND_SECONDS = 120.0
 
 

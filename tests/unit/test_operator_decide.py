@@ -963,6 +963,82 @@ def test_restarting_force_deletes_a_straggler_on_a_lost_node() -> None:
     assert FORCE in d.delete
 
 
+# A VM that vanishes resets none of its connections: the ranks on healthy nodes stay blocked in a
+# collective with its rank and can never finish the agreed exit save.
+
+EXAMPLE_GRACE = {"terminationGracePeriodSeconds": 60, "exitDeadlineSeconds": 45}  # examples/trainingjob.yaml
+PEER_PROMPTLY = ObjectRef("v1", "Pod", "demo-1-1", grace_period_seconds=5)
+
+
+def test_the_peers_of_a_rank_on_a_node_gone_for_good_are_deleted_promptly_not_after_the_deadline() -> None:
+    """Without this the stop waits exitDeadlineSeconds (45 s from the node's verdict) and then
+    the peer's grace period (60 s: SIGTERM does not reach a rank inside a collective)."""
+    c = running(gracefulExit=EXAMPLE_GRACE)
+    node_a_lost(c)
+    c.step()
+    assert (c.status["phase"], c.status["stopReason"]) == ("Stopping", "Preemption")
+    c.checkpoints = [ckpt("CKP-1_40", 40, 59)]
+    c.later(29)
+    d = c.step()
+    assert not d.delete, "a node that only blinked may still come back: its peer waits"
+    c.later(1)
+    d = c.step()
+    assert d.delete == (PEER_PROMPTLY, FORCE)  # the peers first: a half-applied pass redoes them
+    assert ("Warning", "PeersOfLostRankDeleted") in [(e.type, e.reason) for e in d.events]
+    del c.pods["demo-1-0"]
+    c.later(10)
+    d = c.step()
+    assert not d.delete and c.status["phase"] == "Stopping"  # deleting, with its short grace
+    c.later(5)
+    c.exit(1, 137)  # SIGKILLed by its kubelet after the 5 s
+    c.vanish_deleted()
+    c.step()
+    c.step()
+    assert (c.status["phase"], c.status["incarnation"], c.status["resumeFrom"]) == ("Pending", 2, "CKP-1_40")
+    assert (c.status["preemptions"], c.status.get("restarts", 0)) == (1, 0)
+    assert "ExitDeadlineExceeded" not in [r for _, r in c.events]
+
+
+def test_a_half_applied_pass_deletes_the_lost_rank_without_deleting_its_peers_again() -> None:
+    c = running(gracefulExit=EXAMPLE_GRACE)
+    node_a_lost(c)
+    c.step()
+    c.later(30)
+    c.apply(c.decide(), deletes=False)  # the operator died before any deletion
+    d = c.decide()
+    assert d.delete == (PEER_PROMPTLY, FORCE)
+    c.pods["demo-1-1"]["metadata"].update(deletionTimestamp="2026-01-01T12:00:30Z", deletionGracePeriodSeconds=5)
+    d = c.decide()  # only the peers' deletion was applied
+    assert d.delete == (FORCE,)
+
+
+def test_a_peer_deleted_past_the_deadline_with_its_grace_is_deleted_again_with_the_short_one() -> None:
+    """A force-deletion bound longer than exitDeadlineSeconds: the peer was deleted at the deadline
+    with its 60 s grace; the lost rank's release shortens it (a later deletion may)."""
+    c = running(gracefulExit=EXAMPLE_GRACE)
+    c.settings = OperatorSettings(lost_node_force_delete_seconds=50)
+    node_a_lost(c)
+    c.step()
+    c.later(45)
+    d = c.step()
+    assert ObjectRef("v1", "Pod", "demo-1-1") in d.delete  # the deadline: its own grace period
+    assert c.pods["demo-1-1"]["metadata"]["deletionGracePeriodSeconds"] == 60
+    c.later(5)
+    d = c.step()
+    assert d.delete == (PEER_PROMPTLY, FORCE)
+    assert PEER_PROMPTLY not in c.decide().delete  # shortened once
+
+
+def test_a_peer_that_already_saved_and_exited_is_not_touched() -> None:
+    c = running(replicas=3, gracefulExit=EXAMPLE_GRACE)
+    node_a_lost(c)
+    c.step()
+    c.exit(1, 143, message("signal", 143, "CKP-1_40", 40))
+    c.later(30)
+    d = c.decide()
+    assert d.delete == (ObjectRef("v1", "Pod", "demo-1-2", grace_period_seconds=5), FORCE)
+
+
 # --- a rank that cannot start ------------------------------------------------------------------
 
 

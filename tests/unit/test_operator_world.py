@@ -162,7 +162,12 @@ class Cluster:
             for ref in d.delete:
                 if ref.kind == "Pod":
                     if ref.name in self.pods:
-                        self.pods[ref.name]["metadata"]["deletionTimestamp"] = "2026-01-01T12:00:00Z"
+                        meta, spec = self.pods[ref.name]["metadata"], self.pods[ref.name]["spec"]
+                        grace = (ref.grace_period_seconds if ref.grace_period_seconds is not None
+                                 else spec.get("terminationGracePeriodSeconds", 30))
+                        meta["deletionTimestamp"] = "2026-01-01T12:00:00Z"
+                        # the API server keeps the shortest grace a deletion asked for
+                        meta["deletionGracePeriodSeconds"] = min(grace, meta.get("deletionGracePeriodSeconds", grace))
                 else:
                     self.children.pop((ref.kind, ref.name), None)
         if flag and d.graceful_exit:
