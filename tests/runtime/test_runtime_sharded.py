@@ -31,6 +31,7 @@ from torpor.crypto import is_encrypted
 from torpor.storage import open_storage
 
 SCRIPT = REPO / "examples" / "fsdp2.py"
+PROCS = Path(__file__).resolve().parent / "procs"
 END = 45
 """Global steps of every run: 20 steps per epoch on 2 ranks, so the run ends mid-epoch 3."""
 KEY = bytes(range(32))
@@ -180,3 +181,66 @@ def test_sigterm_to_one_rank_saves_every_shard_and_resumes_exactly(case: str, tm
     torch.testing.assert_close(torch.tensor([history[k] for k in keys], dtype=torch.float64),
                                torch.tensor([expected[k] for k in keys], dtype=torch.float64), rtol=1e-5, atol=1e-6)
     _assert_close(_full(run2, END), _full(ref, END), "final")
+
+
+REFUSED = {
+    "trainable": ("ShardedStateError", "save_trainable_params=True cannot be saved for a sharded model (0.weight"),
+    "zero-unintegrated": ("ShardedStateError", "ZeroRedundancyOptimizer) needs integrated_save=True"),
+}
+
+
+def test_what_cannot_be_saved_correctly_is_refused_on_every_rank_without_hanging(tmp_path: Path) -> None:
+    # Refused when training begins, on every rank, with nothing written; a breakpoint (the same
+    # exception on every rank) is not saved, the exception says why and reaches the caller.
+    cases = [*REFUSED, "breakpoint"]
+    procs = launch_ranks(2, {}, ["--cases", ",".join(cases), "--directory", str(tmp_path / "ckpt"),
+                                 "--result", str(tmp_path / "result-{rank}.json")], tmp_path,
+                         script=PROCS / "sharded_refusal.py")
+    _finish(tmp_path, procs, [0, 0])
+    for rank in (0, 1):
+        outcomes = json.loads((tmp_path / f"result-{rank}.json").read_text())
+        for case, (error, message) in REFUSED.items():
+            assert outcomes[case]["error"] == error and message in outcomes[case]["message"], (rank, outcomes[case])
+            assert outcomes[case]["saved"] == []
+            assert scan(open_storage(tmp_path / "ckpt" / case)) == []
+        breakpoint_ = outcomes["breakpoint"]
+        assert breakpoint_["error"] == "ValueError" and breakpoint_["message"] == "loss is NaN"
+        assert any("breakpoint (exception_save) of this run cannot be saved: 0.weight (DTensor" in note
+                   for note in breakpoint_["notes"]), breakpoint_["notes"]
+        assert breakpoint_["saved"] == ["CKP-1_2"]  # the periodic save before step 3, not a breakpoint
+    assert [c.name for c in scan(open_storage(tmp_path / "ckpt" / "breakpoint"))] == ["CKP-1_2"]
+
+
+def test_a_damaged_shard_of_one_rank_makes_every_rank_resume_from_the_previous_checkpoint(
+        tmp_path: Path, reference: Any) -> None:
+    # Only rank 1 finds its part damaged (its own .distcp); DCP's collective read must not leave
+    # rank 0 waiting: both ranks agree to skip it and resume from the periodic checkpoint before.
+    uri = str(tmp_path / "ckpt")
+    run1 = tmp_path / "run1"
+    procs = _launch(run1, "fsdp2", {"TORPOR_CHECKPOINT_URI": uri, "TORPOR_INCARNATION": "1"}, delay=0.05)
+    try:
+        wait_for(lambda: any(r["rank"] == 1 and r["step"] >= 13 for r in read_jsonl(run1 / "losses.jsonl"))
+                 or any(p.poll() is not None for p in procs), timeout=240, what="rank 1 past step 13")
+        os.kill(procs[1].pid, signal.SIGTERM)
+    finally:
+        _finish(run1, procs, [143, 143])
+    name = json.loads((run1 / "termination-0.json").read_text())["checkpoint"]
+    shard = tmp_path / "ckpt" / "rank_1" / f"{name}.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+
+    run2 = tmp_path / "run2"
+    _finish(run2, _launch(run2, "fsdp2", {"TORPOR_CHECKPOINT_URI": uri, "TORPOR_INCARNATION": "2"}, delay=0.0),
+            [0, 0])
+    assert {json.loads((run2 / f"termination-{r}.json").read_text())["resumed_from"] for r in (0, 1)} == {"CKP-1_10"}
+    for rank in (0, 1):
+        log = (run2 / f"rank-{rank}.log").read_text()
+        assert f"checkpoint {name!r}" in log and "could not be loaded" in log, log
+    assert "sha256" in (run2 / "rank-1.log").read_text()
+    expected = _losses(reference("fsdp2"))
+    resumed = _losses(run2)
+    assert sorted(resumed) == [(r, s) for r in (0, 1) for s in range(11, END + 1)]
+    keys = sorted(resumed)
+    torch.testing.assert_close(torch.tensor([resumed[k] for k in keys], dtype=torch.float64),
+                               torch.tensor([expected[k] for k in keys], dtype=torch.float64), rtol=1e-5, atol=1e-6)
