@@ -546,8 +546,9 @@ def read_sharded(storage: Storage, payloads: Payloads, keys: tuple[bytes | None,
                                  "index places shards in it")
         return load_shard(storage, entry, *keys, map_location, manifest=manifest)["tensors"]  # type: ignore[no-any-return]
 
+    state_keys = tuple(str(k) for k in (cache[0].get("dcp") or {}).get("state_keys", []))
     loaded = _sharded.read_state(index, ckpt.world_size or 1, fetch, _state.unwrap(targets.network),
-                                 targets.optimizer, targets.state, targets.strict)
+                                 targets.optimizer, targets.state, targets.strict, state_keys)
     return dataclasses.replace(payloads, sharded_state=loaded)
 
 
@@ -560,7 +561,7 @@ def _apply(payloads: Payloads, network: Any, optimizer: Any, lr_scheduler: Any, 
     if payloads.sharded_state is not None:
         module = _state.unwrap(network)
         _sharded.apply_state(payloads.sharded_state, module, optimizer, plain_state, strict)
-        for key in _sharded.layout_of(module, optimizer, plain_state).dcp_state:
+        for key in payloads.sharded_state.get("state") or {}:
             plain_state.pop(key)
     elif network is not None:
         _state.unwrap(network).load_state_dict(payloads.weights, strict=strict)

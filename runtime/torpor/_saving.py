@@ -170,7 +170,7 @@ def capture(
         "append_info": info_tensors,
     }
     if pieces is not None:
-        payload["dcp"] = {"replicated": pieces.replicated, "blobs": pieces.blobs}
+        payload["dcp"] = {"replicated": pieces.replicated, "blobs": pieces.blobs, "state_keys": list(layout.dcp_state)}
         if pieces.index is not None:
             payload["dcp_index"] = pieces.index
         payload["_dcp_shards"] = pieces.shards

@@ -206,15 +206,15 @@ class Pieces:
     """The index (JSON), on rank 0."""
 
 
-def _state_dict(layout: Layout, network: nn.Module, optimizer: Any, state: Mapping[str, Any]) -> dict[str, Any]:
-    """What DCP saves and loads: model, optimizer and the sharded ``state=`` objects, by FQN."""
+def _state_dict(network: nn.Module, optimizer: Any, state: Mapping[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    """What DCP saves and loads: model, optimizer and the ``state=`` objects of ``keys``, by FQN."""
     result: dict[str, Any] = {"model": get_model_state_dict(network)}
     if optimizer is not None:
         result["optimizer"] = get_optimizer_state_dict(network, optimizer)
-    if layout.dcp_state:
+    if keys:
         result["state"] = {key: (get_optimizer_state_dict(network, state[key])
                                  if isinstance(state[key], torch.optim.Optimizer)
-                                 else get_model_state_dict(state[key])) for key in layout.dcp_state}
+                                 else get_model_state_dict(state[key])) for key in keys}
     return result
 
 
@@ -229,7 +229,8 @@ def save_pieces(layout: Layout, network: nn.Module, optimizer: Any, state: Mappi
         ShardedStateError: building the state failed on some rank, or DCP's planning did
             (on every rank alike).
     """
-    state_dict = agree("building the sharded state dict", lambda: _state_dict(layout, network, optimizer, state))
+    state_dict = agree("building the sharded state dict",
+                       lambda: _state_dict(network, optimizer, state, layout.dcp_state))
     writer = CapturingWriter(_distributed.rank())
     try:
         with _single_process_quiet():
@@ -296,8 +297,12 @@ def is_sharded_payload(payload: Mapping[str, Any]) -> bool:
 
 
 def read_state(index_text: str, world_size: int, fetch: Callable[[int, str], Mapping[str, Any]],
-               network: nn.Module, optimizer: Any, state: Mapping[str, Any], strict: bool) -> dict[str, Any]:
+               network: nn.Module, optimizer: Any, state: Mapping[str, Any], strict: bool,
+               state_keys: tuple[str, ...] = ()) -> dict[str, Any]:
     """Read the sharded state into new tensors shaped as this rank's (every rank calls it).
+
+    ``state_keys`` are the ``state=`` objects the save put through DCP (as it recorded them,
+    so an unsharded copy loaded in one process gets them too); those of ``state`` are read.
 
     Nothing is applied to ``network`` or ``optimizer`` yet (an optimizer without state gets
     its zero state, as DCP's ``get_optimizer_state_dict`` makes it): :func:`apply_state`
@@ -310,7 +315,8 @@ def read_state(index_text: str, world_size: int, fetch: Callable[[int, str], Map
             ``IntegrityError`` naming the ranks that failed. Every rank raises together.
     """
     index = decode_index(index_text, world_size)
-    target = _blank(_state_dict(layout_of(network, optimizer, state), network, optimizer, state))
+    keys = tuple(k for k in state_keys if k in state)
+    target = _blank(_state_dict(network, optimizer, state, keys))
     try:
         with _single_process_quiet():
             dcp.load(target, storage_reader=TorporReader(index, fetch),
@@ -322,7 +328,8 @@ def read_state(index_text: str, world_size: int, fetch: Callable[[int, str], Map
 
 def apply_state(loaded: Mapping[str, Any], network: nn.Module, optimizer: Any, state: Mapping[str, Any],
                 strict: bool) -> None:
-    """Put what :func:`read_state` read into the model, the optimizer and the sharded ``state=``."""
+    """Put what :func:`read_state` read into the model, the optimizer and the ``state=`` objects
+    it read (its ``"state"`` keys: the caller restores the others from the ``.ckpt``)."""
     options = StateDictOptions(strict=strict)
     set_model_state_dict(network, loaded["model"], options=options)
     if optimizer is not None and "optimizer" in loaded:

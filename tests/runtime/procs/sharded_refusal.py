@@ -39,7 +39,7 @@ def _example():  # type: ignore[no-untyped-def]
 
 def run(case: str, directory: str) -> dict[str, object]:
     """One run of ``case``; how it ended."""
-    net, opt = _example().build("zero" if case == "zero-unintegrated" else "fsdp2")
+    net, opt, _ = _example().build("zero" if case == "zero-unintegrated" else "fsdp2")
     torch.manual_seed(0)
     features = torch.randn(64, 16)
     data = TensorDataset(features, (features @ torch.randn(16, 4)).argmax(dim=1))
