@@ -9,8 +9,9 @@ Nodes (`<prefix>-0` … `<prefix>-N-1`) against a real API server:
   controller removes the `node.kubernetes.io/not-ready` taint once it sees it Ready.
   `stop()` deletes the Nodes (and the pod GC then removes their pods).
 * **Pods.** Watches all pods (list + watch, reconnecting after a 410 or a dropped
-  connection) and hands each pod bound to one of its Nodes to a `PodWorker` thread
-  (`nodeagent_pods`), which runs its containers, reports status and handles deletion.
+  connection; each watch ends after 1–2 min and a silent one times out) and hands each
+  pod bound to one of its Nodes to a `PodWorker` thread (`nodeagent_pods`), which runs
+  its containers, reports status and handles deletion.
   The image is ignored: `command` + `args` run on the host; `python`/`python3` as
   argv[0] mean this agent's own interpreter. The environment is the container's `env`
   and `envFrom` (fieldRef, secretKeyRef, configMapKeyRef, resourceFieldRef), on top of a
@@ -56,18 +57,27 @@ Nodes (`<prefix>-0` … `<prefix>-N-1`) against a real API server:
   `restore(node)` resumes heartbeats and replays the newest state of the node's pods, as a
   kubelet that comes back would (the processes of a reclaimed node stay dead: its pods then
   report their exit).
+* **The API server away** (restarted, upgraded, overloaded): as kubelet, the agent keeps its
+  pods' processes running and retries, with a 0.5 s…5 s back-off, whatever it could not send
+  (a pod's status, the deletion that ends a pod, the heartbeat and Lease every 5 s) until
+  it lands; the pod watch reconnects and re-lists. No loop of the agent ends on an error:
+  each logs it and tries again (`nodeagent_kube.is_transient` tells a server away from an
+  answer about the request).
 * **Stopping** kills every pod process group (SIGTERM, 2 s, SIGKILL). Mounts live only in
   the pods' namespaces, so nothing is left mounted on the host.
 
 Containers run as root on the host file system (no chroot, no cgroups): only what is
-listed above is isolated. Init containers run one after another before the containers;
-`restartPolicy` Always/OnFailure restarts with a 1 s…10 s back-off. Deletion: SIGTERM to
-each process group, the grace period, SIGKILL, final status, delete with grace 0.
+listed above is isolated. Init containers run one after another before the containers; a
+native sidecar (`restartPolicy: Always` on an init container) starts in its turn, runs beside
+the containers and is stopped once they have all ended; `restartPolicy` Always/OnFailure
+restarts with a 1 s…10 s back-off. `activeDeadlineSeconds` (also set on a running pod) fails
+the pod with `DeadlineExceeded` and stops its containers. Deletion: SIGTERM to each process
+group, the grace period, SIGKILL, final status, delete with grace 0.
 
-Not done: probes (Ready = running), lifecycle hooks, sidecar (restartable) init containers,
-resource limits, ClusterIP Services (no kube-proxy; headless names only),
-`kubectl logs/exec/port-forward`, image pulls, volume types other than those above. Mount
-points created on the host (e.g. `/etc/torpor`, `/dev/termination-log`) stay there, empty.
+Not done: probes (Ready = running), lifecycle hooks, resource limits, ClusterIP Services (no
+kube-proxy; headless names only), `kubectl logs/exec/port-forward`, image pulls, volume types
+other than those above. Mount points created on the host (e.g. `/etc/torpor`,
+`/dev/termination-log`) stay there, empty.
 
 Command line (runs until SIGINT/SIGTERM)::
 
@@ -95,7 +105,7 @@ import urllib3
 
 from nodeagent_bind import build_bind_shim
 from nodeagent_containers import now_iso
-from nodeagent_kube import MERGE, ApiError, KubeClient
+from nodeagent_kube import MERGE, ApiError, Backoff, KubeClient, is_transient
 from nodeagent_pods import PodWorker, pod_dir_name
 from nodeagent_volumes import NODE_ALLOCATABLE
 
@@ -103,8 +113,18 @@ JsonDict = dict[str, Any]
 log = logging.getLogger("torpor.node_agent")
 
 HEARTBEAT_SECONDS = 5.0  # kubelet's is 10 s; hack/controlplane.py's shortened grace period needs more
+#: Each heartbeat request gives up after this long, so that one hanging request (a server that
+#: accepted the connection and then went away) costs one beat, not the node-monitor grace period.
+HEARTBEAT_TIMEOUT_SECONDS = 5.0
+#: A pod watch asks the server to end it after a random time in this range (seconds); it then
+#: resumes from the last resourceVersion. Bounded so that no stream lives on a dead connection.
+WATCH_SECONDS = (60, 120)
 LEASE_SECONDS = 40
-NOT_READY_TAINT = "node.kubernetes.io/not-ready"
+#: The node lifecycle controller's taints of a node it has not heard from (NoSchedule and, for
+#: taint-based eviction, NoExecute). A node is ready for the next pod only once they are gone:
+#: pods tolerate `unreachable:NoExecute` for 300 s, so they are scheduled onto a node that still
+#: carries it, and an operator then rightly takes that node for lost.
+LOST_NODE_TAINTS = ("node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable")
 HOST_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "PYTHONPATH", "VIRTUAL_ENV")
 KUBELET_VERSION = "v1.36.3"
 
@@ -160,6 +180,8 @@ class NodeAgent:
         self._silent: set[str] = set()
         self._held: dict[str, tuple[str, JsonDict]] = {}
         self._undeletable: set[tuple[str, str]] = set()
+        # One boot per agent: re-registering a Node (after a 404) must not look like a reboot.
+        self._boot_ids = {name: str(uuid.uuid4()) for name in self.node_names}
 
     # --- public -------------------------------------------------------------------------
 
@@ -216,7 +238,8 @@ class NodeAgent:
         self.stop()
 
     def wait_ready(self, timeout: float) -> None:
-        """Wait until every Node is Ready and untainted by the node lifecycle controller.
+        """Wait until every Node is Ready and the node lifecycle controller's taints of a lost
+        node (`LOST_NODE_TAINTS`, after `reclaim`/`make_not_ready` or an outage) are gone.
 
         Raises:
             TimeoutError: a Node is still not ready after `timeout` seconds.
@@ -228,7 +251,7 @@ class NodeAgent:
                 return
             if time.monotonic() > deadline:
                 raise TimeoutError(
-                    f"nodes {pending} not Ready (or still tainted {NOT_READY_TAINT}) "
+                    f"nodes {pending} not Ready (or still tainted {' or '.join(LOST_NODE_TAINTS)}) "
                     f"after {timeout:g}s: is kube-controller-manager running?"
                 )
             time.sleep(0.5)
@@ -361,7 +384,7 @@ class NodeAgent:
             "nodeInfo": {
                 "machineID": uuid.uuid5(uuid.NAMESPACE_DNS, name).hex,
                 "systemUUID": str(uuid.uuid5(uuid.NAMESPACE_DNS, name)),
-                "bootID": str(uuid.uuid4()),
+                "bootID": self._boot_ids[name],
                 "kernelVersion": platform.release(),
                 "osImage": "torpor node agent",
                 "containerRuntimeVersion": "torpor://0.1.0",
@@ -393,11 +416,12 @@ class NodeAgent:
             self._renew_lease(name)
         log.info("node agent: registered node %s", name)
 
-    def _renew_lease(self, name: str) -> None:
+    def _renew_lease(self, name: str, timeout: float = 30.0) -> None:
         self.kube.patch(
             f"/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/{name}",
             {"spec": {"holderIdentity": name, "renewTime": _micro_time()}},
             MERGE,
+            timeout=timeout,
         )
 
     def _heartbeat_loop(self) -> None:
@@ -407,56 +431,79 @@ class NodeAgent:
                     self._heartbeat(name)
 
     def _heartbeat(self, name: str) -> None:
+        """Renew the node's Lease and its Ready condition. Never raises: a beat that fails is
+        logged, and the next one, `HEARTBEAT_SECONDS` later, tries again — a heartbeat thread
+        that died on one error would leave a healthy node to be declared unreachable."""
         try:
-            self._renew_lease(name)
-            self.kube.patch(f"/api/v1/nodes/{name}/status", {"status": self._node_status()})
-        except ApiError as exc:
-            if exc.status == 404:
-                self._register(name)  # someone deleted it: register again, like kubelet
-            else:
-                log.warning("node agent: heartbeat for %s failed: %s", name, exc)
-        except urllib3.exceptions.HTTPError as exc:
-            log.warning("node agent: heartbeat for %s failed: %s", name, exc)
+            try:
+                self._renew_lease(name, timeout=HEARTBEAT_TIMEOUT_SECONDS)
+                self.kube.patch(f"/api/v1/nodes/{name}/status", {"status": self._node_status()},
+                                timeout=HEARTBEAT_TIMEOUT_SECONDS)
+            except ApiError as exc:
+                if exc.status != 404:
+                    raise
+                # The Node or its Lease was deleted (or, for a moment while an API server starts,
+                # the Lease's API group is not served yet): register again, like kubelet.
+                self._register(name)
+        except Exception as exc:
+            log.warning("node agent: heartbeat for %s failed: %s", name, exc, exc_info=not is_transient(exc))
 
     def _node_ready(self, name: str) -> bool:
-        node = self.kube.get(f"/api/v1/nodes/{name}")
+        try:
+            node = self.kube.get(f"/api/v1/nodes/{name}")
+        except Exception as exc:
+            if is_transient(exc):
+                return False  # the API server is away: not known to be ready
+            raise
         ready = any(
             c["type"] == "Ready" and c["status"] == "True" for c in node.get("status", {}).get("conditions", [])
         )
-        tainted = any(t["key"] == NOT_READY_TAINT for t in node.get("spec", {}).get("taints") or [])
+        tainted = any(t["key"] in LOST_NODE_TAINTS for t in node.get("spec", {}).get("taints") or [])
         return ready and not tainted
 
     # --- pods ---------------------------------------------------------------------------
 
     def _watch_loop(self) -> None:
-        """List, then watch from the list's resourceVersion; relist after a 410 Gone."""
+        """List, then watch from the list's resourceVersion; relist after a 410 Gone.
+
+        Never ends before `stop()`: whatever breaks a watch (the server gone, a dropped or
+        silent connection, an error event, a bug) is logged, and the watch is opened again
+        after a back-off (0.5 s…5 s); a watch the server ended in time resumes at once.
+        """
+        backoff = Backoff()
         while not self._stop.is_set():
             try:
                 if self._watch_version is None:
                     self._watch_version = self._relist()
-                timeout = random.randint(240, 360)
+                timeout = random.randint(*WATCH_SECONDS)
+                failed = False
                 for event in self.kube.watch("/api/v1/pods", self._watch_version, timeout_seconds=timeout):
                     obj = event["object"]
                     if event["type"] == "ERROR":
                         log.info("node agent: pod watch ended: %s", obj.get("message"))
                         if obj.get("code") == 410:
                             self._watch_version = None
+                        else:
+                            failed = True  # e.g. a server shutting down: not at once again
                         break
+                    backoff.reset()
                     self._watch_version = obj["metadata"]["resourceVersion"]
                     if event["type"] != "BOOKMARK":
                         self._dispatch(event["type"], obj)
+                if not failed:
+                    continue
             except ApiError as exc:
                 if exc.status == 410:
                     log.info("node agent: pod watch expired, listing again")
                     self._watch_version = None
                     continue
                 log.warning("node agent: pod watch failed: %s", exc)
-                self._stop.wait(1.0)
-            except (urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
+            except Exception as exc:
                 if self._stop.is_set():
                     break
-                log.warning("node agent: pod watch interrupted (%s), reconnecting", type(exc).__name__)
-                self._stop.wait(1.0)
+                log.warning("node agent: pod watch interrupted (%s), reconnecting", type(exc).__name__,
+                            exc_info=not (is_transient(exc) or isinstance(exc, ValueError)))
+            self._stop.wait(backoff.next())
 
     def _dispatch(self, kind: str, pod: JsonDict) -> None:
         """`_on_pod`, but one bad pod must not stop the watch for all the others."""
@@ -516,15 +563,35 @@ class NodeAgent:
             self._refresh_hosts()
 
     def _delete_now(self, pod: JsonDict) -> None:
+        """Remove a pod that is over (grace 0, UID precondition). While the API server is away a
+        thread of its own keeps trying: the watch may never mention the pod again."""
+        if not self._delete_over(pod):
+            meta = pod["metadata"]
+            threading.Thread(target=self._keep_deleting, args=(pod,), daemon=True,
+                             name=f"node-agent-delete-{meta['namespace']}/{meta['name']}").start()
+
+    def _keep_deleting(self, pod: JsonDict) -> None:
+        backoff = Backoff()
+        while not self._stop.wait(backoff.next()):
+            if self._delete_over(pod):
+                return
+
+    def _delete_over(self, pod: JsonDict) -> bool:
+        """One attempt at `_delete_now`; False if the API server could not be reached."""
         meta = pod["metadata"]
         try:
             self.kube.delete(
                 f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}",
                 {"gracePeriodSeconds": 0, "preconditions": {"uid": meta["uid"]}},
             )
-        except ApiError as exc:
-            if exc.status not in (404, 409):
+        except Exception as exc:
+            if isinstance(exc, ApiError) and exc.status in (404, 409):
+                return True  # gone already, or another pod of that name now
+            if not is_transient(exc):
                 raise
+            log.warning("node agent: deleting pod %s/%s failed (%s), retrying", meta["namespace"], meta["name"], exc)
+            return False
+        return True
 
     def worker_done(self, worker: PodWorker) -> None:
         """Called by a worker thread when its pod is over."""

@@ -74,6 +74,12 @@ class Container:
     def running(self) -> bool:
         return self.proc is not None
 
+    @property
+    def restartable(self) -> bool:
+        """A native sidecar: an init container with `restartPolicy: Always`, which runs beside
+        the containers (restarted whenever it exits) and is stopped after them."""
+        return self.init and self.spec.get("restartPolicy") == "Always"
+
     def launch(self, spec: JsonDict, spec_path: Path) -> None:
         """Start the process described by `spec` (see `nodeagent_launch`)."""
         spec_path.write_text(json.dumps(spec))
@@ -127,7 +133,7 @@ class Container:
             "name": self.name,
             "image": self.spec.get("image", ""),
             "imageID": "",
-            "ready": self.proc is not None and not self.init,
+            "ready": self.proc is not None and (not self.init or self.restartable),
             "started": self.proc is not None,
             "restartCount": self.restart_count,
             "state": state,

@@ -7,6 +7,11 @@ that `stop()` can cut it off at once (`urllib3`'s `HTTPResponse.shutdown`).
 
 The official `kubernetes` package is used for what it is good at: reading a kubeconfig
 (client certificates, bearer tokens, CA bundles).
+
+Requests are not retried here (`retries=False`): each caller knows whether it may wait, so
+it asks `is_transient` and paces itself with a `Backoff` (kubelet, likewise, keeps retrying
+its status updates and heartbeats while the API server is away, and re-lists after a watch
+breaks).
 """
 
 from __future__ import annotations
@@ -40,6 +45,32 @@ class ApiError(Exception):
         self.body = body
         message = body.get("message", body) if isinstance(body, dict) else body
         super().__init__(f"{method} {path}: HTTP {status}: {message}")
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a failed request is worth sending again as it is: the API server is away,
+    restarting or overloaded (a refused or reset connection, a timeout, HTTP 429 or 5xx), as
+    opposed to an answer about the request itself (404, 409, 422, ...)."""
+    if isinstance(exc, ApiError):
+        return exc.status == 429 or exc.status >= 500
+    return isinstance(exc, (urllib3.exceptions.HTTPError, OSError))
+
+
+class Backoff:
+    """Delays between attempts at something the API server could not serve: `first` seconds,
+    doubling up to `most`, and back to `first` after a success. One per retrying loop."""
+
+    def __init__(self, first: float = 0.5, most: float = 5.0) -> None:
+        self.first, self.most = first, most
+        self._next = first
+
+    def next(self) -> float:
+        """The delay before the next attempt (and double it for the one after)."""
+        delay, self._next = self._next, min(self.most, self._next * 2)
+        return delay
+
+    def reset(self) -> None:
+        self._next = self.first
 
 
 class KubeClient:
@@ -102,11 +133,11 @@ class KubeClient:
     def get(self, path: str, **query: Any) -> JsonDict:
         return self.request("GET", path, query=query or None)
 
-    def create(self, path: str, body: JsonDict) -> JsonDict:
-        return self.request("POST", path, body)
+    def create(self, path: str, body: JsonDict, timeout: float = 30.0) -> JsonDict:
+        return self.request("POST", path, body, timeout=timeout)
 
-    def patch(self, path: str, body: JsonDict, content_type: str = STRATEGIC_MERGE) -> JsonDict:
-        return self.request("PATCH", path, body, content_type=content_type)
+    def patch(self, path: str, body: JsonDict, content_type: str = STRATEGIC_MERGE, timeout: float = 30.0) -> JsonDict:
+        return self.request("PATCH", path, body, content_type=content_type, timeout=timeout)
 
     def delete(self, path: str, body: JsonDict | None = None) -> JsonDict:
         return self.request("DELETE", path, body)
@@ -115,7 +146,9 @@ class KubeClient:
         """Yield watch events (`{"type": ..., "object": {...}}`) from `resource_version` on.
 
         The generator ends when the server closes the stream (after `timeout_seconds`) or
-        when `close()` is called from another thread.
+        when `close()` is called from another thread. A stream silent for 15 s longer than
+        `timeout_seconds` (a server gone without closing the connection) raises
+        `urllib3.exceptions.ReadTimeoutError` rather than hanging.
 
         Raises:
             ApiError: the watch could not be opened (410 when `resource_version` is too old).
@@ -132,7 +165,7 @@ class KubeClient:
             url,
             headers=self._headers,
             preload_content=False,
-            timeout=urllib3.Timeout(connect=10.0, read=timeout_seconds + 30.0),
+            timeout=urllib3.Timeout(connect=10.0, read=timeout_seconds + 15.0),
         )
         if resp.status >= 400:
             data = resp.read()

@@ -6,14 +6,25 @@ until it is deleted from the API server. It does, in order, what kubelet does:
 1. materialise the pod's volumes under `<workdir>/pods/<ns>_<name>_<uid>/volumes/`
    (waiting, as `ContainerCreating`, while a ConfigMap or Secret is missing);
 2. run the init containers one after another, then all containers, each as a process
-   (see `nodeagent_launch`) in its own session and process group;
+   (see `nodeagent_launch`) in its own session and process group. A native sidecar (an init
+   container with `restartPolicy: Always`) is started in its turn and left running, restarted
+   whenever it exits, and stopped (SIGTERM, the grace period, SIGKILL) once every container has
+   ended for good; it never decides the pod's phase;
 3. report status (`Pending` → `Running` → `Succeeded`/`Failed`) with containerStatuses,
    exit codes and termination messages; restart containers per `restartPolicy` with a
    short exponential back-off (1 s doubling up to 10 s);
+   `spec.activeDeadlineSeconds` (also when set later, as a pod update may) counts from the
+   worker's start: past it the pod is `Failed` with reason `DeadlineExceeded` and every
+   container is stopped like on deletion, the pod staying until it is deleted;
 4. refresh ConfigMap, Secret, downwardAPI and projected volumes every
    `configmap_sync_seconds` and at once when the pod's metadata or spec changes;
 5. on `deletionTimestamp`: SIGTERM to every process group, wait the grace period, SIGKILL,
    report the final status, delete the pod with grace period 0 and a UID precondition.
+
+While the API server is away (`nodeagent_kube.is_transient`) the processes go on: a status
+that could not be sent is sent again (0.5 s…5 s back-off) until it lands, the final status
+and the deletion are retried until they land, volumes keep their last contents, and a
+container that needs an object it cannot fetch now waits as it would for a missing one.
 
 Each container's stdout and stderr go to `<pod dir>/<container>.log` (appended across
 restarts). Its termination message file is `<pod dir>/<container>.termination-log`,
@@ -35,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 import nodeagent_volumes as volumes
 from nodeagent_containers import Container, now_iso
-from nodeagent_kube import ApiError
+from nodeagent_kube import ApiError, Backoff, is_transient
 
 if TYPE_CHECKING:
     from node_agent import NodeAgent
@@ -74,8 +85,16 @@ class PodWorker(threading.Thread):
         self._gone = False
         self._stopping = False
         self._start_time: str | None = None
+        self._active_since = time.monotonic()
+        self._mains_done = False  # every container ended for good: native sidecars are stopped now
+        self._deadline_exceeded = False  # activeDeadlineSeconds passed: stop everything, phase Failed
         self._last_sync = 0.0
         self._last_report: JsonDict | None = None
+        # A status the API does not show yet (the server away, or the node silenced by a
+        # fault): `_wait` sends it again from `_retry_at` on.
+        self._unreported = False
+        self._retry_at = 0.0
+        self._backoff = Backoff()
         self._transitions: dict[str, tuple[str, str]] = {}
         self._tokens: dict[tuple[str, int], tuple[bytes, float]] = {}
         spec = pod["spec"]
@@ -153,7 +172,7 @@ class PodWorker(threading.Thread):
     def _run(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.write_hosts()
-        self._start_time = now_iso()
+        self._start_time, self._active_since = now_iso(), time.monotonic()
         log.info("pod %s: assigned to %s, pod IP %s", self.key, self.pod["spec"]["nodeName"], self.ip)
         self._report()
         while not self._prepare_volumes():
@@ -162,23 +181,49 @@ class PodWorker(threading.Thread):
         inits = [c for c in self.containers if c.init]
         mains = [c for c in self.containers if not c.init]
         for container in inits:
-            if not self._run_init(container):
+            if not (self._start_sidecar(container) if container.restartable else self._run_init(container)):
                 return self._finish()
+        sidecars = [c for c in inits if c.restartable]
         for container in mains:
             self._start(container)
         self._report()
         while not self._wait(TICK):
-            changed = False
-            for container in mains:
-                changed |= self._reap(container)
-                if not container.running and container.terminated is None and time.monotonic() >= container.next_start:
-                    self._start(container)
-                    changed = True
-            if changed:
+            if self._tend(mains + sidecars):
                 self._report()
             if all(c.terminated is not None and not self._will_restart(c) for c in mains):
+                self._end_sidecars()
                 break
         self._finish()
+
+    def _tend(self, containers: list[Container]) -> bool:
+        """Reap the containers that exited and (re)start those due; True if anything changed."""
+        changed = False
+        for container in containers:
+            changed |= self._reap(container)
+            if not container.running and container.terminated is None and time.monotonic() >= container.next_start:
+                self._start(container)
+                changed = True
+        return changed
+
+    def _start_sidecar(self, container: Container) -> bool:
+        """Start a native sidecar and go on once it runs (no startup probes here); False if the
+        pod must end first. The sidecars started before it are tended meanwhile."""
+        sidecars = [c for c in self.containers if c.restartable and c.started_at is not None and c is not container]
+        while not container.running:
+            if self._tend([*sidecars, container]):
+                self._report()
+            if not container.running and self._wait(TICK):
+                return False
+        self._report()
+        return True
+
+    def _end_sidecars(self) -> None:
+        """Every container has ended: stop the native sidecars, as kubelet does, before the
+        pod's final phase (Running until then)."""
+        self._mains_done = True
+        if any(c.running for c in self.containers):
+            self._report()
+            self._terminate(float(self.pod["spec"].get("terminationGracePeriodSeconds", 30)))
 
     def _crashed(self, exc: Exception) -> None:
         """Show the agent's failure in the pod's status, then still honour its deletion."""
@@ -192,7 +237,9 @@ class PodWorker(threading.Thread):
             log.exception("pod %s: cannot clean up after the failure", self.key)
 
     def _run_init(self, container: Container) -> bool:
-        """Run one init container to success; False if it failed for good or the pod is going away."""
+        """Run one init container to success; False if it failed for good or the pod is going away.
+        The native sidecars started before it are tended meanwhile."""
+        sidecars = [c for c in self.containers if c.restartable and c.started_at is not None]
         while True:
             if not container.running and container.terminated is None and time.monotonic() >= container.next_start:
                 self._start(container)
@@ -201,15 +248,17 @@ class PodWorker(threading.Thread):
                 return container.terminated["exitCode"] == 0
             if self._wait(TICK):
                 return False
-            if self._reap(container):
+            if self._tend(sidecars) | self._reap(container):
                 self._report()
 
     def _wait(self, timeout: float) -> bool:
         """Sleep up to `timeout`, refreshing volumes when due; True if the pod must end now."""
         self._wake.wait(timeout)
         self._wake.clear()
-        if self._stopping or self._gone or self._deleting():
+        if self._stopping or self._gone or self._deleting() or self._past_deadline():
             return True
+        if self._unreported and time.monotonic() >= self._retry_at:
+            self._report()
         with self._lock:
             changed, self._changed = self._changed, False
         if changed or time.monotonic() - self._last_sync >= self.agent.configmap_sync_seconds:
@@ -218,6 +267,14 @@ class PodWorker(threading.Thread):
 
     def _deleting(self) -> bool:
         return bool(self.pod["metadata"].get("deletionTimestamp"))
+
+    def _past_deadline(self) -> bool:
+        """`spec.activeDeadlineSeconds` has passed (sticky: the pod is Failed from then on)."""
+        deadline = self.pod["spec"].get("activeDeadlineSeconds")
+        if not self._deadline_exceeded and deadline is not None and time.monotonic() - self._active_since >= deadline:
+            log.info("pod %s: active for longer than its deadline of %ss", self.key, deadline)
+            self._deadline_exceeded = True
+        return self._deadline_exceeded
 
     # --- processes ----------------------------------------------------------------------
 
@@ -298,8 +355,10 @@ class PodWorker(threading.Thread):
         return True
 
     def _will_restart(self, container: Container) -> bool:
-        if self._stopping or self._gone or self._deleting():
+        if self._stopping or self._gone or self._deleting() or self._deadline_exceeded:
             return False
+        if container.restartable:
+            return not self._mains_done
         policy = self.pod["spec"].get("restartPolicy", "Always")
         if container.init:
             return policy != "Never" and (container.terminated or {}).get("exitCode", 1) != 0
@@ -338,13 +397,17 @@ class PodWorker(threading.Thread):
         if self._stopping:
             self._terminate(SHUTDOWN_GRACE)
             return
+        if self._deadline_exceeded and not (self._gone or self._deleting()):
+            self._report()  # Failed at once, as kubelet says it, then the containers are stopped
+            self._terminate(float(self.pod["spec"].get("terminationGracePeriodSeconds", 30)))
         if not (self._gone or self._deleting()):
             self._report()
             log.info("pod %s: %s", self.key, self._phase())
             while not (self._stopping or self._gone or self._deleting()):
                 self._wake.wait(1.0)
                 self._wake.clear()
-                self._report()  # a no-op unless a silenced node (a fault) reports again
+                if time.monotonic() >= self._retry_at:
+                    self._report()  # a no-op unless the API server was away or the node silenced
             if self._stopping:
                 return
         meta = self.pod["metadata"]
@@ -352,18 +415,38 @@ class PodWorker(threading.Thread):
         if grace is None:
             grace = self.pod["spec"].get("terminationGracePeriodSeconds", 30)
         self._terminate(SHUTDOWN_GRACE if self._stopping else float(grace))
-        if self._gone or self._stopping:
-            return
-        self._report()
+        # The final status, then the deletion; each retried until it lands (the API server may
+        # be away just now), unless the pod is force-deleted or the agent stops meanwhile.
+        while not (self._gone or self._stopping):
+            if self._report() and self._delete():
+                return
+            self._wake.wait(max(0.0, self._retry_at - time.monotonic()))
+            self._wake.clear()
+
+    def _delete(self) -> bool:
+        """Delete the pod (grace 0, UID precondition); False if the API server could not be reached."""
+        meta = self.pod["metadata"]
         try:
             self.agent.kube.delete(
                 f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}",
                 {"gracePeriodSeconds": 0, "preconditions": {"uid": self.uid}},
             )
-            log.info("pod %s: deleted", self.key)
-        except ApiError as exc:
-            if exc.status not in (404, 409):
+        except Exception as exc:
+            if isinstance(exc, ApiError) and exc.status in (404, 409):
+                return True  # gone already (force-deleted), or another pod of that name now
+            if not is_transient(exc):
                 raise
+            return self._retry_later("deletion", exc)
+        log.info("pod %s: deleted", self.key)
+        return True
+
+    def _retry_later(self, what: str, exc: Exception | None) -> bool:
+        """Schedule the next attempt after a back-off; False, for the caller to return."""
+        delay = self._backoff.next() if exc is not None else 1.0
+        self._retry_at = time.monotonic() + delay
+        if exc is not None:
+            log.warning("pod %s: %s not sent (%s), again in %gs", self.key, what, exc, delay)
+        return False
 
     # --- volumes ------------------------------------------------------------------------
 
@@ -376,8 +459,10 @@ class PodWorker(threading.Thread):
             if key not in cache:
                 try:
                     cache[key] = self.agent.kube.get(f"/api/v1/namespaces/{ns}/{plural[kind]}/{name}")
-                except ApiError as exc:
-                    if exc.status != 404:
+                except Exception as exc:
+                    if is_transient(exc):  # wait for the API server as for a missing object
+                        raise volumes.ConfigError(f"cannot get {kind} {ns}/{name}: {exc}") from exc
+                    if not (isinstance(exc, ApiError) and exc.status == 404):
                         raise
                     cache[key] = None
             return cache[key]
@@ -404,7 +489,9 @@ class PodWorker(threading.Thread):
         }
         try:
             answer = self.agent.kube.create(f"/api/v1/namespaces/{meta['namespace']}/serviceaccounts/{sa}/token", body)
-        except ApiError as exc:
+        except Exception as exc:
+            if not (isinstance(exc, ApiError) or is_transient(exc)):
+                raise
             raise volumes.ConfigError(f"cannot get a token for service account {sa}: {exc}") from exc
         token = answer["status"]["token"].encode()
         self._tokens[(audience, ttl)] = (token, time.monotonic() + 0.8 * ttl)
@@ -449,7 +536,10 @@ class PodWorker(threading.Thread):
     # --- status -------------------------------------------------------------------------
 
     def _phase(self) -> str:
-        inits = [c for c in self.containers if c.init]
+        if self._deadline_exceeded:
+            return "Failed"
+        inits = [c for c in self.containers if c.init and not c.restartable]
+        sidecars = [c for c in self.containers if c.restartable]
         mains = [c for c in self.containers if not c.init]
         init_failed = any(c.terminated and c.terminated["exitCode"] != 0 and not self._will_restart(c) for c in inits)
         if init_failed:
@@ -457,7 +547,7 @@ class PodWorker(threading.Thread):
         if any(c.running for c in mains):
             return "Running"
         if mains and all(c.terminated is not None for c in mains):
-            if any(self._will_restart(c) for c in mains):
+            if any(self._will_restart(c) for c in mains) or any(c.running for c in sidecars):
                 return "Running"
             return "Succeeded" if all(c.terminated["exitCode"] == 0 for c in mains) else "Failed"
         if any(c.restart_count or c.started_at for c in mains):
@@ -471,12 +561,19 @@ class PodWorker(threading.Thread):
             self._transitions[kind] = previous = (status, now_iso())
         return {"type": kind, "status": status, "lastProbeTime": None, "lastTransitionTime": previous[1]}
 
-    def _report(self) -> None:
-        """Patch the pod's status with what the containers are doing now."""
+    def _report(self) -> bool:
+        """Patch the pod's status with what the containers are doing now.
+
+        Returns:
+            True when the API shows this status (sent now or before, or the pod is gone);
+            False when it could not be sent — the node is silenced (a fault) or the API server
+            is away — and `_wait` sends it again later.
+        """
         inits = [c for c in self.containers if c.init]
         mains = [c for c in self.containers if not c.init]
-        initialized = all(c.terminated is not None and c.terminated["exitCode"] == 0 for c in inits)
-        ready = bool(mains) and all(c.running for c in mains)
+        initialized = all(c.started_at is not None if c.restartable
+                          else c.terminated is not None and c.terminated["exitCode"] == 0 for c in inits)
+        ready = bool(mains) and all(c.running for c in mains + [c for c in inits if c.restartable])
         status: JsonDict = {
             "phase": self._phase(),
             "hostIP": "127.0.0.1",
@@ -494,19 +591,34 @@ class PodWorker(threading.Thread):
         }
         if inits:
             status["initContainerStatuses"] = [c.status() for c in inits]
-        if status == self._last_report or self.agent.silent(self.pod["spec"].get("nodeName")):
-            return  # unchanged, or the node's kubelet is cut off (a fault): the API shows the old status
+        if self._deadline_exceeded:
+            status.update(reason="DeadlineExceeded",
+                          message="Pod was active on the node longer than the specified deadline")
+        if self.agent.silent(self.pod["spec"].get("nodeName")):
+            self._unreported = True  # the node's kubelet is cut off (a fault): the API shows the old status
+            return self._retry_later("status", None)
+        if status == self._last_report:
+            self._unreported = False
+            return True
         meta = self.pod["metadata"]
         try:
             self.agent.kube.patch(
                 f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}/status",
                 {"metadata": {"uid": self.uid}, "status": status},
             )
-            self._last_report = status
-        except ApiError as exc:
-            if exc.status not in (404, 409):
+        except Exception as exc:
+            if isinstance(exc, ApiError) and exc.status in (404, 409):
+                log.debug("pod %s: status not reported: %s", self.key, exc)
+                self._unreported = False
+                return True
+            if not is_transient(exc):
                 raise
-            log.debug("pod %s: status not reported: %s", self.key, exc)
+            self._unreported = True
+            return self._retry_later("status", exc)
+        self._last_report = status
+        self._unreported = False
+        self._backoff.reset()
+        return True
 
 
 def _fingerprint(pod: JsonDict) -> str:

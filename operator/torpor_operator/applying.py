@@ -27,7 +27,17 @@ from kubernetes.client.exceptions import ApiException
 from urllib3.exceptions import HTTPError
 
 from torpor_operator.builders import graceful_exit_data
-from torpor_operator.contract import API_VERSION, GROUP, KIND, LABEL_INCARNATION, LABEL_JOB, PLURAL, VERSION
+from torpor_operator.contract import (
+    ANNOTATION_SIDECARS_STOPPED,
+    API_VERSION,
+    GROUP,
+    KIND,
+    LABEL_INCARNATION,
+    LABEL_JOB,
+    PLURAL,
+    VERSION,
+)
+from torpor_operator.owning import controlled_by
 from torpor_operator.reconciling import Decision, ObjectRef
 
 __all__ = ["PEERING_GROUP", "PEERING_VERSION", "CreateRefused", "KubeClient", "api_message", "refused"]
@@ -119,13 +129,21 @@ class KubeClient:
                 PEERING_GROUP, PEERING_VERSION, namespace, "kopfpeerings", name))
         return None if body is None else dict(body.get("status") or {})
 
+    def read_secret(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The Secret as the API sends it (``data`` base64-encoded), or ``None`` if it does not exist.
+        Read raw: the client's model would be serialised back to a dict for nothing."""
+        response = _ignore(404, lambda: self.core.read_namespaced_secret(name, namespace, _preload_content=False))
+        return None if response is None else dict(json.loads(response.data))
+
     def list_pods(self, namespace: str, job: str) -> list[dict[str, Any]]:
-        """Every pod of the job, all incarnations."""
+        """Every pod labelled with the job's name, all incarnations (also those an earlier job of
+        the name left: :func:`torpor_operator.owning.controlled_by` tells them apart)."""
         return _items(self.core.list_namespaced_pod(namespace, label_selector=f"{LABEL_JOB}={job}",
                                                     _preload_content=False))
 
     def list_children(self, namespace: str, job: str) -> list[dict[str, Any]]:
-        """The job's Services, ConfigMaps and PodDisruptionBudgets, with kind and apiVersion set."""
+        """The Services, ConfigMaps and PodDisruptionBudgets labelled with the job's name, with kind and
+        apiVersion set (as for pods, not all need be the job's own)."""
         selector = f"{LABEL_JOB}={job}"
         found: list[dict[str, Any]] = []
         for kind, api_version, listing in (
@@ -196,6 +214,11 @@ class KubeClient:
         for pod, marks in decision.annotate:
             _ignore(404, lambda pod=pod, marks=marks: self.core.patch_namespaced_pod(
                 pod, namespace, {"metadata": {"annotations": marks}}))
+        for pod in decision.stop_sidecars:
+            # one patch: the mark that says the deadline is the operator's comes with the deadline
+            stop = {"metadata": {"annotations": {ANNOTATION_SIDECARS_STOPPED: datetime.now(UTC).strftime(
+                "%Y-%m-%dT%H:%M:%SZ")}}, "spec": {"activeDeadlineSeconds": 1}}
+            _ignore(404, lambda pod=pod, stop=stop: self.core.patch_namespaced_pod(pod, namespace, stop))
         if decision.status:
             # 404: the job was deleted since it was read; its children go with it
             _ignore(404, lambda: self.custom.patch_namespaced_custom_object_status(
@@ -205,11 +228,15 @@ class KubeClient:
                    created: list[str]) -> list[str]:
         """Delete the pods of a refused incarnation (see the module's docstring); their names."""
         doomed = set(created)
-        incarnation = ((refused_obj.get("metadata") or {}).get("labels") or {}).get(LABEL_INCARNATION)
+        meta = refused_obj.get("metadata") or {}
+        incarnation = (meta.get("labels") or {}).get(LABEL_INCARNATION)
+        uid = next((r.get("uid") for r in meta.get("ownerReferences") or [] if r.get("controller")), "")
         if incarnation is not None and str((decision.status or {}).get("incarnation")) == incarnation:
             # the launch itself was refused: no rank of the incarnation may wait for the others
+            # (only the job's own: an earlier job of the name may have left pods under these labels)
             doomed |= {p["metadata"]["name"] for p in self.list_pods(namespace, job)
-                       if (p["metadata"].get("labels") or {}).get(LABEL_INCARNATION) == incarnation}
+                       if (p["metadata"].get("labels") or {}).get(LABEL_INCARNATION) == incarnation
+                       and controlled_by(p, uid)}
         for name in sorted(doomed):
             _ignore(404, lambda name=name: self.core.delete_namespaced_pod(name, namespace, grace_period_seconds=0))
         if doomed:
@@ -263,6 +290,10 @@ class KubeClient:
         }[obj["kind"]]
         if _ignore(409, lambda: create(namespace, obj)) is None:
             log.info("%s %s/%s exists already", obj["kind"], namespace, obj["metadata"]["name"])
+
+    def delete_object(self, namespace: str, ref: ObjectRef) -> None:
+        """Delete one child (a 404 is not an error)."""
+        self._delete(namespace, ref)
 
     def _delete(self, namespace: str, ref: ObjectRef) -> None:
         delete = {

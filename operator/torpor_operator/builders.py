@@ -33,7 +33,8 @@ def owner_reference(job: JobRef) -> dict[str, Any]:
     """The controller reference every child carries.
 
     ``blockOwnerDeletion`` keeps a foreground deletion of the job waiting until its pods are
-    gone, so a re-created job of the same name never meets the old ranks.
+    gone, so a re-created job of the same name does not meet the old ranks; after any other
+    deletion it may, and tells them apart by this reference's uid (:mod:`torpor_operator.owning`).
     """
     return {
         "apiVersion": API_VERSION,

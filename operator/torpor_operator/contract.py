@@ -11,8 +11,11 @@ from __future__ import annotations
 from torpor import env as runtime_env
 
 __all__ = [
+    "ANNOTATION_AVOIDED_NODES",
     "ANNOTATION_EXIT_REQUESTED",
+    "ANNOTATION_POD_SHAPE",
     "ANNOTATION_RESUME_FROM",
+    "ANNOTATION_SIDECARS_STOPPED",
     "API_VERSION",
     "DEFAULT_TERMINATION_LOG",
     "ENV",
@@ -52,6 +55,19 @@ ANNOTATION_EXIT_REQUESTED = "torpor.dev/exit-requested-at"
 #: The checkpoint every rank of the incarnation resumes from (also in TORPOR_RESUME_FROM);
 #: read back so that a re-run of a half-applied restart keeps the same choice.
 ANNOTATION_RESUME_FROM = "torpor.dev/resume-from"
+#: Set (to the time) on a pod whose training container has ended while its other containers
+#: still ran, together with ``spec.activeDeadlineSeconds: 1``: the kubelet then stops those
+#: sidecars and ends the pod ``Failed``/``DeadlineExceeded``, which this mark says is not the
+#: rank's end (its training container's status is).
+ANNOTATION_SIDECARS_STOPPED = "torpor.dev/sidecars-stopped-at"
+#: What the pod was made from: ``part=digest`` of each part of the spec that shapes a rank's
+#: pod (:mod:`torpor_operator.shaping`); a live pod whose digests differ from the spec's is
+#: replaced through a graceful restart.
+ANNOTATION_POD_SHAPE = "torpor.dev/pod-shape"
+#: The nodes (comma-separated) the pod's required node affinity keeps it off because they were
+#: going away when it was made (:mod:`torpor_operator.placing`); an unscheduled pod is made
+#: again when one of them is back.
+ANNOTATION_AVOIDED_NODES = "torpor.dev/avoided-nodes"
 
 #: Key of the GracefulExit JSON file in the ConfigMap, and where the ConfigMap is mounted (as a
 #: directory: subPath mounts never see updates).

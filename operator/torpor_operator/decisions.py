@@ -32,7 +32,8 @@ class Event:
 
 @dataclass(frozen=True)
 class Decision:
-    """What to do, in this order: create, delete, write the flag, annotate, patch status, post events."""
+    """What to do, in this order: create, delete, write the flag, annotate, stop sidecars, patch
+    status, post events."""
 
     create: tuple[dict[str, Any], ...] = ()
     """Objects to create; a 409 Conflict means it exists already and is not an error."""
@@ -42,6 +43,10 @@ class Decision:
     """``(ConfigMap name, value)`` to write into the GracefulExit file."""
     annotate: tuple[tuple[str, dict[str, str]], ...] = ()
     """``(pod name, annotations)``: touching a pod makes kubelet refresh its ConfigMap volumes."""
+    stop_sidecars: tuple[str, ...] = ()
+    """Pods whose training container has ended while other containers still run: annotated
+    ``torpor.dev/sidecars-stopped-at`` and given ``spec.activeDeadlineSeconds: 1``, so the kubelet
+    stops the sidecars and the pod keeps the trainer's status and logs."""
     status: dict[str, Any] | None = None
     """JSON merge patch of ``.status``; ``None`` when nothing changed."""
     events: tuple[Event, ...] = ()
@@ -51,4 +56,5 @@ class Decision:
     @property
     def empty(self) -> bool:
         """Nothing to do."""
-        return not (self.create or self.delete or self.graceful_exit or self.annotate or self.status or self.events)
+        return not (self.create or self.delete or self.graceful_exit or self.annotate or self.stop_sidecars
+                    or self.status or self.events)

@@ -12,7 +12,9 @@ backoff) are re-scheduled on the event loop from ``Decision.requeue_after``; ret
 in one operator-wide background task. The only finalizer is the deletion handler's, and only
 on jobs with ``checkpoint.deleteOnJobDeletion: true`` (remove it by hand —
 ``kubectl patch tj NAME --type=json -p '[{"op":"remove","path":"/metadata/finalizers"}]'`` —
-if the operator is gone for good).
+if the operator is gone for good). That handler stops the ranks first and waits until no pod of
+the job exists (:mod:`torpor_operator.deleting`), then deletes the prefix: a rank still running
+would save on its way out and leave a checkpoint behind.
 
 kopf keeps its own state in annotations under ``torpor.dev/`` (the status schema is closed).
 
@@ -34,6 +36,11 @@ calls of a reconcile, a decision waits for a listing only where it may start an 
 at most that timeout, and the path that writes GracefulExit (a Running job) never lists.
 The retention task isolates each job's pass and survives any error; if it dies or stalls
 anyway, the liveness probe fails and ``torpor_retention_loop_up`` reads 0.
+
+Each job's bucket is reached with its own endpoint and credentials Secret
+(:mod:`torpor_operator.credentials`). A Secret the operator cannot use is shown by the retention
+pass: ``Ready=False`` with a ``CredentialsSecret*`` reason and a message naming the Secret, one
+Warning Event per distinct problem; once the Secret is usable, ``Ready`` follows the phase again.
 """
 
 from __future__ import annotations
@@ -57,13 +64,16 @@ from urllib3.exceptions import HTTPError
 from torpor_operator.applying import CreateRefused, KubeClient, api_message
 from torpor_operator.bucket import Bucket
 from torpor_operator.contract import GROUP, LABEL_JOB, PLURAL, VERSION
+from torpor_operator.credentials import CREDENTIALS_REASONS, CredentialsError
+from torpor_operator.deleting import stop_ranks
 from torpor_operator.metrics import Metrics
-from torpor_operator.observing import CheckpointInfo, NodeView
+from torpor_operator.observing import CheckpointInfo, NodeView, avoided_nodes
 from torpor_operator.peering import blockers
+from torpor_operator.placing import node_change
 from torpor_operator.reconciling import Job, decide
 from torpor_operator.settings import OperatorSettings
 from torpor_operator.spec import SpecError
-from torpor_operator.status import JobStatus, api_error, api_recovered, invalid_spec, merge_patch
+from torpor_operator.status import JobStatus, api_error, api_recovered, invalid_spec, merge_patch, not_ready
 
 __all__ = ["Shell"]
 
@@ -74,6 +84,10 @@ _LAUNCHING = (None, "Restarting", "Suspended", "Stopping")
 #: How long one reading of the peering records answers :meth:`Shell.acting`, seconds: a burst of
 #: wake-ups costs one GET; kopf itself reacts to a record within about this long.
 _ACTING_CACHE_SECONDS = 1.0
+#: How long one run of the deletion handler waits for the ranks to stop before kopf retries it
+#: (kopf logs each retry: once a minute for a rank stuck Terminating, not every poll).
+_STOP_WAIT_SECONDS = 60.0
+_STOP_POLL_SECONDS = 1.0
 
 
 @dataclass
@@ -115,6 +129,8 @@ class Shell:
         self._listed_at: dict[tuple[str, str], float] = {}
         self._errors: dict[tuple[str, str], int] = {}
         self._retry_at: dict[tuple[str, str], float] = {}
+        self._credentials_shown: dict[tuple[str, str], str] = {}
+        """The credentials problem last posted as an Event per job: one Event per distinct problem."""
         self.retention_task: asyncio.Task[None] | None = None
         self.retention_progress = time.monotonic()
         metrics.retention_up.set_function(lambda: 0.0 if self.retention_problem() else 1.0)
@@ -217,9 +233,17 @@ class Shell:
             asyncio.to_thread(self.kube.list_children, namespace, name),
         )
         checkpoints = await self._checkpoints(key, job, observed_at)
+        # the nodes hosting its ranks, the nodes a new rank may have to avoid (going away, lost),
+        # and those its pods avoid now (one that is back frees a Pending rank)
         hosts = {(p.get("spec") or {}).get("nodeName") for p in pods}
+        hosts.update(n for p in pods for n in avoided_nodes((p.get("metadata") or {}).get("annotations")))
         taints = self.settings.termination_taints
-        nodes = [n for node, n in self.nodes.items() if node in hosts or NodeView.from_dict(n).going_away(taints)]
+
+        def wanted(node: str, body: dict[str, Any]) -> bool:
+            view = NodeView.from_dict(body)
+            return node in hosts or view.going_away(taints) is not None or view.lost() is not None
+
+        nodes = [n for node, n in self.nodes.items() if wanted(node, n)]
         decision = decide(job, pods, nodes, checkpoints, datetime.now(UTC), self.settings, children)
         if not decision.empty:
             await asyncio.to_thread(self.kube.apply, namespace, name, decision)
@@ -351,6 +375,7 @@ class Shell:
         self._listed_at.pop(key, None)
         self._errors.pop(key, None)
         self._retry_at.pop(key, None)
+        self._credentials_shown.pop(key, None)
         handle = self._wakeups.pop(key, None)
         if handle is not None:
             handle.cancel()
@@ -378,12 +403,71 @@ class Shell:
         except SpecError:
             return
         started = time.monotonic()
-        result = await self._in_bucket_pool(self.bucket.prune, job.spec, job.ref, job.status.resume_from)
-        if key in self.jobs and started >= self._listed_at.get(key, 0.0):
-            self._listed_at[key] = started
-            self.checkpoints[key] = result.checkpoints
-        self.metrics.retention_deletions.inc(len(result.deleted))
+        try:
+            result = await self._in_bucket_pool(self.bucket.prune, job.spec, job.ref, job.status.resume_from)
+        except CredentialsError as exc:  # nothing to prune with: shown on the job, tried next pass
+            self.metrics.retention_errors.inc()
+            log.warning("retention of %s/%s: %s", *key, exc.message)
+            await self._show_credentials(key, job, exc)
+        else:
+            if key in self.jobs and started >= self._listed_at.get(key, 0.0):
+                self._listed_at[key] = started
+                self.checkpoints[key] = result.checkpoints
+            self.metrics.retention_deletions.inc(len(result.deleted))
+            await self._show_credentials(key, job, None)
         await self.reconcile(*key)
+
+    async def _show_credentials(self, key: tuple[str, str], job: Job, problem: CredentialsError | None) -> None:
+        """Show a credentials problem in ``Ready`` (one Warning Event per distinct one), or clear one
+        that is shown. ``job`` is the retention pass's reading: a job that shows nothing costs no
+        more API calls. The status is read again and patched under the job's lock, so no reconcile
+        writes its conditions in between."""
+        ready = job.status.condition("Ready")
+        if problem is None and (ready is None or ready.reason not in CREDENTIALS_REASONS):
+            self._credentials_shown.pop(key, None)
+            return
+        if problem is not None and ready is not None and \
+                (ready.status, ready.reason, ready.message) == ("False", problem.reason, problem.message):
+            self._credentials_shown[key] = problem.message  # shown already (by an earlier operator, too)
+            return
+        async with self._locks.setdefault(key, asyncio.Lock()):
+            body = await asyncio.to_thread(self.kube.read_job, *key)
+            if body is None or body["metadata"].get("deletionTimestamp"):
+                return
+            old = JobStatus.from_dict(body.get("status"))
+            generation, now = body["metadata"].get("generation"), datetime.now(UTC)
+            if problem is None:
+                new = api_recovered(old, generation, now, reasons=CREDENTIALS_REASONS)
+                self._credentials_shown.pop(key, None)
+            else:
+                new = not_ready(old, problem.reason, problem.message, generation, now)
+            patch = merge_patch(old, new) if new is not None else None
+            if patch:
+                await asyncio.to_thread(self.kube.patch_status, *key, patch)
+            if problem is not None and self._credentials_shown.get(key) != problem.message:
+                self._credentials_shown[key] = problem.message
+                await asyncio.to_thread(self.kube.post_event, body, "Warning", problem.reason, problem.message)
+
+    async def stop_ranks(self, job: Job) -> None:
+        """Delete the job's pods and wait until none exists (:mod:`torpor_operator.deleting`).
+
+        Raises:
+            kopf.TemporaryError: some still exist after ``_STOP_WAIT_SECONDS``; kopf calls again.
+        """
+        namespace, name = job.ref.namespace, job.ref.name
+        deadline = time.monotonic() + _STOP_WAIT_SECONDS
+        while True:
+            pods = await asyncio.to_thread(self.kube.list_pods, namespace, name)
+            step = stop_ranks(job.ref.uid, pods, self.nodes, datetime.now(UTC),
+                              self.settings.lost_node_force_delete_seconds)
+            if not step.remaining:
+                return
+            for ref in step.delete:
+                await asyncio.to_thread(self.kube.delete_object, namespace, ref)
+            if time.monotonic() >= deadline:
+                raise kopf.TemporaryError(f"waiting for the pods {', '.join(step.remaining)} to end before deleting "
+                                          f"the checkpoints of {job.ref.key}", delay=_STOP_POLL_SECONDS)
+            await asyncio.sleep(_STOP_POLL_SECONDS)
 
     async def retention_loop(self) -> None:
         """Run :meth:`prune_all` every ``retention_interval_seconds``, whatever a pass meets."""
@@ -429,8 +513,10 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.watching.client_timeout = ours.watch_timeout_seconds + 30
     # read by kopf's peering tasks, which start only after the startup handlers
     settings.peering.lifetime = ours.peering_lifetime_seconds
-    shell = Shell(ours, KubeClient(_api_client()), Bucket(ours.bucket_timeout_seconds),
-                  memo.get("metrics") or Metrics(), memo.get("identity"))
+    kube = KubeClient(_api_client())
+    bucket = Bucket(ours.bucket_timeout_seconds, stale_upload_seconds=ours.stale_upload_seconds,
+                    secrets=kube.read_secret)
+    shell = Shell(ours, kube, bucket, memo.get("metrics") or Metrics(), memo.get("identity"))
     memo["shell"] = shell
     memo["retention"] = shell.retention_task = asyncio.get_running_loop().create_task(shell.retention_loop())
 
@@ -506,42 +592,54 @@ def ranks_by_node(spec: dict[str, Any], labels: dict[str, str], namespace: str, 
     return {node: (namespace, labels[LABEL_JOB])} if node else {}
 
 
+@kopf.index("", "v1", "pods", labels={LABEL_JOB: kopf.PRESENT})
+def pending_by_avoided_node(spec: dict[str, Any], annotations: dict[str, str], labels: dict[str, str],
+                            namespace: str, **_: Any) -> dict[str, Any]:
+    """Which jobs have an unscheduled pod kept off which node, so that the node coming back
+    reaches the jobs whose Pending ranks may now be scheduled there."""
+    if spec.get("nodeName"):
+        return {}
+    return {node: (namespace, labels[LABEL_JOB]) for node in avoided_nodes(annotations)}
+
+
 @kopf.on.event("", "v1", "nodes")
 async def on_node(event: dict[str, Any], body: kopf.Body, name: str, memo: kopf.Memo,
-                  ranks_by_node: kopf.Index[str, tuple[str, str]], **_: Any) -> None:
+                  ranks_by_node: kopf.Index[str, tuple[str, str]],
+                  pending_by_avoided_node: kopf.Index[str, tuple[str, str]], **_: Any) -> None:
     """A node cordoned, given a termination taint or lost (NotReady, unreachable): reconcile every
-    job with a rank on it."""
+    job with a rank on it. A node back from that (uncordoned, untainted, Ready): reconcile every
+    job with a Pending rank kept off it."""
     shell = _shell(memo)
     if event.get("type") == "DELETED":
         shell.nodes.pop(name, None)
         return
     before = shell.nodes.get(name)
     shell.nodes[name] = dict(body)
-    taints = shell.settings.termination_taints
-
-    def why(node: dict[str, Any]) -> str | None:
-        view = NodeView.from_dict(node)
-        return view.going_away(taints) or view.lost()
-
-    was = why(before) if before else None
-    now = why(dict(body))
-    if now is None or now == was:
+    change = node_change(NodeView.from_dict(before) if before else None, NodeView.from_dict(dict(body)),
+                         shell.settings.termination_taints)
+    if change is None:
         return
     triggered_at = time.monotonic()
-    jobs = sorted(set(ranks_by_node.get(name, [])))
+    index = ranks_by_node if change == "away" else pending_by_avoided_node
+    jobs = sorted(set(index.get(name, [])))
     await asyncio.gather(*(shell.reconcile(ns, job, triggered_at=triggered_at) for ns, job in jobs))
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL,
                 when=lambda spec, **_: bool((spec.get("checkpoint") or {}).get("deleteOnJobDeletion")))
 async def delete_checkpoints(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    """``deleteOnJobDeletion: true``: remove the job's checkpoints before the job goes."""
+    """``deleteOnJobDeletion: true``: stop the ranks, then remove the job's checkpoints, before the
+    job goes (the finalizer holds it until then)."""
     try:
         job = Job.from_dict(dict(body))
     except SpecError as exc:
         raise kopf.PermanentError(f"cannot delete checkpoints of an invalid job: {exc}") from exc
+    shell = _shell(memo)
+    await shell.stop_ranks(job)
     try:
-        keys = await asyncio.to_thread(_shell(memo).bucket.delete_all, job.spec, job.ref)
+        keys = await shell._in_bucket_pool(shell.bucket.delete_all, job.spec, job.ref)
+    except CredentialsError as exc:
+        raise kopf.TemporaryError(f"cannot delete the checkpoints of {job.ref.key}: {exc.message}", delay=30) from exc
     except Exception as exc:
         raise kopf.TemporaryError(f"deleting checkpoints of {job.ref.key} failed: {exc}", delay=30) from exc
-    log.info("deleted %d checkpoint objects of %s", keys, job.ref.key)
+    log.info("deleted %d checkpoint objects of %s after its ranks ended", keys, job.ref.key)

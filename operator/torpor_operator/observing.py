@@ -12,7 +12,16 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from torpor_operator.contract import ANNOTATION_EXIT_REQUESTED, ANNOTATION_RESUME_FROM, LABEL_INCARNATION, LABEL_RANK
+from torpor_operator.contract import (
+    ANNOTATION_AVOIDED_NODES,
+    ANNOTATION_EXIT_REQUESTED,
+    ANNOTATION_POD_SHAPE,
+    ANNOTATION_RESUME_FROM,
+    ANNOTATION_SIDECARS_STOPPED,
+    LABEL_INCARNATION,
+    LABEL_RANK,
+)
+from torpor_operator.shaping import parse_digests
 
 if TYPE_CHECKING:
     from torpor.checkpoints import Checkpoint
@@ -21,12 +30,21 @@ __all__ = [
     "CheckpointInfo",
     "NodeView",
     "PodView",
+    "Taint",
+    "avoided_nodes",
     "checkpoint_infos",
     "format_time",
     "newest_complete",
     "parse_time",
     "preemption_signals",
 ]
+
+
+def avoided_nodes(annotations: Mapping[str, str] | None) -> tuple[str, ...]:
+    """The nodes named by a pod's ``torpor.dev/avoided-nodes`` annotation (for the shell's
+    index as well as for :class:`PodView`)."""
+    text = (annotations or {}).get(ANNOTATION_AVOIDED_NODES, "")
+    return tuple(n for n in (part.strip() for part in text.split(",")) if n)
 
 
 def parse_time(value: str | None) -> datetime | None:
@@ -84,11 +102,23 @@ class PodView:
     """Why a Pending pod has not started, in the cluster's words: ``Unschedulable: 0/2 nodes…``
     (its ``PodScheduled`` condition) or a container's waiting reason and message
     (``ImagePullBackOff: …``, ``CreateContainerConfigError: …``); empty when nothing says."""
+    sidecars: tuple[str, ...] = ()
+    """The pod's other (regular) containers that have not ended: a log shipper or a mesh proxy
+    keeps the pod Running after the training container has ended."""
 
     @property
     def terminated(self) -> bool:
-        """The rank has ended for good (``restartPolicy: Never``)."""
-        return self.phase in ("Succeeded", "Failed")
+        """The rank has ended for good (``restartPolicy: Never``): its pod has, or its training
+        container has while sidecars keep the pod Running."""
+        return self.phase in ("Succeeded", "Failed") or self.termination is not None
+
+    @property
+    def sidecars_outlive_trainer(self) -> bool:
+        """The training container has ended, other containers still run and nobody has stopped
+        them yet (the pod is not being deleted, the operator has not marked it): without help the
+        pod would stay Running for ever."""
+        return (self.termination is not None and bool(self.sidecars) and self.phase not in ("Succeeded", "Failed")
+                and not self.deleting and ANNOTATION_SIDECARS_STOPPED not in self.annotations)
 
     @property
     def exit_requested_at(self) -> str | None:
@@ -99,6 +129,18 @@ class PodView:
     def resume_from(self) -> str | None:
         """The checkpoint the pod was told to resume from."""
         return self.annotations.get(ANNOTATION_RESUME_FROM)
+
+    @property
+    def avoided_nodes(self) -> tuple[str, ...]:
+        """The nodes the pod's required node affinity keeps it off (they were going away when
+        it was made); empty for a pod made without such a list."""
+        return avoided_nodes(self.annotations)
+
+    @property
+    def shape(self) -> dict[str, str]:
+        """The digests of the spec parts the pod was made from (:mod:`torpor_operator.shaping`);
+        empty for a pod made by an operator that did not record them."""
+        return parse_digests(self.annotations.get(ANNOTATION_POD_SHAPE, ""))
 
     @classmethod
     def from_dict(cls, pod: Mapping[str, Any], container: str) -> PodView | None:
@@ -125,10 +167,15 @@ class PodView:
                     message=terminated.get("message") or "",
                     finished_at=parse_time(terminated.get("finishedAt")),
                 )
+        annotations = dict(meta.get("annotations") or {})
+        reason, message = status.get("reason"), status.get("message") or ""
+        if reason == "DeadlineExceeded" and ANNOTATION_SIDECARS_STOPPED in annotations:
+            # the deadline is the operator's way of stopping the sidecars of an ended trainer, not the rank's end
+            reason, message = None, ""
         return cls(
             name=meta.get("name", ""),
             incarnation=incarnation,
-            status_message=status.get("message") or "",
+            status_message=message,
             init_failure=_init_failure(pod),
             rank=rank,
             phase=status.get("phase") or "Pending",
@@ -137,12 +184,23 @@ class PodView:
             deleting=bool(meta.get("deletionTimestamp")),
             disruption=(disruption.get("reason") or "DisruptionTarget")
             if disruption and disruption.get("status") == "True" else None,
-            status_reason=status.get("reason"),
+            status_reason=reason,
             termination=termination,
-            annotations=dict(meta.get("annotations") or {}),
+            annotations=annotations,
             created=parse_time(meta.get("creationTimestamp")),
             not_starting=_not_starting(status, conditions),
+            sidecars=_sidecars(pod, container),
         )
+
+
+def _sidecars(pod: Mapping[str, Any], container: str) -> tuple[str, ...]:
+    """The regular containers other than ``container`` that have not ended (by their status; a
+    container without one has not started yet). Native sidecars are init containers: not here."""
+    statuses = {cs.get("name"): cs for cs in (pod.get("status") or {}).get("containerStatuses") or []}
+    names = [c.get("name") for c in (pod.get("spec") or {}).get("containers") or []]
+    names += [n for n in statuses if n not in names]
+    return tuple(str(n) for n in names if n != container
+                 and not ((statuses.get(n) or {}).get("state") or {}).get("terminated"))
 
 
 def _not_starting(status: Mapping[str, Any], conditions: Mapping[str, Any]) -> str:
@@ -175,12 +233,23 @@ OUT_OF_SERVICE_TAINT = "node.kubernetes.io/out-of-service"
 
 
 @dataclass(frozen=True)
+class Taint:
+    """One taint of a node, as the scheduler matches it against a pod's tolerations."""
+
+    key: str
+    value: str = ""
+    effect: str = ""
+    """``NoSchedule``, ``PreferNoSchedule`` or ``NoExecute``."""
+
+
+@dataclass(frozen=True)
 class NodeView:
     """A node's schedulability, readiness and taints."""
 
     name: str
     unschedulable: bool
     taints: tuple[str, ...]
+    """The taints' keys."""
     ready: str = "True"
     """Status of the node's ``Ready`` condition: ``True``, ``False`` or ``Unknown`` (the kubelet
     stopped reporting). A node without the condition reads as ready."""
@@ -188,6 +257,9 @@ class NodeView:
     """When the node was last seen reporting, for a lost node: its ``Ready`` condition's
     ``lastTransitionTime`` (the node controller's verdict), else the ``timeAdded`` of its
     unreachable / not-ready taint; ``None`` when neither says."""
+    taint_details: tuple[Taint, ...] = ()
+    """The taints with their values and effects (:mod:`torpor_operator.placing` matches them
+    against a template's tolerations)."""
 
     @classmethod
     def from_dict(cls, node: Mapping[str, Any]) -> NodeView:
@@ -206,6 +278,8 @@ class NodeView:
             taints=tuple(t.get("key", "") for t in taints),
             ready=str(ready.get("status") or "True"),
             lost_since=since,
+            taint_details=tuple(Taint(str(t.get("key") or ""), str(t.get("value") or ""), str(t.get("effect") or ""))
+                                for t in taints),
         )
 
     def gone_for_good(self, now: datetime, bound_seconds: float) -> bool:

@@ -13,6 +13,8 @@ from typing import Any
 
 from torpor_operator.builders import owner_reference
 from torpor_operator.contract import (
+    ANNOTATION_AVOIDED_NODES,
+    ANNOTATION_POD_SHAPE,
     ANNOTATION_RESUME_FROM,
     DEFAULT_TERMINATION_LOG,
     ENV,
@@ -22,6 +24,7 @@ from torpor_operator.contract import (
     KEY_FILE,
 )
 from torpor_operator.naming import JobRef, child_labels, config_map_name, pod_name, service_name
+from torpor_operator.shaping import format_digests, shape_digests
 from torpor_operator.spec import TrainingJobSpec
 
 __all__ = ["EXIT_VOLUME", "KEY_VOLUME", "build_pod", "rank_env"]
@@ -115,8 +118,9 @@ def build_pod(
         resume_from: checkpoint name every rank of the incarnation loads; empty for the
             newest complete one (none on a fresh start).
         master_port: rendezvous port.
-        avoid_nodes: nodes known to be going away (cordoned or tainted); the pod may not be
-            scheduled there, even where the taint alone would allow it.
+        avoid_nodes: nodes going away (:func:`torpor_operator.placing.nodes_to_avoid`); the
+            pod may not be scheduled there, even where its tolerations would allow it. Named in
+            the ``torpor.dev/avoided-nodes`` annotation too.
 
     Returns:
         The Pod as a dict, ready to create.
@@ -126,7 +130,9 @@ def build_pod(
     pod_spec: dict[str, Any] = template["spec"]
     name = pod_name(job.name, incarnation, rank)
     labels = {**(meta.get("labels") or {}), **child_labels(job.name, incarnation, rank)}
-    annotations = {**(meta.get("annotations") or {}), ANNOTATION_RESUME_FROM: resume_from}
+    annotations = {**(meta.get("annotations") or {}), ANNOTATION_RESUME_FROM: resume_from,
+                   ANNOTATION_POD_SHAPE: format_digests(shape_digests(spec))}
+    annotations.pop(ANNOTATION_AVOIDED_NODES, None)  # only the operator's own list may say so
 
     pod_spec["restartPolicy"] = "Never"
     pod_spec["terminationGracePeriodSeconds"] = spec.graceful_exit.termination_grace_period_seconds
@@ -135,6 +141,7 @@ def build_pod(
     avoid = sorted(set(avoid_nodes))
     if avoid:
         pod_spec["affinity"] = _avoid_nodes(pod_spec.get("affinity") or {}, avoid)
+        annotations[ANNOTATION_AVOIDED_NODES] = ",".join(avoid)
 
     volumes: list[dict[str, Any]] = [
         {"name": EXIT_VOLUME, "configMap": {"name": config_map_name(job.name, incarnation)}}

@@ -14,9 +14,10 @@ from collections.abc import Iterable, Sequence
 
 from torpor.checkpoints import Checkpoint, FileKind, file_key, parse_key
 from torpor.retention import RetentionPolicy, candidates, to_delete
+from torpor.storage import Upload
 from torpor_operator.spec import CheckpointSpec
 
-__all__ = ["retention_policy", "stale_upload_keys", "to_prune"]
+__all__ = ["held_by_uploads", "retention_policy", "stale_upload_keys", "to_prune"]
 
 
 def retention_policy(spec: CheckpointSpec) -> RetentionPolicy:
@@ -57,3 +58,34 @@ def stale_upload_keys(doomed: Iterable[Checkpoint]) -> list[str]:
             ranks = {p.rank for p in (parse_key(k) for k in c.keys) if p is not None}
         keys |= {file_key(c.name, r, FileKind.SHARD) for r in ranks} - set(c.keys)
     return sorted(keys)
+
+
+def held_by_uploads(doomed: Sequence[Checkpoint], uploads: Iterable[Upload],
+                    older_than: float) -> tuple[list[Upload], set[str]]:
+    """Which uploads of the doomed checkpoints to abort now, and which checkpoints to keep a while.
+
+    An upload started before ``older_than`` belongs to a save that was killed: it is aborted.
+    A younger one may still be running — or be the remains of a kill too recent to tell — so its
+    checkpoint is not deleted yet: deleting it would leave nothing that names the upload's key
+    (MinIO lists uploads only per exact key), and the parts would stay for good. A later pass,
+    once the upload is old enough, aborts it and deletes the checkpoint.
+
+    Args:
+        doomed: what :func:`to_prune` returned.
+        uploads: the uploads in progress of :func:`stale_upload_keys` of ``doomed``.
+        older_than: epoch seconds (now minus ``TORPOR_STALE_UPLOAD_SECONDS``).
+
+    Returns:
+        ``(uploads to abort, names of checkpoints to keep this pass)``.
+    """
+    owner = {key: c.name for c in doomed for key in stale_upload_keys([c])}
+    abort: list[Upload] = []
+    kept: set[str] = set()
+    for upload in uploads:
+        if upload.key not in owner:
+            continue
+        if upload.initiated < older_than:
+            abort.append(upload)
+        else:
+            kept.add(owner[upload.key])
+    return abort, kept

@@ -36,8 +36,11 @@ from torpor_operator.observing import (
     preemption_signals,
 )
 from torpor_operator.outcomes import Outcome, RankOutcome, classify
+from torpor_operator.owning import Stale, controlled_by, free_incarnation, incarnation_of, stale_objects
+from torpor_operator.placing import nodes_back, nodes_to_avoid
 from torpor_operator.pods import build_pod
 from torpor_operator.settings import OperatorSettings
+from torpor_operator.shaping import changed_parts, shape_digests
 from torpor_operator.spec import TrainingJobSpec, check_job_name, parse_spec
 from torpor_operator.status import JobStatus, LastCheckpoint, merge_patch, set_condition
 
@@ -46,6 +49,8 @@ __all__ = ["Decision", "Event", "Job", "ObjectRef", "decide"]  # the output type
 #: Longest wait between two decisions while a stop is in progress, seconds: a bound on how
 #: late a missed watch event can make the operator.
 MAX_REQUEUE_SECONDS = 30.0
+#: Stops in which every rank is asked to save (GracefulExit) and given exitDeadlineSeconds.
+_GRACEFUL_STOPS = ("Preemption", "Suspend", "SpecChanged")
 
 
 @dataclass(frozen=True)
@@ -83,6 +88,7 @@ class _Plan:
     delete: list[ObjectRef] = field(default_factory=list)
     graceful_exit: tuple[str, int] | None = None
     annotate: list[tuple[str, dict[str, str]]] = field(default_factory=list)
+    stop_sidecars: list[str] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
     requeue_after: float | None = None
 
@@ -106,6 +112,8 @@ class _World:
     """Services, ConfigMaps and PDBs by (kind, name)."""
     now: datetime
     settings: OperatorSettings
+    stale: tuple[Stale, ...] = ()
+    """What an earlier job of this name left (:mod:`torpor_operator.owning`): never acted on, it only holds names."""
 
     @property
     def spec(self) -> TrainingJobSpec:
@@ -124,8 +132,9 @@ class _World:
         return classify(pod, self.nodes.get(pod.node or ""), self.settings.termination_taints)
 
     def avoid_nodes(self) -> list[str]:
-        taints = self.settings.termination_taints
-        return sorted(n.name for n in self.nodes.values() if n.going_away(taints))
+        """The nodes a rank made now is kept off (:mod:`torpor_operator.placing`)."""
+        tolerations = self.spec.template["spec"].get("tolerations") or []
+        return nodes_to_avoid(self.nodes.values(), tolerations, self.settings.termination_taints)
 
 
 def decide(
@@ -141,27 +150,33 @@ def decide(
 
     Args:
         job: the observed job.
-        pods: every pod labelled with the job's name, as API dicts.
+        pods: every pod labelled with the job's name, as API dicts. Only those the job controls
+            (by uid) are its ranks; the others only hold names (:mod:`torpor_operator.owning`).
         nodes: nodes as API dicts (at least those hosting the job's pods).
         checkpoints: the job's checkpoints in the bucket, or ``None`` when the bucket could
             not be listed (the ranks then resolve "newest complete" themselves).
         now: the current time (timezone-aware).
         settings: the operator's settings.
-        children: the job's Services, ConfigMaps and PodDisruptionBudgets, as API dicts.
+        children: the Services, ConfigMaps and PodDisruptionBudgets labelled with the job's name,
+            as API dicts; as for pods, only those it controls are its own.
 
     Returns:
         The actions; deciding again on the state they produce never repeats a creation or a count.
     """
-    container = job.spec.training_container
-    views = tuple(v for v in (PodView.from_dict(p, container) for p in pods) if v is not None)
+    container, uid = job.spec.training_container, job.ref.uid
+    pods, children = list(pods), list(children)
+    views = tuple(v for v in (PodView.from_dict(p, container) for p in pods if controlled_by(p, uid))
+                  if v is not None)
     world = _World(
         job=job,
         pods=views,
         nodes={v.name: v for v in (NodeView.from_dict(n) for n in nodes)},
         checkpoints=checkpoints,
-        children={(c.get("kind", ""), (c.get("metadata") or {}).get("name", "")): c for c in children},
+        children={(c.get("kind", ""), (c.get("metadata") or {}).get("name", "")): c for c in children
+                  if controlled_by(c, uid)},
         now=now,
         settings=settings,
+        stale=(*stale_objects(pods, job.ref.name, uid, kind="Pod"), *stale_objects(children, job.ref.name, uid)),
     )
     plan = _Plan(status=dataclasses.replace(job.status, observed_generation=job.generation))
     _refresh_last_checkpoint(world, plan)
@@ -178,12 +193,14 @@ def decide(
         _suspended(world, plan)
     else:  # Succeeded, Failed: pods stay for their logs; finish a half-applied release
         _release(world, plan)
+    _stop_sidecars(world, plan)
     _refresh_ready(world, plan)
     return Decision(
         create=tuple(plan.create),
         delete=tuple(dict.fromkeys(plan.delete)),
         graceful_exit=plan.graceful_exit,
         annotate=tuple(plan.annotate),
+        stop_sidecars=tuple(plan.stop_sidecars),
         status=merge_patch(job.status, plan.status),
         events=tuple(plan.events),
         requeue_after=plan.requeue_after,
@@ -216,6 +233,29 @@ def _refresh_last_checkpoint(world: _World, plan: _Plan) -> None:
     newest = newest_complete(world.checkpoints)
     if newest is not None:
         plan.update(last_checkpoint=LastCheckpoint(newest.name, newest.step, format_time(newest.time)))
+
+
+def _stop_sidecars(world: _World, plan: _Plan) -> None:
+    """Stop the other containers of pods whose training container has ended.
+
+    A regular sidecar (a log shipper, a service-mesh proxy) keeps its pod Running after the
+    trainer exits; the rank's outcome is read from the trainer's status all the same, but the
+    sidecar would hold the node's capacity for ever. ``activeDeadlineSeconds: 1`` makes the
+    kubelet stop every container the way it stops a pod (SIGTERM, the grace period) and keep
+    the pod, with the trainer's status and logs (``kubectl logs POD -c TRAINER``), as Job
+    pods are kept; deleting the pod would lose both. Pods this decision deletes need nothing."""
+    deleting = {r.name for r in plan.delete if r.kind == "Pod"}
+    pods = [p for p in world.pods if p.sidecars_outlive_trainer and p.name not in deleting]
+    if not pods:
+        return
+    plan.stop_sidecars += [p.name for p in pods]
+    containers = ", ".join(sorted({c for p in pods for c in p.sidecars}))
+    ranks = ", ".join(str(p.rank) for p in sorted(pods, key=lambda p: (p.incarnation, p.rank)))
+    many = len(pods) > 1
+    plan.events.append(Event("Normal", "SidecarsStopped",
+                             f"the training container of rank{'s' if many else ''} {ranks} has ended; stopping the "
+                             f"other containers of {'their pods' if many else 'its pod'} ({containers}) with "
+                             "activeDeadlineSeconds"))
 
 
 def _refresh_ready(world: _World, plan: _Plan) -> None:
@@ -311,7 +351,14 @@ def _start(world: _World, plan: _Plan) -> None:
 
 
 def _launch(world: _World, plan: _Plan, incarnation: int, reason: str, why: str) -> None:
-    """Start ``incarnation``: fresh children, every rank told the same checkpoint."""
+    """Start ``incarnation`` — or the first after it whose names no earlier job of this name
+    holds (:func:`torpor_operator.owning.free_incarnation`): fresh children, every rank told the
+    same checkpoint."""
+    own = [p.incarnation for p in world.pods] + [n for n in map(incarnation_of, world.children.values())
+                                                 if n is not None]
+    incarnation, skipped = free_incarnation(incarnation, own, world.stale, world.job.ref.name)
+    if skipped is not None:
+        plan.events.append(skipped)
     existing = [p.resume_from for p in world.pods_of(incarnation) if p.resume_from is not None]
     if existing:  # a half-applied launch: keep the choice the created pods already carry
         resume_from = existing[0]
@@ -343,6 +390,10 @@ def _active(world: _World, plan: _Plan) -> None:
     3. Every rank Finished: success.
     4. Any other signal (a Stopped or Killed rank, a deletion, a vanished rank): one preemption.
     5. Ranks the kubelet refused are recreated, bounded by ``TORPOR_ADMISSION_RETRIES``.
+
+    Then, with nothing of that: a spec that now makes other pods than the live ranks were made
+    from is a graceful restart (stop reason ``SpecChanged``, :func:`_spec_changed`), and a
+    Pending rank kept off a node that is back is made again (:func:`_recreate_kept_off`).
     """
     incarnation = plan.status.incarnation
     current = world.pods_of(incarnation)
@@ -384,11 +435,16 @@ def _active(world: _World, plan: _Plan) -> None:
     if world.spec.suspend:
         _begin_stop(world, plan, current, "Suspend", "spec.suspend is true")
         return
+    changed = _spec_changed(world, current)
+    if changed:
+        _begin_stop(world, plan, current, "SpecChanged", changed)
+        return
     if _startup_timed_out(world, plan, current):
         return
     rejected = [(p, o) for p, o in zip(current, outcomes, strict=True) if o.outcome is Outcome.REJECTED]
     if any(not p.deleting for p, _ in rejected) and _recreate_rejected(world, plan, current, rejected):
         return
+    _recreate_kept_off(world, plan, current)
     _create_missing(world, plan, incarnation, plan.status.resume_from or "", pods=plan.status.phase == "Pending")
     running = [p for p in current if p.phase == "Running" and p.ready and not p.deleting]
     if plan.status.phase == "Pending" and len(running) == world.spec.replicas:
@@ -496,6 +552,47 @@ def _recreate_rejected(world: _World, plan: _Plan, current: list[PodView],
     return False
 
 
+def _spec_changed(world: _World, current: list[PodView]) -> str | None:
+    """Why the live ranks no longer match the spec, or ``None``.
+
+    A rank's pod carries the digests of the spec parts it was made from
+    (:mod:`torpor_operator.shaping`); a part whose digest differs from the spec's now would make
+    another pod, and a pod's containers cannot change, so the incarnation is replaced through a
+    graceful restart — neither a preemption nor a failure. A pod without digests (made by an
+    earlier operator version) says nothing: an upgrade of the operator restarts no job."""
+    wanted = shape_digests(world.spec)
+    parts: list[str] = []
+    for p in current:
+        if not p.terminated and not p.deleting:
+            parts += [part for part in changed_parts(p.shape, wanted) if part not in parts]
+    if not parts:
+        return None
+    names = " and ".join(f"spec.{part}" for part in sorted(parts, key=list(wanted).index))
+    return (f"{names} changed since incarnation {world.job.status.incarnation} was made "
+            f"(generation {world.job.generation})")
+
+
+def _recreate_kept_off(world: _World, plan: _Plan, current: list[PodView]) -> None:
+    """Delete the Pending, unscheduled ranks whose required affinity keeps them off a node that is
+    back (uncordoned, its termination taint removed, Ready again), so that they are made again
+    with the nodes going away now (:mod:`torpor_operator.placing`).
+
+    The pod never ran: deleted with grace 0 it is gone at once (an unscheduled pod is, anyway),
+    and the next decision makes it again in the same incarnation — no failure, no preemption.
+    Its startup timeout starts again with the new pod."""
+    taints = world.settings.termination_taints
+    for p in current:
+        if p.phase != "Pending" or p.node is not None or p.deleting or not p.avoided_nodes:
+            continue
+        back = nodes_back(p.avoided_nodes, world.nodes, taints)
+        if not back:
+            continue
+        plan.delete.append(ObjectRef("v1", "Pod", p.name, grace_period_seconds=0))
+        plan.events.append(Event("Normal", "RankRecreated",
+                                 f"rank {p.rank} (pod {p.name}) is Pending, kept off {', '.join(back)} while it was "
+                                 "going away; it is back: making the pod again so that it may be scheduled there"))
+
+
 def _begin_stop(world: _World, plan: _Plan, current: list[PodView], reason: str, message: str) -> None:
     """Write GracefulExit 1 and touch every live rank so kubelet refreshes the file at once."""
     stamp = format_time(world.now)
@@ -504,8 +601,13 @@ def _begin_stop(world: _World, plan: _Plan, current: list[PodView], reason: str,
         changes["preemptions"] = plan.status.preemptions + 1
     plan.update(**changes)
     _request_exit(world, plan, current)
-    event = (Event("Warning", "Preempted", f"{message}; asking every rank to save and exit")
-             if reason == "Preemption" else Event("Normal", "Suspending", f"{message}; asking every rank to save"))
+    if reason == "Preemption":
+        event = Event("Warning", "Preempted", f"{message}; asking every rank to save and exit")
+    elif reason == "SpecChanged":
+        event = Event("Normal", "SpecChanged",
+                      f"{message}; asking every rank to save and exit, then restarting with the new spec")
+    else:
+        event = Event("Normal", "Suspending", f"{message}; asking every rank to save")
     _transition(world, plan, "Stopping", event)
     plan.requeue(world.spec.graceful_exit.exit_deadline_seconds)
 
@@ -561,7 +663,7 @@ def _stopping(world: _World, plan: _Plan) -> None:
     live = _release_lost(world, plan, _live(current))
     requested = parse_time(s.stop_requested_at) or world.now
     deadline = requested + timedelta(seconds=world.spec.graceful_exit.exit_deadline_seconds)
-    if s.stop_reason in ("Preemption", "Suspend"):
+    if s.stop_reason in _GRACEFUL_STOPS:
         # Also with no rank left: an operator that died after writing the Stopping status but
         # before the flag must end in the state it would have reached, flag included.
         if live or world.exists("ConfigMap", config_map_name(world.job.ref.name, s.incarnation)):
@@ -571,7 +673,7 @@ def _stopping(world: _World, plan: _Plan) -> None:
         late = [p for p in live if not p.deleting]
     for p in late:
         plan.delete.append(ObjectRef("v1", "Pod", p.name))
-    if late and s.stop_reason in ("Preemption", "Suspend"):
+    if late and s.stop_reason in _GRACEFUL_STOPS:
         ranks = ", ".join(str(p.rank) for p in late)
         plan.events.append(Event("Warning", "ExitDeadlineExceeded",
                                  f"ranks {ranks} did not exit within {world.spec.graceful_exit.exit_deadline_seconds}s "

@@ -152,6 +152,12 @@ class OperatorSettings:
     """Threads for bucket work (listings, retention), apart from the ones the API calls use, so
     a slow store never queues the calls that write GracefulExit. >= 1."""
 
+    stale_upload_seconds: float = dataclasses.field(default=3600.0, metadata=_env("TORPOR_STALE_UPLOAD_SECONDS"))
+    """Age past which retention aborts a multipart upload of an incomplete checkpoint it deletes
+    (the shard of a rank killed mid-save: its parts cost storage and never become an object),
+    seconds. Only checkpoints older than the newest complete one are concerned, so a save in
+    progress is never touched; the hour by default leaves room for a slow store. > 0."""
+
     peering: str = dataclasses.field(default="", metadata=_env("TORPOR_PEERING"))
     """Name of the kopf peering object for several operator replicas; empty (the default)
     runs standalone, which is right for exactly one replica. The operator creates the object
@@ -209,7 +215,8 @@ class OperatorSettings:
             raise SettingsError(f"watch_timeout_seconds must be a whole number of seconds >= 1, "
                                 f"got {self.watch_timeout_seconds!r}")
         for name in ("backoff_base_seconds", "backoff_max_seconds", "retention_interval_seconds",
-                     "api_retry_base_seconds", "api_retry_max_seconds", "bucket_timeout_seconds"):
+                     "api_retry_base_seconds", "api_retry_max_seconds", "bucket_timeout_seconds",
+                     "stale_upload_seconds"):
             value = getattr(self, name)
             if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
                 raise SettingsError(f"{name} must be a finite number of seconds > 0, got {value!r}")

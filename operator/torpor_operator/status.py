@@ -17,7 +17,7 @@ from typing import Any
 from torpor_operator.observing import format_time
 
 __all__ = ["API_ERROR_REASONS", "PHASES", "Condition", "JobStatus", "LastCheckpoint", "api_error", "api_recovered",
-           "invalid_spec", "merge_patch", "set_condition"]
+           "invalid_spec", "merge_patch", "not_ready", "set_condition"]
 
 #: ``Ready=False`` reasons of a reconcile the API refused: a create (``CreateFailed``) or any other call.
 API_ERROR_REASONS = ("CreateFailed", "ApiError")
@@ -209,16 +209,30 @@ def api_error(status: JobStatus, reason: str, message: str, generation: int | No
     return dataclasses.replace(status, conditions=conditions)
 
 
-def api_recovered(status: JobStatus, generation: int | None, now: datetime) -> JobStatus | None:
-    """After an API error, the status whose ``Ready`` follows the phase again; ``None`` if ``Ready``
-    does not show an API error (a transition since has set it already)."""
+def api_recovered(status: JobStatus, generation: int | None, now: datetime,
+                  reasons: tuple[str, ...] = API_ERROR_REASONS) -> JobStatus | None:
+    """After an API error (or another problem whose ``Ready`` reasons are ``reasons``), the status
+    whose ``Ready`` follows the phase again; ``None`` if ``Ready`` does not show such a problem (a
+    transition since has set it already)."""
     old = status.condition("Ready")
-    if old is None or old.reason not in API_ERROR_REASONS:
+    if old is None or old.reason not in reasons:
         return None
     phase = status.phase or "Pending"
     conditions = set_condition(status.conditions, "Ready", phase == "Running", phase,
                                "" if phase == "Running" else f"recovered from: {old.message}", now, generation)
     return dataclasses.replace(status, conditions=conditions)
+
+
+def not_ready(status: JobStatus, reason: str, message: str, generation: int | None,
+              now: datetime) -> JobStatus | None:
+    """The status whose ``Ready`` is False with ``reason`` and ``message``; ``None`` if it is already
+    (so a problem found on every retention pass patches the job once). The phase and counters are
+    untouched: the job goes on as far as it can (a missing credentials Secret, for one)."""
+    old = status.condition("Ready")
+    if old is not None and (old.status, old.reason, old.message) == ("False", reason, message):
+        return None
+    return dataclasses.replace(status, conditions=set_condition(status.conditions, "Ready", False, reason, message,
+                                                                now, generation))
 
 
 def merge_patch(old: JobStatus, new: JobStatus) -> dict[str, Any] | None:

@@ -49,7 +49,13 @@ The lookahead has one consequence for exact resume: a checkpoint saved at step k
 holds the generators' state *after* batch k+1 was fetched. Where fetching draws from the
 global generators (random augmentation in the main process), a resume that is to match an
 uninterrupted run bit for bit fetches batch k+1 before it restores that state; it can hand
-``EpochFeed`` a :class:`Lookahead` that already holds the batch.
+``EpochFeed`` a :class:`Lookahead` that already holds the batch. ``Loop`` instead hands in a
+``snapshot`` hook, called right before every fetch: the generators, and the ``state_dict()``
+of a loader that keeps its own position (torchdata's ``StatefulDataLoader``), as they were
+before batch k+1 was read. That is what a save at step k's boundary records, so the resumed
+run reads batch k+1 again (``EpochFeed.before_held``). Such a loader is also read to its end
+when the epoch ends (``run_out``), so that it records a finished epoch, as
+``for batch in loader`` would have it.
 
 Batches a longer rank has beyond the shortest one are not trained on (like ``drop_last``):
 every rank trains the same steps and their losses count alike. One process (no process group,
@@ -161,6 +167,19 @@ class Lookahead:
             return
         self.before_held = before
 
+    def run_out(self) -> None:
+        """Drop the held item and read the iterator to its end.
+
+        What ``for batch in loader`` does at an epoch's end, and what a loader that keeps its
+        own position needs to record that the epoch is over (torchdata's ``StatefulDataLoader``
+        marks an iterator finished only when it raised ``StopIteration``; a finished one is
+        followed by a new epoch, an unfinished one is continued after a resume)."""
+        self._next = self._NOTHING
+        self.before_held = None
+        while not self.exhausted:
+            self.fetch()
+            self._next = self._NOTHING
+
     def take(self) -> Any:
         """The held item (fetched first if needed); ``StopIteration`` if there is none."""
         self.fetch()
@@ -178,12 +197,20 @@ class EpochFeed:
     calls :meth:`boundary` before the step's ``on_train_step_end`` hooks. ``reduce`` is the
     element-wise MAX over ranks (``_distributed.max_each``); ``facts`` gathers the callbacks'
     local facts, and is called only at boundaries that have a collective.
+
+    With ``run_out``, the iterator is read to its end (:meth:`Lookahead.run_out`) as soon as
+    the epoch ends on every rank, before that boundary's hooks save anything: for a loader that
+    keeps its own position, which must record a finished epoch whether the epoch ended by its
+    agreed length, by another rank's last batch, or by its own end. The batches read there are
+    not trained on (a longer rank's surplus).
     """
 
     def __init__(self, iterator: Iterator[Any] | Lookahead, *, length: int | None, every: int, distributed: bool,
                  reduce: Callable[[Sequence[int]], Sequence[int]],
-                 facts: Callable[[], Mapping[Fact, int]], snapshot: Callable[[], Any] | None = None) -> None:
+                 facts: Callable[[], Mapping[Fact, int]], snapshot: Callable[[], Any] | None = None,
+                 run_out: bool = False) -> None:
         self._ahead = iterator if isinstance(iterator, Lookahead) else Lookahead(iterator, snapshot)
+        self._run_out = run_out
         self._own_length = length
         self._every = every
         self._distributed = distributed
@@ -210,7 +237,7 @@ class EpochFeed:
             local[Fact.SHORTEST] = -self._own_length
         agreed = self._agree(local)
         self.length = agreed.length
-        self._ended = agreed.exhausted or (self.length is not None and step_in_epoch >= self.length)
+        self._end_if(agreed.exhausted or (self.length is not None and step_in_epoch >= self.length))
 
     def boundary(self, step: int, step_in_epoch: int) -> Agreed:
         """The boundary after global step ``step`` (protocol point 2); once per step."""
@@ -230,8 +257,18 @@ class EpochFeed:
                     "promised (and the ranks agreed on); the other ranks cannot learn it before the next "
                     "check: give it a true len(), or check every step (check_every_n_steps=1)")
             self.agreed = UNCHECKED
-        self._ended = last or self.agreed.exhausted
+        self._end_if(last or self.agreed.exhausted)
         return self.agreed
+
+    def _end_if(self, ended: bool) -> None:
+        self._ended = ended
+        if ended and self._run_out:
+            self._ahead.run_out()
+
+    @property
+    def ended(self) -> bool:
+        """Whether the epoch has ended on every rank (no further batch will be handed out)."""
+        return self._ended
 
     @property
     def before_held(self) -> Any:

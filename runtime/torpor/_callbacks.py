@@ -57,10 +57,11 @@ class RunArgs:
     """Generators' state when the current epoch's iterator was created (exact resume)."""
     run_token: str = ""
     """Identity of this run shared by all ranks (part of every ``save_id``)."""
-    rng_before_lookahead: Any = None
-    """The generators (a ``torpor._state.RngState``) as they were before the loop read the next,
-    not yet trained, batch ahead; ``None`` when no such batch is held. Saves record this
-    instead of the current state, so a resume that reads that batch again draws the same."""
+    before_lookahead: Any = None
+    """The generators, and the position of a loader that keeps its own (a
+    ``torpor._state.BeforeLookahead``), as they were before the loop read the next, not yet
+    trained, batch ahead; ``None`` when no such batch is held. Saves record this instead of
+    the current state, so a resume that reads that batch again draws the same and reads it."""
     exit_saved_step: int | None = None
     """Global step at which ``OnRequestExit`` saved, so other savers skip that step."""
     state: dict[str, Any] = field(default_factory=dict)

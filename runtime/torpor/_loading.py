@@ -570,7 +570,10 @@ def _apply(payloads: Payloads, network: Any, optimizer: Any, lr_scheduler: Any, 
     if lr_scheduler is not None and "lr_scheduler" in model_payload:
         lr_scheduler.load_state_dict(model_payload["lr_scheduler"])
     if plain_state:
-        _user_state.restore(plain_state, model_payload.get("state"), ckpt.name, strict)
+        # A loader that kept its own position saved it in each rank's own shard (``rank_state``).
+        own_state = own_payload.get("rank_state") if own_payload is not None else None
+        _user_state.restore(plain_state, {**(model_payload.get("state") or {}), **(own_state or {})}, ckpt.name,
+                            strict)
 
     meta_source = own_payload if own_payload is not None else model_payload
     meta, rng, epoch_rng = payloads.meta, payloads.rng, payloads.epoch_rng

@@ -23,7 +23,8 @@ ends the run in full, and the ``with`` form calls :meth:`Loop.finish` on leaving
 On resume, ``epochs`` starts at the saved epoch and ``batches`` skips the batches that epoch
 had already consumed (by index, without loading them, for a ``DataLoader`` over a map-style
 dataset: see :mod:`torpor._resuming`), with the generators rewound so the data order and every
-random draw match an uninterrupted run.
+random draw match an uninterrupted run. A loader passed in ``state=`` keeps its own position
+instead: it continues where it was saved, and nothing is skipped (:mod:`torpor._user_state`).
 """
 
 from __future__ import annotations
@@ -149,8 +150,10 @@ class Loop:
                 the operator (``TORPOR_JOB`` set). See :func:`exit_process_of`.
             state: everything else to save and restore, by name: objects with
                 ``state_dict``/``load_state_dict`` (a ``GradScaler``, more optimizers and
-                schedulers, an EMA, a stateful loader) or ``torch.Generator``; see
-                :mod:`torpor._user_state`. A key missing from the resumed checkpoint raises
+                schedulers, an EMA) or ``torch.Generator``; see :mod:`torpor._user_state`.
+                The loader that ``batches()`` iterates may be one of them (torchdata's
+                ``StatefulDataLoader``): it then keeps its own position, and nothing is
+                skipped for it on resume. A key missing from the resumed checkpoint raises
                 ``KeyError``.
 
         Raises:
@@ -317,27 +320,38 @@ class Loop:
             sampler.set_epoch(args.cur_epoch_num)  # type: ignore[union-attr]
         skip, self._skip = self._skip, 0
         loaded = self.loaded
+        # A loader in ``state=`` keeps its own position: restored at load, saved before each read ahead.
+        positioned = _user_state.key_of(args.state, dataset)
+        keeps_position = positioned is not None
         if skip and loaded is not None:
             # Rewind to the epoch's start so the sampler draws the same order, pass over the
             # batches already trained on (by index where possible), then jump to the save's state.
             iterator, args.epoch_rng = _resuming.resume_mid_epoch(dataset, args.cur_epoch_num, skip,
-                                                                  loaded.epoch_rng, loaded.rng)
+                                                                  loaded.epoch_rng, loaded.rng,
+                                                                  keeps_position=keeps_position)
             args.step_in_epoch = skip
         else:
             resumed = (loaded.epoch_rng, loaded.rng) if loaded is not None and args.epoch_rng is None else None
-            iterator, args.epoch_rng = _resuming.start_epoch(dataset, args.cur_epoch_num, resumed)
+            iterator, args.epoch_rng = _resuming.start_epoch(dataset, args.cur_epoch_num, resumed,
+                                                             keeps_position=keeps_position)
             args.step_in_epoch = 0
+
+        def snapshot() -> _state.BeforeLookahead:
+            rng = _state.RngState.capture(_resuming.loader_generators(dataset))
+            positions = {positioned: _user_state.position(dataset)} if positioned is not None else {}
+            return _state.BeforeLookahead(rng, positions)
+
         feed = self._feed = EpochFeed(iterator, length=args.batch_num, every=self._check_every(),
                                       distributed=_distributed.is_initialized() and _distributed.world_size() > 1,
-                                      reduce=_distributed.max_each, facts=self._step_facts,
-                                      snapshot=lambda: _state.RngState.capture(_resuming.loader_generators(dataset)))
+                                      reduce=_distributed.max_each, facts=self._step_facts, snapshot=snapshot,
+                                      run_out=keeps_position)
         try:
             feed.begin(args.step_in_epoch)
             args.batch_num = feed.length  # the shortest rank's: what every rank trains this epoch
-            args.rng_before_lookahead = feed.before_held
+            args.before_lookahead = feed.before_held
             while not self.should_stop:
                 more, batch = feed.take()
-                args.rng_before_lookahead = None
+                args.before_lookahead = None
                 if not more:
                     break
                 args.cur_step_num += 1
@@ -345,10 +359,21 @@ class Loop:
                 args.last_batch = batch
                 call_hooks(self.callbacks, "on_train_step_begin", self.run_context)
                 yield batch
-                args.agreed = feed.boundary(args.cur_step_num, args.step_in_epoch)  # taken by step_end already
+                self._boundary()  # taken by step_end already, unless the loop body did not call it
         finally:
             self._feed = None
             args.agreed = None
+
+    def _boundary(self) -> None:
+        """The step's boundary (:meth:`EpochFeed.boundary`, once per step) and what it tells the saves."""
+        args, feed = self.args, self._feed
+        assert feed is not None
+        args.agreed = feed.boundary(args.cur_step_num, args.step_in_epoch)
+        args.before_lookahead = feed.before_held
+        if feed.ended and args.batch_num is None:
+            # An epoch of unknown length that ran out has one now: a save here records a finished
+            # epoch, and a resume starts the next one instead of passing over this one again.
+            args.batch_num = args.step_in_epoch
 
     def _check_every(self) -> int:
         """Steps between the boundary collectives: the smallest ``check_every_n_steps`` of the callbacks."""
@@ -373,8 +398,7 @@ class Loop:
             self.args.last_inputs = inputs if isinstance(inputs, tuple) else (inputs,)
         self.args.outputs = outputs
         if self._feed is not None:  # the step's one collective, before the hooks act on it
-            self.args.agreed = self._feed.boundary(self.args.cur_step_num, self.args.step_in_epoch)
-            self.args.rng_before_lookahead = self._feed.before_held
+            self._boundary()
         call_hooks(self.callbacks, "on_train_step_end", self.run_context)
         return self.should_stop
 

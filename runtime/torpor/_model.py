@@ -64,7 +64,8 @@ class Model:
             lr_scheduler: stepped every step or epoch (``scheduler_interval``), saved and restored.
             scheduler_interval: ``"step"`` or ``"epoch"``.
             state: more objects saved and restored by name (a ``GradScaler``, an EMA updated
-                by a callback, ...), as in :class:`torpor.Loop`; ``train(state=...)`` overrides it.
+                by a callback, the ``train_dataset`` loader when it keeps its own position,
+                ...), as in :class:`torpor.Loop`; ``train(state=...)`` overrides it.
 
         Raises:
             TypeError: ``network`` is not a module; ``state`` is not a dict of objects with

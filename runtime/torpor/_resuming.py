@@ -21,6 +21,13 @@ Where the order would differ and what is done about it:
   epoch's order. The sampler therefore gets the epoch-start state back right before its
   first draw. This assumes one loader object serves every epoch, as in a training script.
 
+A loader that keeps its own position (``keeps_position``: it is in ``state=``, see
+:mod:`torpor._user_state`) restored its position at load: nothing is passed over, and the
+special cases above (the replay of a finished epoch, the persistent workers' rewind) are left
+to the loader, whose own state covers its sampler. What stays is the generators' part: a
+mid-epoch resume still creates the iterator from the epoch-start generators (the base seed
+the uninterrupted epoch drew) and then jumps to the save's state.
+
 Not restored: random draws made *inside* worker processes (augmentation in a worker's
 ``__getitem__``). Workers are seeded as in the uninterrupted epoch but do not see the
 skipped samples again (and persistent workers are new processes after a restart), so their
@@ -60,7 +67,7 @@ def loader_generators(dataset: Any) -> dict[str, torch.Generator]:
 
 
 def start_epoch(dataset: Iterable[Any], epoch: int, resumed: tuple[RngState | None, RngState | None] | None = None,
-                ) -> tuple[Iterator[Any], RngState]:
+                *, keeps_position: bool = False) -> tuple[Iterator[Any], RngState]:
     """``(iterator, epoch_rng)`` of an epoch that starts at its first batch.
 
     Args:
@@ -68,16 +75,19 @@ def start_epoch(dataset: Iterable[Any], epoch: int, resumed: tuple[RngState | No
         resumed: ``(epoch_rng, rng)`` of the checkpoint when this is the first epoch after a
             resume from the end of epoch ``epoch - 1``, else ``None``. The global generators
             were restored at load; the loader's own ones are set here, where the loader is known.
+        keeps_position: the loader restores its own position (see the module docstring).
     """
     generators = loader_generators(dataset)
     if resumed is not None:
         finished_epoch_rng, rng = resumed
         if rng is not None:
             rng.restore_generators(generators)
-        if generators and finished_epoch_rng is not None and isinstance(dataset, DataLoader):
+        # An IterableDataset has no indices to replay: its generators are the save's already.
+        if (generators and finished_epoch_rng is not None and not keeps_position and isinstance(dataset, DataLoader)
+                and not isinstance(dataset.dataset, IterableDataset)):
             _replay_the_end_of(dataset, epoch - 1, finished_epoch_rng, rng, generators)
     epoch_rng = RngState.capture(generators)
-    if resumed is not None and epoch > 1 and _creates_persistent_iterator(dataset):
+    if resumed is not None and epoch > 1 and not keeps_position and _creates_persistent_iterator(dataset):
         return _iterate(dataset, _Resumed(_index_sampler(dataset), 0, epoch_rng, None, generators)), epoch_rng
     return iter(dataset), epoch_rng
 
@@ -108,21 +118,22 @@ def _replay_the_end_of(loader: DataLoader, epoch: int, epoch_rng: RngState, rng:
 
 
 def resume_mid_epoch(dataset: Iterable[Any], epoch: int, skip: int, epoch_rng: RngState | None,
-                     rng: RngState | None) -> tuple[Iterator[Any], RngState]:
+                     rng: RngState | None, *, keeps_position: bool = False) -> tuple[Iterator[Any], RngState]:
     """``(iterator, epoch_rng)`` of a resumed epoch whose first ``skip`` batches were trained on.
 
     Args:
         epoch_rng: the generators when the saved epoch's iterator was created.
         rng: the generators at the save, in effect once the iterator is past ``skip``.
+        keeps_position: the loader restored its own position at load: nothing is passed over.
     """
     generators = loader_generators(dataset)
     if epoch_rng is not None:
         epoch_rng.restore(generators)
     else:
         epoch_rng = RngState.capture(generators)
-    if not skips_by_index(dataset):
+    if keeps_position or not skips_by_index(dataset):
         iterator = iter(dataset)
-        for _ in range(skip):
+        for _ in range(0 if keeps_position else skip):
             if next(iterator, _END) is _END:
                 break
         if rng is not None:

@@ -1,10 +1,11 @@
 """Writing one checkpoint: each rank's shard, extras and, last, its manifest.
 
 Replicated (DDP) state is written once: with ``integrated=True`` rank 0's shard holds the
-model, optimizer and scheduler, and every other rank writes only what is its own (RNG and
-loop position). Every rank writes a manifest all the same, so "complete = every rank's
-manifest exists" holds whatever the layout. With ``integrated=False`` each rank writes its
-own copy of the model and optimizer state.
+model, optimizer and scheduler, and every other rank writes only what is its own (RNG, loop
+position, and the position of a loader that keeps its own: ``rank_state``, see
+:mod:`torpor._user_state`). Every rank writes a manifest all the same, so "complete = every rank's
+manifest exists" holds whatever the layout. With ``integrated=False`` each rank writes its own
+copy of the model and optimizer state.
 
 Sharded state (FSDP2/DTensor, FSDP1) goes through ``torch.distributed.checkpoint``'s planners
 on every rank (:mod:`torpor._sharded`): each rank's shards into its ``.distcp``, beside its
@@ -145,7 +146,11 @@ def capture(
         pieces = _sharded.save_pieces(layout, network, args.optimizer, args.state)
     _sharded.consolidate(layout, args.optimizer, args.state)  # ZeroRedundancyOptimizer: onto rank 0
     scalars, info_tensors = _append_info(args, options.append_info)
-    rng = args.rng_before_lookahead or _state.RngState.capture(loader_generators(args.train_dataset))
+    before: _state.BeforeLookahead | None = args.before_lookahead
+    rng = before.rng if before is not None else _state.RngState.capture(loader_generators(args.train_dataset))
+    # A loader that keeps its own position: this rank's own, in every rank's shard (like its generators).
+    positioned = _user_state.key_of(args.state, args.train_dataset)
+    shared_state = {k: v for k, v in args.state.items() if k != positioned}
     rng_doc, rng_tensors = rng.to_parts()
     epoch_rng_doc, epoch_rng_tensors = (args.epoch_rng.to_parts() if args.epoch_rng is not None else (None, {}))
     consumed = args.cur_step_num * options.global_batch_size if options.global_batch_size else None
@@ -174,6 +179,10 @@ def capture(
         if pieces.index is not None:
             payload["dcp_index"] = pieces.index
         payload["_dcp_shards"] = pieces.shards
+    if positioned is not None:
+        loader = args.state[positioned]
+        taken = before.positions if before is not None else {positioned: _user_state.position(loader)}
+        payload["rank_state"] = _user_state.capture({positioned: loader}, taken)
     if holds_model:
         if pieces is None:
             payload["model"] = _state.local_state(network.state_dict())
@@ -181,7 +190,7 @@ def capture(
                 payload["optimizer"] = _state.local_state(args.optimizer.state_dict())
         if args.lr_scheduler is not None:
             payload["lr_scheduler"] = args.lr_scheduler.state_dict()
-        plain_state = {k: v for k, v in args.state.items() if k not in layout.dcp_state}
+        plain_state = {k: v for k, v in shared_state.items() if k not in layout.dcp_state}
         if plain_state:
             payload["state"] = _state.local_state(_user_state.capture(plain_state))
         if options.trainable_params:

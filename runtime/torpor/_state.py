@@ -118,6 +118,20 @@ class RngState:
         )
 
 
+@dataclass(frozen=True)
+class BeforeLookahead:
+    """What a checkpoint records of the moment before the loop read the next batch ahead.
+
+    Reading a batch ahead may draw random numbers (augmentation) and moves a loader that keeps
+    its own position; the resumed run reads that batch again, so it must start from here.
+    """
+
+    rng: RngState
+    positions: Mapping[str, Any] = field(default_factory=dict)
+    """A copy of the ``state_dict()`` of the loader that keeps its own position, by its
+    ``state=`` key (empty when the loop's loader is not in ``state``)."""
+
+
 _CUDA = "torch_cuda_"
 _GENERATOR = "generator_"
 

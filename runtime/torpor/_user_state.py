@@ -11,18 +11,53 @@ as one dict::
 Each value has ``state_dict()``/``load_state_dict()`` (or is a ``torch.Generator``, saved
 with ``get_state``/``set_state``). They are saved with the model: in rank 0's shard under
 ``integrated_save`` (replicated state, as a DDP run's scaler, EMA and optimizers are), in
-every rank's own shard otherwise (so per-rank state, such as a stateful loader over a
-``DistributedSampler``, needs ``integrated_save=False``). A loader that restores its own
-position (torchdata's ``StatefulDataLoader``) is not supported through ``state=`` yet:
-``loop.batches`` passes over the consumed batches itself, and reads one batch ahead, so such
-a loader would be skipped twice and saved one batch ahead. A checkpoint is loaded with
-``torch.load(weights_only=True)``, so a state dict may hold only tensors, numbers, strings,
-``None`` and dicts/lists/tuples of them; anything else is refused when it is saved, not when
-a resume can no longer load it.
+every rank's own shard otherwise. A checkpoint is loaded with ``torch.load(weights_only=True)``,
+so a state dict may hold only tensors, numbers, strings, ``None`` and dicts/lists/tuples of
+them; anything else is refused when it is saved, not when a resume can no longer load it.
+
+**A loader that keeps its own position** (torchdata's ``StatefulDataLoader``, or any iterable
+whose ``load_state_dict`` makes the next ``iter()`` continue where its ``state_dict`` was
+taken) is passed in ``state=`` too, and is then the very object ``loop.batches(...)`` (or
+``Model.train``) iterates::
+
+    loader = StatefulDataLoader(dataset, batch_size=32, shuffle=True)
+    loop = torpor.Loop(net, opt, resume="latest", state={"loader": loader})
+    for epoch in loop.epochs(10):
+        for batch in loop.batches(loader): ...
+
+The loop recognises it by identity (:func:`key_of`) and then:
+
+- passes over nothing on a mid-epoch resume (the loader restored its position at load);
+  the generators are still rewound to the epoch start around ``iter(loader)`` and set to the
+  save's state after it, as for any loader (``torpor._resuming``);
+- saves its position from *before* the batch read ahead (``torpor._agreement``): its
+  ``state_dict()`` is taken in the same snapshot as the generators, before every fetch, so the
+  resumed run reads that batch again instead of skipping it;
+- reads it to its end when an epoch ends (as ``for batch in loader`` does), so the saved
+  position of a finished epoch says "finished" and the next ``iter()`` starts a new epoch;
+  a rank with batches beyond the shortest rank's reads (and drops) them there;
+- saves its position in every rank's own shard, whatever ``integrated_save`` says: each rank
+  has its own position (over its own ``DistributedSampler`` part), like its own generators.
+  A rank with no shard in the checkpoint (a resume on more ranks) has no position to load:
+  ``KeyError``, as for any key the checkpoint lacks.
+
+The loader's ``state_dict()`` is called (and deep-copied) once per step, so it should be cheap.
+
+What the loader itself does on a resume is its own. Measured with torchdata 0.11's
+``StatefulDataLoader`` over a map-style dataset (``shuffle=True``, 0 or 2 workers, persistent
+or not): a mid-epoch resume matches the uninterrupted run (samples and losses). A resume from
+an epoch's end does not always: loading a finished iterator's state, it builds that iterator
+and then a fresh one, so it draws its base seed once more than the uninterrupted run; without
+``generator=`` that shifts the global generator (later dropout differs), with one and no
+workers it shifts the next epoch's order. torchdata does the same without torpor
+(``load_state_dict`` then ``iter``).
+A loader given in ``state=`` but not the one the loop iterates is saved like any other object,
+and the loop skips its own loader's consumed batches as usual.
 """
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -58,8 +93,40 @@ def validate(state: Mapping[str, Any] | None) -> dict[str, Any]:
     return dict(state)
 
 
-def capture(state: Mapping[str, Any]) -> dict[str, Any]:
+def key_of(state: Mapping[str, Any], loader: Any) -> str | None:
+    """The key under which ``loader`` itself (by identity) is in ``state``: a loader that keeps
+    its own position (see the module docstring), or ``None``."""
+    if loader is None:
+        return None
+    return next((key for key, obj in state.items() if obj is loader), None)
+
+
+def position(loader: Any) -> Any:
+    """A copy of ``loader.state_dict()`` now: reading the next batch must not change it.
+
+    Containers are rebuilt and tensors cloned; everything else a checkpoint may hold is
+    immutable (anything else is refused at the save anyway), so this is all a deep copy would
+    do, at a fraction of ``copy.deepcopy``'s cost: it runs before every batch.
+    """
+    return _copied(loader.state_dict())
+
+
+def _copied(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _copied(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_copied(v) for v in value) if type(value) in (list, tuple) else copy.deepcopy(value)
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    return value
+
+
+def capture(state: Mapping[str, Any], taken: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Every object's state now, by key (references: the caller copies for a background save).
+
+    Args:
+        taken: states captured earlier, by key, saved instead of the objects' current ones
+            (a loader's position from before the batch read ahead).
 
     Raises:
         TypeError: a state dict holds something a ``weights_only`` load would refuse; the
@@ -67,7 +134,10 @@ def capture(state: Mapping[str, Any]) -> dict[str, Any]:
     """
     out = {}
     for key, obj in state.items():
-        value = obj.get_state() if isinstance(obj, torch.Generator) else obj.state_dict()
+        if taken is not None and key in taken:
+            value = taken[key]
+        else:
+            value = obj.get_state() if isinstance(obj, torch.Generator) else obj.state_dict()
         check_loadable(value, f"state[{key!r}]")
         out[key] = value
     return out

@@ -47,6 +47,17 @@ to be hashed while still in the CPU cache."""
 
 
 @dataclass(frozen=True)
+class Upload:
+    """One multipart upload in progress, as the store lists it."""
+
+    key: str
+    """Relative to the store's prefix."""
+    upload_id: str
+    initiated: float
+    """When it was started, epoch seconds by the store's clock."""
+
+
+@dataclass(frozen=True)
 class ObjectInfo:
     """One stored object, as a listing reports it."""
 
@@ -575,31 +586,46 @@ class S3Storage:
                     f"{first.get('Code')} {first.get('Message')}"
                 )
 
-    def abort_stale_uploads(self, older_than: float, keys: Iterable[str] | None = None) -> int:
-        """Abort multipart uploads started before ``older_than`` (epoch seconds).
+    def multipart_uploads(self, keys: Iterable[str] | None = None) -> list[Upload]:
+        """The multipart uploads in progress: of ``keys`` (relative), or under the whole prefix.
 
-        A save killed mid-upload leaves parts that cost storage but never become an object;
-        the operator's retention calls this. AWS lists uploads under the whole prefix; MinIO
-        lists them only for an exact key, so pass ``keys`` (e.g. the missing shards of an
-        incomplete checkpoint) to reach those too. A bucket lifecycle rule
-        (``AbortIncompleteMultipartUpload``) is the belt to these braces.
-
-        Returns:
-            How many uploads were aborted.
+        AWS lists uploads under a prefix; MinIO lists them only for an exact key, so pass
+        ``keys`` (e.g. the missing shards of an incomplete checkpoint) to reach those too.
         """
         client = self._client()
         root = f"{self._prefix}/" if self._prefix else ""
         prefixes = [self._key(k) for k in keys] if keys is not None else [root]
-        aborted = 0
+        found: list[Upload] = []
         for prefix in prefixes:
             for page in client.get_paginator("list_multipart_uploads").paginate(Bucket=self._bucket, Prefix=prefix):
                 for upload in page.get("Uploads", []):
-                    if upload["Initiated"].timestamp() < older_than:
-                        client.abort_multipart_upload(
-                            Bucket=self._bucket, Key=upload["Key"], UploadId=upload["UploadId"]
-                        )
-                        aborted += 1
-        return aborted
+                    key = upload["Key"][len(root):] if upload["Key"].startswith(root) else upload["Key"]
+                    found.append(Upload(key, upload["UploadId"], upload["Initiated"].timestamp()))
+        return found
+
+    def abort_upload(self, upload: Upload) -> None:
+        """Abort one multipart upload (its parts are freed; an upload already gone is no error)."""
+        try:
+            self._client().abort_multipart_upload(Bucket=self._bucket, Key=self._key(upload.key),
+                                                  UploadId=upload.upload_id)
+        except Exception as exc:
+            if _code(exc) != "NoSuchUpload":
+                raise
+
+    def abort_stale_uploads(self, older_than: float, keys: Iterable[str] | None = None) -> int:
+        """Abort multipart uploads started before ``older_than`` (epoch seconds).
+
+        A save killed mid-upload leaves parts that cost storage but never become an object;
+        the operator's retention calls this. ``keys`` as in :meth:`multipart_uploads`. A bucket
+        lifecycle rule (``AbortIncompleteMultipartUpload``) is the belt to these braces.
+
+        Returns:
+            How many uploads were aborted.
+        """
+        stale = [u for u in self.multipart_uploads(keys) if u.initiated < older_than]
+        for upload in stale:
+            self.abort_upload(upload)
+        return len(stale)
 
     def __repr__(self) -> str:
         return f"S3Storage({self.uri!r})"
@@ -869,17 +895,20 @@ class _S3Writer(ObjectWriter):
 
 
 def s3_client(settings: S3Settings | None = None, *, parameter_validation: bool = True,
-              sign_payload: bool = True) -> Any:
+              sign_payload: bool = True, endpoint_url: str | None = None,
+              credentials: tuple[str, str] | None = None) -> Any:
     """A boto3 S3 client configured as :class:`S3Storage` uses it (thread-safe, shareable).
 
     Endpoint and credentials from boto3's usual sources (``AWS_ENDPOINT_URL`` selects
-    path-style addressing for MinIO and other S3-compatible stores).
+    path-style addressing for MinIO and other S3-compatible stores), unless given:
+    ``endpoint_url`` and ``credentials`` (access key id, secret access key) serve a caller that
+    reaches several stores, such as the operator with each job's own.
     """
     import boto3
     from botocore.config import Config
 
     s = settings or S3Settings.from_environ()
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+    endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
     config = Config(
         retries={"max_attempts": s.max_attempts, "mode": "standard"},
         max_pool_connections=max(10, 2 * s.max_concurrency),
@@ -895,7 +924,8 @@ def s3_client(settings: S3Settings | None = None, *, parameter_validation: bool 
         response_checksum_validation="when_required",
         parameter_validation=parameter_validation,
     )
-    return boto3.session.Session().client("s3", endpoint_url=endpoint, config=config)
+    keys = {"aws_access_key_id": credentials[0], "aws_secret_access_key": credentials[1]} if credentials else {}
+    return boto3.session.Session().client("s3", endpoint_url=endpoint, config=config, **keys)
 
 
 def open_storage(uri: str | os.PathLike[str], *, s3: S3Settings | None = None, client: Any = None) -> Storage:

@@ -511,6 +511,84 @@ def test_failed_init_container_fails_the_pod_and_the_container_never_runs(
     assert not node_agent.logs_path(done).exists()
 
 
+SIDECAR = """\
+    import pathlib, signal, sys, time
+    def on_term(*_):
+        print("sidecar got SIGTERM", flush=True)
+        sys.exit(0)
+    signal.signal(signal.SIGTERM, on_term)
+    pathlib.Path("/var/tmp/torpor-agent-test-sidecar/up").write_text("up")
+    print("sidecar ready", flush=True)
+    while True:
+        time.sleep(0.1)
+"""
+
+
+def test_a_native_sidecar_runs_beside_the_container_and_is_stopped_after_it(
+    control_plane: ControlPlane, node_agent: NodeAgent, namespace: str
+):
+    shared = {"name": "shared", "mountPath": "/var/tmp/torpor-agent-test-sidecar"}
+    pod = python_pod(
+        "native-sidecar",
+        """\
+        import pathlib, time
+        up = pathlib.Path("/var/tmp/torpor-agent-test-sidecar/up")
+        print("main sees the sidecar:", up.exists(), flush=True)
+        time.sleep(1)
+        """,
+        volumes=[{"name": "shared", "emptyDir": {}}],
+        container={"volumeMounts": [shared]},
+    )
+    pod["spec"]["initContainers"] = [{"name": "proxy", "image": "envoy", "restartPolicy": "Always",
+                                      "command": ["python", "-c", textwrap.dedent(SIDECAR)], "volumeMounts": [shared]}]
+    apply(control_plane, namespace, pod)
+    done = eventually(
+        lambda: ((p := get_json(control_plane, "pod", "native-sidecar", "-n", namespace))
+                 and p["status"].get("phase") == "Succeeded" and p),
+        60, "native-sidecar Succeeded",
+    )
+    assert "main sees the sidecar: True" in node_agent.logs_path(done, "main").read_text()
+    assert "sidecar got SIGTERM" in node_agent.logs_path(done, "proxy").read_text()
+    [proxy] = done["status"]["initContainerStatuses"]
+    assert proxy["state"]["terminated"]["exitCode"] == 0 and proxy["restartCount"] == 0, proxy
+    assert done["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 0
+
+
+def test_a_regular_sidecar_keeps_the_pod_running_until_an_active_deadline_stops_it(
+    control_plane: ControlPlane, node_agent: NodeAgent, namespace: str
+):
+    pod = python_pod("regular-sidecar", "print('main done', flush=True)",
+                     volumes=[{"name": "shared", "emptyDir": {}}])
+    pod["spec"]["containers"].append({"name": "shipper", "image": "fluent-bit",
+                                      "command": ["python", "-c", textwrap.dedent(SIDECAR)],
+                                      "volumeMounts": [{"name": "shared",
+                                                        "mountPath": "/var/tmp/torpor-agent-test-sidecar"}]})
+    apply(control_plane, namespace, pod)
+
+    def main_ended() -> JsonDict | None:
+        p = get_json(control_plane, "pod", "regular-sidecar", "-n", namespace)
+        states = {c["name"]: c["state"] for c in (p or {}).get("status", {}).get("containerStatuses") or []}
+        return p if "terminated" in states.get("main", {}) and "running" in states.get("shipper", {}) else None
+
+    running = eventually(main_ended, 60, "main ended, shipper running")
+    assert running["status"]["phase"] == "Running"  # as kubelet: a running container keeps the pod Running
+    shipper_pid = int(running["status"]["containerStatuses"][1]["containerID"].removeprefix("torpor://"))
+
+    control_plane.kubectl("patch", "pod", "regular-sidecar", "-n", namespace, "-p",
+                          json.dumps({"spec": {"activeDeadlineSeconds": 1}}))
+    failed = eventually(
+        lambda: ((p := get_json(control_plane, "pod", "regular-sidecar", "-n", namespace))
+                 and all("terminated" in c["state"] for c in p["status"]["containerStatuses"]) and p),
+        30, "every container of regular-sidecar ended",
+    )
+    assert (failed["status"]["phase"], failed["status"]["reason"]) == ("Failed", "DeadlineExceeded"), failed["status"]
+    main, shipper = (c["state"]["terminated"] for c in failed["status"]["containerStatuses"])
+    assert main["exitCode"] == 0 and main["reason"] == "Completed"  # the ended container's status is kept
+    assert shipper["exitCode"] == 0 and "sidecar got SIGTERM" in node_agent.logs_path(failed, "shipper").read_text()
+    assert not alive(shipper_pid)
+    assert get_json(control_plane, "pod", "regular-sidecar", "-n", namespace) is not None  # kept until deleted
+
+
 def test_pod_watch_survives_dropped_connections(
     control_plane: ControlPlane, node_agent: NodeAgent, namespace: str, caplog: pytest.LogCaptureFixture
 ):

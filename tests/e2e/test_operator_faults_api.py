@@ -71,11 +71,6 @@ class PhaseSeen:
         return self.status
 
 
-@pytest.mark.skip(reason="the test node agent (hack/node_agent.py) does not always resume reporting pod status after "
-                  "a kube-apiserver restart within a full session: its pods stayed Terminating and later tests saw "
-                  "healthy nodes go unreachable (2 of 3 full runs; passes alone). A flaw of our kubelet stand-in, not "
-                  "of the operator, whose retries are unit-tested in test_operator_api_errors.py; fix the agent's "
-                  "reconnect, then remove this mark (issue 12)")
 def test_kube_apiserver_restarted_during_a_preemption_finishes_it_once(e2e: Env, kube: client.ApiClient) -> None:
     e2e.create(e2e.example("--losses", str(e2e.losses()), "--step-delay", "0.2"))
     e2e.wait_phase("Running", timeout=120)

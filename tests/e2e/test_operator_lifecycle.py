@@ -1,12 +1,11 @@
-"""examples/trainingjob.yaml through crashes, suspend/resume and retention, with real training."""
+"""examples/trainingjob.yaml through crashes and suspend/resume, with real training (retention:
+test_operator_checkpoints.py)."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
 import pytest
-
-from torpor.retention import RetentionPolicy, candidates, to_delete
 
 if TYPE_CHECKING:  # the fixtures' types; conftest modules are not importable by name in one session
     from conftest import Env
@@ -81,25 +80,3 @@ def test_suspend_saves_and_stops_and_unsuspend_resumes_from_that_checkpoint(e2e:
     assert {s["rank"]: s["step"] for s in reversed(after)} == {0: saved["step"] + 1, 1: saved["step"] + 1}
     assert [r for r in e2e.reasons() if r in ("Suspending", "Suspended", "Resumed")] == \
         ["Suspending", "Suspended", "Resumed"]
-
-
-def test_retention_keeps_exactly_what_the_policy_keeps_after_many_saves(e2e: Env) -> None:
-    e2e.create(e2e.example("--max-steps", "60", "--step-delay", "0", "--losses", str(e2e.losses()),
-                           checkpoint={"saveSteps": 4, "keepMax": 3}))
-    e2e.wait_phase("Succeeded", timeout=180)
-    assert len([s for s in e2e.steps() if s["rank"] == 0]) == 60  # 15 saves, at steps 4, 8, ... 60
-
-    def settled() -> list[str] | None:
-        scanned = e2e.checkpoints()
-        names = sorted(c.name for c in scanned)
-        return names if len(names) == 3 else None
-
-    names = e2e.wait("retention", settled, timeout=30)
-    scanned = e2e.checkpoints()
-    assert all(c.complete for c in scanned)
-    assert sorted(c.step for c in scanned) == [52, 56, 60], names
-    # the runtime's own policy, applied to this listing, deletes nothing more
-    assert to_delete(candidates(scanned), RetentionPolicy(keep_max=3)) == []
-    # and nothing else is left under the prefix: 3 checkpoints x 2 ranks x (shard + manifest)
-    assert {k.split("/")[0] for k in e2e.object_keys()} == {"rank_0", "rank_1"}
-    assert all(k.rsplit("/", 1)[1].split(".")[0] in names for k in e2e.object_keys()), e2e.object_keys()

@@ -130,7 +130,26 @@ def test_the_checkpoint_uri_cannot_change(control_plane: ControlPlane, trainingj
     assert "spec.checkpoint.uri is immutable" in result.stderr
     # other fields still change
     control_plane.kubectl("patch", "-n", namespace, "tj", "moving", "--type=merge", "-p",
-                          json.dumps({"spec": {"suspend": True, "replicas": 3}}))
+                          json.dumps({"spec": {"suspend": True, "maxRestarts": 5}}))
+
+
+def test_replicas_cannot_change_and_the_message_names_both_values(control_plane: ControlPlane,
+                                                                  trainingjob_crd: str, namespace: str) -> None:
+    """Until elastic world size lands (issue 11) a job keeps the world size it was created with:
+    a change is refused by the API server, so ``kubectl apply`` and ``kubectl patch`` show why."""
+    create(control_plane, namespace, job("sized", replicas=2))
+    result = control_plane.kubectl("patch", "-n", namespace, "tj", "sized", "--type=merge", "-p",
+                                   json.dumps({"spec": {"replicas": 3}}), check=False)
+    assert result.returncode != 0, "a replicas change was accepted"
+    assert "spec.replicas cannot change from 2 to 3" in result.stderr, result.stderr
+    changed = job("sized", replicas=4)
+    applied = control_plane.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(changed), check=False)
+    assert applied.returncode != 0 and "spec.replicas cannot change from 2 to 4" in applied.stderr, applied.stderr
+    got = json.loads(control_plane.kubectl("get", "-n", namespace, "tj", "sized", "-o", "json").stdout)
+    assert got["spec"]["replicas"] == 2
+    # the same value, and other fields, still go through
+    control_plane.kubectl("patch", "-n", namespace, "tj", "sized", "--type=merge", "-p",
+                          json.dumps({"spec": {"replicas": 2, "suspend": True}}))
 
 
 def test_status_is_a_subresource_and_printer_columns_show(control_plane: ControlPlane, trainingjob_crd: str,

@@ -13,7 +13,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from torpor_harness import REPO, KillInStep, Recorder, child_env, launch_ranks, logs, read_jsonl, tiny_setup, wait_all
+from torpor_harness import (
+    REPO,
+    KillInStep,
+    Recorder,
+    child_env,
+    flip_a_byte,
+    launch_ranks,
+    logs,
+    read_jsonl,
+    tiny_setup,
+    wait_all,
+)
 
 import torpor
 from torpor.checkpoints import Manifest, Reason, scan
@@ -30,12 +41,6 @@ class ExplodeAt(torpor.Callback):
     def on_train_step_begin(self, run_context: torpor.RunContext) -> None:
         if run_context.original_args().cur_step_num == self.step:
             raise RuntimeError(f"loss went NaN at step {self.step}")
-
-
-def flip_a_byte(path: Path) -> None:
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0x01
-    path.write_bytes(bytes(data))
 
 
 def complete_names(directory: Path) -> list[str]:

@@ -14,12 +14,24 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from torpor_harness import KillInStep, Recorder, child_env, tiny_setup
+from torpor_harness import (
+    KillInStep,
+    Recorder,
+    child_env,
+    launch_ranks,
+    logs,
+    read_jsonl,
+    tiny_setup,
+    wait_all,
+    wait_for,
+)
 
 import torpor
+from faultproxy import FaultProxy
+from s3server import MinioServer
 from torpor.checkpoints import scan
 from torpor.errors import StorageError
-from torpor.storage import LocalStorage
+from torpor.storage import LocalStorage, open_storage
 
 PROCS = Path(__file__).parent / "procs"
 STEPS_PER_EPOCH = 8  # tiny_setup: 64 samples, batches of 8
@@ -63,6 +75,65 @@ def test_a_sigterm_during_the_final_save_does_not_kill_the_run(tmp_path: Path) -
     assert json.loads(log.read_text())["reason"] == "completed"
     (final,) = [c for c in scan(LocalStorage(tmp_path / "ck")) if c.name == "CKP-2_4"]
     assert final.complete and final.step == 8
+
+
+def _signal_delivered(proc: subprocess.Popen[bytes], signum: int) -> bool:
+    """Whether ``signum`` sent to ``proc`` is no longer pending: handled, or the process ended.
+
+    A process a signal killed may still show it pending as a zombie, so ``poll`` (which reaps
+    it) comes first."""
+    if proc.poll() is not None:
+        return True
+    try:
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+    pending = 0
+    for line in status.splitlines():
+        field, _, value = line.partition(":")
+        if field in ("SigPnd", "ShdPnd"):
+            pending |= int(value.strip(), 16)
+    return not pending & (1 << (signum - 1))
+
+
+@pytest.mark.s3
+def test_a_sigterm_while_the_last_async_save_drains_at_the_end_does_not_kill_the_run(
+        s3_bucket: str, minio: MinioServer, tmp_path: Path) -> None:
+    """Two gloo ranks end training (step 20) while the async save of that step is still
+    uploading: its manifests wait in a fault proxy. The operator's SIGTERM reaches both ranks
+    then. They must wait for the save, end as ``completed`` with exit 0, and leave that
+    checkpoint complete and loadable, not die with 143 and no message under a restored SIG_DFL."""
+    uri = f"s3://{s3_bucket}/jobs/drain"
+    env = {"TORPOR_JOB": "ns/drain", "TORPOR_CHECKPOINT_URI": uri, "TORPOR_SAVE_STEPS": "10",
+           "TORPOR_ASYNC_SAVE": "1", **{k: v for k, v in os.environ.items() if k.startswith("AWS_")}}
+    last = "CKP-1_20"  # examples/train.py on 2 ranks: 30 steps per epoch
+    run = tmp_path / "run"
+    run.mkdir()
+    with FaultProxy("127.0.0.1", minio.port) as proxy:
+        proxy.hold(f"/{last}.manifest".encode())  # the last file of the last save, on both ranks
+        procs = launch_ranks(2, env, ["--max-steps", "20", "--losses", str(run / "losses.jsonl")], run,
+                             rank_env={rank: {"AWS_ENDPOINT_URL": proxy.url} for rank in (0, 1)})
+
+        def draining() -> bool:
+            if any(p.poll() is not None for p in procs):
+                raise AssertionError(f"a rank ended while its last save was held:\n{logs(run)}")
+            steps = read_jsonl(run / "losses.jsonl")
+            return proxy.held.is_set() and all(any(r["rank"] == rank and r["step"] == 20 for r in steps)
+                                               for rank in (0, 1))
+
+        wait_for(draining, timeout=180, what="both ranks past their last step, the last manifest held")
+        for p in procs:
+            os.kill(p.pid, signal.SIGTERM)
+        for p in procs:
+            wait_for(lambda p=p: _signal_delivered(p, signal.SIGTERM), timeout=30, what="the SIGTERM delivered")
+        proxy.release()
+        assert wait_all(procs, run) == [0, 0], f"killed while its last save drained:\n{logs(run)}"
+    messages = [json.loads((run / f"termination-{rank}.json").read_text()) for rank in (0, 1)]
+    assert [(m["reason"], m["exit_code"], m["step"]) for m in messages] == [("completed", 0, 20)] * 2, messages
+    (final,) = [c for c in scan(open_storage(uri)) if c.name == last]
+    assert final.complete and final.step == 20, final.problem
+    loaded = torpor.load_checkpoint(last, directory=uri, restore_rng=False)
+    assert loaded is not None and (loaded.name, loaded.step) == (last, 20)
 
 
 # -- break out of loop.epochs() ------------------------------------------------------------
@@ -116,7 +187,7 @@ def test_batches_without_epochs_or_begin_is_a_clear_error(local_run: Path) -> No
 
 # -- exit_process means one thing ----------------------------------------------------------
 
-def _plain_loop(callbacks: list[torpor.Callback], **kwargs: Any) -> torpor.Loop:
+def _plain_loop(callbacks: list[torpor.Callback], **kwargs: Any) -> torpor.RunContext:
     net, loss_fn, opt, loader = tiny_setup()
     loop = torpor.Loop(net, opt, callbacks=callbacks, **kwargs)
     for _ in loop.epochs(2):
@@ -126,12 +197,25 @@ def _plain_loop(callbacks: list[torpor.Callback], **kwargs: Any) -> torpor.Loop:
             loss.backward()
             opt.step()
             loop.step_end(loss.detach())
-    return loop
+    return loop.run_context
 
 
-def _model_train(callbacks: list[torpor.Callback], **kwargs: Any) -> None:
+def _with_loop(callbacks: list[torpor.Callback], **kwargs: Any) -> torpor.RunContext:
     net, loss_fn, opt, loader = tiny_setup()
-    torpor.Model(net, loss_fn=loss_fn, optimizer=opt).train(2, loader, callbacks=callbacks, **kwargs)
+    with torpor.Loop(net, opt, callbacks=callbacks, **kwargs) as loop:
+        for _ in loop.epochs(2):
+            for x, y in loop.batches(loader):
+                opt.zero_grad()
+                loss = loss_fn(net(x), y)
+                loss.backward()
+                opt.step()
+                loop.step_end(loss.detach())
+    return loop.run_context
+
+
+def _model_train(callbacks: list[torpor.Callback], **kwargs: Any) -> torpor.RunContext:
+    net, loss_fn, opt, loader = tiny_setup()
+    return torpor.Model(net, loss_fn=loss_fn, optimizer=opt).train(2, loader, callbacks=callbacks, **kwargs)
 
 
 @pytest.mark.parametrize("form", [_plain_loop, _model_train], ids=["Loop", "Model.train"])
@@ -155,6 +239,32 @@ def test_exit_process_true_ends_a_standalone_eval_after_a_stop(tmp_path: Path, l
         torpor.Model(net, loss_fn=loss_fn, optimizer=opt).eval(
             loader, callbacks=[torpor.OnRequestExit(directory=str(tmp_path)), KillInEval()], exit_process=True)
     assert info.value.code == 143 and json.loads(local_run.read_text())["reason"] == "signal"
+
+
+@pytest.mark.parametrize("form", [_plain_loop, _with_loop, _model_train], ids=["Loop", "with Loop", "Model.train"])
+def test_exit_process_false_returns_after_a_real_sigterm_under_the_operator(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, previous_handler: list[int], form: Any) -> None:
+    """``exit_process=False`` on the loop itself: the stop saves, then the call returns (no
+    ``SystemExit``), nothing is written to the termination log (the caller owns the process),
+    and ``run_context.exit_code`` and ``termination_message`` say why it stopped; the same in
+    every form. Under the operator, where the default would end the process."""
+    log = tmp_path / "termination-log"
+    monkeypatch.setenv("TORPOR_JOB", "ns/j")
+    monkeypatch.setenv("TORPOR_TERMINATION_LOG", str(log))
+    exit_cb = torpor.OnRequestExit(directory=str(tmp_path / "ck"), save_export=False)
+    recorder = Recorder()
+    ctx = form([exit_cb, KillInStep(3), recorder], exit_process=False)  # SystemExit here fails the test
+    assert recorder.steps == [1, 2, 3]
+    assert ctx.exit_code == 143 and ctx.termination_message is exit_cb.stop_message
+    message = exit_cb.stop_message
+    assert message is not None
+    assert (message.reason, message.exit_code, message.signal, message.checkpoint, message.step, message.job) == (
+        "signal", 143, "SIGTERM", "Net-1_3", 3, "ns/j")
+    assert not log.exists(), f"exit_process=False wrote a termination message: {log.read_text()}"
+    (ckpt,) = scan(LocalStorage(tmp_path / "ck"))
+    assert ckpt.name == "Net-1_3" and ckpt.complete, ckpt.problem
+    assert previous_handler == [signal.SIGTERM]  # chained to the user's handler ...
+    assert _user_handler_is_back()  # ... and it is back once the call returned
 
 
 @pytest.mark.parametrize("form", [_plain_loop, _model_train], ids=["Loop", "Model.train"])

@@ -29,6 +29,13 @@ def wait_for(condition: Callable[[], Any], *, timeout: float, what: str, interva
     return poll(condition, timeout=timeout, what=what, interval=interval)
 
 
+def flip_a_byte(path: Path) -> None:
+    """Corrupt a stored file in place: one bit in its middle (its size stays, its digest does not)."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """Complete lines of a JSON-lines file (a line being written is skipped)."""
     if not path.exists():
@@ -86,6 +93,72 @@ class KillInStep(torpor.Callback):
     def on_train_step_begin(self, run_context: torpor.RunContext) -> None:
         if run_context.original_args().cur_step_num == self.step:
             os.kill(os.getpid(), self.sig)
+
+
+class PositionLoader:
+    """A loader that keeps its own position, as torchdata's ``StatefulDataLoader`` does; not a DataLoader.
+
+    Every epoch hands out ``(x, y)`` batches in an order drawn, when the epoch starts, from the
+    loader's own generator (seeded with ``seed``: one stream per rank). ``state_dict()`` is where
+    the iterator handed out last stands (its ``epoch`` and order, the batches it produced,
+    whether it ran out) and the generator; after ``load_state_dict`` the next ``iter()``
+    continues from there, unless that iterator had run out: then, as after any iterator, a new
+    epoch starts. ``produced`` counts the batches it ever produced (a resume must not produce
+    consumed ones again).
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int = 0) -> None:
+        self.x, self.y, self.batch_size = x, y, batch_size
+        self.batches_per_epoch = -(-len(x) // batch_size)
+        self.epoch, self.index, self.finished = 0, 0, True
+        self.order = torch.arange(len(x))
+        self.generator = torch.Generator().manual_seed(seed)
+        self.produced = 0
+        self._continue = False
+
+    def __iter__(self) -> Any:
+        if not self._continue:
+            self.epoch, self.index, self.finished = self.epoch + 1, 0, False
+            self.order = torch.randperm(len(self.x), generator=self.generator)
+        self._continue = False
+        return self._batches()
+
+    def _batches(self) -> Any:
+        while self.index < self.batches_per_epoch:
+            ids = self.order[self.index * self.batch_size:(self.index + 1) * self.batch_size]
+            self.index += 1
+            self.produced += 1
+            yield self.x[ids], self.y[ids]
+        self.finished = True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "index": self.index, "finished": self.finished, "order": self.order,
+                "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch, self.index, self.finished = int(state["epoch"]), int(state["index"]), bool(state["finished"])
+        self.order = state["order"]
+        self.generator.set_state(state["generator"])
+        self._continue = not self.finished
+
+
+class SizedPositionLoader(PositionLoader):
+    """A :class:`PositionLoader` with a ``len``: the loop knows the epoch's length in advance."""
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+
+class TrainedOn(torpor.Callback):
+    """The sample ids of every step's batch, by global step (what a user checks the data order by)."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        self._ids = {row.numpy().tobytes(): i for i, row in enumerate(x)}
+        self.steps: dict[int, list[int]] = {}
+
+    def on_train_step_end(self, run_context: torpor.RunContext) -> None:
+        args = run_context.original_args()
+        self.steps[args.cur_step_num] = [self._ids[row.numpy().tobytes()] for row in args.last_batch[0]]
 
 
 def child_env(extra: dict[str, str]) -> dict[str, str]:

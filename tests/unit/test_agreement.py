@@ -146,3 +146,71 @@ def test_a_lookahead_that_already_holds_the_first_batch_is_used_as_it_is() -> No
     ahead.fetch()
     feed = EpochFeed(ahead, length=None, every=1, distributed=False, reduce=list, facts=dict)
     assert run_epoch(feed) == [0, 1, 2]
+
+
+class Positioned:
+    """An iterator that counts what it produced and records whether it ran out (a loader's position)."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.produced, self.finished = n, 0, False
+
+    def __iter__(self) -> Positioned:
+        return self
+
+    def __next__(self) -> int:
+        if self.produced == self.n:
+            self.finished = True
+            raise StopIteration
+        self.produced += 1
+        return self.produced - 1
+
+
+@pytest.mark.parametrize(("length", "shorter"), [(4, None), (None, None), (4, 3), (None, 3)],
+                         ids=["its-len", "its-end", "shorter-rank-len", "shorter-rank-end"])
+def test_run_out_reads_the_iterator_to_its_end_once_the_epoch_ends_before_the_hooks_save(
+        length: int | None, shorter: int | None) -> None:
+    # A loader that keeps its own position must record a finished epoch at the boundary that
+    # ends it, however it ended: its own len, its own end, or a shorter rank's.
+    it = Positioned(4)
+    if shorter is None:
+        feed = EpochFeed(it, length=length, every=1, distributed=False, reduce=list, facts=dict, run_out=True)
+    else:  # the other rank: 3 batches, its len known (SHORTEST) or its end sent at its last boundary
+        theirs = iter([encode({Fact.SHORTEST: -shorter} if length else {Fact.LENGTH_UNKNOWN: 1}),
+                       *[encode({Fact.EXHAUSTED: int(not length and s == shorter)}) for s in range(1, shorter + 1)]])
+
+        def reduce(vector: Sequence[int]) -> list[int]:
+            return [max(a, b) for a, b in zip(vector, next(theirs), strict=True)]
+
+        feed = EpochFeed(it, length=length, every=1, distributed=True, reduce=reduce, facts=dict, run_out=True)
+    feed.begin(0)
+    steps = shorter or 4
+    for step in range(1, steps + 1):
+        assert feed.take()[0]
+        feed.boundary(step, step)
+        assert it.finished is (step == steps) and feed.ended is (step == steps)
+    assert feed.take() == (False, None)
+    assert it.produced == 4 and feed.before_held is None  # a shorter rank's surplus was read, not trained
+
+
+def test_without_run_out_an_epoch_of_known_length_never_asks_past_it() -> None:
+    it = Positioned(4)
+    assert run_epoch(EpochFeed(it, length=4, every=1, distributed=False, reduce=list, facts=dict)) == [0, 1, 2, 3]
+    assert not it.finished
+
+
+def test_the_snapshot_is_taken_before_each_read_ahead_and_held_with_the_batch() -> None:
+    # What a save at a boundary records: the position before the batch read ahead, not after.
+    it = Positioned(3)
+    feed = EpochFeed(it, length=3, every=1, distributed=False, reduce=list, facts=dict,
+                     snapshot=lambda: it.produced)
+    feed.begin(0)
+    assert feed.before_held == 0
+    feed.take()
+    feed.boundary(1, 1)
+    assert it.produced == 2 and feed.before_held == 1
+    feed.take()
+    feed.boundary(2, 2)
+    assert feed.before_held == 2
+    feed.take()
+    feed.boundary(3, 3)  # the last step: nothing read ahead, nothing held
+    assert feed.before_held is None

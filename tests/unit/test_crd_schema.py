@@ -113,6 +113,7 @@ def test_cel_rules_have_messages_naming_their_field() -> None:
         ("spec.checkpoint", "keepMax) && has(self.keepPerNMinutes"),
         ("spec.checkpoint.uri", "s3://"),
         ("spec.checkpoint.uri", "oldSelf"),
+        ("spec.replicas", "oldSelf"),
         ("spec.template.spec", "restartPolicy"),
         ("<root>", "metadata.name"),
     ],

@@ -65,3 +65,50 @@ def test_lists_are_read_as_the_api_sends_them() -> None:
     assert kube.list_pods("ns", "demo") == [pod]
     assert [(c["kind"], c["apiVersion"], c["metadata"]["name"]) for c in kube.list_children("ns", "demo")] == [
         ("ConfigMap", "v1", "c"), ("PodDisruptionBudget", "policy/v1", "p")]
+
+
+class RefusingCore:
+    """Stands in for CoreV1Api: refuses to create one pod (a quota), lists ``pods``, records deletions."""
+
+    def __init__(self, pods: list[dict[str, Any]], refuse: str) -> None:
+        self.pods, self.refuse = pods, refuse
+        self.deleted: list[str] = []
+
+    def create_namespaced_pod(self, namespace: str, body: dict[str, Any]) -> None:
+        if body["metadata"]["name"] == self.refuse:
+            raise ApiException(status=403, reason="Forbidden")
+
+    def list_namespaced_pod(self, namespace: str, *, label_selector: str, _preload_content: bool) -> Any:
+        return type("Raw", (), {"data": json.dumps({"items": self.pods}).encode()})()
+
+    def delete_namespaced_pod(self, name: str, namespace: str, **_: Any) -> None:
+        self.deleted.append(name)
+
+    def __getattr__(self, call: str) -> Any:  # the other kinds' calls, never made here
+        return lambda *args, **kwargs: None
+
+
+def test_a_refused_launch_tears_down_only_the_jobs_own_pods() -> None:
+    from test_operator_world import pod
+
+    from torpor_operator.applying import CreateRefused
+
+    ours, orphan = pod("demo", 2, 0), pod("demo", 2, 1, owner_uid=None)  # the orphan: an earlier job's
+    core = RefusingCore([ours, orphan], refuse="demo-2-1")
+    kube = KubeClient(client.ApiClient())
+    kube.core = core  # type: ignore[assignment]
+    refused = pod("demo", 2, 1)
+    with pytest.raises(CreateRefused):
+        kube.apply("team", "demo", Decision(create=(refused,), status={"incarnation": 2}))
+    assert core.deleted == ["demo-2-0"]
+
+
+def test_stopping_sidecars_sets_the_deadline_and_the_mark_in_one_patch() -> None:
+    patches: list[tuple[str, dict[str, Any]]] = []
+    core = type("Core", (), {"patch_namespaced_pod": lambda self, name, ns, body: patches.append((name, body))})()
+    kube = KubeClient(client.ApiClient())
+    kube.core = core  # type: ignore[assignment]
+    kube.apply("team", "demo", Decision(stop_sidecars=("demo-1-0",)))
+    [(name, body)] = patches
+    assert name == "demo-1-0" and body["spec"] == {"activeDeadlineSeconds": 1}
+    assert set(body["metadata"]["annotations"]) == {"torpor.dev/sidecars-stopped-at"}

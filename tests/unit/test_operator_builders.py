@@ -16,9 +16,19 @@ from torpor_operator.builders import (
     owner_reference,
     read_graceful_exit,
 )
-from torpor_operator.contract import ANNOTATION_RESUME_FROM, ENV, EXIT_DIR, EXIT_FILE, KEY_DIR, KEY_FILE
+from torpor_operator.contract import (
+    ANNOTATION_AVOIDED_NODES,
+    ANNOTATION_POD_SHAPE,
+    ANNOTATION_RESUME_FROM,
+    ENV,
+    EXIT_DIR,
+    EXIT_FILE,
+    KEY_DIR,
+    KEY_FILE,
+)
 from torpor_operator.naming import JobRef, pod_name
 from torpor_operator.pods import EXIT_VOLUME, KEY_VOLUME, build_pod
+from torpor_operator.shaping import format_digests, shape_digests
 from torpor_operator.spec import parse_spec
 
 JOB = JobRef("demo", "team", "uid-1")
@@ -98,7 +108,8 @@ def test_pod_identity_labels_and_owner() -> None:
     meta = p["metadata"]
     assert meta["name"] == "demo-3-2"
     assert meta["labels"] == {"team": "ml", **LABELS, "torpor.dev/rank": "2"}
-    assert meta["annotations"] == {"note": "x", ANNOTATION_RESUME_FROM: "CKP-1_100"}
+    assert meta["annotations"] == {"note": "x", ANNOTATION_RESUME_FROM: "CKP-1_100",
+                                   ANNOTATION_POD_SHAPE: format_digests(shape_digests(spec()))}
     assert meta["ownerReferences"] == [owner_reference(JOB)]
     assert p["spec"]["hostname"] == "demo-3-2"
     assert p["spec"]["subdomain"] == "demo-3"
@@ -235,6 +246,14 @@ def test_nodes_going_away_are_excluded(affinity: dict[str, Any] | None, terms: l
     p = pod(0, spec=spec(template=template), avoid_nodes=["n2", "n1", "n2"])
     required = p["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
     assert required["nodeSelectorTerms"] == terms
+    assert p["metadata"]["annotations"][ANNOTATION_AVOIDED_NODES] == "n1,n2"
+
+
+def test_an_avoided_nodes_annotation_of_the_template_is_not_copied() -> None:
+    """Only the operator's own list may make a Pending pod be made again when a node is back."""
+    template: dict[str, Any] = {"metadata": {"annotations": {ANNOTATION_AVOIDED_NODES: "n9"}},
+                                "spec": {"containers": [{"name": "train"}]}}
+    assert ANNOTATION_AVOIDED_NODES not in pod(0, spec=spec(template=template))["metadata"]["annotations"]
 
 
 def test_no_affinity_is_added_without_nodes_to_avoid() -> None:

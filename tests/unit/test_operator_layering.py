@@ -10,7 +10,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "operator" / "torpor_operator"
 PURE = ("spec", "settings", "contract", "naming", "builders", "pods", "observing", "outcomes", "status", "decisions",
-        "reconciling", "pruning")
+        "reconciling", "pruning", "placing", "shaping", "credentials", "deleting")
 
 
 def imports(path: Path) -> set[str]:

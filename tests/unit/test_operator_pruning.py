@@ -6,7 +6,8 @@ from typing import Any
 
 from torpor.checkpoints import Checkpoint, FileEntry, FileKind, Manifest, Reason
 from torpor.retention import RetentionPolicy
-from torpor_operator.pruning import retention_policy, stale_upload_keys, to_prune
+from torpor.storage import Upload
+from torpor_operator.pruning import held_by_uploads, retention_policy, stale_upload_keys, to_prune
 from torpor_operator.spec import parse_spec
 
 
@@ -57,3 +58,16 @@ def test_stale_upload_keys_guess_ranks_without_manifests() -> None:
                       problem="no rank has written its manifest")
     assert stale_upload_keys([bare]) == []
     assert stale_upload_keys([ckpt("CKP-1_2", 2, 2)]) == []
+
+
+def test_an_old_upload_is_aborted_and_a_young_one_holds_its_checkpoint_back() -> None:
+    """A young upload's checkpoint stays until a later pass: deleted now, nothing would name the
+    upload's key again (MinIO lists uploads only per exact key) and its parts would stay for good."""
+    doomed = [ckpt("CKP-1_1", 1, 1, complete=False), ckpt("CKP-1_2", 2, 2, complete=False)]
+    old = Upload("rank_1/CKP-1_1.ckpt", "u-old", initiated=100.0)
+    young = Upload("rank_1/CKP-1_2.ckpt", "u-young", initiated=1000.0)
+    foreign = Upload("rank_0/other-1_1.ckpt", "u-foreign", initiated=0.0)
+    abort, kept = held_by_uploads(doomed, [old, young, foreign], older_than=500.0)
+    assert abort == [old]  # never an upload of a key no doomed checkpoint lacks
+    assert kept == {"CKP-1_2"}
+    assert held_by_uploads(doomed, [], older_than=500.0) == ([], set())

@@ -28,6 +28,7 @@ CALLS = {
     "create_namespaced_pod_disruption_budget": ("policy", "poddisruptionbudgets", "create"),
     "delete_namespaced_pod_disruption_budget": ("policy", "poddisruptionbudgets", "delete"),
     "create_namespaced_event": ("", "events", "create"),
+    "read_namespaced_secret": ("", "secrets", "get"),  # a job's credentialsSecret, by name
 }
 # Calls made only with TORPOR_PEERING, granted by peeringRules.
 PEERING_CALLS = {
@@ -76,8 +77,8 @@ def test_no_wildcards_and_well_formed() -> None:
 
 def test_every_call_in_the_shell_is_granted() -> None:
     source = "\n".join(p.read_text() for p in PACKAGE.glob("*.py"))
-    called = set(re.findall(r"\.((?:get|list|create|delete|patch)_namespaced_\w+)\(", source))
-    called |= set(re.findall(r"self\.(?:core|policy|custom)\.((?:get|list|create|delete|patch)_\w+)", source))
+    called = set(re.findall(r"\.((?:get|read|list|create|delete|patch)_namespaced_\w+)\(", source))
+    called |= set(re.findall(r"self\.(?:core|policy|custom)\.((?:get|read|list|create|delete|patch)_\w+)", source))
     assert called <= set(CALLS) | set(PEERING_CALLS), \
         f"calls missing from this test's tables: {called - set(CALLS) - set(PEERING_CALLS)}"
     missing = {CALLS[c] for c in called if c in CALLS} - granted()

@@ -51,14 +51,20 @@ def message(reason: str, code: int, checkpoint: str | None = None, step: int | N
 def pod(job: str, incarnation: int, rank: int, *, phase: str = "Running", ready: bool = True,
         node: str = "node-a", deleting: bool = False, disruption: str | None = None,
         exit_code: int | None = None, term_message: str = "", term_reason: str = "",
-        annotations: dict[str, str] | None = None, status_reason: str | None = None) -> dict[str, Any]:
-    """A rank's pod; ``exit_code`` makes it terminated (Succeeded for 0, else Failed)."""
+        annotations: dict[str, str] | None = None, status_reason: str | None = None,
+        owner_uid: str | None = "uid-1") -> dict[str, Any]:
+    """A rank's pod; ``exit_code`` makes it terminated (Succeeded for 0, else Failed).
+
+    ``owner_uid`` is the uid of the TrainingJob in its controller reference (``job_body``'s by
+    default); ``None``: no owner reference, as after ``kubectl delete --cascade=orphan``."""
     meta: dict[str, Any] = {
         "name": f"{job}-{incarnation}-{rank}",
         "namespace": "team",
         "labels": {LABEL_JOB: job, LABEL_INCARNATION: str(incarnation), LABEL_RANK: str(rank)},
         "annotations": dict(annotations or {}),
     }
+    if owner_uid is not None:
+        meta["ownerReferences"] = [owner(job, owner_uid)]
     if deleting:
         meta["deletionTimestamp"] = "2026-01-01T11:59:00Z"
     status: dict[str, Any] = {"phase": phase, "conditions": [{"type": "Ready", "status": "True" if ready else "False"}]}
@@ -73,6 +79,12 @@ def pod(job: str, incarnation: int, rank: int, *, phase: str = "Running", ready:
             "exitCode": exit_code, "reason": term_reason or ("Completed" if exit_code == 0 else "Error"),
             "message": term_message}}}]
     return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": {"nodeName": node}, "status": status}
+
+
+def owner(job: str = "demo", uid: str = "uid-1") -> dict[str, Any]:
+    """The controller reference a child of the TrainingJob ``job`` with ``uid`` carries."""
+    return {"apiVersion": "torpor.dev/v1alpha1", "kind": "TrainingJob", "name": job, "uid": uid,
+            "controller": True, "blockOwnerDeletion": True}
 
 
 def node(name: str, *, unschedulable: bool = False, taints: tuple[str, ...] = (),
