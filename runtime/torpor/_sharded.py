@@ -187,7 +187,6 @@ def consolidate(layout: Layout, optimizer: Any, state: Mapping[str, Any]) -> Non
         return
     zero_type = _zero_type()
     targets = [o for o in (optimizer, *state.values()) if zero_type is not None and isinstance(o, zero_type)]
-    agree("preparing ZeroRedundancyOptimizer state", lambda: None)
     for opt in targets:
         opt.consolidate_state_dict(to=0)
 
