@@ -39,11 +39,12 @@ import warnings
 from types import FrameType
 from typing import Any
 
-from torpor import _distributed
+from torpor import _distributed, _state
 from torpor._agreement import Fact
 from torpor._background import drain_all, warm_in_background
 from torpor._callbacks import Callback, RunContext, training_run
-from torpor._saving import SaveOptions, export_only, save_checkpoint, taken_names
+from torpor._saving import SaveOptions, check_layout, export_only, save_checkpoint, taken_names
+from torpor._sharded import layout_of
 from torpor._sharing import Offer, SharedSettings
 from torpor._watching import ExitFileWatcher
 from torpor.checkpoints import Reason, check_name, checkpoint_name, unique_name
@@ -383,7 +384,12 @@ class OnRequestExit(Callback):
     def on_train_begin(self, run_context: RunContext) -> None:
         """Install the signal handler (chained), start watching the file, open the store and
         learn the names already taken in it (rank 0 lists), so the exit save spends no time
-        on either."""
+        on either. A layout the exit save could not write correctly is refused first, on every
+        rank (:class:`torpor.errors.ShardedStateError`, see :mod:`torpor._sharded`)."""
+        args = run_context.original_args()
+        if self.save_ckpt:
+            check_layout(layout_of(_state.unwrap(args.network), args.optimizer, args.state),
+                         SaveOptions(integrated=self.integrated_save))
         self._install()
         if self._storage is None:
             self._storage = open_storage(self.exit_directory)

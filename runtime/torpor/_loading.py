@@ -17,11 +17,17 @@ both. The candidates are
   than it, so a damaged choice costs the steps since the next older one, not a crash loop;
 * a name or path a user passed in code: that one only. Whoever names a checkpoint means it,
   and gets its error rather than another checkpoint's state.
+
+A sharded checkpoint (FSDP2/DTensor, FSDP1: its manifests list ``.distcp`` files) is read in
+two agreed steps: first every rank's own files and rank 0's ``.ckpt`` (which holds the index),
+then, if every rank got that far, ``torch.distributed.checkpoint``'s collective read of each
+rank's shards into new tensors (:mod:`torpor._sharded`); only then is anything applied.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import logging
 import mmap
@@ -32,7 +38,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from torpor import _distributed, _state, _user_state
+from torpor import _distributed, _sharded, _state, _user_state
+from torpor._dcp_storage import IN_SHARD
 from torpor.checkpoints import Checkpoint, FileEntry, FileKind, Manifest, file_key, resumable_newest_first, scan
 from torpor.crypto import (
     HEADER_SIZE,
@@ -53,7 +60,7 @@ decryption errors, a storage error, an object gone (``FileNotFoundError``), a pa
 cannot decode. Raised before anything is applied, so the model is untouched."""
 
 _RANK_SEGMENT = re.compile(r"^rank_[0-9]+$")
-_FILE_SUFFIXES = (".manifest.json", ".network.pt", ".trainable.pt", ".ckpt", ".pt2")
+_FILE_SUFFIXES = (".manifest.json", ".network.pt", ".trainable.pt", ".ckpt", ".pt2", ".distcp")
 
 
 @dataclass(frozen=True)
@@ -240,18 +247,35 @@ def load_checkpoint(
             raise CheckpointNotFoundError(f"no complete checkpoint in {storage.uri}")
         return None
     keys = (enc_key, enc_mode or env.enc_mode)
-    payloads, skipped = _first_readable(storage, candidates, keys, map_location)
+    targets = Targets(network, optimizer, state, strict)
+    payloads, skipped = _first_readable(storage, candidates, keys, map_location, targets)
     loaded = _apply(payloads, network, optimizer, lr_scheduler, strict, restore_rng, skipped, state=state)
     _log.info("resumed from checkpoint %r in %s at step %d", loaded.name, loaded.directory, loaded.step)
     return loaded
 
 
+@dataclass(frozen=True)
+class Targets:
+    """What a load restores into: a sharded checkpoint is read in the shape of these."""
+
+    network: Any = None
+    optimizer: Any = None
+    state: Mapping[str, Any] = field(default_factory=dict)
+    strict: bool = True
+
+
+def is_sharded(ckpt: Checkpoint) -> bool:
+    """Whether ``ckpt`` holds sharded state (its manifests list ``.distcp`` files); the same on every rank."""
+    return any(m.file(FileKind.DCP) is not None for m in ckpt.manifests.values())
+
+
 def _first_readable(storage: Storage, candidates: list[Checkpoint], keys: tuple[bytes | None, str | None],
-                    map_location: Any) -> tuple[Payloads, tuple[str, ...]]:
+                    map_location: Any, targets: Targets | None = None) -> tuple[Payloads, tuple[str, ...]]:
     """The payloads of the first candidate every rank could read, and the names skipped.
 
     One ``all_ok`` per candidate tried: every rank reaches it whether its read worked or not,
-    so all of them move on, or stop, together.
+    so all of them move on, or stop, together. A sharded candidate has one more before DCP's
+    collective read (see the module docstring), so no rank enters it alone.
 
     Raises:
         the newest failure of this rank (or an ``IntegrityError`` saying another rank refused
@@ -267,6 +291,14 @@ def _first_readable(storage: Storage, candidates: list[Checkpoint], keys: tuple[
         except UNLOADABLE as exc:
             error = exc
             failures.append(exc)
+        if is_sharded(ckpt) and targets is not None and targets.network is not None \
+                and _distributed.all_ok(error is None):
+            try:
+                assert payloads is not None
+                payloads = read_sharded(storage, payloads, keys, map_location, targets)
+            except UNLOADABLE as exc:
+                error = exc
+                failures.append(exc)
         if _distributed.all_ok(error is None):
             assert payloads is not None
             if skipped:  # the warning went out with each failure; the log says how it ended
@@ -431,6 +463,11 @@ class Payloads:
     """This rank's generators at the save (not yet restored)."""
     epoch_rng: _state.RngState | None
     """Generators when the saved epoch's iterator was created."""
+    read: Mapping[int, dict[str, Any]] = field(default_factory=dict)
+    """Every ``.ckpt`` payload read so far, by rank (a sharded read reuses them)."""
+    sharded_state: dict[str, Any] | None = None
+    """A sharded checkpoint's model, optimizer and sharded ``state=``, read in this rank's
+    layout (:func:`read_sharded`), not yet applied."""
 
 
 def read_payloads(storage: Storage, ckpt: Checkpoint, keys: tuple[bytes | None, str | None],
@@ -459,15 +496,60 @@ def read_payloads(storage: Storage, ckpt: Checkpoint, keys: tuple[bytes | None, 
 
     model_payload = fetch(model_manifest)
     own_payload = model_payload if own is model_manifest else (fetch(own) if own is not None else None)
+    read = {model_manifest.rank: model_payload, **({own.rank: own_payload} if own is not None else {})}
     meta = _state.meta_of(own_payload if own_payload is not None else model_payload)
     rng = epoch_rng = None
     if own_payload is not None:
         rng = _state.RngState.from_parts(meta["rng"], own_payload["rng"])
         if meta.get("epoch_rng") is not None:
             epoch_rng = _state.RngState.from_parts(meta["epoch_rng"], own_payload["epoch_rng"])
-    weights = _model_state(model_payload, model_manifest,
-                           lambda e: load_shard(storage, e, *keys, map_location, manifest=model_manifest))
-    return Payloads(storage.uri, ckpt, model_payload, own_payload, own or anchor, weights, meta, rng, epoch_rng)
+    if is_sharded(ckpt):  # the weights are every rank's shards, read by read_sharded
+        if 0 not in read:  # rank 0's .ckpt holds the index: read it now, with this rank's own reads
+            read[0] = fetch(anchor)
+        weights: dict[str, Any] = {}
+    else:
+        weights = _model_state(model_payload, model_manifest,
+                               lambda e: load_shard(storage, e, *keys, map_location, manifest=model_manifest))
+    return Payloads(storage.uri, ckpt, model_payload, own_payload, own or anchor, weights, meta, rng, epoch_rng,
+                    read=read)
+
+
+def read_sharded(storage: Storage, payloads: Payloads, keys: tuple[bytes | None, str | None], map_location: Any,
+                 targets: Targets) -> Payloads:
+    """Read a sharded checkpoint's model and optimizer state in this rank's layout (collective).
+
+    Every rank calls it for the same checkpoint, after every rank's :func:`read_payloads`
+    worked. Each file is verified against its manifest, decrypted and decoded with
+    ``weights_only=True``; a rank reads only the files that hold pieces of its own shards.
+
+    Raises:
+        IntegrityError, ValueError, OSError, RuntimeError: on every rank alike (a failed rank's
+            own error; the others an ``IntegrityError`` naming it), nothing applied.
+    """
+    ckpt = payloads.checkpoint
+    cache = dict(payloads.read)
+    index = cache[0].get("dcp_index")
+    if not isinstance(index, str):
+        raise IntegrityError(f"checkpoint {ckpt.name!r} in {storage.uri}: rank 0's shard holds no index of the "
+                             "sharded state; refusing to load part of it")
+
+    def fetch(rank: int, file: str) -> Mapping[str, Any]:
+        manifest = ckpt.manifests[rank]
+        if file == IN_SHARD:
+            if rank not in cache:
+                cache[rank] = load_shard(storage, manifest.shard, *keys, map_location, manifest=manifest)
+            section = cache[rank].get("dcp") or {}
+            return {**section.get("replicated", {}), **section.get("blobs", {})}
+        entry = manifest.file(FileKind.DCP)
+        if entry is None:
+            raise IntegrityError(f"checkpoint {ckpt.name!r}: rank {rank}'s manifest lists no .distcp file, but the "
+                                 "index places shards in it")
+        return load_shard(storage, entry, *keys, map_location, manifest=manifest)["tensors"]  # type: ignore[no-any-return]
+
+    state_keys = tuple(str(k) for k in (cache[0].get("dcp") or {}).get("state_keys", []))
+    loaded = _sharded.read_state(index, ckpt.world_size or 1, fetch, _state.unwrap(targets.network),
+                                 targets.optimizer, targets.state, targets.strict, state_keys)
+    return dataclasses.replace(payloads, sharded_state=loaded)
 
 
 def _apply(payloads: Payloads, network: Any, optimizer: Any, lr_scheduler: Any, strict: bool,
@@ -475,16 +557,23 @@ def _apply(payloads: Payloads, network: Any, optimizer: Any, lr_scheduler: Any, 
            state: Mapping[str, Any] | None = None) -> LoadedCheckpoint:
     """Load read payloads into the objects and describe what was restored."""
     model_payload, own_payload, ckpt = payloads.model, payloads.own, payloads.checkpoint
-    if network is not None:
+    plain_state = dict(state or {})
+    if payloads.sharded_state is not None:
+        module = _state.unwrap(network)
+        _sharded.apply_state(payloads.sharded_state, module, optimizer, plain_state, strict)
+        for key in payloads.sharded_state.get("state") or {}:
+            plain_state.pop(key)
+    elif network is not None:
         _state.unwrap(network).load_state_dict(payloads.weights, strict=strict)
     if optimizer is not None and "optimizer" in model_payload:
         optimizer.load_state_dict(model_payload["optimizer"])
     if lr_scheduler is not None and "lr_scheduler" in model_payload:
         lr_scheduler.load_state_dict(model_payload["lr_scheduler"])
-    if state:
+    if plain_state:
         # A loader that kept its own position saved it in each rank's own shard (``rank_state``).
         own_state = own_payload.get("rank_state") if own_payload is not None else None
-        _user_state.restore(state, {**(model_payload.get("state") or {}), **(own_state or {})}, ckpt.name, strict)
+        _user_state.restore(plain_state, {**(model_payload.get("state") or {}), **(own_state or {})}, ckpt.name,
+                            strict)
 
     meta_source = own_payload if own_payload is not None else model_payload
     meta, rng, epoch_rng = payloads.meta, payloads.rng, payloads.epoch_rng
@@ -513,8 +602,10 @@ def _load(storage: Storage, ckpt: Checkpoint, network: Any, optimizer: Any, lr_s
           keys: tuple[bytes | None, str | None] = (None, None), *,
           state: Mapping[str, Any] | None = None) -> LoadedCheckpoint:
     """Read then apply one checkpoint (no fallback): :func:`read_payloads`, then :func:`_apply`."""
-    return _apply(read_payloads(storage, ckpt, keys, map_location), network, optimizer, lr_scheduler, strict,
-                  restore_rng, state=state)
+    payloads = read_payloads(storage, ckpt, keys, map_location)
+    if is_sharded(ckpt) and network is not None:
+        payloads = read_sharded(storage, payloads, keys, map_location, Targets(network, optimizer, state or {}, strict))
+    return _apply(payloads, network, optimizer, lr_scheduler, strict, restore_rng, state=state)
 
 
 def _model_state(payload: dict[str, Any], manifest: Manifest, fetch: Any) -> dict[str, Any]:

@@ -41,7 +41,16 @@ from torpor._agreement import Agreed, Fact
 from torpor._background import BackgroundSaver, warm_in_background
 from torpor._callbacks import Callback, RunContext
 from torpor._config import CheckpointConfig
-from torpor._saving import SaveOptions, capture, reserve_staging, save_checkpoint, taken_names, write_pending
+from torpor._saving import (
+    SaveOptions,
+    capture,
+    check_layout,
+    reserve_staging,
+    save_checkpoint,
+    taken_names,
+    write_pending,
+)
+from torpor._sharded import layout_of
 from torpor._sharing import Offer, SharedSettings
 from torpor.checkpoints import (
     BREAKPOINT_SUFFIX,
@@ -229,8 +238,15 @@ class CheckpointMonitor(Callback):
         return self._storage
 
     def on_train_begin(self, run_context: RunContext) -> None:
-        """Start the clocks (a resumed run counts from the step it resumed at); open the store."""
+        """Refuse a layout the saves could not write correctly (on every rank, before training:
+        see :mod:`torpor._sharded`); start the clocks (a resumed run counts from the step it
+        resumed at); open the store.
+
+        Raises:
+            ShardedStateError: e.g. ``save_trainable_params`` with a sharded model.
+        """
         args = run_context.original_args()
+        check_layout(layout_of(_state.unwrap(args.network), args.optimizer, args.state), self._options())
         self._last_step = args.resumed_from.step if args.resumed_from is not None else None
         self._last_time = time.monotonic()
         self._done_step = args.cur_step_num
@@ -375,7 +391,8 @@ class CheckpointMonitor(Callback):
         name = unique_name(base, self._taken)
         self._taken.add(name)
         try:
-            save_checkpoint(args, self.storage, name, Reason.EXCEPTION, self._options(integrated=False),
+            save_checkpoint(args, self.storage, name, Reason.EXCEPTION,
+                            dataclasses.replace(self._options(integrated=False), collective=False),
                             RuntimeEnv.from_environ(), self.encryption)
         except Exception as save_exc:
             _log.error("breakpoint checkpoint %s not saved: %s: %s", name, type(save_exc).__name__, save_exc)

@@ -4,8 +4,13 @@ Replicated (DDP) state is written once: with ``integrated=True`` rank 0's shard 
 model, optimizer and scheduler, and every other rank writes only what is its own (RNG, loop
 position, and the position of a loader that keeps its own: ``rank_state``, see
 :mod:`torpor._user_state`). Every rank writes a manifest all the same, so "complete = every rank's
-manifest exists" holds whatever the layout. With ``integrated=False`` (sharded state) each
-rank writes its own model and optimizer state.
+manifest exists" holds whatever the layout. With ``integrated=False`` each rank writes its own
+copy of the model and optimizer state.
+
+Sharded state (FSDP2/DTensor, FSDP1) goes through ``torch.distributed.checkpoint``'s planners
+on every rank (:mod:`torpor._sharded`): each rank's shards into its ``.distcp``, beside its
+``.ckpt``, whatever ``integrated`` says; a ``ZeroRedundancyOptimizer`` is consolidated on rank 0
+first. What a layout cannot save correctly is refused before anything is written.
 
 The shard always holds the trained network: ``saved_network`` (an EMA, an unwrapped copy) is
 written beside it as the weights-only ``.network.pt``, never into what a resume loads. The
@@ -29,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from torpor import _distributed, _state, _user_state
+from torpor import _distributed, _sharded, _state, _user_state
 from torpor._callbacks import RunArgs
 from torpor._config import is_tensor
 from torpor._resuming import loader_generators
@@ -57,6 +62,9 @@ class SaveOptions:
     """The seed's ``append_info``."""
     global_batch_size: int | None = None
     """Samples per global step, to record consumed samples."""
+    collective: bool = True
+    """Every rank saves at this step (periodic, final, exit); ``False``: this rank alone (a
+    breakpoint), so nothing that needs the other ranks may run."""
 
 
 def _append_info(args: RunArgs, entries: list[Any] | None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -131,6 +139,12 @@ def capture(
     rank, world = _distributed.rank(), _distributed.world_size()
     holds_model = _holds_model(options)
     network = _state.unwrap(args.network)
+    layout = _sharded.layout_of(network, args.optimizer, args.state)
+    check_layout(layout, options)
+    pieces = None
+    if layout.sharded is not None:  # every rank, at this step: DCP plans each rank's part
+        pieces = _sharded.save_pieces(layout, network, args.optimizer, args.state)
+    _sharded.consolidate(layout, args.optimizer, args.state)  # ZeroRedundancyOptimizer: onto rank 0
     scalars, info_tensors = _append_info(args, options.append_info)
     before: _state.BeforeLookahead | None = args.before_lookahead
     rng = before.rng if before is not None else _state.RngState.capture(loader_generators(args.train_dataset))
@@ -160,18 +174,25 @@ def capture(
         "epoch_rng": epoch_rng_tensors,
         "append_info": info_tensors,
     }
+    if pieces is not None:
+        payload["dcp"] = {"replicated": pieces.replicated, "blobs": pieces.blobs, "state_keys": list(layout.dcp_state)}
+        if pieces.index is not None:
+            payload["dcp_index"] = pieces.index
+        payload["_dcp_shards"] = pieces.shards
     if positioned is not None:
         loader = args.state[positioned]
         taken = before.positions if before is not None else {positioned: _user_state.position(loader)}
         payload["rank_state"] = _user_state.capture({positioned: loader}, taken)
     if holds_model:
-        payload["model"] = _state.local_state(network.state_dict())
-        if args.optimizer is not None:
-            payload["optimizer"] = _state.local_state(args.optimizer.state_dict())
+        if pieces is None:
+            payload["model"] = _state.local_state(network.state_dict())
+            if args.optimizer is not None:
+                payload["optimizer"] = _state.local_state(args.optimizer.state_dict())
         if args.lr_scheduler is not None:
             payload["lr_scheduler"] = args.lr_scheduler.state_dict()
-        if shared_state:
-            payload["state"] = _state.local_state(_user_state.capture(shared_state))
+        plain_state = {k: v for k, v in shared_state.items() if k not in layout.dcp_state}
+        if plain_state:
+            payload["state"] = _state.local_state(_user_state.capture(plain_state))
         if options.trainable_params:
             payload["_trainable"] = _state.local_state(
                 {k: p.detach() for k, p in network.named_parameters() if p.requires_grad})
@@ -181,12 +202,17 @@ def capture(
         payload = staging.snapshot(payload)
     trainable = payload.pop("_trainable", None)
     saved_network = payload.pop("_saved_network", None)
+    shards = payload.pop("_dcp_shards", None)
 
     files: list[tuple[FileKind, Any]] = [(FileKind.SHARD, payload)]
-    if holds_model and (options.network_params or saved_network is not None):
+    if shards is not None:
+        files.append((FileKind.DCP, {"torpor_format": _state.SHARD_FORMAT, "meta": json.dumps(meta),
+                                     "tensors": shards}))
+    if holds_model and (saved_network is not None or (options.network_params and "model" in payload)):
         # Without a saved_network the network file holds the trained weights and is their only
         # copy (the shard would duplicate every tensor; the default config writes both): a load
         # reads them from it. A saved_network's weights go there instead, beside the shard's.
+        # A sharded model's weights are its ranks' shards: no rank has them whole to write.
         model = payload.pop("model") if saved_network is None else saved_network
         files.append((FileKind.NETWORK, {"torpor_format": _state.SHARD_FORMAT, "meta": json.dumps(meta),
                                          "model": model}))
@@ -213,6 +239,16 @@ def capture(
     return PendingSave(name, reason, rank, world, files, fields)
 
 
+def check_layout(layout: _sharded.Layout, options: SaveOptions) -> None:
+    """Refuse, before anything is written, what ``layout`` cannot save with ``options``.
+
+    Raises:
+        ShardedStateError: see :func:`torpor._sharded.check_options`.
+    """
+    _sharded.check_options(layout, integrated=options.integrated, trainable_params=options.trainable_params,
+                           saved_network=options.saved_network, collective=options.collective)
+
+
 def _holds_model(options: SaveOptions) -> bool:
     """Whether this rank writes model state (replicated state is written by rank 0 only)."""
     return not options.integrated or _distributed.rank() == 0
@@ -221,6 +257,8 @@ def _holds_model(options: SaveOptions) -> bool:
 def reserve_staging(staging: _state.Staging, args: RunArgs, options: SaveOptions) -> None:
     """Make the staging buffers for the model this rank will snapshot (see ``Staging.reserve``)."""
     network = _state.unwrap(args.network)
+    if _sharded.sharded_module(network) is not None:  # its state_dict() is no rank's whole (FSDP1: a collective)
+        return
     if _holds_model(options) and callable(getattr(network, "state_dict", None)):
         staging.reserve({"model": _state.local_state(network.state_dict())})
 
@@ -461,6 +499,12 @@ def export_only(args: RunArgs, storage: Storage, name: str, encryption: Encrypti
         return False
     if args.last_inputs is None:
         warnings.warn(f"{name}.pt2 not exported: no step has run, so there are no example inputs",
+                      TorporWarning, stacklevel=2)
+        return False
+    sharded = _sharded.sharded_module(_state.unwrap(args.network))
+    if sharded is not None:  # its forward gathers from every rank: on rank 0 alone it would wait forever
+        warnings.warn(f"{name}.pt2 not exported: the model is sharded ({sharded}), so running it needs every "
+                      "rank; export an unsharded copy loaded with torpor.load_checkpoint instead",
                       TorporWarning, stacklevel=2)
         return False
     try:

@@ -138,7 +138,7 @@ def capture(state: Mapping[str, Any], taken: Mapping[str, Any] | None = None) ->
             value = taken[key]
         else:
             value = obj.get_state() if isinstance(obj, torch.Generator) else obj.state_dict()
-        _check_loadable(value, f"state[{key!r}]")
+        check_loadable(value, f"state[{key!r}]")
         out[key] = value
     return out
 
@@ -166,15 +166,16 @@ def restore(state: Mapping[str, Any], saved: Mapping[str, Any] | None, checkpoin
             obj.load_state_dict(saved[key])
 
 
-def _check_loadable(value: Any, path: str) -> None:
+def check_loadable(value: Any, path: str) -> None:
+    """Raise ``TypeError`` naming ``path`` unless ``value`` loads with ``weights_only=True``."""
     if isinstance(value, Mapping):
         for k, v in value.items():
             if not isinstance(k, str | int):
                 raise TypeError(f"{path} has a key {k!r} of type {type(k).__name__}: {_ALLOWED}")
-            _check_loadable(v, f"{path}[{k!r}]")
+            check_loadable(v, f"{path}[{k!r}]")
     elif isinstance(value, list | tuple):
         for i, v in enumerate(value):
-            _check_loadable(v, f"{path}[{i}]")
+            check_loadable(v, f"{path}[{i}]")
     elif not isinstance(value, _SCALARS):
         raise TypeError(f"{path} is a {type(value).__name__}: {_ALLOWED}")
 

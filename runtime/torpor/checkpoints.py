@@ -12,6 +12,11 @@ Layout under a checkpoint root (a directory or ``s3://bucket/prefix``)::
     rank_{rank}/{name}.network.pt      optional network weights only (save_network_params); without
                                        a saved_network the only copy of them: the shard leaves them out
     rank_{rank}/{name}.trainable.pt    optional trainable weights only (save_trainable_params)
+    rank_{rank}/{name}.distcp          sharded models (FSDP2/DTensor, FSDP1) only: the rank's shards
+                                       of the model and optimizer state (torch.save, loaded with
+                                       weights_only=True), as torch.distributed.checkpoint planned
+                                       them; rank 0's .ckpt then holds the index of every rank's
+                                       pieces and the replicated values (see torpor._dcp_storage)
 
 ``name`` is ``{prefix}-{epoch}_{step}`` for periodic saves (epoch from 1, step within that
 epoch from 1, as MindSpore names them), ``{file_name}-{epoch}_{step}`` (``Net-2_7``) for the
@@ -75,6 +80,7 @@ class FileKind(StrEnum):
     EXPORT = "export"
     NETWORK = "network"
     TRAINABLE = "trainable"
+    DCP = "dcp"
 
 
 SUFFIXES: Mapping[FileKind, str] = {
@@ -83,6 +89,7 @@ SUFFIXES: Mapping[FileKind, str] = {
     FileKind.TRAINABLE: ".trainable.pt",
     FileKind.SHARD: ".ckpt",
     FileKind.EXPORT: ".pt2",
+    FileKind.DCP: ".distcp",
 }
 """File suffix per kind. Matched longest first, so ``.network.pt`` never reads as a name."""
 

@@ -52,6 +52,17 @@ class CheckpointSaveError(TorporError):
         return cls(f"checkpoint {name!r} was not saved on rank(s) {failed} in {directory}: {why}; "
                    "it is incomplete and will not be resumed from")
 
+class ShardedStateError(TorporError):
+    """State laid out over several ranks that this save cannot write correctly, refused.
+
+    Raised on every rank alike, before anything is written, instead of a checkpoint that would
+    hold one rank's shard as if it were the whole (a breakpoint of a sharded model, the
+    trainable parameters of one, a ``ZeroRedundancyOptimizer`` without ``integrated_save``).
+    The message names the module, parameter or setting and what to do instead; see
+    ``torpor._sharded`` for what is supported.
+    """
+
+
 class RetentionError(TorporError):
     """Pruning old checkpoints failed after a save; its cause is chained (``__cause__``).
 

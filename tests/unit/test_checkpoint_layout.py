@@ -48,6 +48,7 @@ def test_names_and_keys_round_trip() -> None:
     for kind in FileKind:
         assert parse_key(file_key("CKP-1_5", 12, kind)) == KeyParts(12, "CKP-1_5", kind)
     assert parse_key("rank_0/Net.network.pt") == KeyParts(0, "Net", FileKind.NETWORK)
+    assert parse_key("rank_1/Net-1_14.distcp") == KeyParts(1, "Net-1_14", FileKind.DCP)
 
 
 @pytest.mark.parametrize("key", ["rank_x/a.ckpt", "rank_01/a.ckpt", "a.ckpt", "rank_0/.a.ckpt.tmp-1",
@@ -162,6 +163,20 @@ def test_complete_only_when_every_rank_agrees() -> None:
 
     (ckpt,) = assemble(listing(*keys[1:]), both)  # rank 0's shard gone, its manifest kept
     assert "rank_0/CKP-1_5.ckpt" in (ckpt.problem or "")
+
+
+def test_a_sharded_checkpoint_needs_every_ranks_shards_and_is_deleted_with_them() -> None:
+    # The operator's retention deletes a checkpoint's keys: the .distcp files must be among them,
+    # and a rank's missing .distcp makes the checkpoint incomplete, like a missing .ckpt.
+    ms = [manifest(rank=r, files=(FileEntry(FileKind.SHARD, file_key("CKP-1_5", r, FileKind.SHARD), 10, "ab" * 32),
+                                  FileEntry(FileKind.DCP, file_key("CKP-1_5", r, FileKind.DCP), 1, "cd" * 32)))
+          for r in (0, 1)]
+    parsed = {file_key(m.name, m.rank, FileKind.MANIFEST): m for m in ms}
+    keys = [e.key for m in ms for e in m.files] + list(parsed)
+    (ckpt,) = assemble(listing(*keys), parsed)
+    assert ckpt.complete and set(ckpt.keys) == set(keys)
+    (torn,) = assemble(listing(*[k for k in keys if k != "rank_1/CKP-1_5.distcp"]), parsed)
+    assert torn.problem == "rank 1 lists rank_1/CKP-1_5.distcp but it is not stored"
 
 
 def test_newest_complete_ignores_newer_incomplete() -> None:
