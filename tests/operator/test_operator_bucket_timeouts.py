@@ -21,6 +21,7 @@ from kubernetes import client
 from prometheus_client import CollectorRegistry
 
 from faultproxy import FaultProxy
+from torpor.errors import StorageError
 from torpor_operator.applying import KubeClient
 from torpor_operator.bucket import Bucket
 from torpor_operator.contract import ENV
@@ -76,7 +77,7 @@ def test_a_blackholed_store_fails_a_listing_after_two_short_attempts(s3_bucket: 
     proxy.blackhole()
     before = proxy.accepted
     started = time.monotonic()
-    with pytest.raises(Exception, match="(?i)timeout|timed out") as raised:
+    with pytest.raises(StorageError, match=r"(?i)timeout|timed out") as raised:
         Bucket(TIMEOUT_SECONDS, ATTEMPTS).list(job.spec, job.ref)
     elapsed = time.monotonic() - started
     # botocore's defaults (8 attempts, 60 s reads) would take minutes and make 8 connections

@@ -17,8 +17,8 @@ from test_operator_world import Cluster, job_body, message, owner, pod
 
 from torpor_operator.builders import build_pdb, graceful_exit_data
 from torpor_operator.naming import JobRef
-from torpor_operator.reconciling import ObjectRef
 from torpor_operator.owning import controlled_by
+from torpor_operator.reconciling import ObjectRef
 
 OLD_UID = "uid-0"
 
