@@ -91,7 +91,12 @@ class FaultProxy:
         self.close()
 
     def _track(self, sock: socket.socket) -> socket.socket:
+        """Note ``sock`` for :meth:`close`; one made while :meth:`close` runs or after it is closed
+        at once (raises OSError), or it would outlive the proxy (a ResourceWarning in the test)."""
         with self._lock:
+            if self._closed.is_set():
+                sock.close()
+                raise OSError("the fault proxy is closed")
             self._sockets.append(sock)
         return sock
 
@@ -99,9 +104,9 @@ class FaultProxy:
         while not self._closed.is_set():
             try:
                 client, _ = self._listener.accept()
+                self._track(client)
             except OSError:
                 return
-            self._track(client)
             with self._lock:
                 self.accepted += 1
             threading.Thread(target=self._serve, args=(client,), name="faultproxy-conn", daemon=True).start()

@@ -746,6 +746,8 @@ def _stopping(world: _World, plan: _Plan) -> None:
         message = _saved_message(world, plan, outcomes)
         if s.stop_reason == "Preemption":
             restart_at, message = _preemption_backoff(world, plan, restart_at, message)
+        elif s.stop_reason not in _GRACEFUL_STOPS and s.stop_message:
+            message = _failed_restart_message(world, plan, message)
         _transition(world, plan, "Restarting", Event("Normal", "Restarting", message))
         plan.requeue((restart_at - world.now).total_seconds() if restart_at else 0.0)
 
@@ -775,6 +777,15 @@ def _preemption_backoff(world: _World, plan: _Plan, restart_at: datetime | None,
     since = s.resume_from or "none: a fresh start"
     return restart_at, (f"{message}; no checkpoint newer than the one it resumed from ({since}): restarting in "
                         f"{delay:g}s ({k} preemption{'s' if k > 1 else ''} in a row without progress)")
+
+
+def _failed_restart_message(world: _World, plan: _Plan, saved: str) -> str:
+    """Ready's message during the backoff after a failure: why it failed (the crash, the pod's own
+    reason it could not start) first, so that it stays visible in a condition until the next
+    incarnation, then what was saved and when the restart comes."""
+    s = plan.status
+    when = f"; restart {s.restarts}/{world.spec.max_restarts} at {s.next_restart_time}" if s.next_restart_time else ""
+    return f"{s.stop_reason}: {s.stop_message}; {saved}{when}"
 
 
 def _saved_message(world: _World, plan: _Plan, outcomes: list[RankOutcome]) -> str:

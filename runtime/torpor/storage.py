@@ -910,7 +910,9 @@ def s3_client(settings: S3Settings | None = None, *, parameter_validation: bool 
     s = settings or S3Settings.from_environ()
     endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
     config = Config(
-        retries={"max_attempts": s.max_attempts, "mode": "standard"},
+        # total_max_attempts counts the first request; botocore's "max_attempts" counts retries
+        # only, so it made one attempt more than configured (3 for the operator's 2)
+        retries={"total_max_attempts": s.max_attempts, "mode": "standard"},
         max_pool_connections=max(10, 2 * s.max_concurrency),
         connect_timeout=s.connect_timeout,
         read_timeout=s.read_timeout,

@@ -1103,6 +1103,38 @@ def test_a_rank_that_cannot_start_tears_the_incarnation_down_after_the_startup_t
     assert c.status["phase"] == "Restarting" and c.status["nextRestartTime"]  # with backoff
 
 
+@pytest.mark.parametrize(
+    ("kw", "reason"),
+    [
+        ({"unschedulable": True}, "Unschedulable: 0/2 nodes are available"),
+        ({"waiting": ("CreateContainerConfigError", "secret \"s3-creds\" not found")},
+         "CreateContainerConfigError: secret \"s3-creds\" not found"),
+    ],
+    ids=["unschedulable", "missing-credentials-secret"],
+)
+def test_the_pods_reason_stays_in_ready_during_the_backoff_after_a_startup_timeout(
+        kw: dict[str, Any], reason: str) -> None:
+    """``kubectl get tj`` shows Ready's message: during the backoff it still says why the rank
+    could not start, not only that the job restarts."""
+    c = pending_with_rank_1_not_starting(**kw)
+    c.later(600)
+    c.step()
+    c.vanish_deleted()
+    c.step()
+    assert c.status["phase"] == "Restarting"
+    ready = next(x for x in c.status["conditions"] if x["type"] == "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "Restarting")
+    assert f"StartupTimeout: rank 1 (pod demo-1-1) did not start within 600s: {reason}" in ready["message"]
+    assert "restart 1/" in ready["message"]
+
+
+def test_a_crashed_ranks_detail_stays_in_ready_during_the_backoff() -> None:
+    c = crashed()
+    ready = next(x for x in c.status["conditions"] if x["type"] == "Ready")
+    assert c.status["phase"] == "Restarting" and ready["reason"] == "Restarting"
+    assert c.status["stopMessage"] in ready["message"]
+
+
 def test_the_startup_timeout_is_a_spec_field() -> None:
     c = Cluster(job_body(startupTimeoutSeconds=30))
     c.step()

@@ -12,10 +12,13 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import pytest
 from test_operator_world import Cluster, job_body, message, owner, pod
 
-from torpor_operator.builders import graceful_exit_data
+from torpor_operator.builders import build_pdb, graceful_exit_data
+from torpor_operator.naming import JobRef
 from torpor_operator.owning import controlled_by
+from torpor_operator.reconciling import ObjectRef
 
 OLD_UID = "uid-0"
 
@@ -145,3 +148,41 @@ def test_a_job_without_stale_children_starts_at_incarnation_1_without_a_warning(
     d = c.step()
     assert c.status["incarnation"] == 1
     assert "StaleChildren" not in [e.reason for e in d.events]
+
+
+@pytest.mark.parametrize("owner_uid", [OLD_UID, None], ids=["owned-by-the-old-uid", "orphaned"])
+def test_a_pdb_left_by_an_earlier_job_is_never_adopted_patched_or_deleted(owner_uid: str | None) -> None:
+    """The old PDB ``demo-1`` selects ``torpor.dev/job=demo, incarnation=1``: adopted, it would
+    guard the new job's ranks with the old one's budget, and deleted, it is not the new job's to
+    delete. The new job skips incarnation 1 and, through a restart and to its end, acts only on
+    its own PDBs."""
+    stale = build_pdb(JobRef("demo", "team", owner_uid or ""), 1, 2)
+    if owner_uid is None:
+        del stale["metadata"]["ownerReferences"]
+    c = Cluster(job_body(gracefulExit={"drainProtection": True}))
+    c.children[("PodDisruptionBudget", "demo-1")] = copy.deepcopy(stale)
+    decisions = [c.step()]
+    assert c.status["incarnation"] == 2
+    assert "PodDisruptionBudget/demo-2" in names(decisions[0].create)
+    assert ("Warning", "StaleChildren") in c.events
+    c.run()
+    decisions.append(c.step())
+    c.exit(1, 1, message("error", 1))  # a failure: a restart into incarnation 3 deletes incarnation 2's PDB
+    decisions.append(c.step())
+    c.vanish_deleted()
+    decisions.append(c.step())
+    c.later(3600)
+    decisions.append(c.step())
+    assert c.status["incarnation"] == 3
+    c.run()
+    decisions.append(c.step())
+    for rank in (0, 1):
+        c.exit(rank, 0, message("completed", 0, "CKP-3_60", 60))
+    decisions.append(c.step())  # Succeeded: the job's own PDBs released
+    assert c.status["phase"] == "Succeeded"
+    deleted = [r for d in decisions for r in d.delete]
+    assert ObjectRef("policy/v1", "PodDisruptionBudget", "demo-2") in deleted  # its own: released
+    assert all(r.name != "demo-1" for r in deleted), deleted
+    assert all(o["metadata"]["name"] != "demo-1" for d in decisions for o in d.create)
+    assert all(name != "demo-1" for d in decisions for name, _ in d.annotate)
+    assert c.children[("PodDisruptionBudget", "demo-1")] == stale

@@ -1,0 +1,157 @@
+"""The retention/resync task: one job's failing pass never stops the others', and a task that died
+or stalled fails ``/healthz`` (issue 12, item 2).
+
+The shell is the real one; only its per-job pass (``Shell._prune``) is replaced where a test needs
+a job whose pass raises or hangs. ``/healthz`` is kopf's own health reporter serving the
+operator's probe, so "fails" means what the liveness probe sees: HTTP 500.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator
+
+import kopf
+import pytest
+from kopf._core.engines.probing import health_reporter
+from prometheus_client import CollectorRegistry
+
+from torpor_operator.bucket import Bucket
+from torpor_operator.handlers import Shell, retention_alive
+from torpor_operator.metrics import Metrics
+from torpor_operator.settings import OperatorSettings
+
+A, B, C = ("team", "a"), ("team", "b"), ("team", "c")
+
+
+class RecordingShell(Shell):
+    """A shell whose per-job pass records the job and raises for the jobs in ``failing``, hangs for
+    those in ``hanging``."""
+
+    def __init__(self, settings: OperatorSettings, failing: set[tuple[str, str]] = frozenset(),  # type: ignore[assignment]
+                 hanging: set[tuple[str, str]] = frozenset()) -> None:  # type: ignore[assignment]
+        super().__init__(settings, kube=None, bucket=Bucket(), metrics=Metrics(CollectorRegistry()))  # type: ignore[arg-type]
+        self.failing, self.hanging = failing, hanging
+        self.passes: list[tuple[str, str]] = []
+
+    async def _prune(self, key: tuple[str, str]) -> None:
+        self.passes.append(key)
+        if key in self.failing:
+            raise ConnectionRefusedError(f"{key[0]}/{key[1]}: the API server is away")
+        if key in self.hanging:
+            await asyncio.Event().wait()
+
+
+def test_a_jobs_failing_retention_pass_leaves_the_other_jobs_pass_to_run() -> None:
+    shell = RecordingShell(OperatorSettings(), failing={A})
+    shell.jobs |= {A, B, C}
+    asyncio.run(shell.prune_all())  # does not raise
+    assert shell.passes == [A, B, C]  # b and c still had their pass, in the same pass as a's error
+    assert shell.metrics.retention_errors._value.get() == 1
+
+
+def _port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.asynccontextmanager
+async def healthz(shell: Shell) -> AsyncIterator[str]:
+    """kopf's health reporter serving only the operator's retention probe; yields its URL."""
+    registry = kopf.OperatorRegistry()
+    kopf.on.probe(id="retention", registry=registry)(retention_alive)
+    memo = kopf.Memo(shell=shell)
+    ready = asyncio.Event()
+    url = f"http://127.0.0.1:{_port()}/healthz"
+    reporter = asyncio.get_running_loop().create_task(health_reporter(
+        url, memo=memo, indices={}, registry=registry,
+        settings=kopf.OperatorSettings(), ready_flag=ready))
+    await asyncio.wait_for(ready.wait(), 30)
+    try:
+        yield url
+    finally:
+        reporter.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reporter
+
+
+def _status(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+async def _probe(shell: Shell) -> tuple[int, str]:
+    async with healthz(shell) as url:
+        return await asyncio.to_thread(_status, url)
+
+
+def test_a_healthy_retention_task_passes_the_probe() -> None:
+    shell = RecordingShell(OperatorSettings(retention_interval_seconds=0.01))
+    shell.jobs |= {A, B}
+
+    async def run() -> None:
+        shell.retention_task = asyncio.get_running_loop().create_task(shell.retention_loop())
+        while len(shell.passes) < 4:  # two passes over both jobs: it loops
+            await asyncio.sleep(0.01)
+        assert shell.retention_problem() is None
+        assert await retention_alive(memo=kopf.Memo(shell=shell)) == "ok"
+        status, body = await _probe(shell)
+        assert status == 200, body
+        assert '"retention": "ok"' in body
+        shell.retention_task.cancel()
+
+    asyncio.run(asyncio.wait_for(run(), 60))
+    assert shell.metrics.retention_up._value.get() == 0.0  # cancelled at the end
+
+
+def test_a_retention_task_that_died_fails_the_probe() -> None:
+    shell = RecordingShell(OperatorSettings())
+
+    async def dies() -> None:
+        raise RuntimeError("the loop broke")
+
+    async def run() -> None:
+        shell.retention_task = asyncio.get_running_loop().create_task(dies())
+        with contextlib.suppress(RuntimeError):
+            await shell.retention_task
+        assert shell.metrics.retention_up._value.get() == 0.0
+        with pytest.raises(kopf.PermanentError, match="the retention task ended: RuntimeError"):
+            await retention_alive(memo=kopf.Memo(shell=shell))
+        status, body = await _probe(shell)
+        assert status == 500, body
+
+    asyncio.run(asyncio.wait_for(run(), 60))
+
+
+def test_a_stalled_retention_task_fails_the_probe() -> None:
+    """A pass that never returns (a job's pass hanging) leaves the task alive but stalled: past
+    three intervals plus 20 bucket timeouts without progress, the probe fails."""
+    shell = RecordingShell(OperatorSettings(retention_interval_seconds=0.01, bucket_timeout_seconds=0.01),
+                           hanging={B})
+    shell.jobs |= {A, B, C}
+
+    async def run() -> None:
+        shell.retention_task = asyncio.get_running_loop().create_task(shell.retention_loop())
+        started = time.monotonic()
+        while shell.retention_problem() is None:
+            await asyncio.sleep(0.01)
+        print(f"stall seen after {time.monotonic() - started:.2f} s")
+        assert not shell.retention_task.done()  # alive, but stuck in b's pass
+        assert shell.passes == [A, B]
+        assert shell.metrics.retention_up._value.get() == 0.0
+        with pytest.raises(kopf.PermanentError, match="made no progress"):
+            await retention_alive(memo=kopf.Memo(shell=shell))
+        status, body = await _probe(shell)
+        assert status == 500, body
+        shell.retention_task.cancel()
+
+    asyncio.run(asyncio.wait_for(run(), 60))
