@@ -32,6 +32,14 @@ SERVICE_CIDR = "10.0.0.0/24"
 NODE_MONITOR_GRACE_SECONDS = 40
 
 
+class KubectlError(subprocess.CalledProcessError):
+    """A kubectl call that failed; its message carries kubectl's stderr (what the server said),
+    which ``CalledProcessError`` keeps only as an attribute pytest does not print."""
+
+    def __str__(self) -> str:
+        return f"{super().__str__()}\n{(self.stderr or '').strip()}"
+
+
 class ControlPlane:
     """etcd + kube-apiserver + kube-controller-manager + kube-scheduler.
 
@@ -219,7 +227,7 @@ class ControlPlane:
             input=input, text=True, capture_output=True, timeout=timeout,
         )
         if check and proc.returncode != 0:
-            raise subprocess.CalledProcessError(proc.returncode, proc.args, proc.stdout, proc.stderr)
+            raise KubectlError(proc.returncode, proc.args, proc.stdout, proc.stderr)
         return proc
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from controlplane import ControlPlane
+from processes import poll
 from s3server import MinioServer
 
 
@@ -75,6 +76,10 @@ def namespace(control_plane: ControlPlane, request: pytest.FixtureRequest) -> It
     """A namespace of its own for one test, deleted afterwards."""
     name = _dns_name(request.node.name, limit=50) + "-" + uuid.uuid4().hex[:6]
     control_plane.kubectl("create", "namespace", name)
+    # The ServiceAccount admission plugin refuses pods until the controller-manager has made the
+    # namespace's `default` ServiceAccount; on a loaded machine that takes a moment.
+    poll(lambda: control_plane.kubectl("get", "serviceaccount", "default", "-n", name, check=False).returncode == 0,
+         timeout=60, what=f"the default ServiceAccount of namespace {name}")
     yield name
     control_plane.kubectl("delete", "namespace", name, "--wait=false", check=False)
 
