@@ -17,6 +17,7 @@ import time
 from typing import TYPE_CHECKING
 
 import pytest
+from test_operator_faults_nodes import NODE_LOST_BOUND_SECONDS, assert_back_off_the_lost_node
 
 from controlplane import NODE_MONITOR_GRACE_SECONDS
 
@@ -24,12 +25,6 @@ if TYPE_CHECKING:  # the fixtures' types; conftest modules are not importable by
     from conftest import Env
 
 pytestmark = pytest.mark.cluster
-
-#: docs/operator.md: a job whose node stops reporting is back within two minutes of it by
-#: default (the node-monitor grace period, 50 s by default and 40 s here, +
-#: TORPOR_LOST_NODE_FORCE_DELETE_SECONDS 30 s + the restart).
-NODE_LOST_BOUND_SECONDS = 120.0
-
 
 def test_a_vanished_vm_whose_rank_hangs_its_peer_resumes_from_the_newest_checkpoint_within_the_bound(
         e2e: Env) -> None:
@@ -44,17 +39,8 @@ def test_a_vanished_vm_whose_rank_hangs_its_peer_resumes_from_the_newest_checkpo
     frozen = e2e.agent.vanish(node)
     try:
         assert frozen, f"no process stopped on {node}"
-        status = e2e.wait_phase("Running", incarnation=2, timeout=NODE_LOST_BOUND_SECONDS + 120)
-        back_after = time.monotonic() - lost_at
-        print(f"node {node} vanished (rank frozen) -> incarnation 2 Running after {back_after:.1f}s "
-              f"(node-monitor grace {NODE_MONITOR_GRACE_SECONDS}s)")
-        assert back_after < NODE_LOST_BOUND_SECONDS, back_after
-        assert (status["preemptions"], status.get("restarts", 0)) == (1, 0), status
-        resumed = next(c for c in e2e.checkpoints() if c.name == status["resumeFrom"])
-        assert resumed.complete and resumed.step >= saved_before, (resumed, saved_before)
-        new = [p for p in e2e.pods() if p["metadata"]["labels"]["torpor.dev/incarnation"] == "2"]
-        assert node not in {p["spec"]["nodeName"] for p in new}, new
-        assert all(p["metadata"]["annotations"]["torpor.dev/resume-from"] == resumed.name for p in new)
+        assert_back_off_the_lost_node(e2e, node, lost_at, saved_before, "vanished (rank frozen)",
+                                      wait=NODE_LOST_BOUND_SECONDS + 120)
         events = e2e.reasons()
         assert "Preempted" in events and "LostNodePodDeleted" in events and "RankFailed" not in events, events
     finally:
