@@ -1,5 +1,6 @@
-"""Resume on another world size (issue 11, item 2): a DDP job stopped on 3 ranks goes on on 2,
-and what cannot continue exactly on another world size is refused.
+"""Resume on another world size (issue 11, item 2): a DDP job stopped on 3 ranks goes on on 2
+(and, stopped again within the same epoch, back on 3), and what cannot continue exactly on
+another world size is refused.
 
 Real gloo ranks (``procs/resize_rank.py``), a real SIGTERM to one of them. What a user would
 check: right after the load every rank holds the model and optimizer state of the save;
@@ -42,7 +43,6 @@ from torpor.storage import open_storage
 
 RANK_SCRIPT = Path(__file__).parent / "procs" / "resize_rank.py"
 PER_RANK_BATCH = 4
-STEPS_ON_THREE = RESIZE_SAMPLES // (3 * PER_RANK_BATCH)
 
 
 def _launch(world: int, run: Path, env: dict[str, str], argv: list[str]) -> list[subprocess.Popen[bytes]]:
@@ -76,51 +76,63 @@ def _assert_equal(actual: Any, expected: Any, where: str) -> None:
         assert actual == expected, where
 
 
-def test_a_ddp_job_stopped_on_three_ranks_continues_its_epoch_on_two(tmp_path: Path) -> None:
+def _stopped(run: Path, procs: list[subprocess.Popen[bytes]], rank: int, after_step: int) -> dict[str, Any]:
+    """SIGTERM to ``rank`` once it is past ``after_step``; every rank's termination message must agree."""
+    try:
+        wait_for(lambda: any(r["rank"] == rank and r["step"] > after_step for r in read_jsonl(run / "steps.jsonl"))
+                 or any(p.poll() is not None for p in procs), timeout=180, what=f"rank {rank} past step {after_step}")
+        os.kill(procs[rank].pid, signal.SIGTERM)
+    finally:
+        _finish(run, procs, [143] * len(procs))
+    messages = [json.loads((run / f"termination-{r}.json").read_text()) for r in range(len(procs))]
+    assert len({(m["checkpoint"], m["step"], m["epoch"]) for m in messages}) == 1, messages
+    return messages[0]
+
+
+def test_a_ddp_job_stopped_on_three_ranks_continues_its_epoch_on_two_and_back_on_three(tmp_path: Path) -> None:
     env = {"TORPOR_JOB": "ns/resize", "TORPOR_CHECKPOINT_URI": str(tmp_path / "ckpt"), "TORPOR_SAVE_STEPS": "4"}
-    run1, run2 = tmp_path / "run1", tmp_path / "run2"
+    runs = [tmp_path / f"run{i}" for i in (1, 2, 3)]
+
+    def launch(i: int, world: int, delay: float) -> list[subprocess.Popen[bytes]]:
+        return _launch(world, runs[i], {**env, "TORPOR_INCARNATION": str(i + 1)},
+                       ["--steps", str(runs[i] / "steps.jsonl"), "--state", str(runs[i]), "--step-delay", str(delay)])
 
     # 1. Three ranks, SIGTERM to rank 1 in epoch 1 (10 steps of 3 x 4 samples): every rank saves.
-    procs = _launch(3, run1, {**env, "TORPOR_INCARNATION": "1"},
-                    ["--steps", str(run1 / "steps.jsonl"), "--state", str(run1), "--step-delay", "0.05"])
-    try:
-        wait_for(lambda: any(r["rank"] == 1 and r["step"] >= 4 for r in read_jsonl(run1 / "steps.jsonl"))
-                 or any(p.poll() is not None for p in procs), timeout=180, what="rank 1 past step 4")
-        os.kill(procs[1].pid, signal.SIGTERM)
-    finally:
-        _finish(run1, procs, [143, 143, 143])
-    messages = [json.loads((run1 / f"termination-{r}.json").read_text()) for r in range(3)]
-    assert len({(m["checkpoint"], m["step"]) for m in messages}) == 1, messages
-    name, stop = messages[0]["checkpoint"], messages[0]["step"]
-    assert messages[0]["epoch"] == 1 and 4 <= stop < STEPS_ON_THREE, messages[0]  # mid-epoch
+    first = _stopped(runs[0], launch(0, 3, 0.05), 1, 2)
+    assert first["epoch"] == 1 and 3 <= first["step"] <= 6, first  # mid-epoch, with the rest to stop in again
+    # 2. Two ranks resume from it, and are stopped again before the epoch's rest runs out.
+    second = _stopped(runs[1], launch(1, 2, 0.1), 0, first["step"] + 1)
+    assert second["epoch"] == 1 and second["resumed_from"] == first["checkpoint"], second
+    # 3. Three ranks continue the twice-resized epoch and train to the end of epoch 3.
+    _finish(runs[2], launch(2, 3, 0.0), [0, 0, 0])
+    assert {json.loads((runs[2] / f"termination-{r}.json").read_text())["resumed_from"]
+            for r in range(3)} == {second["checkpoint"]}
 
-    # 2. Two ranks resume from it and train to the end of epoch 3.
-    _finish(run2, _launch(2, run2, {**env, "TORPOR_INCARNATION": "2"},
-                          ["--steps", str(run2 / "steps.jsonl"), "--state", str(run2)]), [0, 0])
-    assert {json.loads((run2 / f"termination-{r}.json").read_text())["resumed_from"] for r in (0, 1)} == {name}
+    steps = [read_jsonl(run / "steps.jsonl") for run in runs]
+    for i, (run, stop, world) in enumerate([(runs[0], first, 3), (runs[1], second, 2)]):
+        # Right after the load every rank holds the model and optimizer of the save (replicated:
+        # every rank of the stopped run had rank 0's).
+        saved = torch.load(run / "end-0.pt", weights_only=True)
+        assert saved["step"] == stop["step"]
+        for rank in range(1, world):
+            _assert_equal(torch.load(run / f"end-{rank}.pt", weights_only=True), saved, f"run{i + 1} rank {rank}")
+        resumed, resumed_world = runs[i + 1], (2, 3)[i]
+        for rank in range(resumed_world):
+            _assert_equal(torch.load(resumed / f"resumed-{rank}.pt", weights_only=True), saved,
+                          f"run{i + 2} rank {rank}")
+        # Training goes on, on every rank, from the step after the stop.
+        assert {r["rank"] for r in steps[i + 1]} == set(range(resumed_world))
+        assert min(r["step"] for r in steps[i + 1]) == stop["step"] + 1
+    assert {r["epoch"] for r in steps[2]} == {1, 2, 3}
 
-    # Right after the load, both ranks hold the model and optimizer of the save (rank 0's,
-    # replicated: every rank of the stopped run had the same).
-    saved = torch.load(run1 / "end-0.pt", weights_only=True)
-    assert saved["step"] == stop
-    for rank in (1, 2):
-        _assert_equal(torch.load(run1 / f"end-{rank}.pt", weights_only=True), saved, f"run1 rank {rank}")
-    for rank in (0, 1):
-        _assert_equal(torch.load(run2 / f"resumed-{rank}.pt", weights_only=True), saved, f"resumed rank {rank}")
-
-    # Training goes on, on both ranks, from the step after the stop.
-    before, after = read_jsonl(run1 / "steps.jsonl"), read_jsonl(run2 / "steps.jsonl")
-    assert {r["rank"] for r in after} == {0, 1}
-    assert min(r["step"] for r in after) == stop + 1 and {r["epoch"] for r in after} == {1, 2, 3}
-
-    # The epoch of the stop: no sample twice, less than one global batch of the 2-rank run left out.
-    trained = [i for r in before if r["step"] <= stop for i in r["ids"]]
-    trained += [i for r in after if r["epoch"] == 1 for i in r["ids"]]
+    # The epoch of the stops: no sample twice, less than one global batch left out.
+    trained = [i for r in steps[0] if r["step"] <= first["step"] for i in r["ids"]]
+    trained += [i for r in steps[1] if r["step"] <= second["step"] for i in r["ids"]]
+    trained += [i for r in steps[2] if r["epoch"] == 1 for i in r["ids"]]
     assert len(trained) == len(set(trained)), sorted(trained)
-    assert len(set(range(RESIZE_SAMPLES)) - set(trained)) < 2 * PER_RANK_BATCH
-    # The next epoch is a whole one of the 2-rank DistributedSampler: every sample once.
-    epoch2 = sorted(i for r in after if r["epoch"] == 2 for i in r["ids"])
-    assert epoch2 == list(range(RESIZE_SAMPLES))
+    assert len(set(range(RESIZE_SAMPLES)) - set(trained)) < 3 * PER_RANK_BATCH
+    # The next epoch is a whole one of the 3-rank DistributedSampler: every sample once.
+    assert sorted(i for r in steps[2] if r["epoch"] == 2 for i in r["ids"]) == list(range(RESIZE_SAMPLES))
 
 
 # --- what is refused ------------------------------------------------------------------------
