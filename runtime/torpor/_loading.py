@@ -83,7 +83,8 @@ class LoadedCheckpoint:
     step: int
     """Global steps completed when saved."""
     step_in_epoch: int
-    """Steps of ``epoch`` completed; a resume skips that many batches."""
+    """Steps of ``epoch`` completed; a resume on the same world size skips that many batches
+    (on another one it continues from :attr:`position`)."""
     batch_num: int | None
     """Batches per epoch of the saving run, if known."""
     append_info: dict[str, Any]
@@ -548,10 +549,13 @@ def read_sharded(storage: Storage, payloads: Payloads, keys: tuple[bytes | None,
     ``weights_only=True``; a rank reads only the files that hold pieces of its own shards.
 
     Raises:
+        ResizeError: FSDP1 state on another world size (:func:`torpor._sharded.check_resizable`).
         IntegrityError, ValueError, OSError, RuntimeError: on every rank alike (a failed rank's
             own error; the others an ``IntegrityError`` naming it), nothing applied.
     """
     ckpt = payloads.checkpoint
+    _sharded.check_resizable(_state.unwrap(targets.network), ckpt.name, ckpt.world_size or 1,
+                             _distributed.world_size())
     cache = dict(payloads.read)
     index = cache[0].get("dcp_index")
     if not isinstance(index, str):

@@ -25,6 +25,8 @@ had already consumed (by index, without loading them, for a ``DataLoader`` over 
 dataset: see :mod:`torpor._resuming`), with the generators rewound so the data order and every
 random draw match an uninterrupted run. A loader passed in ``state=`` keeps its own position
 instead: it continues where it was saved, and nothing is skipped (:mod:`torpor._user_state`).
+On another world size (or in an epoch already resized) the epoch continues with the rest of its
+``DistributedSampler`` order, dealt over this run's ranks (:mod:`torpor._resharding`).
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """Resuming on another world size: where the epoch stands, and what each new rank starts from.
 
 Model and optimizer state need nothing here: replicated state is rank 0's whatever the world
-size, and sharded state is resharded by DCP's planners at load (:mod:`torpor._sharded`). What
-a world size changes is the **data position** and the **generators** of each rank.
+size, and sharded FSDP2/DTensor state is resharded by DCP's planners at load
+(:mod:`torpor._sharded`; FSDP1 is refused on another world size there). What a world size
+changes is the **data position** and the **generators** of each rank.
 
 **The data position is samples consumed in the epoch, globally.** A ``DistributedSampler``
 draws one global order per epoch (its ``seed + epoch``, the same on any number of ranks) and

@@ -9,7 +9,8 @@ same world size continues with the losses and the final state of a run never int
 (``rtol=1e-5``). The FSDP2 checkpoint also resumes on 3 ranks and on 1 (issue 11, item 2):
 right after the load the gathered model and optimizer equal those at the save, training goes
 on, and within the epoch of the stop no sample is trained twice and less than one global batch
-is left out. Every wait on the ranks has a deadline: a save that deadlocks fails the test.
+is left out; an FSDP1 checkpoint is refused on another world size with a ``ResizeError``. Every
+wait on the ranks has a deadline: a save that deadlocks fails the test.
 """
 
 from __future__ import annotations
@@ -186,6 +187,12 @@ def test_sigterm_to_one_rank_saves_every_shard_and_resumes_exactly(case: str, tm
     if case == "fsdp2-local":  # on another world size, each from its own copy of the store
         for world in (3, 1):
             _resumes_on(world, tmp_path, run1, messages[0])
+    if case == "fsdp1-local":  # FSDP1 resumes on the world size that saved it only, and says so
+        refused = tmp_path / "run-on-1"
+        _finish(refused, _launch(refused, wrap, {**env, "TORPOR_INCARNATION": "2"}, delay=0.0, world=1), [1])
+        log = (refused / "rank-0.log").read_text()
+        assert f"ResizeError: checkpoint {name!r} of FullyShardedDataParallel (FSDP1) state was saved on 2 rank(s) " \
+               "and is resumed on 1" in log, log
 
     # 3. Resumed on two ranks: the uninterrupted run's losses and final state.
     run2 = tmp_path / "run2"
