@@ -7,9 +7,14 @@ identity and barriers return at once.
 
 from __future__ import annotations
 
+import atexit
+import gc
 import os
 import secrets
 import socket
+import sys
+import threading
+import time
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import TypeVar
@@ -146,6 +151,7 @@ def init_distributed(backend: str | None = None, timeout_seconds: float = 1800.0
     store = _rendezvous_store(timeout)
     dist.init_process_group(backend=chosen, store=store, rank=int(os.environ["RANK"]),
                             world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
+    tear_down_at_exit()
     return True
 
 
@@ -185,3 +191,46 @@ def shutdown() -> None:
     """Destroy the process group before exiting, so no rank leaves a half-torn-down group."""
     if is_initialized():
         dist.destroy_process_group()
+
+
+_TEAR_DOWN_REGISTERED = False
+FOREIGN_THREADS_WAIT_SECONDS = 30.0
+"""How long the exit waits for Python code on threads a process group started (callbacks)."""
+
+
+def tear_down_at_exit() -> None:
+    """Have the process groups end while the interpreter is still whole (once per process).
+
+    Why: a process group's worker threads outlive the Python objects that use them. A
+    thread that finishes a collective after the main thread has left the script (a
+    completion callback such as a Python DDP communication hook's ``then``, or the last
+    reference to a tensor whose Python object it keeps alive) needs the interpreter; once
+    interpreter finalization has begun, such a thread is unwound through C++ frames that
+    may not throw and the process aborts ("terminate called without an active exception",
+    SIGABRT) whatever the script's own exit code was, and the operator counts a crash.
+
+    Registered first (by :func:`init_distributed`, and by a run that finds a group the
+    script made itself), the handler runs after the script's own ``atexit`` handlers: it
+    destroys the group and collects garbage, so that groups only unreachable objects still
+    held (a sharded model's device mesh) are destructed now, which waits for their worker
+    threads with the interpreter released; then it waits, with a bound, while a thread the
+    ``threading`` module did not start (a process group's) still runs Python code.
+    """
+    global _TEAR_DOWN_REGISTERED
+    if not _TEAR_DOWN_REGISTERED:
+        _TEAR_DOWN_REGISTERED = True
+        atexit.register(_tear_down)
+
+
+def _tear_down() -> None:
+    shutdown()
+    gc.collect()
+    deadline = time.monotonic() + FOREIGN_THREADS_WAIT_SECONDS
+    while foreign_threads_in_python() and time.monotonic() < deadline:
+        time.sleep(0.01)  # releases the interpreter, so the callbacks can finish
+
+
+def foreign_threads_in_python() -> set[int]:
+    """Threads running Python code that ``threading`` did not start (native threads' callbacks)."""
+    known = {t.ident for t in threading.enumerate() if not isinstance(t, threading._DummyThread)}
+    return set(sys._current_frames()) - known

@@ -260,6 +260,8 @@ class Loop:
         if self._started:
             return
         self._started = True
+        if _distributed.is_initialized():
+            _distributed.tear_down_at_exit()  # also for a group the script made itself
         self.args.epoch_num = epoch_num
         self.args.mode = "train"
         if train_dataset is not None:
