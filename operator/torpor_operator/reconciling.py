@@ -240,6 +240,8 @@ def _transition(world: _World, plan: _Plan, phase: str, event: Event) -> None:
     if phase in ("Succeeded", "Failed"):
         conditions = set_condition(conditions, phase, True, event.reason, event.message, now, gen)
     plan.update(phase=phase, conditions=conditions)
+    if phase == "Suspended":  # a shrink's reason is stale by the resume: it asks for every rank again
+        plan.update(next_world_size=None)
     plan.events.append(event)
 
 

@@ -445,6 +445,21 @@ def test_a_restart_of_a_short_job_asks_for_every_rank() -> None:
         "WORLD_SIZE 2 -> 3 in incarnation 3: after Preemption, a new incarnation asks for all 3 ranks")
 
 
+def test_a_job_suspended_during_a_shrink_asks_for_every_rank_when_resumed() -> None:
+    c = launch_short()
+    c.later(30)
+    c.step()
+    assert c.status["nextWorldSize"] == 2
+    c.body["spec"]["suspend"] = True
+    c.step()
+    c.vanish_deleted()
+    c.step()
+    assert c.status["phase"] == "Suspended" and "nextWorldSize" not in c.status
+    c.body["spec"]["suspend"] = False
+    c.step()
+    assert (c.status["incarnation"], c.status["worldSize"]) == (2, 3) and world_sizes(c) == ["3", "3", "3"]
+
+
 def test_a_rank_recreated_in_a_short_incarnation_gets_its_world_size() -> None:
     c = shrunk()
     c.status["phase"] = "Pending"  # say rank 1's pod is being made again
