@@ -18,6 +18,7 @@ from torpor_operator.contract import (
     ANNOTATION_POD_SHAPE,
     ANNOTATION_RESUME_FROM,
     ANNOTATION_SIDECARS_STOPPED,
+    ENV,
     LABEL_INCARNATION,
     LABEL_RANK,
 )
@@ -108,6 +109,11 @@ class PodView:
     deletion_grace: int | None = None
     """``metadata.deletionGracePeriodSeconds`` of a pod being deleted: the grace period its
     deletion was given (a later deletion may only shorten it)."""
+    unschedulable: bool = False
+    """The scheduler found no node for it: ``PodScheduled`` is False with reason ``Unschedulable``
+    (and the pod has no node). What an elastic job counts as a rank that does not fit."""
+    world_size: int | None = None
+    """``WORLD_SIZE`` of its training container, as the operator set it; ``None`` if absent."""
 
     @property
     def terminated(self) -> bool:
@@ -194,6 +200,8 @@ class PodView:
             not_starting=_not_starting(status, conditions),
             sidecars=_sidecars(pod, container),
             deletion_grace=_int_or_none(meta.get("deletionGracePeriodSeconds")),
+            unschedulable=not (pod.get("spec") or {}).get("nodeName") and _unschedulable(conditions),
+            world_size=_world_size(pod, container),
         )
 
 
@@ -202,6 +210,19 @@ def _int_or_none(value: Any) -> int | None:
         return None if value is None else int(value)
     except (TypeError, ValueError):
         return None
+
+
+def _unschedulable(conditions: Mapping[str, Any]) -> bool:
+    scheduled = conditions.get("PodScheduled") or {}
+    return scheduled.get("status") == "False" and scheduled.get("reason") == "Unschedulable"
+
+
+def _world_size(pod: Mapping[str, Any], container: str) -> int | None:
+    for c in (pod.get("spec") or {}).get("containers") or []:
+        if c.get("name") == container:
+            values = [e.get("value") for e in c.get("env") or [] if e.get("name") == ENV.WORLD_SIZE]
+            return _int_or_none(values[-1]) if values else None
+    return None
 
 
 def _sidecars(pod: Mapping[str, Any], container: str) -> tuple[str, ...]:

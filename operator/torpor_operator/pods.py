@@ -40,17 +40,18 @@ def master_addr(job: str, incarnation: int) -> str:
 
 def rank_env(
     job: JobRef, spec: TrainingJobSpec, incarnation: int, rank: int, resume_from: str, master_port: int,
-    termination_log: str = DEFAULT_TERMINATION_LOG,
+    termination_log: str = DEFAULT_TERMINATION_LOG, world_size: int | None = None,
 ) -> list[dict[str, Any]]:
     """The environment of one rank's training container: rendezvous, TORPOR_* and S3.
 
     Every periodic-save and retention variable is set explicitly (``0`` = off), so the
-    runtime's own defaults never apply under the operator.
+    runtime's own defaults never apply under the operator. ``world_size`` is the incarnation's
+    (``spec.replicas`` unless an elastic job runs short).
     """
     ckpt = spec.checkpoint
     values: list[tuple[str, str]] = [
         (ENV.RANK, str(rank)),
-        (ENV.WORLD_SIZE, str(spec.replicas)),
+        (ENV.WORLD_SIZE, str(world_size if world_size is not None else spec.replicas)),
         (ENV.MASTER_ADDR, master_addr(job.name, incarnation)),
         (ENV.MASTER_PORT, str(master_port)),
         (ENV.LOCAL_RANK, "0"),
@@ -107,6 +108,7 @@ def build_pod(
     resume_from: str,
     master_port: int,
     avoid_nodes: Iterable[str] = (),
+    world_size: int | None = None,
 ) -> dict[str, Any]:
     """One rank's Pod.
 
@@ -114,13 +116,14 @@ def build_pod(
         job: the owning TrainingJob.
         spec: its parsed spec.
         incarnation: the incarnation the pod belongs to (in its name and labels).
-        rank: the global rank, 0..replicas-1.
+        rank: the global rank, 0..world_size-1.
         resume_from: checkpoint name every rank of the incarnation loads; empty for the
             newest complete one (none on a fresh start).
         master_port: rendezvous port.
         avoid_nodes: nodes going away (:func:`torpor_operator.placing.nodes_to_avoid`); the
             pod may not be scheduled there, even where its tolerations would allow it. Named in
             the ``torpor.dev/avoided-nodes`` annotation too.
+        world_size: ``WORLD_SIZE`` of the incarnation; ``None``: ``spec.replicas``.
 
     Returns:
         The Pod as a dict, ready to create.
@@ -168,7 +171,7 @@ def build_pod(
             # The runtime writes JSON to the file; when a crash leaves it empty, the log tail
             # still explains the failure in the pod status.
             container.setdefault("terminationMessagePolicy", "FallbackToLogsOnError")
-            env = rank_env(job, spec, incarnation, rank, resume_from, master_port, termination_log)
+            env = rank_env(job, spec, incarnation, rank, resume_from, master_port, termination_log, world_size)
             container["env"] = _replace_named(container.get("env") or [], env)
             container["volumeMounts"] = _replace_named(container.get("volumeMounts") or [], mounts)
         containers.append(container)

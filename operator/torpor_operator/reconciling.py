@@ -41,6 +41,7 @@ from torpor_operator.placing import nodes_back, nodes_to_avoid
 from torpor_operator.pods import build_pod
 from torpor_operator.settings import OperatorSettings
 from torpor_operator.shaping import changed_parts, shape_digests
+from torpor_operator.sizing import UNTRAINED_RANK_GRACE_SECONDS, Resize, launch_size, resize
 from torpor_operator.spec import TrainingJobSpec, check_job_name, parse_spec
 from torpor_operator.status import JobStatus, LastCheckpoint, merge_patch, set_condition
 
@@ -50,7 +51,7 @@ __all__ = ["Decision", "Event", "Job", "ObjectRef", "decide"]  # the output type
 #: late a missed watch event can make the operator.
 MAX_REQUEUE_SECONDS = 30.0
 #: Stops in which every rank is asked to save (GracefulExit) and given exitDeadlineSeconds.
-_GRACEFUL_STOPS = ("Preemption", "Suspend", "SpecChanged")
+_GRACEFUL_STOPS = ("Preemption", "Suspend", "SpecChanged", "Resize")
 #: Grace period, seconds, of the live ranks of an incarnation one of whose ranks is on a node
 #: gone for good (:func:`_abandon_peers_of_lost`). They are blocked in a collective with a rank
 #: that will never answer, so neither SIGTERM nor a longer wait lets them save. Not 0: a grace
@@ -136,6 +137,15 @@ class _World:
     def classify(self, pod: PodView) -> RankOutcome:
         """How the rank ended, its node's state counting as evidence (:mod:`torpor_operator.outcomes`)."""
         return classify(pod, self.nodes.get(pod.node or ""), self.settings.termination_taints)
+
+    def size(self, status: JobStatus) -> int:
+        """World size of ``status``'s incarnation: ``status.worldSize``; for an incarnation an
+        operator that did not record it made, its pods' ``WORLD_SIZE`` (then ``spec.replicas``,
+        which that operator's CRD kept from changing)."""
+        if status.world_size is not None:
+            return status.world_size
+        sizes = [p.world_size for p in self.pods_of(status.incarnation) if p.world_size is not None]
+        return min(sizes) if sizes else self.spec.replicas
 
     def avoid_nodes(self) -> list[str]:
         """The nodes a rank made now is kept off (:mod:`torpor_operator.placing`)."""
@@ -230,6 +240,8 @@ def _transition(world: _World, plan: _Plan, phase: str, event: Event) -> None:
     if phase in ("Succeeded", "Failed"):
         conditions = set_condition(conditions, phase, True, event.reason, event.message, now, gen)
     plan.update(phase=phase, conditions=conditions)
+    if phase == "Suspended":  # a shrink's reason is stale by the resume: it asks for every rank again
+        plan.update(next_world_size=None)
     plan.events.append(event)
 
 
@@ -268,29 +280,34 @@ def _refresh_ready(world: _World, plan: _Plan) -> None:
     current = world.pods_of(plan.status.incarnation) if plan.status.incarnation else []
     ready = sum(1 for p in current if p.phase == "Running" and p.ready and not p.deleting)
     plan.update(ready_replicas=ready, ready=f"{ready}/{world.spec.replicas}")
+    if plan.status.incarnation and plan.status.world_size is None:  # a job an earlier operator launched
+        plan.update(world_size=world.size(plan.status))
 
 
 # --- children ------------------------------------------------------------------------------
 
 
-def _desired_children(world: _World, incarnation: int, resume_from: str) -> list[dict[str, Any]]:
-    """Every child of an incarnation, in creation order (the ConfigMap before the pods mounting it)."""
+def _desired_children(world: _World, incarnation: int, resume_from: str, size: int) -> list[dict[str, Any]]:
+    """Every child of an incarnation of ``size`` ranks, in creation order (the ConfigMap before
+    the pods mounting it)."""
     ref, spec, settings = world.job.ref, world.spec, world.settings
     objects = [build_config_map(ref, incarnation), build_service(ref, incarnation, settings.master_port)]
     if spec.graceful_exit.drain_protection:
-        objects.append(build_pdb(ref, incarnation, spec.replicas))
+        objects.append(build_pdb(ref, incarnation, size))
     avoid = world.avoid_nodes()
     objects += [
         build_pod(ref, spec, incarnation, rank, resume_from=resume_from, master_port=settings.master_port,
-                  avoid_nodes=avoid)
-        for rank in range(spec.replicas)
+                  avoid_nodes=avoid, world_size=size)
+        for rank in range(size)
     ]
     return objects
 
 
 def _create_missing(world: _World, plan: _Plan, incarnation: int, resume_from: str, *, pods: bool) -> None:
-    """Create the incarnation's children that do not exist; pods only when ``pods``."""
-    for obj in _desired_children(world, incarnation, resume_from):
+    """Create the incarnation's children that do not exist; pods only when ``pods``. Always with
+    the incarnation's own world size: one incarnation never mixes two ``WORLD_SIZE`` values,
+    whatever ``spec.replicas`` says now."""
+    for obj in _desired_children(world, incarnation, resume_from, world.size(plan.status)):
         if obj["kind"] == "Pod" and not pods:
             continue
         if not world.exists(obj["kind"], obj["metadata"]["name"]):
@@ -407,19 +424,38 @@ def _launch(world: _World, plan: _Plan, incarnation: int, reason: str, why: str)
     incarnation, skipped = free_incarnation(incarnation, own, world.stale, world.job.ref.name)
     if skipped is not None:
         plan.events.append(skipped)
-    existing = [p.resume_from for p in world.pods_of(incarnation) if p.resume_from is not None]
+    made = world.pods_of(incarnation)
+    existing = [p.resume_from for p in made if p.resume_from is not None]
     if existing:  # a half-applied launch: keep the choice the created pods already carry
         resume_from = existing[0]
     else:
         newest = newest_complete(world.checkpoints or ())
         resume_from = newest.name if newest is not None else ""
+    s = plan.status
+    previous = world.size(s) if s.incarnation else None
+    size = launch_size(world.spec, s.next_world_size, [p.world_size for p in made if p.world_size is not None])
+    if previous is not None and previous != size:
+        plan.events.append(_resized(world, plan, incarnation, previous, size))
+        plan.update(last_resize_time=format_time(world.now))
+    plan.update(incarnation=incarnation, resume_from=resume_from, stop_requested_at=None, next_restart_time=None,
+                admission_rejections=0, world_size=size, next_world_size=None)
     _delete_children_before(world, plan, incarnation, pods=True)
     _create_missing(world, plan, incarnation, resume_from, pods=True)
-    plan.update(incarnation=incarnation, resume_from=resume_from, stop_requested_at=None, next_restart_time=None,
-                admission_rejections=0)
     source = f"resuming from {resume_from}" if resume_from else "from scratch"
     _transition(world, plan, "Pending", Event(
-        "Normal", reason, f"incarnation {incarnation} with {world.spec.replicas} ranks {source} ({why})"))
+        "Normal", reason, f"incarnation {incarnation} with {size} ranks {source} ({why})"))
+
+
+def _resized(world: _World, plan: _Plan, incarnation: int, previous: int, size: int) -> Event:
+    """The Event of a launch whose world size differs from the incarnation before: from what to
+    what, and why (the resize that stopped the last one, or a restart asking for every rank)."""
+    s, replicas = plan.status, world.spec.replicas
+    if s.stop_reason in ("Resize", "SpecChanged") and s.stop_message:
+        why = s.stop_message
+    else:
+        why = f"after {s.stop_reason or 'a stop'}, a new incarnation asks for all {replicas} ranks"
+    short = f" ({size} of spec.replicas {replicas})" if size < replicas else ""
+    return Event("Normal", "Resized", f"WORLD_SIZE {previous} -> {size}{short} in incarnation {incarnation}: {why}")
 
 
 def _active(world: _World, plan: _Plan) -> None:
@@ -468,14 +504,15 @@ def _active(world: _World, plan: _Plan) -> None:
             _begin_failure(world, plan, current, crashed)
         return
     ranks = {p.rank for p in current}
+    size = world.size(plan.status)
     finished = [o for o in outcomes if o.outcome is Outcome.FINISHED]
-    if len(finished) == world.spec.replicas and ranks == set(range(world.spec.replicas)):
+    if len(finished) == size and ranks == set(range(size)):
         _finish(world, plan, incarnation)
         return
     signals = [o.detail for o in ended] + preemption_signals(current, world.nodes, taints)
     if plan.status.phase == "Running":
         signals += [f"rank {r} (pod {pod_name(world.job.ref.name, incarnation, r)}) is gone"
-                    for r in range(world.spec.replicas) if r not in ranks]
+                    for r in range(size) if r not in ranks]
     if signals:
         more = f" (and {len(signals) - 1} more)" if len(signals) > 1 else ""
         _begin_stop(world, plan, current, "Preemption", signals[0] + more)
@@ -487,17 +524,72 @@ def _active(world: _World, plan: _Plan) -> None:
     if changed:
         _begin_stop(world, plan, current, "SpecChanged", changed)
         return
+    kept_off = _kept_off_and_back(world, current)
+    sizing = resize(world.spec, plan.status.phase or "Pending", incarnation, size, current, world.now,
+                    last_resize=parse_time(plan.status.last_resize_time), new_checkpoint=_new_checkpoint(world, plan),
+                    recreating={p.name for p, _ in kept_off})
+    if sizing.resize is not None:
+        _begin_resize(world, plan, current, sizing.resize)
+        return
+    if sizing.recheck_after is not None:
+        plan.requeue(sizing.recheck_after)
     if _startup_timed_out(world, plan, current):
         return
     rejected = [(p, o) for p, o in zip(current, outcomes, strict=True) if o.outcome is Outcome.REJECTED]
     if any(not p.deleting for p, _ in rejected) and _recreate_rejected(world, plan, current, rejected):
         return
-    _recreate_kept_off(world, plan, current)
+    _recreate_kept_off(plan, kept_off)
     _create_missing(world, plan, incarnation, plan.status.resume_from or "", pods=plan.status.phase == "Pending")
     running = [p for p in current if p.phase == "Running" and p.ready and not p.deleting]
-    if plan.status.phase == "Pending" and len(running) == world.spec.replicas:
+    if plan.status.phase == "Pending" and len(running) == size:
         _transition(world, plan, "Running", Event(
-            "Normal", "Running", f"all {world.spec.replicas} ranks of incarnation {incarnation} are running"))
+            "Normal", "Running", f"all {size} ranks of incarnation {incarnation} are running"))
+
+
+def _new_checkpoint(world: _World, plan: _Plan) -> LastCheckpoint | None:
+    """The newest complete checkpoint if this decision is the first to see it (the status had
+    another before it), else ``None``: the moment right after a checkpoint, when an elastic job
+    grows (:mod:`torpor_operator.sizing`, row 4)."""
+    newest = plan.status.last_checkpoint
+    if world.checkpoints is None or newest is None or newest == world.job.status.last_checkpoint:
+        return None
+    return newest
+
+
+def _begin_resize(world: _World, plan: _Plan, current: list[PodView], change: Resize) -> None:
+    """Stop the incarnation for a new world size (stop reason ``Resize``).
+
+    A graceful resize (a changed ``spec.replicas``, an elastic job growing back) is a graceful
+    stop like a spec change: every rank saves at one step, and the next incarnation, made with
+    ``spec.replicas`` ranks, resumes from that checkpoint. A shrink comes while ranks wait in
+    the rendezvous for one that was never placed, so none of them has trained: the stop is
+    recorded first (``nextWorldSize`` carries the size to the next launch), and the next decision,
+    Stopping, deletes the pods (:func:`_shrinking`). Deleting them in this decision would let an
+    operator that dies before the status patch find ranks being deleted and no stop — a
+    preemption."""
+    if change.graceful:
+        plan.update(next_world_size=None)
+        _begin_stop(world, plan, current, "Resize", change.message, to=change.to)
+        return
+    plan.update(stop_reason="Resize", stop_message=change.message, stop_requested_at=format_time(world.now),
+                next_world_size=change.to)
+    _transition(world, plan, "Stopping", Event("Warning", "Resizing",
+                                               f"{change.message}; deleting the ranks, none has trained yet"))
+    plan.requeue(0.0)
+
+
+def _shrinking(status: JobStatus) -> bool:
+    """A ``Resize`` stop of an incarnation that never trained (an elastic shrink, :func:`_begin_resize`)."""
+    return status.stop_reason == "Resize" and status.next_world_size is not None
+
+
+def _stop_grace(status: JobStatus, pod: PodView) -> int | None:
+    """The grace period a stop deletes a live rank with: its own, but for a shrink, whose ranks wait
+    in the rendezvous with nothing to save (:data:`~torpor_operator.sizing.UNTRAINED_RANK_GRACE_SECONDS`;
+    0 for a rank never scheduled, which never ran)."""
+    if not _shrinking(status):
+        return None
+    return 0 if pod.node is None else UNTRAINED_RANK_GRACE_SECONDS
 
 
 def _completing(world: _World, plan: _Plan, current: list[PodView], rank_0: RankOutcome) -> bool:
@@ -509,7 +601,7 @@ def _completing(world: _World, plan: _Plan, current: list[PodView], rank_0: Rank
     timeout. Peers that crash on the lost connection to rank 0 are part of that ending, not
     failures (the caller only comes here when every crash is a lost connection). Returns whether
     the decision is made here: always, once every rank has a pod."""
-    if {p.rank for p in current} != set(range(world.spec.replicas)):
+    if {p.rank for p in current} != set(range(world.size(plan.status))):
         return False
     live = [p for p in _live(current) if not p.deleting]
     if not _live(current):
@@ -613,36 +705,47 @@ def _spec_changed(world: _World, current: list[PodView]) -> str | None:
     for p in current:
         if not p.terminated and not p.deleting:
             parts += [part for part in changed_parts(p.shape, wanted) if part not in parts]
-    if not parts:
+    if "replicas" in parts and world.size(world.job.status) == world.spec.replicas:
+        parts.remove("replicas")  # the ranks run the size asked for already (an elastic job that ran short)
+    if not parts or parts == ["replicas"]:  # a change of size alone is a resize (torpor_operator.sizing)
         return None
     names = " and ".join(f"spec.{part}" for part in sorted(parts, key=list(wanted).index))
     return (f"{names} changed since incarnation {world.job.status.incarnation} was made "
             f"(generation {world.job.generation})")
 
 
-def _recreate_kept_off(world: _World, plan: _Plan, current: list[PodView]) -> None:
-    """Delete the Pending, unscheduled ranks whose required affinity keeps them off a node that is
-    back (uncordoned, its termination taint removed, Ready again), so that they are made again
-    with the nodes going away now (:mod:`torpor_operator.placing`).
-
-    The pod never ran: deleted with grace 0 it is gone at once (an unscheduled pod is, anyway),
-    and the next decision makes it again in the same incarnation — no failure, no preemption.
-    Its startup timeout starts again with the new pod."""
+def _kept_off_and_back(world: _World, current: list[PodView]) -> list[tuple[PodView, list[str]]]:
+    """The Pending, unscheduled ranks whose required affinity keeps them off a node that is back
+    (uncordoned, its termination taint removed, Ready again), with those nodes."""
     taints = world.settings.termination_taints
+    found = []
     for p in current:
         if p.phase != "Pending" or p.node is not None or p.deleting or not p.avoided_nodes:
             continue
         back = nodes_back(p.avoided_nodes, world.nodes, taints)
-        if not back:
-            continue
+        if back:
+            found.append((p, back))
+    return found
+
+
+def _recreate_kept_off(plan: _Plan, kept_off: list[tuple[PodView, list[str]]]) -> None:
+    """Delete the ranks :func:`_kept_off_and_back` found, so that they are made again with the
+    nodes going away now (:mod:`torpor_operator.placing`).
+
+    The pod never ran: deleted with grace 0 it is gone at once (an unscheduled pod is, anyway),
+    and the next decision makes it again in the same incarnation — no failure, no preemption.
+    Its startup timeout starts again with the new pod."""
+    for p, back in kept_off:
         plan.delete.append(ObjectRef("v1", "Pod", p.name, grace_period_seconds=0))
         plan.events.append(Event("Normal", "RankRecreated",
                                  f"rank {p.rank} (pod {p.name}) is Pending, kept off {', '.join(back)} while it was "
                                  "going away; it is back: making the pod again so that it may be scheduled there"))
 
 
-def _begin_stop(world: _World, plan: _Plan, current: list[PodView], reason: str, message: str) -> None:
-    """Write GracefulExit 1 and touch every live rank so kubelet refreshes the file at once."""
+def _begin_stop(world: _World, plan: _Plan, current: list[PodView], reason: str, message: str, *,
+                to: int | None = None) -> None:
+    """Write GracefulExit 1 and touch every live rank so kubelet refreshes the file at once
+    (``to``: the world size a ``Resize`` stop restarts with)."""
     stamp = format_time(world.now)
     changes: dict[str, Any] = {"stop_reason": reason, "stop_message": message, "stop_requested_at": stamp}
     if reason == "Preemption":
@@ -654,6 +757,9 @@ def _begin_stop(world: _World, plan: _Plan, current: list[PodView], reason: str,
     elif reason == "SpecChanged":
         event = Event("Normal", "SpecChanged",
                       f"{message}; asking every rank to save and exit, then restarting with the new spec")
+    elif reason == "Resize":
+        event = Event("Normal", "Resizing",
+                      f"{message}; asking every rank to save and exit, then restarting with WORLD_SIZE {to}")
     else:
         event = Event("Normal", "Suspending", f"{message}; asking every rank to save")
     _transition(world, plan, "Stopping", event)
@@ -712,7 +818,8 @@ def _stopping(world: _World, plan: _Plan) -> None:
     live = _release_lost(world, plan, _live(current))
     requested = parse_time(s.stop_requested_at) or world.now
     deadline = requested + timedelta(seconds=world.spec.graceful_exit.exit_deadline_seconds)
-    if s.stop_reason in _GRACEFUL_STOPS:
+    graceful = s.stop_reason in _GRACEFUL_STOPS and not _shrinking(s)
+    if graceful:
         # Also with no rank left: an operator that died after writing the Stopping status but
         # before the flag must end in the state it would have reached, flag included.
         if live or world.exists("ConfigMap", config_map_name(world.job.ref.name, s.incarnation)):
@@ -721,8 +828,8 @@ def _stopping(world: _World, plan: _Plan) -> None:
     else:
         late = [p for p in live if not p.deleting and p.name not in abandoned]
     for p in late:
-        plan.delete.append(ObjectRef("v1", "Pod", p.name))
-    if late and s.stop_reason in _GRACEFUL_STOPS:
+        plan.delete.append(ObjectRef("v1", "Pod", p.name, grace_period_seconds=_stop_grace(s, p)))
+    if late and graceful:
         ranks = ", ".join(str(p.rank) for p in late)
         plan.events.append(Event("Warning", "ExitDeadlineExceeded",
                                  f"ranks {ranks} did not exit within {world.spec.graceful_exit.exit_deadline_seconds}s "
@@ -732,7 +839,7 @@ def _stopping(world: _World, plan: _Plan) -> None:
         return
     outcomes = [world.classify(p) for p in current]
     finished = [o for o in outcomes if o.outcome is Outcome.FINISHED]
-    if len(finished) == world.spec.replicas or s.stop_reason == "Completion":
+    if len(finished) == world.size(s) or s.stop_reason == "Completion":
         _finish(world, plan, s.incarnation)
     elif s.stop_reason == "MaxRestartsExceeded":
         plan.update(completion_time=format_time(world.now))
@@ -805,7 +912,7 @@ def _finish(world: _World, plan: _Plan, incarnation: int) -> None:
     plan.update(completion_time=format_time(world.now))
     _release(world, plan)
     _transition(world, plan, "Succeeded", Event(
-        "Normal", "Succeeded", f"all {world.spec.replicas} ranks of incarnation {incarnation} completed"))
+        "Normal", "Succeeded", f"all {world.size(plan.status)} ranks of incarnation {incarnation} completed"))
 
 
 def _restarting(world: _World, plan: _Plan) -> None:

@@ -22,6 +22,7 @@ __all__ = [
     "DEFAULT_KEEP_MAX",
     "CheckpointSpec",
     "CrdField",
+    "ElasticSpec",
     "EncryptionSpec",
     "GracefulExitSpec",
     "SpecError",
@@ -152,6 +153,23 @@ class GracefulExitSpec:
 
 
 @dataclass(frozen=True)
+class ElasticSpec:
+    """``spec.elastic``: run on fewer ranks when not all of them can be placed, and grow back.
+
+    Without it a rank that cannot be placed keeps the job Pending until
+    ``startupTimeoutSeconds`` makes that a failure. With it the job restarts on the ranks that
+    were placed (at least ``minReplicas``) after ``waitSeconds``, and tries all of
+    ``spec.replicas`` again right after a complete checkpoint, at most every
+    ``growIntervalSeconds`` (:mod:`torpor_operator.sizing`).
+    """
+
+    min_replicas: Annotated[int, CrdField("minReplicas", "integer", required=True, minimum=1, maximum=1024)]
+    wait_seconds: Annotated[int, CrdField("waitSeconds", "integer", minimum=1, maximum=86_400)] = 60
+    grow_interval_seconds: Annotated[int, CrdField("growIntervalSeconds", "integer", minimum=10,
+                                                   maximum=604_800)] = 600
+
+
+@dataclass(frozen=True)
 class TrainingJobSpec:
     """``spec`` of a TrainingJob.
 
@@ -170,8 +188,21 @@ class TrainingJobSpec:
     startup_timeout_seconds: Annotated[int, CrdField("startupTimeoutSeconds", "integer", minimum=10,
                                                      maximum=86_400)] = 600
     suspend: Annotated[bool, CrdField("suspend", "boolean")] = False
+    elastic: Annotated[ElasticSpec | None, CrdField("elastic", "object", nested=ElasticSpec)] = None
 
     def __post_init__(self) -> None:
+        if self.elastic is not None:
+            if self.elastic.min_replicas > self.replicas:
+                raise SpecError(
+                    "spec.elastic.minReplicas must be at most spec.replicas; "
+                    f"got minReplicas {self.elastic.min_replicas} and replicas {self.replicas}"
+                )
+            if self.elastic.wait_seconds >= self.startup_timeout_seconds:
+                raise SpecError(
+                    "spec.elastic.waitSeconds must be less than spec.startupTimeoutSeconds (past it a rank that "
+                    f"cannot start is a failure); got waitSeconds {self.elastic.wait_seconds} and "
+                    f"startupTimeoutSeconds {self.startup_timeout_seconds}"
+                )
         pod_spec = self.template.get("spec")
         if not isinstance(pod_spec, Mapping):
             raise SpecError(f"spec.template.spec must be an object, got {pod_spec!r}")

@@ -80,6 +80,9 @@ _KEYS = {
     "preemptions": "preemptions",
     "preemptions_without_progress": "preemptionsWithoutProgress",
     "admission_rejections": "admissionRejections",
+    "world_size": "worldSize",
+    "next_world_size": "nextWorldSize",
+    "last_resize_time": "lastResizeTime",
     "ready_replicas": "readyReplicas",
     "ready": "ready",
     "resume_from": "resumeFrom",
@@ -107,6 +110,13 @@ class JobStatus:
     """Preemptions in a row after which no checkpoint newer than ``resume_from`` existed."""
     admission_rejections: int = 0
     """Pods of the current incarnation the kubelet refused and the operator recreated."""
+    world_size: int | None = None
+    """WORLD_SIZE of the current incarnation; ``None`` for a job launched by an operator that did
+    not record it (its pods' ``WORLD_SIZE`` says, :mod:`torpor_operator.sizing`)."""
+    next_world_size: int | None = None
+    """WORLD_SIZE of the next incarnation after an elastic shrink; ``None``: ``spec.replicas``."""
+    last_resize_time: str | None = None
+    """When an incarnation last started with another world size than the one before it."""
     ready_replicas: int = 0
     ready: str | None = None
     resume_from: str | None = None

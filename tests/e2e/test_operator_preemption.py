@@ -25,9 +25,10 @@ def test_the_example_job_runs_checkpoints_and_succeeds(e2e: Env) -> None:
     e2e.wait("a checkpoint in the status", lambda: e2e.status().get("lastCheckpoint"))
 
     table = e2e.kubectl("get", "tj").stdout.splitlines()
-    assert table[0].split() == ["NAME", "PHASE", "READY", "RESTARTS", "PREEMPTIONS", "STEP", "CHECKPOINT", "AGE"]
+    assert table[0].split() == ["NAME", "PHASE", "READY", "WORLD-SIZE", "RESTARTS", "PREEMPTIONS", "STEP",
+                                "CHECKPOINT", "AGE"]
     row = table[1].split()
-    assert row[:5] == ["mlp", "Running", "2/2", "0", "0"] and int(row[5]) % 20 == 0, table
+    assert row[:6] == ["mlp", "Running", "2/2", "2", "0", "0"] and int(row[6]) % 20 == 0, table
     wide = e2e.kubectl("get", "tj", "-o", "wide").stdout.splitlines()
     assert wide[0].split()[-3:] == ["INCARNATION", "RESUME-FROM", "AGE"]
 

@@ -74,6 +74,18 @@ def test_a_full_job_is_accepted_and_round_trips(control_plane: ControlPlane, tra
     assert parse_spec(created["spec"]) == parse_spec(body["spec"])
 
 
+def test_an_elastic_job_gets_the_models_defaults(control_plane: ControlPlane, trainingjob_crd: str,
+                                                 namespace: str) -> None:
+    body = job("stretchy", replicas=3, elastic={"minReplicas": 2})
+    created = json.loads(create(control_plane, namespace, body).stdout)
+    assert created["spec"]["elastic"] == {"minReplicas": 2, "waitSeconds": 60, "growIntervalSeconds": 600}
+    assert parse_spec(created["spec"]) == parse_spec(body["spec"])
+    # the bounds themselves are allowed: minReplicas == replicas, waitSeconds just below the startup timeout
+    edge = job("edge", replicas=2, startupTimeoutSeconds=30,
+               elastic={"minReplicas": 2, "waitSeconds": 29, "growIntervalSeconds": 10})
+    create(control_plane, namespace, edge, dry_run=True)
+
+
 INVALID: list[tuple[str, dict[str, Any], list[str]]] = [
     ("replicas-zero", job(replicas=0), ["spec.replicas", "greater than or equal to 1"]),
     ("replicas-too-many", job(replicas=5000), ["spec.replicas", "less than or equal to 1024"]),
@@ -109,6 +121,19 @@ INVALID: list[tuple[str, dict[str, Any], list[str]]] = [
     ("name-with-dot", job("a.b"), ["metadata.name must be a DNS-1035 label"]),
     ("name-too-long", job("a" * 41), ["metadata.name must be a DNS-1035 label", "at most 40"]),
     ("unknown-field-rejected-by-strict-validation", job(replica=2), ["spec.replica", "unknown field"]),
+    ("elastic-without-min-replicas", job(replicas=3, elastic={"waitSeconds": 30}),
+     ["spec.elastic.minReplicas", "Required"]),
+    ("elastic-min-replicas-zero", job(replicas=3, elastic={"minReplicas": 0}),
+     ["spec.elastic.minReplicas", "greater than or equal to 1"]),
+    ("elastic-min-replicas-above-replicas", job(replicas=2, elastic={"minReplicas": 3}),
+     ["spec.elastic.minReplicas", "must be at most spec.replicas; got minReplicas 3 and replicas 2"]),
+    ("elastic-min-replicas-above-default-replicas", job(elastic={"minReplicas": 2}),
+     ["spec.elastic.minReplicas", "got minReplicas 2 and replicas 1"]),
+    ("elastic-wait-not-below-startup-timeout", job(replicas=2, elastic={"minReplicas": 1, "waitSeconds": 600}),
+     ["spec.elastic.waitSeconds", "must be less than spec.startupTimeoutSeconds",
+      "got waitSeconds 600 and startupTimeoutSeconds 600"]),
+    ("elastic-grow-interval-too-short", job(replicas=2, elastic={"minReplicas": 1, "growIntervalSeconds": 5}),
+     ["spec.elastic.growIntervalSeconds", "greater than or equal to 10"]),
 ]
 
 
@@ -133,30 +158,37 @@ def test_the_checkpoint_uri_cannot_change(control_plane: ControlPlane, trainingj
                           json.dumps({"spec": {"suspend": True, "maxRestarts": 5}}))
 
 
-def test_replicas_cannot_change_and_the_message_names_both_values(control_plane: ControlPlane,
-                                                                  trainingjob_crd: str, namespace: str) -> None:
-    """Until elastic world size lands (issue 11) a job keeps the world size it was created with:
-    a change is refused by the API server, so ``kubectl apply`` and ``kubectl patch`` show why."""
+def test_replicas_changes_on_a_live_job_within_elastic_min_replicas(control_plane: ControlPlane,
+                                                                    trainingjob_crd: str, namespace: str) -> None:
+    """A change of ``spec.replicas`` is a resize (the operator saves and restarts with it), so the
+    API server takes it, with ``kubectl patch`` and ``kubectl apply``; only below
+    ``elastic.minReplicas`` is it refused, the message naming both values."""
     create(control_plane, namespace, job("sized", replicas=2))
-    result = control_plane.kubectl("patch", "-n", namespace, "tj", "sized", "--type=merge", "-p",
-                                   json.dumps({"spec": {"replicas": 3}}), check=False)
-    assert result.returncode != 0, "a replicas change was accepted"
-    assert "spec.replicas cannot change from 2 to 3" in result.stderr, result.stderr
-    changed = job("sized", replicas=4)
-    applied = control_plane.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(changed), check=False)
-    assert applied.returncode != 0 and "spec.replicas cannot change from 2 to 4" in applied.stderr, applied.stderr
-    got = json.loads(control_plane.kubectl("get", "-n", namespace, "tj", "sized", "-o", "json").stdout)
-    assert got["spec"]["replicas"] == 2
-    # the same value, and other fields, still go through
     control_plane.kubectl("patch", "-n", namespace, "tj", "sized", "--type=merge", "-p",
-                          json.dumps({"spec": {"replicas": 2, "suspend": True}}))
+                          json.dumps({"spec": {"replicas": 3}}))
+    control_plane.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(job("sized", replicas=4)))
+    got = json.loads(control_plane.kubectl("get", "-n", namespace, "tj", "sized", "-o", "json").stdout)
+    assert got["spec"]["replicas"] == 4
+
+    create(control_plane, namespace, job("stretchy", replicas=3, elastic={"minReplicas": 2}))
+    control_plane.kubectl("patch", "-n", namespace, "tj", "stretchy", "--type=merge", "-p",
+                          json.dumps({"spec": {"replicas": 2}}))
+    result = control_plane.kubectl("patch", "-n", namespace, "tj", "stretchy", "--type=merge", "-p",
+                                   json.dumps({"spec": {"replicas": 1}}), check=False)
+    assert result.returncode != 0, "replicas below elastic.minReplicas was accepted"
+    assert "spec.elastic.minReplicas must be at most spec.replicas; got minReplicas 2 and replicas 1" in \
+        result.stderr, result.stderr
+    # both together go through
+    control_plane.kubectl("patch", "-n", namespace, "tj", "stretchy", "--type=merge", "-p",
+                          json.dumps({"spec": {"replicas": 1, "elastic": {"minReplicas": 1}}}))
 
 
 def test_status_is_a_subresource_and_printer_columns_show(control_plane: ControlPlane, trainingjob_crd: str,
                                                          namespace: str) -> None:
     create(control_plane, namespace, job("shown", replicas=2))
     status = {"status": {"phase": "Running", "ready": "2/2", "restarts": 1, "preemptions": 2, "readyReplicas": 2,
-                         "incarnation": 3, "resumeFrom": "CKP-1_40",
+                         "incarnation": 3, "resumeFrom": "CKP-1_40", "worldSize": 2, "nextWorldSize": 1,
+                         "lastResizeTime": "2026-01-01T00:00:00Z",
                          "lastCheckpoint": {"name": "CKP-1_40", "step": 40, "time": "2026-01-01T00:00:00Z"}}}
     # a patch of the main resource does not touch status ...
     control_plane.kubectl("patch", "-n", namespace, "tj", "shown", "--type=merge", "-p", json.dumps(status))
@@ -170,11 +202,12 @@ def test_status_is_a_subresource_and_printer_columns_show(control_plane: Control
     assert got["status"]["phase"] == "Running" and "kopf" not in got["status"]
     table = control_plane.kubectl("get", "-n", namespace, "tj", "-o", "wide").stdout.splitlines()
     header = table[0].split()
-    assert header[:7] == ["NAME", "PHASE", "READY", "RESTARTS", "PREEMPTIONS", "STEP", "CHECKPOINT"]
+    assert header[:8] == ["NAME", "PHASE", "READY", "WORLD-SIZE", "RESTARTS", "PREEMPTIONS", "STEP", "CHECKPOINT"]
     assert "INCARNATION" in header and "RESUME-FROM" in header and header[-1] == "AGE"
     row = dict(zip(header, table[1].split(), strict=False))
-    assert (row["PHASE"], row["READY"], row["RESTARTS"], row["PREEMPTIONS"], row["STEP"]) == (
-        "Running", "2/2", "1", "2", "40")
+    assert (row["PHASE"], row["READY"], row["WORLD-SIZE"], row["RESTARTS"], row["PREEMPTIONS"], row["STEP"]) == (
+        "Running", "2/2", "2", "1", "2", "40")
+    assert got["status"]["nextWorldSize"] == 1 and got["status"]["lastResizeTime"] == "2026-01-01T00:00:00Z"
     assert row["RESUME-FROM"] == "CKP-1_40"
 
 

@@ -113,7 +113,8 @@ def test_cel_rules_have_messages_naming_their_field() -> None:
         ("spec.checkpoint", "keepMax) && has(self.keepPerNMinutes"),
         ("spec.checkpoint.uri", "s3://"),
         ("spec.checkpoint.uri", "oldSelf"),
-        ("spec.replicas", "oldSelf"),
+        ("spec", "self.elastic.minReplicas <= self.replicas"),
+        ("spec", "self.elastic.waitSeconds < self.startupTimeoutSeconds"),
         ("spec.template.spec", "restartPolicy"),
         ("<root>", "metadata.name"),
     ],
@@ -125,7 +126,7 @@ def test_cross_field_rules_exist(path: str, fragment: str) -> None:
 def test_printer_columns_point_at_schema_fields() -> None:
     (version,) = load_crd()["spec"]["versions"]
     columns = {c["name"]: c for c in version["additionalPrinterColumns"]}
-    assert list(columns)[:6] == ["Phase", "Ready", "Restarts", "Preemptions", "Step", "Checkpoint"]
+    assert list(columns)[:7] == ["Phase", "Ready", "World-Size", "Restarts", "Preemptions", "Step", "Checkpoint"]
     assert columns["Checkpoint"]["type"] == "date"
     assert columns["Age"]["jsonPath"] == ".metadata.creationTimestamp"
     paths = {p for p, _ in walk(schema())}

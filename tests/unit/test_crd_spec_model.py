@@ -13,13 +13,22 @@ from typing import Any
 import pytest
 from test_crd_schema import schema
 
-from torpor_operator.spec import CheckpointSpec, CrdField, EncryptionSpec, GracefulExitSpec, TrainingJobSpec, crd_fields
+from torpor_operator.spec import (
+    CheckpointSpec,
+    CrdField,
+    ElasticSpec,
+    EncryptionSpec,
+    GracefulExitSpec,
+    TrainingJobSpec,
+    crd_fields,
+)
 
 MODELS: list[tuple[str, type]] = [
     ("spec", TrainingJobSpec),
     ("spec.checkpoint", CheckpointSpec),
     ("spec.checkpoint.encryption", EncryptionSpec),
     ("spec.gracefulExit", GracefulExitSpec),
+    ("spec.elastic", ElasticSpec),
 ]
 
 

@@ -67,6 +67,26 @@ def _vanish(c: Cluster, _: int) -> None:
     c.vanish_deleted()
 
 
+def _unschedulable(c: Cluster, rank: int) -> None:
+    """The scheduler finds no node for the rank's Pending pod (made now), and places the other
+    Pending ranks (they wait in the rendezvous)."""
+    p = _live_pod(c, rank)
+    if p is None or p["status"].get("phase") != "Pending" or "deletionTimestamp" in p["metadata"]:
+        return
+    for other in c.live_pods():
+        if other is not p and other["status"].get("phase") == "Pending":
+            other["spec"]["nodeName"] = "node-a"
+    p["metadata"]["creationTimestamp"] = format_time(c.now)
+    p["spec"].pop("nodeName", None)
+    p["status"] = {"phase": "Pending", "conditions": [
+        {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": "0/2 nodes"}]}
+
+
+def _resize(c: Cluster, _: int) -> None:
+    """A user changes spec.replicas between 2 and 1."""
+    c.body["spec"]["replicas"] = 3 - c.body["spec"]["replicas"]
+
+
 OPS: dict[str, Callable[[Cluster, int], None]] = {
     "run": lambda c, _: c.run(node_for={0: "node-a", 1: "node-b"}),
     "cordon": lambda c, r: c.nodes.__setitem__(f"node-{'ab'[r]}", node(f"node-{'ab'[r]}", unschedulable=True)),
@@ -89,6 +109,8 @@ OPS: dict[str, Callable[[Cluster, int], None]] = {
     "much-later": lambda c, _: c.later(700),
     "suspend": _toggle_suspend,
     "checkpoint": _add_checkpoint,
+    "unschedulable": _unschedulable,
+    "resize": _resize,
 }
 
 PARTS = ("creates", "deletes", "flag", "annotate", "status")
@@ -123,22 +145,35 @@ def check_invariants(c: Cluster) -> None:
     if c.status.get("phase") == "Failed":
         assert c.status.get("restarts") == MAX_RESTARTS
     if c.status.get("phase") in ("Pending", "Running"):
-        ranks = [p["metadata"]["labels"][LABEL_RANK] for p in c.pods.values()
-                 if p["metadata"]["labels"][LABEL_INCARNATION] == incarnation]
-        assert len(ranks) == len(set(ranks)) == REPLICAS
+        pods = [p for p in c.pods.values() if p["metadata"]["labels"][LABEL_INCARNATION] == incarnation]
+        ranks = [p["metadata"]["labels"][LABEL_RANK] for p in pods]
+        assert len(ranks) == len(set(ranks)) == c.status["worldSize"]
+    # one incarnation, one WORLD_SIZE, whatever spec.replicas said while it was made
+    for inc in {p["metadata"]["labels"][LABEL_INCARNATION] for p in c.pods.values()}:
+        sizes = {e["value"] for p in c.pods.values() if p["metadata"]["labels"][LABEL_INCARNATION] == inc
+                 for e in p["spec"]["containers"][0]["env"] if e["name"] == "WORLD_SIZE"}
+        assert len(sizes) == 1, (inc, sizes)
 
 
 history = st.lists(st.tuples(st.sampled_from(sorted(OPS)), st.integers(0, REPLICAS - 1)), min_size=1, max_size=25)
+#: The elastic variant draws the moves that make a job shrink and grow (a rank unschedulable, time,
+#: the deleted ranks gone, running, checkpoints) more often, so that its histories reach them.
+elastic_history = st.lists(st.tuples(st.sampled_from(sorted(OPS) + ["unschedulable", "later", "vanish", "run",
+                                                                    "checkpoint", "much-later"] * 3),
+                                     st.integers(0, REPLICAS - 1)), min_size=1, max_size=25)
 partial = st.lists(st.sets(st.sampled_from(PARTS), max_size=len(PARTS) - 1), min_size=1, max_size=3)
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(history, st.data())
-def test_half_applied_decisions_converge_to_the_same_state(events: list[tuple[str, int]], data: st.DataObject) -> None:
-    a = Cluster(job_body(replicas=REPLICAS, maxRestarts=MAX_RESTARTS))
-    b = Cluster(job_body(replicas=REPLICAS, maxRestarts=MAX_RESTARTS))
+def _converges_when_half_applied(spec: dict[str, Any], events: list[tuple[str, int]], data: st.DataObject,
+                                 start: tuple[tuple[str, int], ...] = ()) -> None:
+    a = Cluster(job_body(replicas=REPLICAS, maxRestarts=MAX_RESTARTS, **copy.deepcopy(spec)))
+    b = Cluster(job_body(replicas=REPLICAS, maxRestarts=MAX_RESTARTS, **copy.deepcopy(spec)))
     converge(a)
     converge(b)
+    for op, rank in start:  # applied in full to both
+        for c in (a, b):
+            OPS[op](c, rank)
+            converge(c)
     for op, rank in events:
         OPS[op](a, rank)
         OPS[op](b, rank)
@@ -149,6 +184,27 @@ def test_half_applied_decisions_converge_to_the_same_state(events: list[tuple[st
         converge(b)
         assert snapshot(a) == snapshot(b), f"after {op}({rank}) with only {crashes} applied"
         check_invariants(a)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(history, st.data())
+def test_half_applied_decisions_converge_to_the_same_state(events: list[tuple[str, int]], data: st.DataObject) -> None:
+    _converges_when_half_applied({}, events, data)
+
+
+#: An elastic job that could place one rank of two: it runs short, on one, past its grow interval
+#: (the next checkpoint makes it grow).
+SHORT = (("unschedulable", 1), ("later", 0), ("vanish", 0), ("run", 0), ("much-later", 0))
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(elastic_history, st.booleans(), st.data())
+def test_half_applied_decisions_of_an_elastic_job_converge_to_the_same_state(
+        events: list[tuple[str, int]], short: bool, data: st.DataObject) -> None:
+    """The same with spec.elastic, from the start or running short: shrinks, grows and resizes
+    half-applied, never two WORLD_SIZE values in one incarnation."""
+    _converges_when_half_applied({"elastic": {"minReplicas": 1, "waitSeconds": 30, "growIntervalSeconds": 60}},
+                                 events, data, SHORT if short else ())
 
 
 @settings(max_examples=60, deadline=None)

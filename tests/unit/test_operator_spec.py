@@ -53,6 +53,14 @@ def test_a_full_spec_parses() -> None:
     assert s.graceful_exit.drain_protection
 
 
+def test_elastic_is_off_by_default_and_takes_the_crd_defaults() -> None:
+    assert parse_spec(spec()).elastic is None
+    e = parse_spec(spec(replicas=3, elastic={"minReplicas": 2})).elastic
+    assert e is not None and (e.min_replicas, e.wait_seconds, e.grow_interval_seconds) == (2, 60, 600)
+    # waitSeconds only has to stay below the job's own startup timeout
+    assert parse_spec(spec(startupTimeoutSeconds=20, elastic={"minReplicas": 1, "waitSeconds": 19})).elastic
+
+
 def test_the_template_is_read_only() -> None:
     s = parse_spec(spec())
     with pytest.raises(TypeError):
@@ -99,6 +107,16 @@ def test_the_template_is_read_only() -> None:
          "spec.gracefulExit.terminationGracePeriodSeconds must be >= 1, got 0"),
         ({"gracefulExit": {"exitDeadlineSeconds": 86401}}, "spec.gracefulExit.exitDeadlineSeconds must be <= 86400"),
         ({"gracefulExit": {"drainProtection": 1}}, "spec.gracefulExit.drainProtection must be true or false, got 1"),
+        ({"elastic": {}}, "spec.elastic.minReplicas is required"),
+        ({"elastic": {"minReplicas": 0}}, "spec.elastic.minReplicas must be >= 1, got 0"),
+        ({"replicas": 2, "elastic": {"minReplicas": 3}},
+         "spec.elastic.minReplicas must be at most spec.replicas; got minReplicas 3 and replicas 2"),
+        ({"elastic": {"minReplicas": 1, "waitSeconds": 600}},
+         "spec.elastic.waitSeconds must be less than spec.startupTimeoutSeconds (past it a rank that cannot start "
+         "is a failure); got waitSeconds 600 and startupTimeoutSeconds 600"),
+        ({"elastic": {"minReplicas": 1, "growIntervalSeconds": 5}},
+         "spec.elastic.growIntervalSeconds must be >= 10, got 5"),
+        ({"elastic": {"minReplicas": 1, "min": 1}}, "spec.elastic has unknown fields ['min']"),
         ({"replica": 2}, "spec has unknown fields ['replica']"),
         ({"checkpoint": {"uri": "s3://bkt/p", "keep": 2}}, "spec.checkpoint has unknown fields ['keep']"),
     ],

@@ -1,0 +1,159 @@
+"""Resize and elastic world size on the real control plane, with real torch ranks (issue 11,
+item 3): an elastic job drained to room for 2 of its 3 ranks goes on with 2 from the drain's
+checkpoint and grows back to 3 once the node is uncordoned; `kubectl patch tj … replicas`
+resizes a running job at one checkpoint.
+
+What is asserted is what docs/operator.md's "Resize and elastic" and "Faults" promise. The runs
+are kept short: a few hundred steps at 0.05 s, checkpoints every 20 steps, waitSeconds 10.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from bootstrap import binary
+from torpor.checkpoints import Reason
+
+if TYPE_CHECKING:  # the fixtures' types; conftest modules are not importable by name in one session
+    from conftest import Env
+
+pytestmark = pytest.mark.cluster
+
+ARGS = ("--step-delay", "0.05", "--epochs", "500")
+#: Each node of the node agent has 8 CPUs: two ranks asking for 3 fit on one node, three do not.
+RANK_CPU = "3"
+
+
+def incarnation_pods(e2e: Env, incarnation: int) -> list[dict[str, Any]]:
+    return sorted((p for p in e2e.pods() if p["metadata"]["labels"]["torpor.dev/incarnation"] == str(incarnation)),
+                  key=lambda p: p["metadata"]["name"])
+
+
+def world_size(pod: dict[str, Any]) -> str:
+    train = next(c for c in pod["spec"]["containers"] if c["name"] == "train")
+    return next(e["value"] for e in train["env"] if e["name"] == "WORLD_SIZE")
+
+
+def steps_of(e2e: Env, rank: int) -> list[int]:
+    return [s["step"] for s in e2e.steps() if s["rank"] == rank]
+
+
+def exit_checkpoint(e2e: Env, name: str, ranks: int) -> Any:
+    """The checkpoint ``name``: complete, written by ``ranks`` ranks at one step on their way out."""
+    checkpoint = next(c for c in e2e.checkpoints() if c.name == name)
+    assert checkpoint.complete and sorted(checkpoint.manifests) == list(range(ranks)), e2e.object_keys()
+    manifests = checkpoint.manifests.values()
+    assert {m.reason for m in manifests} == {Reason.EXIT} and len({m.save_id for m in manifests}) == 1
+    assert {m.world_size for m in manifests} == {ranks}
+    return checkpoint
+
+
+def assert_no_step_lost(e2e: Env, resumed_at: int) -> None:
+    """Rank 0 trained in every incarnation: its steps run 1, 2, 3… with none repeated or skipped,
+    so every resize resumed at the step it saved; and it has gone on past ``resumed_at``."""
+    e2e.wait("steps after the resize", lambda: sum(s > resumed_at + 5 for s in steps_of(e2e, 0)) >= 1)
+    seen = steps_of(e2e, 0)
+    assert seen == list(range(1, len(seen) + 1)), seen
+
+
+def assert_trained(e2e: Env, rank: int, *spans: tuple[int, int | None]) -> None:
+    """Rank ``rank`` trained exactly the steps of ``spans`` (``(first, last)``, ``last`` None: on
+    to its newest step), in that order."""
+    e2e.wait(f"rank {rank} trains", lambda: spans[-1][1] is not None or any(
+        s >= spans[-1][0] for s in steps_of(e2e, rank)))
+    seen = steps_of(e2e, rank)
+    expected: list[int] = []
+    for first, last in spans:
+        expected += list(range(first, (last if last is not None else max(seen)) + 1))
+    assert seen == expected, (rank, spans, seen)
+
+
+def test_an_elastic_job_drained_to_room_for_two_ranks_goes_on_with_two_and_grows_back_when_uncordoned(
+        e2e: Env) -> None:
+    body = e2e.example("--losses", str(e2e.losses()), *ARGS, replicas=3,
+                       elastic={"minReplicas": 2, "waitSeconds": 10, "growIntervalSeconds": 30})
+    body["spec"]["template"]["spec"]["containers"][0]["resources"] = {"requests": {"cpu": RANK_CPU,
+                                                                                   "memory": "256Mi"}}
+    e2e.create(body)
+    running = e2e.wait_phase("Running", timeout=150)
+    assert (running["worldSize"], running["ready"]) == (3, "3/3"), running
+    table = e2e.kubectl("get", "tj").stdout.splitlines()
+    assert table[0].split()[:4] == ["NAME", "PHASE", "READY", "WORLD-SIZE"], table
+    assert table[1].split()[:4] == ["mlp", "Running", "3/3", "3"], table
+    e2e.wait("a periodic checkpoint", lambda: e2e.status().get("lastCheckpoint"), timeout=120)
+
+    node = e2e.node_of("mlp-1-0")
+    e2e.cordoned.append(node)  # uncordoned after the test, whatever happens
+    drained_at = time.monotonic()
+    drain = subprocess.run(
+        [str(binary("kubectl")), f"--kubeconfig={e2e.cp.kubeconfig}", "drain", node, "--ignore-daemonsets",
+         "--delete-emptydir-data", "--timeout=150s"],
+        capture_output=True, text=True, timeout=200,
+    )
+    assert drain.returncode == 0, drain.stdout + drain.stderr
+
+    # a new incarnation asks for 3 ranks, 2 fit; 10 s later the job restarts on those 2
+    short = e2e.wait("the job on 2 ranks", lambda: (st := e2e.status()).get("worldSize") == 2
+                     and st.get("incarnation", 0) >= 3 and st, timeout=150)
+    print(f"drained -> incarnation {short['incarnation']} with 2 ranks after {time.monotonic() - drained_at:.1f}s")
+    short_pods = incarnation_pods(e2e, short["incarnation"])
+    assert [world_size(p) for p in short_pods] == ["2", "2"], short_pods
+    drained = exit_checkpoint(e2e, short["resumeFrom"], ranks=3)  # the drain's checkpoint, every rank
+    assert {m.incarnation for m in drained.manifests.values()} == {"1"}
+    e2e.wait_phase("Running", incarnation=short["incarnation"], timeout=120)
+    table = e2e.kubectl("get", "tj").stdout.splitlines()
+    assert table[1].split()[:4] == ["mlp", "Running", "2/3", "2"], table
+
+    uncordoned_at = time.monotonic()
+    e2e.uncordon_all()
+    grown = e2e.wait("all 3 ranks again", lambda: (st := e2e.status()).get("phase") == "Running"
+                     and st.get("worldSize") == 3 and st.get("incarnation", 0) > short["incarnation"] and st,
+                     timeout=240)
+    print(f"uncordoned -> incarnation {grown['incarnation']} with 3 ranks after "
+          f"{time.monotonic() - uncordoned_at:.1f}s (growIntervalSeconds 30)")
+    assert [world_size(p) for p in incarnation_pods(e2e, grown["incarnation"])] == ["3", "3", "3"]
+    # grown at a checkpoint boundary: from the save both ranks made on their way out, past the drain's
+    regrown = exit_checkpoint(e2e, grown["resumeFrom"], ranks=2)
+    assert regrown.step > drained.step, (regrown.step, drained.step)
+    assert (grown["preemptions"], grown.get("restarts", 0)) == (1, 0), grown
+    assert_no_step_lost(e2e, regrown.step)
+    # rank 2 trained until the drain, then not until the job grew back, then from the step after
+    assert_trained(e2e, 2, (1, drained.step), (regrown.step + 1, None))
+
+    events = e2e.reasons()
+    assert "Preempted" in events and "RankFailed" not in events, events
+    assert events.count("Resizing") >= 2 and events.count("Resized") >= 2, events
+
+
+def test_replicas_patched_on_a_running_job_resizes_it_at_one_checkpoint(e2e: Env) -> None:
+    e2e.create(e2e.example("--losses", str(e2e.losses()), *ARGS, replicas=3))
+    e2e.wait_phase("Running", timeout=150)
+    e2e.wait("a periodic checkpoint", lambda: e2e.status().get("lastCheckpoint"), timeout=120)
+
+    patched_at = time.monotonic()
+    e2e.kubectl("patch", "tj", "mlp", "--type=merge", "-p", json.dumps({"spec": {"replicas": 2}}))
+    stopping = e2e.wait("the resize", lambda: (st := e2e.status()).get("stopReason") == "Resize" and st, timeout=60)
+    assert stopping["stopMessage"] == "spec.replicas changed to 2 while incarnation 1 runs with WORLD_SIZE 3", stopping
+    status = e2e.wait_phase("Running", incarnation=2, timeout=180)
+    print(f"replicas patched -> incarnation 2 Running after {time.monotonic() - patched_at:.1f}s")
+    assert (status["worldSize"], status["ready"]) == (2, "2/2"), status
+    assert (status.get("preemptions", 0), status.get("restarts", 0)) == (0, 0), status
+
+    new = incarnation_pods(e2e, 2)
+    assert [p["metadata"]["name"] for p in new] == ["mlp-2-0", "mlp-2-1"]
+    assert [world_size(p) for p in new] == ["2", "2"]
+    saved = exit_checkpoint(e2e, status["resumeFrom"], ranks=3)
+    assert {m.incarnation for m in saved.manifests.values()} == {"1"}
+    assert all(p["metadata"]["annotations"]["torpor.dev/resume-from"] == saved.name for p in new)
+    assert_no_step_lost(e2e, saved.step)
+    assert_trained(e2e, 1, (1, None))
+    assert_trained(e2e, 2, (1, saved.step))  # the rank the resize dropped trained up to its save
+
+    events = e2e.reasons()
+    assert "Resizing" in events and "Resized" in events, events
+    assert "Preempted" not in events and "RankFailed" not in events and "SpecChanged" not in events, events
