@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,6 @@ from torpor_harness import (
     resize_data,
     resize_net,
     wait_all,
-    wait_for,
 )
 
 import torpor
@@ -76,14 +74,9 @@ def _assert_equal(actual: Any, expected: Any, where: str) -> None:
         assert actual == expected, where
 
 
-def _stopped(run: Path, procs: list[subprocess.Popen[bytes]], rank: int, after_step: int) -> dict[str, Any]:
-    """SIGTERM to ``rank`` once it is past ``after_step``; every rank's termination message must agree."""
-    try:
-        wait_for(lambda: any(r["rank"] == rank and r["step"] > after_step for r in read_jsonl(run / "steps.jsonl"))
-                 or any(p.poll() is not None for p in procs), timeout=180, what=f"rank {rank} past step {after_step}")
-        os.kill(procs[rank].pid, signal.SIGTERM)
-    finally:
-        _finish(run, procs, [143] * len(procs))
+def _stopped(run: Path, procs: list[subprocess.Popen[bytes]]) -> dict[str, Any]:
+    """Every rank stopped by the SIGTERM one of them got, with the same checkpoint and step."""
+    _finish(run, procs, [143] * len(procs))
     messages = [json.loads((run / f"termination-{r}.json").read_text()) for r in range(len(procs))]
     assert len({(m["checkpoint"], m["step"], m["epoch"]) for m in messages}) == 1, messages
     return messages[0]
@@ -93,18 +86,20 @@ def test_a_ddp_job_stopped_on_three_ranks_continues_its_epoch_on_two_and_back_on
     env = {"TORPOR_JOB": "ns/resize", "TORPOR_CHECKPOINT_URI": str(tmp_path / "ckpt"), "TORPOR_SAVE_STEPS": "4"}
     runs = [tmp_path / f"run{i}" for i in (1, 2, 3)]
 
-    def launch(i: int, world: int, delay: float) -> list[subprocess.Popen[bytes]]:
-        return _launch(world, runs[i], {**env, "TORPOR_INCARNATION": str(i + 1)},
-                       ["--steps", str(runs[i] / "steps.jsonl"), "--state", str(runs[i]), "--step-delay", str(delay)])
+    def launch(i: int, world: int, kill: tuple[int, int] | None) -> list[subprocess.Popen[bytes]]:
+        argv = ["--steps", str(runs[i] / "steps.jsonl"), "--state", str(runs[i])]
+        if kill is not None:  # that rank sends itself SIGTERM inside that global step
+            argv += ["--kill-rank", str(kill[0]), "--kill-at", str(kill[1])]
+        return _launch(world, runs[i], {**env, "TORPOR_INCARNATION": str(i + 1)}, argv)
 
-    # 1. Three ranks, SIGTERM to rank 1 in epoch 1 (10 steps of 3 x 4 samples): every rank saves.
-    first = _stopped(runs[0], launch(0, 3, 0.05), 1, 2)
-    assert first["epoch"] == 1 and 3 <= first["step"] <= 6, first  # mid-epoch, with the rest to stop in again
-    # 2. Two ranks resume from it, and are stopped again before the epoch's rest runs out.
-    second = _stopped(runs[1], launch(1, 2, 0.1), 0, first["step"] + 1)
-    assert second["epoch"] == 1 and second["resumed_from"] == first["checkpoint"], second
-    # 3. Three ranks continue the twice-resized epoch and train to the end of epoch 3.
-    _finish(runs[2], launch(2, 3, 0.0), [0, 0, 0])
+    # 1. Three ranks (10 steps of 3 x 4 samples per epoch), SIGTERM to rank 1 in step 5: every rank saves.
+    first = _stopped(runs[0], launch(0, 3, (1, 5)))
+    assert (first["epoch"], first["step"]) == (1, 5), first
+    # 2. Two ranks resume from it (the epoch's other 60 samples: 8 steps) and are stopped in step 8.
+    second = _stopped(runs[1], launch(1, 2, (0, 8)))
+    assert (second["epoch"], second["step"], second["resumed_from"]) == (1, 8, first["checkpoint"]), second
+    # 3. Three ranks continue the twice-resized epoch (36 samples left) and train to the end of epoch 3.
+    _finish(runs[2], launch(2, 3, None), [0, 0, 0])
     assert {json.loads((runs[2] / f"termination-{r}.json").read_text())["resumed_from"]
             for r in range(3)} == {second["checkpoint"]}
 

@@ -1,8 +1,9 @@
 """One gloo rank of a DDP job that is resumed on another world size (issue 11, item 2).
 
 Trains :func:`torpor_harness.resize_net` over ``resize_data("distributed", ...)`` with the
-operator's callbacks (``callbacks_from_env``): a real SIGTERM to any rank stops every rank
-with a checkpoint, and the next launch resumes from it on however many ranks it has. Writes
+operator's callbacks (``callbacks_from_env``): a real SIGTERM to any rank (``--kill-rank R
+--kill-at N``: rank R sends it to itself inside global step N) stops every rank with a
+checkpoint, and the next launch resumes from it on however many ranks it has. Writes
 one JSON line per step to ``--steps`` (rank, epoch, step, loss, the indices of the rank's
 samples) and, with ``--state DIR``, the model and optimizer state of this rank right after a
 resume (``DIR/resumed-{rank}.pt``) and at the end (``DIR/end-{rank}.pt``).
@@ -24,7 +25,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torpor_harness import StopAt, resize_data, resize_net
+from torpor_harness import KillInStep, StopAt, resize_data, resize_net
 
 import torpor
 
@@ -101,6 +102,8 @@ def main() -> None:
     parser.add_argument("--steps", default=None)
     parser.add_argument("--state", default=None)
     parser.add_argument("--step-delay", type=float, default=0.0)
+    parser.add_argument("--kill-rank", type=int, default=-1)
+    parser.add_argument("--kill-at", type=int, default=0)
     parser.add_argument("--cases", default="")
     parser.add_argument("--directory", default="")
     opts = parser.parse_args()
@@ -114,7 +117,8 @@ def main() -> None:
     net, opt = resize_net()
     ddp = nn.parallel.DistributedDataParallel(net)
     torch.manual_seed(1000 + rank)  # dropout: each rank its own stream
-    callbacks = [*torpor.callbacks_from_env(), StepLog(opts.steps, rank, opts.step_delay), StateDump(opts.state, rank)]
+    callbacks = [*torpor.callbacks_from_env(), StepLog(opts.steps, rank, opts.step_delay), StateDump(opts.state, rank),
+                 *([KillInStep(opts.kill_at)] if rank == opts.kill_rank else [])]
     with torpor.Loop(ddp, opt, callbacks=callbacks, resume="latest") as loop:
         train(loop, ddp, opt, loader, opts.epochs)
 
