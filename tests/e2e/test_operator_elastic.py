@@ -135,6 +135,8 @@ def test_an_elastic_job_drained_to_room_for_two_ranks_goes_on_with_two_and_grows
     assert asked["since"] == short["lastResizeTime"], (asked["since"], short)
     interval_end = parse_time(short["lastResizeTime"]) + timedelta(seconds=30)
     assert parse_time(grow["firstTimestamp"]) >= interval_end, (grow, short["lastResizeTime"])
+    print(f"grow asked {(parse_time(grow['firstTimestamp']) - interval_end).total_seconds() + 30:.0f}s after the "
+          f"shrink's launch, at checkpoint {asked['checkpoint']} (step {asked['step']})")
     # read now, before retention (keepMax 3) may prune it: the 2 ranks' periodic save that set the grow off
     after = next(c for c in e2e.checkpoints() if c.name == asked["checkpoint"])
     assert after.complete and sorted(after.manifests) == [0, 1], e2e.object_keys()
