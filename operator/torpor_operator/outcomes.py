@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 
+from torpor.errors import ResizeError
 from torpor.termination import (
     EXIT_COMPLETED,
     EXIT_FILE_REQUEST,
@@ -140,6 +141,16 @@ class Facts:
     init_failure: str | None
     disruption: str | None
     """Evidence of a disruption (:func:`disruption_evidence`), or ``None``."""
+    world_size: int | None = None
+    """The pod's ``WORLD_SIZE``, if it has one."""
+    resume_from: str | None = None
+    """The checkpoint the pod was told to resume (``TORPOR_RESUME_FROM``), if any."""
+
+    @property
+    def refused_resize(self) -> bool:
+        """The script raised ``torpor.ResizeError``: it cannot resume its checkpoint on this world size."""
+        error = self.message.error if self.message is not None else None
+        return bool(error) and error.startswith(f"{ResizeError.__name__}:")
 
     @property
     def signal(self) -> int | None:
@@ -162,6 +173,8 @@ class Facts:
             "pod_message": f": {self.pod_message}" if self.pod_message else "",
             "init": self.init_failure, "tail": self.log_tail or self.container_reason,
             "container_reason": self.container_reason,
+            "world_size": self.world_size if self.world_size is not None else "?",
+            "checkpoint": f"checkpoint {self.resume_from}" if self.resume_from else "its checkpoint",
         }
 
 
@@ -199,6 +212,10 @@ RULES: tuple[Rule, ...] = (
     Rule("message `completed`, exit 0",
          lambda f: _says(StopReason.COMPLETED)(f) and f.exit_code == EXIT_COMPLETED, Outcome.FINISHED,
          "rank {rank} completed at step {step}"),
+    Rule("message `error` with a `torpor.ResizeError`: the script cannot resume its checkpoint on this "
+         "`WORLD_SIZE` (docs: \"A resize the script refuses\")", lambda f: _says(StopReason.ERROR)(f)
+         and f.refused_resize, Outcome.CRASHED,
+         "rank {rank} cannot resume {checkpoint} on WORLD_SIZE {world_size}: {error}"),
     Rule("any other message (`error`; `completed` with another exit)", lambda f: f.message is not None,
          Outcome.CRASHED, "rank {rank} failed with exit {code}: {error}"),
     Rule("no message, exit 0", lambda f: f.exit_code == EXIT_COMPLETED, Outcome.FINISHED,
@@ -271,6 +288,8 @@ def facts(pod: PodView, node: NodeView | None = None, taints: Iterable[str] = ()
         pod_message=pod.status_message,
         init_failure=pod.init_failure,
         disruption=disruption_evidence(pod, node, taints),
+        world_size=pod.world_size,
+        resume_from=pod.resume_from,
     )
 
 

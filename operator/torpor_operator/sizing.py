@@ -46,6 +46,11 @@ capacity, a node selector or affinity nothing satisfies, the operator keeping it
 going away). The operator simulates no scheduling. Nor does it guess when capacity returns:
 it tries (row 4), at most every ``growIntervalSeconds`` and right after a complete checkpoint,
 so a try that cannot place every rank costs one restart and ``waitSeconds``, and never a step.
+
+Nor does it know whether the script can resume on the new size: the runtime refuses with
+``torpor.ResizeError`` where it cannot, which is a failure (:mod:`torpor_operator.outcomes`
+names the size), and these tables then ask for the same sizes again; docs/operator.md ("A resize
+the script refuses") says what that leads to.
 """
 
 from __future__ import annotations

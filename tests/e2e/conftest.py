@@ -96,10 +96,14 @@ class Env:
     def patch(self, spec: dict[str, Any], name: str = "mlp") -> None:
         self.kubectl("patch", "tj", name, "--type=merge", "-p", json.dumps({"spec": spec}))
 
-    def reasons(self, name: str = "mlp") -> list[str]:
+    def events(self, name: str = "mlp") -> list[dict[str, Any]]:
+        """The job's Events, in the order written: timestamps have whole seconds, resource
+        versions of one etcd increase."""
         events = self.get("events", "--field-selector", f"involvedObject.kind=TrainingJob,involvedObject.name={name}")
-        # in the order written: timestamps have whole seconds, resource versions of one etcd increase
-        return [e["reason"] for e in sorted(events["items"], key=lambda e: int(e["metadata"]["resourceVersion"]))]
+        return sorted(events["items"], key=lambda e: int(e["metadata"]["resourceVersion"]))
+
+    def reasons(self, name: str = "mlp") -> list[str]:
+        return [e["reason"] for e in self.events(name)]
 
     def wait(self, what: str, predicate: Callable[[], Any], timeout: float = 90) -> Any:
         return wait_for_condition(predicate, timeout=timeout, what=what)

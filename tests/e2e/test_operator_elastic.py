@@ -10,8 +10,10 @@ are kept short: a few hundred steps at 0.05 s, checkpoints every 20 steps, waitS
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -27,6 +29,21 @@ pytestmark = pytest.mark.cluster
 ARGS = ("--step-delay", "0.05", "--epochs", "500")
 #: Each node of the node agent has 8 CPUs: two ranks asking for 3 fit on one node, three do not.
 RANK_CPU = "3"
+
+
+#: The grow's Resizing message (torpor_operator.sizing, row 4), with what it names.
+GROW = re.compile(r"running with 2 of 3 ranks since (?P<since>\S+); elastic\.growIntervalSeconds 30s has passed "
+                  r"and checkpoint (?P<checkpoint>\S+) \(step (?P<step>\d+)\) is complete: trying all 3 ranks again; "
+                  r"asking every rank to save and exit, then restarting with WORLD_SIZE 3")
+
+
+def parse_time(value: str) -> datetime:
+    return datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+
+
+def messages(e2e: Env, reason: str) -> list[dict[str, Any]]:
+    """The job's Events of ``reason``, in the order written."""
+    return [e for e in e2e.events() if e["reason"] == reason]
 
 
 def incarnation_pods(e2e: Env, incarnation: int) -> list[dict[str, Any]]:
@@ -111,6 +128,20 @@ def test_an_elastic_job_drained_to_room_for_two_ranks_goes_on_with_two_and_grows
 
     uncordoned_at = time.monotonic()
     e2e.uncordon_all()
+    # the grow: growIntervalSeconds after the shrink, right after a periodic checkpoint of the 2 ranks
+    grow = e2e.wait("the grow's Resizing", lambda: len(r := messages(e2e, "Resizing")) >= 2 and r[1], timeout=240)
+    asked = GROW.fullmatch(grow["message"])
+    assert asked is not None, grow["message"]
+    assert asked["since"] == short["lastResizeTime"], (asked["since"], short)
+    interval_end = parse_time(short["lastResizeTime"]) + timedelta(seconds=30)
+    assert parse_time(grow["firstTimestamp"]) >= interval_end, (grow, short["lastResizeTime"])
+    print(f"grow asked {(parse_time(grow['firstTimestamp']) - interval_end).total_seconds() + 30:.0f}s after the "
+          f"shrink's launch, at checkpoint {asked['checkpoint']} (step {asked['step']})")
+    # read now, before retention (keepMax 3) may prune it: the 2 ranks' periodic save that set the grow off
+    after = next(c for c in e2e.checkpoints() if c.name == asked["checkpoint"])
+    assert after.complete and sorted(after.manifests) == [0, 1], e2e.object_keys()
+    assert {(m.reason, m.world_size, m.incarnation, m.step) for m in after.manifests.values()} == {
+        (Reason.PERIODIC, 2, str(short["incarnation"]), int(asked["step"]))}
     grown = e2e.wait("all 3 ranks again", lambda: (st := e2e.status()).get("phase") == "Running"
                      and st.get("worldSize") == 3 and st.get("incarnation", 0) > short["incarnation"] and st,
                      timeout=240)
@@ -119,7 +150,7 @@ def test_an_elastic_job_drained_to_room_for_two_ranks_goes_on_with_two_and_grows
     assert [world_size(p) for p in incarnation_pods(e2e, grown["incarnation"])] == ["3", "3", "3"]
     # grown at a checkpoint boundary: from the save both ranks made on their way out, past the drain's
     regrown = exit_checkpoint(e2e, grown["resumeFrom"], ranks=2)
-    assert regrown.step > drained.step, (regrown.step, drained.step)
+    assert drained.step < after.step <= regrown.step, (drained.step, after.step, regrown.step)
     assert (grown["preemptions"], grown.get("restarts", 0)) == (1, 0), grown
     assert_no_step_lost(e2e, regrown.step)
     # rank 2 trained until the drain, then not until the job grew back, then from the step after
@@ -127,7 +158,14 @@ def test_an_elastic_job_drained_to_room_for_two_ranks_goes_on_with_two_and_grows
 
     events = e2e.reasons()
     assert "Preempted" in events and "RankFailed" not in events, events
-    assert events.count("Resizing") >= 2 and events.count("Resized") >= 2, events
+    # one shrink and one grow, nothing more: no try to grow that did not fit, no second shrink
+    assert (events.count("Resizing"), events.count("Resized")) == (2, 2), events
+    shrink = messages(e2e, "Resizing")[0]["message"]
+    assert "could not be placed within elastic.waitSeconds 10s" in shrink and shrink.endswith(
+        "restarting with WORLD_SIZE 2 (elastic.minReplicas 2); deleting the ranks, none has trained yet"), shrink
+    assert [e["message"].split(":")[0] for e in messages(e2e, "Resized")] == [
+        f"WORLD_SIZE 3 -> 2 (2 of spec.replicas 3) in incarnation {short['incarnation']}",
+        f"WORLD_SIZE 2 -> 3 in incarnation {grown['incarnation']}"]
 
 
 def test_replicas_patched_on_a_running_job_resizes_it_at_one_checkpoint(e2e: Env) -> None:
@@ -155,5 +193,5 @@ def test_replicas_patched_on_a_running_job_resizes_it_at_one_checkpoint(e2e: Env
     assert_trained(e2e, 2, (1, saved.step))  # the rank the resize dropped trained up to its save
 
     events = e2e.reasons()
-    assert "Resizing" in events and "Resized" in events, events
+    assert (events.count("Resizing"), events.count("Resized")) == (1, 1), events
     assert "Preempted" not in events and "RankFailed" not in events and "SpecChanged" not in events, events

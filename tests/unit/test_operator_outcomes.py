@@ -9,6 +9,8 @@ import pytest
 from test_operator_world import message, node, pod
 
 from torpor.checkpoints import Checkpoint
+from torpor.termination import StopReason, TerminationMessage
+from torpor_operator.contract import ANNOTATION_RESUME_FROM
 from torpor_operator.observing import (
     CheckpointInfo,
     NodeView,
@@ -158,6 +160,23 @@ def test_a_failed_pod_without_an_exit_or_evidence_is_a_failure() -> None:
     assert result.detail == "rank 0 ended without an exit code (no exit status)"
 
 
+def resize_refused(text: str = "ResizeError: global_batch_size=4 cannot be split over 3 rank(s)") -> str:
+    return TerminationMessage(StopReason.ERROR, 1, error=text).to_json()
+
+
+def test_a_resize_error_is_a_failure_naming_the_world_size_and_checkpoint_refused() -> None:
+    """A script that cannot resume its checkpoint on this ``WORLD_SIZE`` says so with
+    ``torpor.ResizeError``; the detail (Events, conditions) names the size and the checkpoint."""
+    p = pod("demo", 2, 1, exit_code=1, term_message=resize_refused(), annotations={ANNOTATION_RESUME_FROM: "Net"})
+    p["spec"]["containers"] = [{"name": "train", "env": [{"name": "WORLD_SIZE", "value": "3"}]}]
+    result = classify(view(p))
+    assert result.outcome is Outcome.CRASHED
+    assert result.detail == ("rank 1 cannot resume checkpoint Net on WORLD_SIZE 3: ResizeError: "
+                             "global_batch_size=4 cannot be split over 3 rank(s)")
+    other = classify(view(pod("demo", 2, 1, exit_code=1, term_message=resize_refused("ValueError: ResizeError"))))
+    assert other.detail == "rank 1 failed with exit 1: ValueError: ResizeError"
+
+
 def test_every_rule_of_the_table_is_reached() -> None:
     """Each row decides at least one case above: no dead row in the documented table."""
     cases = [
@@ -165,6 +184,7 @@ def test_every_rule_of_the_table_is_reached() -> None:
         pod("demo", 1, 0, exit_code=75, term_message=message("file", 75)),
         pod("demo", 1, 0, exit_code=143, term_message=message("signal", 143)),
         pod("demo", 1, 0, exit_code=0, term_message=message("completed", 0)),
+        pod("demo", 1, 0, exit_code=1, term_message=resize_refused()),
         pod("demo", 1, 0, exit_code=1, term_message=message("error", 1)),
         pod("demo", 1, 0, exit_code=0),
         pod("demo", 1, 0, exit_code=75),

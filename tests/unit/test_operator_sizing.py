@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from test_operator_world import NOW, Cluster, ckpt, job_body, node, pod
 
+from torpor.termination import StopReason, TerminationMessage
 from torpor_operator.contract import ANNOTATION_POD_SHAPE, ENV, LABEL_INCARNATION, LABEL_RANK
 from torpor_operator.observing import PodView, format_time
 from torpor_operator.shaping import format_digests, shape_digests
@@ -498,3 +499,47 @@ def test_a_job_launched_by_an_earlier_operator_gets_its_world_size_from_its_pods
     c.body["status"] = old
     d = c.decide()
     assert d.status == {"worldSize": 2}
+
+
+def resize_refused(world: int) -> str:
+    """The termination message of a rank whose script raised ``torpor.ResizeError`` at the load."""
+    return TerminationMessage(StopReason.ERROR, 1, error=(
+        f"ResizeError: global_batch_size=4 cannot be split over {world} rank(s) (4 % {world} = 1)")).to_json()
+
+
+def test_a_resize_the_script_refuses_is_a_failure_retried_at_the_same_size_until_failed() -> None:
+    """What docs/operator.md says of a refused resize: the ranks raise ``torpor.ResizeError`` at
+    the load, which is a failure (maxRestarts, backoff) whose Event and conditions name the world
+    size refused; each restart asks for ``spec.replicas`` again (row 7), refused the same way, so
+    the job ends Failed unless ``spec.replicas`` is set back to a size the script accepts."""
+    c = running(maxRestarts=1)
+    c.body["spec"]["replicas"] = 3
+    c.body["metadata"]["generation"] = 2
+    c.step()
+    c.checkpoints = [ckpt("Net", 40, 9)]
+    c.exit_all_saved("Net", 40)
+    c.step()
+    c.step()
+    assert (c.status["incarnation"], c.status["worldSize"]) == (2, 3)
+    for attempt in (1, 2):
+        c.run()
+        for rank in range(3):
+            c.exit(rank, 1, resize_refused(3))
+        d = c.step()
+        failed = next(e for e in d.events if e.reason == "RankFailed")
+        assert failed.message.startswith("rank 0 cannot resume checkpoint Net on WORLD_SIZE 3: ResizeError: "
+                                         "global_batch_size=4 cannot be split over 3 rank(s)"), failed.message
+        if attempt == 1:
+            assert failed.message.endswith("(and 2 more); restart 1/1 in 10s from the newest checkpoint")
+            c.step()
+            ready = next(x for x in c.status["conditions"] if x["type"] == "Ready")
+            assert (c.status["phase"], ready["message"].split(";")[0]) == (
+                "Restarting", "Failure: rank 0 cannot resume checkpoint Net on WORLD_SIZE 3: ResizeError: "
+                "global_batch_size=4 cannot be split over 3 rank(s) (4 % 3 = 1) (and 2 more)")
+            c.later(10)
+            c.step()
+            assert (c.status["incarnation"], c.status["worldSize"]) == (3, 3)  # the same size again
+    c.step()
+    assert c.status["phase"] == "Failed"
+    failed_condition = next(x for x in c.status["conditions"] if x["type"] == "Failed")
+    assert "cannot resume checkpoint Net on WORLD_SIZE 3" in failed_condition["message"]
