@@ -40,7 +40,8 @@ def test_demo_drains_saves_resumes_finishes_plots_and_cleans_up(tmp_path: Path) 
         assert f"  {what}" in timeline
     table = out.split("kubectl get tj -o wide:", 1)[1].splitlines()
     assert table[1].split()[:2] == ["NAME", "PHASE"]
-    assert re.match(r"\s*demo\s+Succeeded\s+0/2\s+(0\s+)?1\s", table[2]), table  # restarts 0 (blank), 1 preemption
+    # ready 0/2, world size 2, restarts 0 (blank), 1 preemption
+    assert re.match(r"\s*demo\s+Succeeded\s+0/2\s+2\s+(0\s+)?1\s", table[2]), table
     assert f"Loss plot: {plot}" in out
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
     state_dir = next(line.split("state in ", 1)[1] for line in out.splitlines() if "state in " in line)
