@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ import torch
 from torpor_harness import (
     REPO,
     RESIZE_SAMPLES,
+    StopAt,
     launch_ranks,
     logs,
     read_jsonl,
@@ -187,6 +190,31 @@ def test_what_cannot_continue_exactly_on_another_world_size_is_refused(
     _as_rank(monkeypatch, 0, world)
     with pytest.raises(torpor.ResizeError, match=message):
         _resume(saved_on_two, case, world)
+
+
+def test_a_refused_resize_is_raised_not_passed_over_for_an_older_checkpoint(
+        saved_on_two: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The 2-rank checkpoint, then a newer one of one rank's own copy of the model (which 2
+    # ranks cannot continue): a resume on 2 must say so, on every rank, not quietly go back to
+    # the older checkpoint and lose the steps in between.
+    store = tmp_path / "store"
+    shutil.copytree(saved_on_two / "distributed", store)
+    loader, _ = resize_data("distributed", 0, 1)
+    net, opt = resize_net()
+    monitor = torpor.CheckpointMonitor(directory=str(store), save_checkpoint_steps=0, integrated_save=False)
+    loop = torpor.Loop(net, opt, callbacks=[monitor, StopAt(5)], exit_process=False)
+    for _ in loop.epochs(2):
+        for _batch in loop.batches(loader):
+            loop.step_end()
+    assert [(c.name, c.world_size) for c in scan(open_storage(store)) if c.complete] == [("CKP-1_3", 2),
+                                                                                         ("CKP-1_5", 1)]
+    for rank in range(2):
+        _as_rank(monkeypatch, rank, 2)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with pytest.raises(torpor.ResizeError, match=r"checkpoint 'CKP-1_5' holds each rank's own copy"):
+                torpor.load_checkpoint("latest", *resize_net(), directory=str(store))
+        assert not [str(w.message) for w in caught if issubclass(w.category, torpor.TorporWarning)], rank
 
 
 def test_what_can_continue_is_not_refused(saved_on_two: Path, monkeypatch: pytest.MonkeyPatch) -> None:
