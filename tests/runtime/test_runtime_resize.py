@@ -234,7 +234,7 @@ def test_what_can_continue_is_not_refused(saved_on_two: Path, monkeypatch: pytes
             loop = _resume(saved_on_two, case, world, batch_size)
         assert loop.loaded is not None and loop.loaded.name == "CKP-1_3" and loop.args.cur_step_num == 4, case
         warned = [r.getMessage() for r in caplog.records if "does not reshard it" in r.getMessage()]
-        assert warned == ([f"resumed checkpoint 'CKP-1_3' of 2 rank(s) on 1: state['loader'] keeps its own "
+        assert warned == (["resumed checkpoint 'CKP-1_3' of 2 rank(s) on 1: state['loader'] keeps its own "
                            "position, and torpor does not reshard it; each rank continues from its own saved "
                            "state_dict"] if case == "stateful" else []), (case, warned)
     # The stateful loader on one rank went on from rank 0's own saved position, not rank 1's.
