@@ -18,13 +18,17 @@ Options let tests observe it: ``--losses FILE`` appends one JSON line per step (
 ``--sample-ids``, the indices of the rank's batch too), ``--full-state DIR`` makes rank 0
 write the gathered (unsharded) model and optimizer state to ``DIR/full-{step}.pt`` whenever
 training ends, a stop included, and to ``DIR/resumed-{step}.pt`` right after a resume, and
-``--head-optimizer`` gives the last layer an optimizer of its own, passed in ``state=``.
+``--head-optimizer`` gives the last layer an optimizer of its own, passed in ``state=``, and
+``--sigterm-at N`` makes the last rank send itself a real SIGTERM inside global step N (a
+preemption at a known step, so a test knows where in the epoch the stop lands).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -143,6 +147,18 @@ class LossLog(torpor.Callback):
         time.sleep(self.delay)
 
 
+class SigtermAt(torpor.Callback):
+    """The last rank sends itself SIGTERM inside global step ``step`` (0: never), as a preemption would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_step_begin(self, run_context: torpor.RunContext) -> None:
+        if self.step and run_context.original_args().cur_step_num == self.step \
+                and dist.get_rank() == dist.get_world_size() - 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--wrap", default="fsdp2", choices=("fsdp2", "fsdp1", "zero"))
@@ -153,6 +169,7 @@ def main() -> None:
     parser.add_argument("--sample-ids", action="store_true", help="the lines name the step's samples too")
     parser.add_argument("--full-state", default=None, help="rank 0 writes the gathered state here at the end")
     parser.add_argument("--step-delay", type=float, default=0.0, help="seconds to sleep after each step")
+    parser.add_argument("--sigterm-at", type=int, default=0, help="the last rank gets SIGTERM in this step")
     opts = parser.parse_args()
 
     if not torpor.init_distributed():  # torpor: gloo on CPU when WORLD_SIZE > 1
@@ -167,7 +184,7 @@ def main() -> None:
 
     log = LossLog(opts.losses, opts.step_delay, features if opts.sample_ids else None)
     callbacks = [*torpor.callbacks_from_env(), log,  # torpor
-                 FullState(opts.full_state, net, {"optimizer": opt, **state})]
+                 FullState(opts.full_state, net, {"optimizer": opt, **state}), SigtermAt(opts.sigterm_at)]
     with torpor.Loop(net, opt, lr_scheduler=sched, callbacks=callbacks, resume="latest",  # torpor
                      state=state) as loop:  # torpor
         for _ in loop.epochs(opts.epochs):  # torpor

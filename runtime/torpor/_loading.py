@@ -9,7 +9,9 @@ lists the store and broadcasts the candidates in order; every rank then reads, v
 decrypts and decodes its payloads of the first candidate *before anything is applied to the
 model*, and one all-reduce of an ok flag decides: if any rank failed (an integrity error, an
 object gone, a wrong key), every rank moves on to the next candidate, with a warning naming
-both. The candidates are
+both. A checkpoint that is sound but cannot continue exactly on this world size
+(``ResizeError``) is no such failure: every rank raises it, since an older checkpoint of the
+current size would resume quietly and lose the steps since. The candidates are
 
 * ``'latest'``: every resumable checkpoint (complete, not a breakpoint) of the run's
   prefixes, newest first: the MindFormers resume behaviour, without its marker files;
@@ -64,7 +66,9 @@ _log = logging.getLogger("torpor")
 UNLOADABLE = (TorporError, OSError, ValueError, KeyError, RuntimeError, pickle.UnpicklingError)
 """What reading a candidate may raise that makes every rank try the next one: integrity and
 decryption errors, a storage error, an object gone (``FileNotFoundError``), a payload torch
-cannot decode. Raised before anything is applied, so the model is untouched."""
+cannot decode. Raised before anything is applied, so the model is untouched. Except a
+``ResizeError``: the checkpoint is sound but cannot continue on this world size, and an older
+one that could would silently lose the steps since; it is raised at once, on every rank."""
 
 _RANK_SEGMENT = re.compile(r"^rank_[0-9]+$")
 _FILE_SUFFIXES = (".manifest.json", ".network.pt", ".trainable.pt", ".ckpt", ".pt2", ".distcp")
@@ -242,6 +246,9 @@ def load_checkpoint(
             a modified encrypted chunk, or a plaintext shard where a key was given (for
             ``'latest'``: on every candidate; a rank whose own reads all succeeded says that
             another rank refused them).
+        ResizeError: the checkpoint to resume cannot continue exactly on this world size
+            (per-rank copies on more ranks, FSDP1 on another size, a per-rank loader position
+            on more ranks); never passed over for an older checkpoint.
         ValueError: the shard is encrypted and no key was given.
         KeyError: a ``state`` key is not in the checkpoint (with ``strict``).
         TypeError: ``state`` is not a dict of such objects.
@@ -287,11 +294,12 @@ def _first_readable(storage: Storage, candidates: list[Checkpoint], keys: tuple[
                     map_location: Any, targets: Targets | None = None) -> tuple[Payloads, tuple[str, ...]]:
     """The payloads of the first candidate every rank could read, and the names skipped.
 
-    One ``all_ok`` per candidate tried: every rank reaches it whether its read worked or not,
-    so all of them move on, or stop, together. A sharded candidate has one more before DCP's
-    collective read (see the module docstring), so no rank enters it alone.
+    One agreement (:func:`_all_read`) per candidate tried: every rank reaches it whether its
+    read worked or not, so all of them move on, or stop, together. A sharded candidate has one
+    more before DCP's collective read (see the module docstring), so no rank enters it alone.
 
     Raises:
+        ResizeError: a candidate cannot continue on this world size (every rank, no fallback).
         the newest failure of this rank (or an ``IntegrityError`` saying another rank refused
         them) when no candidate could be read on every rank.
     """
@@ -306,14 +314,14 @@ def _first_readable(storage: Storage, candidates: list[Checkpoint], keys: tuple[
             error = exc
             failures.append(exc)
         if is_sharded(ckpt) and targets is not None and targets.network is not None \
-                and _distributed.all_ok(error is None):
+                and _all_read(error, ckpt, storage):
             try:
                 assert payloads is not None
                 payloads = read_sharded(storage, payloads, keys, map_location, targets)
             except UNLOADABLE as exc:
                 error = exc
                 failures.append(exc)
-        if _distributed.all_ok(error is None):
+        if _all_read(error, ckpt, storage):
             assert payloads is not None
             if skipped:  # the warning went out with each failure; the log says how it ended
                 _log.warning("resumed from the older complete checkpoint %r instead of %s in %s", ckpt.name,
@@ -332,6 +340,25 @@ def _first_readable(storage: Storage, candidates: list[Checkpoint], keys: tuple[
         raise failures[0]
     raise IntegrityError(f"no checkpoint in {storage.uri} could be loaded on every rank: another rank refused "
                          f"each of {tried}")
+
+
+def _all_read(error: BaseException | None, ckpt: Checkpoint, storage: Storage) -> bool:
+    """Whether every rank read its part of ``ckpt``: one collective, which also carries a refusal.
+
+    Raises:
+        ResizeError: on every rank when any rank's read raised one (that rank's own; the
+            others one naming it), so no rank falls back to an older checkpoint alone.
+    """
+    resize = isinstance(error, ResizeError)
+    failed, refused = _distributed.max_each([error is not None, resize])
+    if refused:
+        if resize:
+            assert error is not None
+            raise error
+        raise ResizeError(f"checkpoint {ckpt.name!r} in {storage.uri}: another rank refused to resume it on "
+                          f"world_size {_distributed.world_size()} (its log says why); not falling back to an "
+                          "older checkpoint, which would lose the steps since")
+    return failed == 0
 
 
 def read_shard(storage: Storage, entry: FileEntry, enc_key: bytes | None, enc_mode: str | None,

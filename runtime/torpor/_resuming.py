@@ -209,9 +209,13 @@ class _Resumed:
         self._generators = generators
         self._instead = instead
         self._used = False
+        self._first_done = False
 
     def __len__(self) -> int:
-        return len(self._inner)
+        """The pass's length: on the first, what is left of the resumed epoch; then the inner's."""
+        if self._first_done:
+            return len(self._inner)
+        return max(len(self._inner if self._instead is None else self._instead) - self._skip, 0)
 
     def __iter__(self) -> Iterator[Any]:
         if self._used:
@@ -227,3 +231,4 @@ class _Resumed:
         if self._jump is not None:
             self._jump.restore(self._generators)
         yield from indices
+        self._first_done = True

@@ -25,6 +25,12 @@ is written (the layout is the same on every rank, so is the decision):
 * ``ZeroRedundancyOptimizer`` with ``integrated_save=False``: its consolidated state exists
   on rank 0 only, so no other rank can write its own copy.
 
+Refused at a load with :class:`torpor.errors.ResizeError` (:func:`check_resizable`), on every
+rank alike and before DCP's collective read: FSDP1 state on any world size but the saving one.
+2 → 3 failed in DCP's load plan (the new rank's misses the optimizer's ``param_groups``); 2 → 1
+ran without an error, but nothing checks that flat parameters' optimizer state reshards
+exactly, so a shrink is refused too.
+
 Everything that needs every rank runs in the training thread at the step boundary, with an
 agreement first (:func:`torpor._distributed.all_ok`), so a rank that failed to build its state
 never leaves the others waiting in DCP's collectives; DCP forwards a failure inside its own
@@ -294,8 +300,9 @@ def check_resizable(network: Any, checkpoint: str, saved_world: int, world: int)
     """Refuse to load FSDP1 state on another world size than the one that saved it (alike on every rank).
 
     FSDP2/DTensor state reshards through DCP's load planner; FSDP1's flattened optimizer state
-    did not (2 -> 3 ranks: DCP's load plan on the new rank misses ``optimizer.param_groups``),
-    so it is refused before DCP's collective read rather than failing inside it.
+    did not (2 -> 3 ranks: DCP's load plan on the new rank misses ``optimizer.param_groups``;
+    2 -> 1 ran, unchecked), so it is refused before DCP's collective read rather than failing
+    inside it, or loading state nobody verified.
 
     Raises:
         ResizeError: ``network`` holds an FSDP1 wrapper and ``world != saved_world``.

@@ -10,14 +10,21 @@ out is less than one global batch of the resumed run. (FSDP2 2 → 3 and 2 → 1
 
 The refusals are checked in this process as one rank of a larger or smaller world (``RANK``
 and ``WORLD_SIZE`` without a process group): they are decided from the checkpoint, the
-loader and the world size alone, before any collective, alike on every rank.
+loader and the world size alone, so alike on every rank. Those about the checkpoint (per-rank
+copies, FSDP1, a per-rank loader position) are raised by the load, before anything is applied
+and never passed over for an older checkpoint; those about the loader (its sampler, the
+global batch) when the first epoch starts, after the state was applied and ``on_train_begin``
+ran, before the epoch's first batch.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 import subprocess
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +33,7 @@ import torch
 from torpor_harness import (
     REPO,
     RESIZE_SAMPLES,
+    StopAt,
     launch_ranks,
     logs,
     read_jsonl,
@@ -189,14 +197,54 @@ def test_what_cannot_continue_exactly_on_another_world_size_is_refused(
         _resume(saved_on_two, case, world)
 
 
-def test_what_can_continue_is_not_refused(saved_on_two: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_refused_resize_is_raised_not_passed_over_for_an_older_checkpoint(
+        saved_on_two: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The 2-rank checkpoint, then a newer one of one rank's own copy of the model (which 2
+    # ranks cannot continue): a resume on 2 must say so, on every rank, not quietly go back to
+    # the older checkpoint and lose the steps in between.
+    store = tmp_path / "store"
+    shutil.copytree(saved_on_two / "distributed", store)
+    loader, _ = resize_data("distributed", 0, 1)
+    net, opt = resize_net()
+    monitor = torpor.CheckpointMonitor(directory=str(store), save_checkpoint_steps=0, integrated_save=False)
+    loop = torpor.Loop(net, opt, callbacks=[monitor, StopAt(5)], exit_process=False)
+    for _ in loop.epochs(2):
+        for _batch in loop.batches(loader):
+            loop.step_end()
+    assert [(c.name, c.world_size) for c in scan(open_storage(store)) if c.complete] == [("CKP-1_3", 2),
+                                                                                         ("CKP-1_5", 1)]
+    for rank in range(2):
+        _as_rank(monkeypatch, rank, 2)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with pytest.raises(torpor.ResizeError, match=r"checkpoint 'CKP-1_5' holds each rank's own copy"):
+                torpor.load_checkpoint("latest", *resize_net(), directory=str(store))
+        assert not [str(w.message) for w in caught if issubclass(w.category, torpor.TorporWarning)], rank
+
+
+def test_what_can_continue_is_not_refused(saved_on_two: Path, monkeypatch: pytest.MonkeyPatch,
+                                         caplog: pytest.LogCaptureFixture) -> None:
     # The same world size resumes as always, whatever the loader; a shrink keeps a rank's own
-    # loader position (torpor does not reshard it); a global batch that splits is accepted.
+    # loader position (torpor does not reshard it, and says so); a global batch that splits is accepted.
     for case, world, batch_size in [("random", 2, 4), ("iterable", 2, 4), ("stateful", 1, 4), ("copies", 1, 4),
                                     ("global-batch", 1, 8), ("global-batch", 2, 4), ("distributed", 3, 4)]:
         _as_rank(monkeypatch, 0, world)
-        loop = _resume(saved_on_two, case, world, batch_size)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="torpor"):
+            loop = _resume(saved_on_two, case, world, batch_size)
         assert loop.loaded is not None and loop.loaded.name == "CKP-1_3" and loop.args.cur_step_num == 4, case
+        warned = [r.getMessage() for r in caplog.records if "does not reshard it" in r.getMessage()]
+        assert warned == (["resumed checkpoint 'CKP-1_3' of 2 rank(s) on 1: state['loader'] keeps its own "
+                           "position, and torpor does not reshard it; each rank continues from its own saved "
+                           "state_dict"] if case == "stateful" else []), (case, warned)
+    # The stateful loader on one rank went on from rank 0's own saved position, not rank 1's.
+    saved = [_state.decode((saved_on_two / "stateful" / f"rank_{r}" / "CKP-1_3.ckpt").read_bytes())
+             ["rank_state"]["loader"] for r in (0, 1)]
+    assert not torch.equal(saved[0]["order"], saved[1]["order"])
+    _as_rank(monkeypatch, 0, 1)
+    loader = _resume(saved_on_two, "stateful", 1).args.state["loader"]
+    assert (loader.epoch, loader.order.tolist()) == (saved[0]["epoch"], saved[0]["order"].tolist())
+    assert loader.index > saved[0]["index"]  # and went on from there (one batch in)
 
 
 def test_a_rank_the_saving_run_did_not_have_gets_generators_derived_from_rank_0s(

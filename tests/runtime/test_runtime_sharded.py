@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import shutil
-import signal
 import subprocess
 from pathlib import Path
 from types import ModuleType
@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-from torpor_harness import REPO, launch_ranks, logs, read_jsonl, wait_all, wait_for
+from torpor_harness import REPO, launch_ranks, logs, read_jsonl, wait_all
 
 import torpor
 from torpor.checkpoints import Reason, scan
@@ -38,9 +38,12 @@ from torpor.storage import open_storage
 SCRIPT = REPO / "examples" / "fsdp2.py"
 PROCS = Path(__file__).resolve().parent / "procs"
 END = 45
+"""Global steps of every run: 20 steps per epoch on 2 ranks, so the run ends mid-epoch 3."""
+STOP = 15
+"""The step rank 1 gets its SIGTERM in: mid-epoch 1 (a stop at a boundary would not test the
+data position), after the periodic save at step 10."""
 SAMPLES, BATCH = 320, 8
 """``examples/fsdp2.py``'s data set and per-rank batch size."""
-"""Global steps of every run: 20 steps per epoch on 2 ranks, so the run ends mid-epoch 3."""
 KEY = bytes(range(32))
 PLAIN = {"TORPOR_SAVE_STEPS": "10", "TORPOR_KEEP_MAX": "3"}
 
@@ -53,11 +56,11 @@ def _example() -> ModuleType:
     return module
 
 
-def _launch(run: Path, wrap: str, env: dict[str, str], *, delay: float,
-            world: int = 2) -> list[subprocess.Popen[bytes]]:
+def _launch(run: Path, wrap: str, env: dict[str, str], *, world: int = 2,
+            sigterm_at: int = 0) -> list[subprocess.Popen[bytes]]:
     run.mkdir(parents=True)
     argv = ["--wrap", wrap, "--epochs", "3", "--max-steps", str(END), "--losses", str(run / "losses.jsonl"),
-            "--sample-ids", "--full-state", str(run), "--step-delay", str(delay),
+            "--sample-ids", "--full-state", str(run), "--sigterm-at", str(sigterm_at),
             *(["--head-optimizer"] if _head(wrap) else [])]
     return launch_ranks(world, {"TORPOR_JOB": "ns/sharded", **PLAIN, **env}, argv, run, script=SCRIPT)
 
@@ -94,7 +97,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Any:
         if wrap not in _REFERENCES:
             run = tmp_path_factory.mktemp(f"reference-{wrap}") / "run"
             procs = _launch(run, wrap, {"TORPOR_CHECKPOINT_URI": str(run.parent / "ckpt"),
-                                        "TORPOR_INCARNATION": "1"}, delay=0.0)
+                                        "TORPOR_INCARNATION": "1"})
             _finish(run, procs, [0, 0])
             _REFERENCES[wrap] = run
         return _REFERENCES[wrap]
@@ -138,19 +141,13 @@ def test_sigterm_to_one_rank_saves_every_shard_and_resumes_exactly(case: str, tm
     if encrypted:
         env["TORPOR_ENC_KEY"] = "hex:" + KEY.hex()
 
-    # 1. SIGTERM to rank 1 mid-run: both ranks stop after the same step, each saves its part.
+    # 1. SIGTERM to rank 1 inside step 15: both ranks stop after it, each saves its part.
     run1 = tmp_path / "run1"
-    procs = _launch(run1, wrap, {**env, "TORPOR_INCARNATION": "1"}, delay=0.05)
-    try:
-        wait_for(lambda: any(r["rank"] == 1 and r["step"] >= 13 for r in read_jsonl(run1 / "losses.jsonl"))
-                 or any(p.poll() is not None for p in procs), timeout=240, what="rank 1 past step 13")
-        os.kill(procs[1].pid, signal.SIGTERM)
-    finally:
-        _finish(run1, procs, [143, 143])
+    _finish(run1, _launch(run1, wrap, {**env, "TORPOR_INCARNATION": "1"}, sigterm_at=STOP), [143, 143])
     messages = [json.loads((run1 / f"termination-{r}.json").read_text()) for r in (0, 1)]
     assert len({(m["checkpoint"], m["step"]) for m in messages}) == 1, messages
     name, stop = messages[0]["checkpoint"], messages[0]["step"]
-    assert 13 <= stop < END
+    assert stop == STOP and stop % 20 != 0, stop  # mid-epoch: the resumes below continue a partial epoch
 
     store = open_storage(uri)
     saved = {c.name: c for c in scan(store)}[name]
@@ -189,14 +186,14 @@ def test_sigterm_to_one_rank_saves_every_shard_and_resumes_exactly(case: str, tm
             _resumes_on(world, tmp_path, run1, messages[0])
     if case == "fsdp1-local":  # FSDP1 resumes on the world size that saved it only, and says so
         refused = tmp_path / "run-on-1"
-        _finish(refused, _launch(refused, wrap, {**env, "TORPOR_INCARNATION": "2"}, delay=0.0, world=1), [1])
+        _finish(refused, _launch(refused, wrap, {**env, "TORPOR_INCARNATION": "2"}, world=1), [1])
         log = (refused / "rank-0.log").read_text()
         assert f"ResizeError: checkpoint {name!r} of FullyShardedDataParallel (FSDP1) state was saved on 2 rank(s) " \
                "and is resumed on 1" in log, log
 
     # 3. Resumed on two ranks: the uninterrupted run's losses and final state.
     run2 = tmp_path / "run2"
-    _finish(run2, _launch(run2, wrap, {**env, "TORPOR_INCARNATION": "2"}, delay=0.0), [0, 0])
+    _finish(run2, _launch(run2, wrap, {**env, "TORPOR_INCARNATION": "2"}), [0, 0])
     assert {json.loads((run2 / f"termination-{r}.json").read_text())["resumed_from"] for r in (0, 1)} == {name}
     ref = reference(wrap)
     expected = _losses(ref)
@@ -215,13 +212,14 @@ def _resumes_on(world: int, tmp_path: Path, run1: Path, stopped: dict[str, Any])
     uri = tmp_path / f"ckpt-on-{world}"
     shutil.copytree(tmp_path / "ckpt", uri)
     run = tmp_path / f"run-on-{world}"
-    _finish(run, _launch(run, "fsdp2", {"TORPOR_CHECKPOINT_URI": str(uri), "TORPOR_INCARNATION": "2"}, delay=0.0,
+    _finish(run, _launch(run, "fsdp2", {"TORPOR_CHECKPOINT_URI": str(uri), "TORPOR_INCARNATION": "2"},
                          world=world), [0] * world)
     assert {json.loads((run / f"termination-{r}.json").read_text())["resumed_from"] for r in range(world)} == {name}
     _assert_close(torch.load(run / f"resumed-{stop}.pt", weights_only=True), _full(run1, stop), f"on {world}")
     after = read_jsonl(run / "losses.jsonl")
     assert {r["rank"] for r in after} == set(range(world))
     assert (min(r["step"] for r in after), max(r["step"] for r in after)) == (stop + 1, END), world
+    assert all(math.isfinite(r["loss"]) for r in after), (world, after)
     trained = [i for r in read_jsonl(run1 / "losses.jsonl") if r["step"] <= stop and r["epoch"] == epoch
                for i in r["ids"]]
     trained += [i for r in after if r["epoch"] == epoch for i in r["ids"]]
@@ -264,14 +262,8 @@ def test_a_damaged_shard_of_one_rank_makes_every_rank_resume_from_the_previous_c
     # which was saved in the background (async_save: shards staged at the step, written later).
     uri = str(tmp_path / "ckpt")
     run1 = tmp_path / "run1"
-    procs = _launch(run1, "fsdp2", {"TORPOR_CHECKPOINT_URI": uri, "TORPOR_INCARNATION": "1",
-                                    "TORPOR_ASYNC_SAVE": "true"}, delay=0.05)
-    try:
-        wait_for(lambda: any(r["rank"] == 1 and r["step"] >= 13 for r in read_jsonl(run1 / "losses.jsonl"))
-                 or any(p.poll() is not None for p in procs), timeout=240, what="rank 1 past step 13")
-        os.kill(procs[1].pid, signal.SIGTERM)
-    finally:
-        _finish(run1, procs, [143, 143])
+    _finish(run1, _launch(run1, "fsdp2", {"TORPOR_CHECKPOINT_URI": uri, "TORPOR_INCARNATION": "1",
+                                          "TORPOR_ASYNC_SAVE": "true"}, sigterm_at=STOP), [143, 143])
     name = json.loads((run1 / "termination-0.json").read_text())["checkpoint"]
     shard = tmp_path / "ckpt" / "rank_1" / f"{name}.distcp"
     data = bytearray(shard.read_bytes())
@@ -279,8 +271,7 @@ def test_a_damaged_shard_of_one_rank_makes_every_rank_resume_from_the_previous_c
     shard.write_bytes(bytes(data))
 
     run2 = tmp_path / "run2"
-    _finish(run2, _launch(run2, "fsdp2", {"TORPOR_CHECKPOINT_URI": uri, "TORPOR_INCARNATION": "2"}, delay=0.0),
-            [0, 0])
+    _finish(run2, _launch(run2, "fsdp2", {"TORPOR_CHECKPOINT_URI": uri, "TORPOR_INCARNATION": "2"}), [0, 0])
     assert {json.loads((run2 / f"termination-{r}.json").read_text())["resumed_from"] for r in (0, 1)} == {"CKP-1_10"}
     for rank in (0, 1):
         log = (run2 / f"rank-{rank}.log").read_text()
