@@ -10,9 +10,14 @@ resumes from it (see the README, "Sharded models"). Runs on a CPU with gloo::
     torchrun --nproc-per-node 2 examples/fsdp2.py --wrap zero     # DDP + ZeroRedundancyOptimizer
 
 The torpor lines are the same as for a replicated model (marked ``# torpor``); what differs
-is only how the model is wrapped. Options let tests observe it: ``--losses FILE`` appends one
-JSON line per step, ``--full-state DIR`` makes rank 0 write the gathered (unsharded) model and
-optimizer state to ``DIR/full-{step}.pt`` whenever training ends, a stop included, and
+is only how the model is wrapped. The same checkpoint resumes on another number of ranks too
+(``torchrun --nproc-per-node 3`` after a 2-rank run): DCP reshards the model and optimizer,
+and the epoch continues with the samples the stopped run had not trained on.
+
+Options let tests observe it: ``--losses FILE`` appends one JSON line per step (with
+``--sample-ids``, the indices of the rank's batch too), ``--full-state DIR`` makes rank 0
+write the gathered (unsharded) model and optimizer state to ``DIR/full-{step}.pt`` whenever
+training ends, a stop included, and to ``DIR/resumed-{step}.pt`` right after a resume, and
 ``--head-optimizer`` gives the last layer an optimizer of its own, passed in ``state=``.
 """
 
@@ -75,22 +80,30 @@ def scheduler(opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRSchedule
 
 
 class FullState(torpor.Callback):
-    """At the end of training (a stop too), rank 0 writes the gathered model and optimizer state.
+    """Rank 0 writes the gathered model and optimizer state at the end of training (a stop too)
+    and, after a resume, at its beginning.
 
-    Every rank takes part in the gather, so this runs in ``on_train_end``, which every rank
-    reaches at the same step.
+    Every rank takes part in the gather, so this runs in ``on_train_end`` and
+    ``on_train_begin``, which every rank reaches at the same step.
     """
 
     def __init__(self, directory: str | None, net: nn.Module, optimizers: dict[str, torch.optim.Optimizer]) -> None:
         self.directory, self.net, self.optimizers = directory, net, optimizers
 
+    def on_train_begin(self, run_context: torpor.RunContext) -> None:
+        if run_context.original_args().resumed_from is not None:
+            self._write(run_context, "resumed")
+
     def on_train_end(self, run_context: torpor.RunContext) -> None:
+        self._write(run_context, "full")
+
+    def _write(self, run_context: torpor.RunContext, what: str) -> None:
         if not self.directory:
             return
         step = run_context.original_args().cur_step_num
         state = full_state(self.net, self.optimizers)
         if dist.get_rank() == 0:
-            torch.save({"step": step, **state}, Path(self.directory) / f"full-{step}.pt")
+            torch.save({"step": step, **state}, Path(self.directory) / f"{what}-{step}.pt")
 
 
 def full_state(net: nn.Module, optimizers: dict[str, torch.optim.Optimizer]) -> dict[str, dict]:
@@ -111,17 +124,22 @@ def full_state(net: nn.Module, optimizers: dict[str, torch.optim.Optimizer]) -> 
 
 
 class LossLog(torpor.Callback):
-    """One JSON line per step, flushed, so a parent process can follow the run."""
+    """One JSON line per step, flushed, so a parent process can follow the run; with ``features``,
+    the indices of the step's samples in them too (``"ids"``: which samples this rank trained)."""
 
-    def __init__(self, path: str | None, delay: float) -> None:
+    def __init__(self, path: str | None, delay: float, features: torch.Tensor | None = None) -> None:
         self.path, self.delay = path, delay
+        self.ids = {row.numpy().tobytes(): i for i, row in enumerate(features)} if features is not None else None
 
     def on_train_step_end(self, run_context: torpor.RunContext) -> None:
         args = run_context.original_args()
         if self.path:
+            line = {"rank": dist.get_rank(), "step": args.cur_step_num, "epoch": args.cur_epoch_num,
+                    "loss": float(args.net_outputs)}
+            if self.ids is not None:
+                line["ids"] = [self.ids[row.numpy().tobytes()] for row in args.last_batch[0]]
             with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps({"rank": dist.get_rank(), "step": args.cur_step_num, "epoch": args.cur_epoch_num,
-                                    "loss": float(args.net_outputs)}) + "\n")
+                f.write(json.dumps(line) + "\n")
         time.sleep(self.delay)
 
 
@@ -132,6 +150,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--max-steps", type=int, default=0, help="stop after this global step (0: no limit)")
     parser.add_argument("--losses", default=None, help="append one JSON line per step to this file")
+    parser.add_argument("--sample-ids", action="store_true", help="the lines name the step's samples too")
     parser.add_argument("--full-state", default=None, help="rank 0 writes the gathered state here at the end")
     parser.add_argument("--step-delay", type=float, default=0.0, help="seconds to sleep after each step")
     opts = parser.parse_args()
@@ -146,7 +165,8 @@ def main() -> None:
     sched = scheduler(opt)
     torch.manual_seed(1000 + dist.get_rank())  # dropout: each rank its own stream, restored on resume
 
-    callbacks = [*torpor.callbacks_from_env(), LossLog(opts.losses, opts.step_delay),  # torpor
+    log = LossLog(opts.losses, opts.step_delay, features if opts.sample_ids else None)
+    callbacks = [*torpor.callbacks_from_env(), log,  # torpor
                  FullState(opts.full_state, net, {"optimizer": opt, **state})]
     with torpor.Loop(net, opt, lr_scheduler=sched, callbacks=callbacks, resume="latest",  # torpor
                      state=state) as loop:  # torpor

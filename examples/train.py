@@ -8,7 +8,8 @@ download), a step takes a few milliseconds on a CPU. The same file runs:
 * under the operator:    ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT`` and the
   ``TORPOR_*`` variables come from the pod (see ``torpor.env``); SIGTERM or
   ``{"GracefulExit": 1}`` stops every rank after the same step with a checkpoint, and the
-  next incarnation resumes from the one named in ``TORPOR_RESUME_FROM``.
+  next incarnation resumes from the one named in ``TORPOR_RESUME_FROM``, on as many ranks
+  as it has (the rest of the stopped epoch is dealt over them, see the README).
 
 Options let tests observe it: ``--losses FILE`` appends one JSON line per step
 (``{"rank", "step", "epoch", "loss"}``) and ``--max-steps N`` stops after step N.
@@ -72,14 +73,17 @@ def main() -> None:
 
     distributed = torpor.init_distributed()  # gloo on CPU when WORLD_SIZE > 1
     rank = torch.distributed.get_rank() if distributed else 0
+    world = torch.distributed.get_world_size() if distributed else 1
 
     # The data and the initial weights are the same on every rank and in every incarnation.
     torch.manual_seed(0)
     features = torch.randn(opts.samples, 16)
     labels = (features @ torch.randn(16, 4)).argmax(dim=1)
     data = TensorDataset(features, labels)
-    sampler = DistributedSampler(data, shuffle=True, seed=0) if distributed else None
-    loader = DataLoader(data, batch_size=opts.batch_size, shuffle=sampler is None, sampler=sampler)
+    # A DistributedSampler on one process too: its order is the same on any number of ranks, so
+    # a checkpoint resumes mid-epoch on another world size (1 included) without a sample twice.
+    sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=0)
+    loader = DataLoader(data, batch_size=opts.batch_size, sampler=sampler)
     net: nn.Module = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Dropout(0.1), nn.Linear(32, 4))
     if distributed:
         net = nn.parallel.DistributedDataParallel(net)

@@ -55,6 +55,10 @@ class RunArgs:
     """The ``LoadedCheckpoint`` this run started from, or ``None``."""
     epoch_rng: Any = None
     """Generators' state when the current epoch's iterator was created (exact resume)."""
+    epoch_start: Any = None
+    """Where this run's pass over the current epoch began (a ``torpor._resharding.EpochPosition``):
+    at the epoch's start, or, after a resume into its middle on another world size, at the
+    saved run's step and samples; ``None`` before the first epoch. Saves count from it."""
     run_token: str = ""
     """Identity of this run shared by all ranks (part of every ``save_id``)."""
     before_lookahead: Any = None

@@ -136,7 +136,12 @@ class CheckpointConfig:
     """When an exception escapes a training step, write ``{prefix}-{epoch}_{step}_breakpoint``
     (reason ``exception``) and re-raise the original exception unchanged."""
     global_batch_size: int | None = None
-    """Samples per global step; recorded so consumed samples are known after a resume."""
+    """Samples per global step; recorded so consumed samples are known after a resume. It is
+    also the job's global batch across world sizes: a run resumed on M ranks (another number
+    than saved) must have ``global_batch_size % M == 0`` and a loader whose ``batch_size`` is
+    ``global_batch_size // M``, else ``torpor.ResizeError`` names both (``torpor._resharding``).
+    ``None`` (default): the global batch is whatever the loader's ``batch_size`` times the world
+    size makes it."""
     async_errors: str = "record"
     """What a failed background save does at the next step boundary: ``"record"`` (default)
     logs it and appends it to ``CheckpointMonitor.save_errors``, and training goes on (a

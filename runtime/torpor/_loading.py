@@ -38,7 +38,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from torpor import _distributed, _sharded, _state, _user_state
+from torpor import _distributed, _resharding, _sharded, _state, _user_state
 from torpor._dcp_storage import IN_SHARD
 from torpor.checkpoints import Checkpoint, FileEntry, FileKind, Manifest, file_key, resumable_newest_first, scan
 from torpor.crypto import (
@@ -50,7 +50,14 @@ from torpor.crypto import (
     place_context,
 )
 from torpor.env import RuntimeEnv, read_enc_key
-from torpor.errors import CheckpointNotFoundError, IncompleteCheckpointError, IntegrityError, TorporError, TorporWarning
+from torpor.errors import (
+    CheckpointNotFoundError,
+    IncompleteCheckpointError,
+    IntegrityError,
+    ResizeError,
+    TorporError,
+    TorporWarning,
+)
 from torpor.storage import Storage, open_storage, read_verified_fast
 
 _log = logging.getLogger("torpor")
@@ -76,7 +83,8 @@ class LoadedCheckpoint:
     step: int
     """Global steps completed when saved."""
     step_in_epoch: int
-    """Steps of ``epoch`` completed; a resume skips that many batches."""
+    """Steps of ``epoch`` completed; a resume on the same world size skips that many batches
+    (on another one it continues from :attr:`position`)."""
     batch_num: int | None
     """Batches per epoch of the saving run, if known."""
     append_info: dict[str, Any]
@@ -84,13 +92,19 @@ class LoadedCheckpoint:
     manifest: Manifest
     """This rank's manifest (or rank 0's when this rank did not exist in the saving run)."""
     rng: _state.RngState | None = field(default=None, repr=False)
-    """Generators at the save (this rank's); ``None`` if this rank had no shard."""
+    """Generators at the save (this rank's); for a rank the saving run did not have, derived
+    from rank 0's (see :mod:`torpor._resharding`)."""
     epoch_rng: _state.RngState | None = field(default=None, repr=False)
     """Generators when the saved epoch's iterator was created, for the exact mid-epoch resume."""
     consumed_samples: int | None = None
     """``step * global_batch_size`` when the saver knew the global batch size."""
     skipped: tuple[str, ...] = ()
     """Newer candidates that could not be loaded on every rank, newest first (fallback)."""
+    world_size: int = 1
+    """Ranks of the run that saved it (a resume on another number continues resharded)."""
+    position: _resharding.EpochPosition | None = None
+    """Where the save stood in its epoch's global order (samples consumed over every rank);
+    ``None`` for a checkpoint of an older torpor."""
 
 
 def split_source(source: str, default_directory: str) -> tuple[str, str | None]:
@@ -474,8 +488,14 @@ def read_payloads(storage: Storage, ckpt: Checkpoint, keys: tuple[bytes | None, 
                   map_location: Any) -> Payloads:
     """Read, verify, decrypt and decode this rank's payloads of ``ckpt`` (nothing is applied).
 
+    A rank the saving run did not have (a resume on more ranks) reads rank 0's shard for
+    what is replicated and derives its generators from rank 0's (:mod:`torpor._resharding`);
+    a rank that no longer exists is not read, except for the pieces of its sharded state
+    that DCP's planners place on the ranks of this run (:func:`read_sharded`).
+
     Raises:
-        IncompleteCheckpointError: sharded state and this rank has no shard in it.
+        ResizeError: per-rank copies of unsharded state (``integrated_save=False``) and this
+            run has more ranks than the saving one (the same on every rank).
         IntegrityError, ValueError, OSError: see :func:`load_shard`.
     """
     rank = _distributed.rank()
@@ -483,13 +503,14 @@ def read_payloads(storage: Storage, ckpt: Checkpoint, keys: tuple[bytes | None, 
     own = ckpt.manifests.get(rank)
     anchor = ckpt.manifests[0]
     replicated = anchor.replicated_rank
-    if replicated is None and own is None:
-        raise IncompleteCheckpointError(
-            f"checkpoint {ckpt.name!r} holds per-rank (sharded) state for world_size {world}; "
-            f"rank {rank} has no shard in it"
-        )
-    model_manifest = ckpt.manifests[replicated] if replicated is not None else own
-    assert model_manifest is not None
+    sharded = is_sharded(ckpt)
+    if replicated is None and not sharded and _distributed.world_size() > world:
+        raise ResizeError(
+            f"checkpoint {ckpt.name!r} holds each rank's own copy of the model and optimizer "
+            f"(integrated_save=False) for world_size {world}; ranks {world}..{_distributed.world_size() - 1} of this "
+            f"run have none. Resume on at most {world} rank(s), or save with integrated_save=True (replicated "
+            "state, written once) or a sharded model (resharded at load)")
+    model_manifest = ckpt.manifests[replicated] if replicated is not None else (own or anchor)
 
     def fetch(m: Manifest) -> dict[str, Any]:
         return load_shard(storage, m.shard, *keys, map_location, manifest=m)
@@ -503,7 +524,12 @@ def read_payloads(storage: Storage, ckpt: Checkpoint, keys: tuple[bytes | None, 
         rng = _state.RngState.from_parts(meta["rng"], own_payload["rng"])
         if meta.get("epoch_rng") is not None:
             epoch_rng = _state.RngState.from_parts(meta["epoch_rng"], own_payload["epoch_rng"])
-    if is_sharded(ckpt):  # the weights are every rank's shards, read by read_sharded
+    else:  # a rank the saving run did not have: its generators come from rank 0's
+        if 0 not in read:
+            read[0] = fetch(anchor)
+        rank0_meta = _state.meta_of(read[0])
+        rng = _resharding.derived_rng(_state.RngState.from_parts(rank0_meta["rng"], read[0]["rng"]), rank)
+    if sharded:  # the weights are every rank's shards, read by read_sharded
         if 0 not in read:  # rank 0's .ckpt holds the index: read it now, with this rank's own reads
             read[0] = fetch(anchor)
         weights: dict[str, Any] = {}
@@ -523,10 +549,13 @@ def read_sharded(storage: Storage, payloads: Payloads, keys: tuple[bytes | None,
     ``weights_only=True``; a rank reads only the files that hold pieces of its own shards.
 
     Raises:
+        ResizeError: FSDP1 state on another world size (:func:`torpor._sharded.check_resizable`).
         IntegrityError, ValueError, OSError, RuntimeError: on every rank alike (a failed rank's
             own error; the others an ``IntegrityError`` naming it), nothing applied.
     """
     ckpt = payloads.checkpoint
+    _sharded.check_resizable(_state.unwrap(targets.network), ckpt.name, ckpt.world_size or 1,
+                             _distributed.world_size())
     cache = dict(payloads.read)
     index = cache[0].get("dcp_index")
     if not isinstance(index, str):
@@ -558,6 +587,9 @@ def _apply(payloads: Payloads, network: Any, optimizer: Any, lr_scheduler: Any, 
     """Load read payloads into the objects and describe what was restored."""
     model_payload, own_payload, ckpt = payloads.model, payloads.own, payloads.checkpoint
     plain_state = dict(state or {})
+    # Before anything is applied, and alike on every rank (the keys are rank 0's, the sizes the job's).
+    positioned = sorted(set((payloads.read.get(0) or model_payload).get("rank_state") or {}) & set(plain_state))
+    _resharding.check_positions(positioned, ckpt.name, ckpt.world_size or 1, _distributed.world_size())
     if payloads.sharded_state is not None:
         module = _state.unwrap(network)
         _sharded.apply_state(payloads.sharded_state, module, optimizer, plain_state, strict)
@@ -594,6 +626,8 @@ def _apply(payloads: Payloads, network: Any, optimizer: Any, lr_scheduler: Any, 
         epoch_rng=epoch_rng,
         consumed_samples=meta.get("consumed_samples"),
         skipped=skipped,
+        world_size=ckpt.world_size or 1,
+        position=_resharding.EpochPosition.from_doc(meta.get("position")),
     )
 
 

@@ -25,6 +25,8 @@ had already consumed (by index, without loading them, for a ``DataLoader`` over 
 dataset: see :mod:`torpor._resuming`), with the generators rewound so the data order and every
 random draw match an uninterrupted run. A loader passed in ``state=`` keeps its own position
 instead: it continues where it was saved, and nothing is skipped (:mod:`torpor._user_state`).
+On another world size (or in an epoch already resized) the epoch continues with the rest of its
+``DistributedSampler`` order, dealt over this run's ranks (:mod:`torpor._resharding`).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import sys
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
-from torpor import _distributed, _resuming, _state, _user_state
+from torpor import _distributed, _resharding, _resuming, _state, _user_state
 from torpor._agreement import EpochFeed, Fact, merge
 from torpor._background import drain_all
 from torpor._callbacks import (
@@ -93,6 +95,13 @@ def _prefixes_of(callbacks: list[Callback]) -> set[str] | None:
     found = {str(value) for cb in callbacks for attr in ("prefix", "file_name")
              if isinstance(value := getattr(cb, attr, None), str) and value}
     return found or None
+
+
+def _global_batch_size_of(callbacks: list[Callback]) -> int | None:
+    """The ``global_batch_size`` a monitor was configured with (the job's global batch), if any."""
+    return next((int(size) for cb in callbacks
+                 if isinstance(size := getattr(getattr(cb, "config", None), "global_batch_size", None), int)
+                 and size), None)
 
 
 def exit_if_requested(ctx: RunContext, env: RuntimeEnv) -> None:
@@ -172,6 +181,8 @@ class Loop:
         self.exit_process = exit_process_of(exit_process, self.callbacks, self.env)
         self.loaded: LoadedCheckpoint | None = None
         self._skip = 0
+        self._remainder = False
+        self._resized = False
         self._started = False
         self._epoch_open = False
         self._feed: EpochFeed | None = None
@@ -231,13 +242,18 @@ class Loop:
         self.loaded = loaded
         self.args.resumed_from = loaded
         self.args.cur_step_num = loaded.step
+        world = _distributed.world_size()
+        self._resized = loaded.world_size != world
+        how = _resharding.continuation(loaded.step_in_epoch, loaded.batch_num, loaded.position, loaded.world_size,
+                                       world)
         finished_epoch = loaded.batch_num is not None and loaded.step_in_epoch >= loaded.batch_num
-        if finished_epoch or loaded.step_in_epoch == 0:
+        if how is _resharding.Continuation.NEW_EPOCH:
             self.args.cur_epoch_num = loaded.epoch if finished_epoch else loaded.epoch - 1
             self._skip = 0
         else:
             self.args.cur_epoch_num = loaded.epoch - 1
             self._skip = loaded.step_in_epoch
+            self._remainder = how is _resharding.Continuation.REMAINDER
 
     def begin(self, epoch_num: int, train_dataset: Any = None) -> None:
         """Resume if asked, then ``on_train_begin`` (``epochs`` calls it for you)."""
@@ -321,11 +337,28 @@ class Loop:
         if callable(getattr(sampler, "set_epoch", None)):
             sampler.set_epoch(args.cur_epoch_num)  # type: ignore[union-attr]
         skip, self._skip = self._skip, 0
+        remainder, self._remainder = self._remainder, False
         loaded = self.loaded
         # A loader in ``state=`` keeps its own position: restored at load, saved before each read ahead.
         positioned = _user_state.key_of(args.state, dataset)
         keeps_position = positioned is not None
-        if skip and loaded is not None:
+        if self._resized and loaded is not None:
+            self._resized = False
+            self._check_resize(dataset, loaded, positioned)
+        args.epoch_start = _resharding.START
+        if skip and loaded is not None and remainder and not keeps_position:
+            # Saved on another world size (or in an epoch already resized): the rest of the epoch's
+            # global order, dealt out over this run's ranks (torpor._resharding).
+            _resharding.check_reshardable(dataset, loaded.position, loaded.name, loaded.world_size,
+                                          _distributed.world_size())
+            assert loaded.position is not None and loaded.position.samples is not None
+            consumed = loaded.position.samples
+            rest = _resharding.remainder_batches(dataset, consumed)  # type: ignore[arg-type]
+            iterator, args.epoch_rng = _resuming.resume_remainder(dataset, rest, loaded.rng)  # type: ignore[arg-type]
+            args.step_in_epoch = skip
+            args.batch_num = skip + len(rest)
+            args.epoch_start = _resharding.EpochPosition(consumed, skip, consumed)
+        elif skip and loaded is not None:
             # Rewind to the epoch's start so the sampler draws the same order, pass over the
             # batches already trained on (by index where possible), then jump to the save's state.
             iterator, args.epoch_rng = _resuming.resume_mid_epoch(dataset, args.cur_epoch_num, skip,
@@ -365,6 +398,20 @@ class Loop:
         finally:
             self._feed = None
             args.agreed = None
+
+    def _check_resize(self, dataset: Any, loaded: LoadedCheckpoint, positioned: str | None) -> None:
+        """What a resume on another world size must hold, checked at its first epoch (alike on every rank).
+
+        Raises:
+            ResizeError: see :func:`torpor._resharding.check_global_batch`.
+        """
+        world = _distributed.world_size()
+        _resharding.check_global_batch(_global_batch_size_of(self.callbacks), dataset, world)
+        if positioned is not None:
+            _log.warning("resumed checkpoint %r of %d rank(s) on %d: state[%r] keeps its own position, and torpor "
+                         "does not reshard it; each rank continues from its own saved state_dict", loaded.name,
+                         loaded.world_size, world, positioned)
+        _log.info("resumed checkpoint %r of %d rank(s) on %d rank(s)", loaded.name, loaded.world_size, world)
 
     def _boundary(self) -> None:
         """The step's boundary (:meth:`EpochFeed.boundary`, once per step) and what it tells the saves."""

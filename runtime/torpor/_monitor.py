@@ -104,7 +104,9 @@ class CheckpointMonitor(Callback):
             during step N records N-1 (the weights are as the exception left them). A
             breakpoint is never resumed by ``'latest'`` nor chosen by the operator; load it by
             name.
-        global_batch_size: samples per global step, to record consumed samples.
+        global_batch_size: samples per global step, to record consumed samples; the job's
+            global batch across world sizes: a resume on another number of ranks requires
+            the loader's ``batch_size`` to be its share (``torpor.ResizeError`` otherwise).
         async_errors: ``"record"`` (log, append to :attr:`save_errors`, train on) or
             ``"raise"`` (:class:`torpor.errors.AsyncSaveError` at the next step boundary), on
             every rank alike whichever rank's save failed (see the module's table).

@@ -143,6 +143,21 @@ def resume_mid_epoch(dataset: Iterable[Any], epoch: int, skip: int, epoch_rng: R
     return _iterate(dataset, _Resumed(_index_sampler(dataset), skip, rewind, rng, generators)), epoch_rng
 
 
+def resume_remainder(loader: DataLoader, batches: list[list[int]],
+                     rng: RngState | None) -> tuple[Iterator[Any], RngState]:
+    """``(iterator, epoch_rng)`` of a resumed epoch that trains ``batches`` of indices, then ends.
+
+    What a resume on another world size trains of the saved epoch (``torpor._resharding``):
+    the loader's iterator (workers, collate, pinning unchanged) over these index batches in
+    place of its batch sampler's, for this pass only. The generators are set to the save's
+    (``rng``: this rank's own, or derived for a new rank) once the iterator has drawn its base
+    seed, where the resumed batches begin; they continue from there, as after any resume.
+    """
+    generators = loader_generators(loader)
+    epoch_rng = RngState.capture(generators)
+    return _iterate(loader, _Resumed(_index_sampler(loader), 0, None, rng, generators, instead=batches)), epoch_rng
+
+
 def skips_by_index(dataset: Any) -> bool:
     """Whether a resume can pass over consumed batches by index: a plain ``DataLoader`` over a
     map-style dataset (a subclass that iterates its own way, or an ``IterableDataset``, cannot)."""
@@ -181,16 +196,18 @@ class _Resumed:
 
     Its ``__iter__`` is a generator function, so nothing happens until the loader's iterator
     asks for the first indices: after the loader drew its workers' base seed, exactly where
-    the inner sampler would draw the epoch's order.
+    the inner sampler would draw the epoch's order. With ``instead``, that first pass hands
+    out those index batches rather than the inner sampler's (a resume on another world size).
     """
 
     def __init__(self, inner: Any, skip: int, rewind: RngState | None, jump: RngState | None,
-                 generators: dict[str, torch.Generator]) -> None:
+                 generators: dict[str, torch.Generator], *, instead: list[list[int]] | None = None) -> None:
         self._inner = inner
         self._skip = skip
         self._rewind = rewind
         self._jump = jump
         self._generators = generators
+        self._instead = instead
         self._used = False
 
     def __len__(self) -> int:
@@ -203,7 +220,7 @@ class _Resumed:
         self._used = True
         if self._rewind is not None:
             self._rewind.restore(self._generators)
-        indices = iter(self._inner)
+        indices = iter(self._inner if self._instead is None else self._instead)
         for _ in range(self._skip):
             if next(indices, _END) is _END:
                 break

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from torpor import _distributed, _sharded, _state, _user_state
+from torpor import _distributed, _resharding, _sharded, _state, _user_state
 from torpor._callbacks import RunArgs
 from torpor._config import is_tensor
 from torpor._resuming import loader_generators
@@ -154,6 +154,7 @@ def capture(
     rng_doc, rng_tensors = rng.to_parts()
     epoch_rng_doc, epoch_rng_tensors = (args.epoch_rng.to_parts() if args.epoch_rng is not None else (None, {}))
     consumed = args.cur_step_num * options.global_batch_size if options.global_batch_size else None
+    position = _resharding.position_at(args.train_dataset, args.step_in_epoch, args.epoch_start or _resharding.START)
     meta = {
         "name": name,
         "reason": reason.value,
@@ -166,6 +167,7 @@ def capture(
         "append_info": scalars,
         "global_batch_size": options.global_batch_size,
         "consumed_samples": consumed,
+        "position": position.to_doc(),
     }
     payload: dict[str, Any] = {
         "torpor_format": _state.SHARD_FORMAT,

@@ -57,7 +57,7 @@ from torch.distributed.tensor import DTensor
 
 from torpor import _distributed
 from torpor._dcp_storage import CapturingWriter, SafeLoadPlanner, TorporReader, decode_index
-from torpor.errors import IntegrityError, ShardedStateError
+from torpor.errors import IntegrityError, ResizeError, ShardedStateError
 
 
 def _fsdp1_type() -> type | None:
@@ -288,6 +288,26 @@ def _blank(value: Any) -> Any:
     if isinstance(value, tuple):
         return tuple(_blank(v) for v in value)
     return value
+
+
+def check_resizable(network: Any, checkpoint: str, saved_world: int, world: int) -> None:
+    """Refuse to load FSDP1 state on another world size than the one that saved it (alike on every rank).
+
+    FSDP2/DTensor state reshards through DCP's load planner; FSDP1's flattened optimizer state
+    did not (2 -> 3 ranks: DCP's load plan on the new rank misses ``optimizer.param_groups``),
+    so it is refused before DCP's collective read rather than failing inside it.
+
+    Raises:
+        ResizeError: ``network`` holds an FSDP1 wrapper and ``world != saved_world``.
+    """
+    fsdp1 = _fsdp1_type()
+    if world == saved_world or fsdp1 is None or not isinstance(network, nn.Module):
+        return
+    if any(isinstance(sub, fsdp1) for sub in network.modules()):
+        raise ResizeError(f"checkpoint {checkpoint!r} of FullyShardedDataParallel (FSDP1) state was saved on "
+                          f"{saved_world} rank(s) and is resumed on {world}: torpor reshards FSDP2 (fully_shard) "
+                          f"and DTensor state, not FSDP1's flat parameters. Resume on {saved_world} rank(s), or "
+                          "train with fully_shard")
 
 
 def is_sharded_payload(payload: Mapping[str, Any]) -> bool:

@@ -38,8 +38,10 @@ The loop recognises it by identity (:func:`key_of`) and then:
   a rank with batches beyond the shortest rank's reads (and drops) them there;
 - saves its position in every rank's own shard, whatever ``integrated_save`` says: each rank
   has its own position (over its own ``DistributedSampler`` part), like its own generators.
-  A rank with no shard in the checkpoint (a resume on more ranks) has no position to load:
-  ``KeyError``, as for any key the checkpoint lacks.
+  On another world size each rank that existed gets its own position back, and torpor does
+  not reshard it (that is the loader's business); a rank with no shard in the checkpoint (a
+  resume on more ranks) has no position to load: ``ResizeError`` on every rank
+  (:mod:`torpor._resharding`).
 
 The loader's ``state_dict()`` is called (and deep-copied) once per step, so it should be cheap.
 

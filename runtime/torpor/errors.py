@@ -63,6 +63,18 @@ class ShardedStateError(TorporError):
     """
 
 
+class ResizeError(TorporError):
+    """A checkpoint cannot be resumed exactly on this world size, refused on every rank alike.
+
+    Raised when a run resumes on another number of ranks than the checkpoint was saved with
+    (or continues an epoch that was already resized) and something would make the data
+    position or the state inexact: a loader whose order torpor cannot redraw, a
+    ``global_batch_size`` that does not split over the ranks, a loader in ``state=`` that keeps
+    a per-rank position the new ranks do not have, per-rank state a new rank has no copy of.
+    The message names the value; see ``torpor._resharding`` for what is supported.
+    """
+
+
 class RetentionError(TorporError):
     """Pruning old checkpoints failed after a save; its cause is chained (``__cause__``).
 

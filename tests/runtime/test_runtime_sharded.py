@@ -6,7 +6,11 @@ checks what a user would: every rank stopped after the same step and wrote its p
 complete checkpoint; that checkpoint holds every shard (it loads into an unsharded copy of the
 model and optimizer, equal to the state the job gathered at that step); and a resume on the
 same world size continues with the losses and the final state of a run never interrupted
-(``rtol=1e-5``). Every wait on the ranks has a deadline: a save that deadlocks fails the test.
+(``rtol=1e-5``). The FSDP2 checkpoint also resumes on 3 ranks and on 1 (issue 11, item 2):
+right after the load the gathered model and optimizer equal those at the save, training goes
+on, and within the epoch of the stop no sample is trained twice and less than one global batch
+is left out; an FSDP1 checkpoint is refused on another world size with a ``ResizeError``. Every
+wait on the ranks has a deadline: a save that deadlocks fails the test.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -33,6 +38,8 @@ from torpor.storage import open_storage
 SCRIPT = REPO / "examples" / "fsdp2.py"
 PROCS = Path(__file__).resolve().parent / "procs"
 END = 45
+SAMPLES, BATCH = 320, 8
+"""``examples/fsdp2.py``'s data set and per-rank batch size."""
 """Global steps of every run: 20 steps per epoch on 2 ranks, so the run ends mid-epoch 3."""
 KEY = bytes(range(32))
 PLAIN = {"TORPOR_SAVE_STEPS": "10", "TORPOR_KEEP_MAX": "3"}
@@ -46,11 +53,13 @@ def _example() -> ModuleType:
     return module
 
 
-def _launch(run: Path, wrap: str, env: dict[str, str], *, delay: float) -> list[subprocess.Popen[bytes]]:
+def _launch(run: Path, wrap: str, env: dict[str, str], *, delay: float,
+            world: int = 2) -> list[subprocess.Popen[bytes]]:
     run.mkdir(parents=True)
     argv = ["--wrap", wrap, "--epochs", "3", "--max-steps", str(END), "--losses", str(run / "losses.jsonl"),
-            "--full-state", str(run), "--step-delay", str(delay), *(["--head-optimizer"] if _head(wrap) else [])]
-    return launch_ranks(2, {"TORPOR_JOB": "ns/sharded", **PLAIN, **env}, argv, run, script=SCRIPT)
+            "--sample-ids", "--full-state", str(run), "--step-delay", str(delay),
+            *(["--head-optimizer"] if _head(wrap) else [])]
+    return launch_ranks(world, {"TORPOR_JOB": "ns/sharded", **PLAIN, **env}, argv, run, script=SCRIPT)
 
 
 def _head(wrap: str) -> bool:
@@ -175,6 +184,16 @@ def test_sigterm_to_one_rank_saves_every_shard_and_resumes_exactly(case: str, tm
             continue  # (the resume below checks it)
         _assert_close(get_optimizer_state_dict(net, optimizer, options=full), gathered[what], what)
 
+    if case == "fsdp2-local":  # on another world size, each from its own copy of the store
+        for world in (3, 1):
+            _resumes_on(world, tmp_path, run1, messages[0])
+    if case == "fsdp1-local":  # FSDP1 resumes on the world size that saved it only, and says so
+        refused = tmp_path / "run-on-1"
+        _finish(refused, _launch(refused, wrap, {**env, "TORPOR_INCARNATION": "2"}, delay=0.0, world=1), [1])
+        log = (refused / "rank-0.log").read_text()
+        assert f"ResizeError: checkpoint {name!r} of FullyShardedDataParallel (FSDP1) state was saved on 2 rank(s) " \
+               "and is resumed on 1" in log, log
+
     # 3. Resumed on two ranks: the uninterrupted run's losses and final state.
     run2 = tmp_path / "run2"
     _finish(run2, _launch(run2, wrap, {**env, "TORPOR_INCARNATION": "2"}, delay=0.0), [0, 0])
@@ -188,6 +207,26 @@ def test_sigterm_to_one_rank_saves_every_shard_and_resumes_exactly(case: str, tm
     torch.testing.assert_close(torch.tensor([history[k] for k in keys], dtype=torch.float64),
                                torch.tensor([expected[k] for k in keys], dtype=torch.float64), rtol=1e-5, atol=1e-6)
     _assert_close(_full(run2, END), _full(ref, END), "final")
+
+
+def _resumes_on(world: int, tmp_path: Path, run1: Path, stopped: dict[str, Any]) -> None:
+    """The stopped 2-rank FSDP2 run resumed on ``world`` ranks (see the module docstring)."""
+    name, stop, epoch = stopped["checkpoint"], stopped["step"], stopped["epoch"]
+    uri = tmp_path / f"ckpt-on-{world}"
+    shutil.copytree(tmp_path / "ckpt", uri)
+    run = tmp_path / f"run-on-{world}"
+    _finish(run, _launch(run, "fsdp2", {"TORPOR_CHECKPOINT_URI": str(uri), "TORPOR_INCARNATION": "2"}, delay=0.0,
+                         world=world), [0] * world)
+    assert {json.loads((run / f"termination-{r}.json").read_text())["resumed_from"] for r in range(world)} == {name}
+    _assert_close(torch.load(run / f"resumed-{stop}.pt", weights_only=True), _full(run1, stop), f"on {world}")
+    after = read_jsonl(run / "losses.jsonl")
+    assert {r["rank"] for r in after} == set(range(world))
+    assert (min(r["step"] for r in after), max(r["step"] for r in after)) == (stop + 1, END), world
+    trained = [i for r in read_jsonl(run1 / "losses.jsonl") if r["step"] <= stop and r["epoch"] == epoch
+               for i in r["ids"]]
+    trained += [i for r in after if r["epoch"] == epoch for i in r["ids"]]
+    assert len(trained) == len(set(trained)), (world, sorted(trained))
+    assert len(set(range(SAMPLES)) - set(trained)) < world * BATCH, world  # less than one global batch
 
 
 REFUSED = {

@@ -223,3 +223,49 @@ def five_mib_parts(bucket: str, prefix: str) -> Any:
     return S3Storage(bucket, prefix, S3Settings(multipart_chunksize=5 * mib, multipart_threshold=5 * mib,
                                                 max_concurrency=2))
 
+
+
+class IndexStream(torch.utils.data.IterableDataset):
+    """An ``IterableDataset`` of ``(x, y, index)`` samples, this rank's share of them (every ``world``-th)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, rank: int, world: int) -> None:
+        self.x, self.y, self.rank, self.world = x, y, rank, world
+
+    def __iter__(self) -> Any:
+        for i in range(self.rank, len(self.x), self.world):
+            yield self.x[i], self.y[i], i
+
+
+RESIZE_SAMPLES = 120
+"""Samples of :func:`resize_data`: 10 steps of 4 per rank per epoch on 3 ranks, 15 on 2."""
+
+
+def resize_data(kind: str, rank: int, world: int, batch_size: int = 4) -> tuple[Any, dict[str, Any]]:
+    """``(loader, state)`` of one rank for the resize tests: batches of ``(x, y, sample index)``.
+
+    ``kind``: ``distributed`` (a ``DataLoader`` with a ``DistributedSampler``: what a resume on
+    another world size continues), ``random`` (``shuffle=True``: each rank its own order),
+    ``iterable`` (an :class:`IndexStream`), ``stateful`` (a :class:`SizedPositionLoader` in ``state=``).
+    """
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(RESIZE_SAMPLES, 6, generator=g)
+    y = (x[:, :3].sum(dim=1) > 0).long()
+    data = TensorDataset(x, y, torch.arange(len(x)))
+    if kind == "distributed":
+        sampler = torch.utils.data.DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=0)
+        return DataLoader(data, batch_size=batch_size, sampler=sampler), {}
+    if kind == "random":
+        return DataLoader(data, batch_size=batch_size, shuffle=True), {}
+    if kind == "iterable":
+        return DataLoader(IndexStream(x, y, rank, world), batch_size=batch_size), {}
+    if kind == "stateful":
+        loader = SizedPositionLoader(x[rank::world], y[rank::world], batch_size, seed=rank)
+        return loader, {"loader": loader}
+    raise ValueError(f"kind must be distributed, random, iterable or stateful, got {kind!r}")
+
+
+def resize_net() -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The resize tests' model (dropout: the rank's generators matter) and its optimizer."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Dropout(0.2), nn.Linear(12, 2))
+    return net, torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
