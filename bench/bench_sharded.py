@@ -147,14 +147,14 @@ def _report(opts: argparse.Namespace, saved: dict[str, Any], resumed: dict[int, 
     nbytes = saved["bytes"]
     print(f"[sharded] checkpoint {nbytes / MIB:.0f} MiB (weights + momentum) over {opts.world} ranks; "
           f"/proc/loadavg at the start {started_load}, at the end {ended_load}", flush=True)
-    print(f"[sharded] {'':6s} {'side':32s} {'wall':>8s} {'MiB/s':>6s} {'ranks CPU-s':>11s} {'MinIO CPU-s':>11s}",
-          flush=True)
+    print(f"[sharded] {'':6s} {'side':32s} {'wall':>8s} {'MiB/s':>6s} {'ranks CPU-s':>11s} {'MinIO CPU-s':>11s} "
+          f"{'rank peak +MiB':>14s}", flush=True)
     rows = [(what, saved[what]) for what in ("save", "load")]
     rows += [(f"{opts.world}->{world}", result["load"]) for world, result in resumed.items()]
     for what, sides in rows:
         for side, run in sides.items():
             print(f"[sharded] {what:6s} {_SIDES[side]:32s} {run['wall']:6.2f} s {nbytes / MIB / run['wall']:6.0f} "
-                  f"{run['cpu']:11.1f} {run['server']:11.1f}", flush=True)
+                  f"{run['cpu']:11.1f} {run['server']:11.1f} {run['peak'] / MIB:14.0f}", flush=True)
     print(f"[sharded] save torpor: CheckpointMonitor.stalls {saved['torpor_stall']:.2f} s (step_end less "
           "rank 0's retention)", flush=True)
     parts = []
@@ -265,9 +265,25 @@ def _server_cpu() -> float:
     return 0.0
 
 
+def _status(field: str) -> int:
+    """A ``/proc/self/status`` figure in bytes (``VmRSS``, ``VmHWM``)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def _reset_peak() -> int:
+    """``VmHWM := VmRSS`` (so the next peak is the operation's own); the RSS now."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status("VmRSS")
+
+
 def _timed(fn: Any) -> dict[str, float]:
     """``fn`` on every rank from a common start to the last rank's end: its wall time, the CPU
-    seconds of every rank together (every thread of each), and MinIO's CPU seconds.
+    seconds of every rank together (every thread of each), MinIO's CPU seconds, and the
+    highest rank's peak resident memory above what it held before.
 
     The machine is shared: under others' load the wall time stretches, CPU seconds much less.
     """
@@ -275,13 +291,16 @@ def _timed(fn: Any) -> dict[str, float]:
     import torch.distributed as dist
 
     dist.barrier()
+    rss = _reset_peak()
     server, cpu, started = _server_cpu(), time.process_time(), time.perf_counter()
     fn()
     dist.barrier()
     wall = time.perf_counter() - started
     used = torch.tensor([time.process_time() - cpu], dtype=torch.float64)
     dist.all_reduce(used)
-    return {"wall": wall, "cpu": float(used), "server": _server_cpu() - server}
+    peak = torch.tensor([_status("VmHWM") - rss], dtype=torch.float64)
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    return {"wall": wall, "cpu": float(used), "server": _server_cpu() - server, "peak": float(peak)}
 
 
 def _best(runs: list[dict[str, float]]) -> dict[str, float]:
