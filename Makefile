@@ -27,9 +27,13 @@ $(PY):
 
 # pip is a no-op when everything is satisfied; torch comes from pip's own cache after the
 # first install.
+# `make bench` adds the benchmarks' baselines (the `bench` extra) in the same pip run; a
+# target-specific value holds for the prerequisites it makes, so `setup` sees it.
+EXTRAS ?= torch,operator,dev
+
 setup: $(PY)
-	@echo "[setup] python packages into $(VENV)"
-	$(PY) -m pip install -q -e ".[torch,operator,dev]"
+	@echo "[setup] python packages into $(VENV) ($(EXTRAS))"
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
 
 tools: $(PY)
 	$(PY) hack/bootstrap.py
@@ -52,6 +56,7 @@ demo: setup tools
 cluster: setup tools
 	$(PY) hack/cluster.py
 
+bench: EXTRAS = torch,operator,dev,bench
 bench: setup tools
 	$(PY) bench/run.py
 
