@@ -23,10 +23,12 @@ momentum were zeroed (untimed), each checked against the saved values: torpor's
 
 Last, the resume: fresh processes on ``--world`` ranks and on ``--resize-to`` ranks load the
 same checkpoints (the last round's) into a model built for their world size; DCP reshards,
-torpor through DCP's planners too. Each side is checked against the saved values (a sum over
-every rank's shards). Every figure is the slowest rank's time of one collective operation,
-best of ``--repeat``; ratios are baseline time / torpor time (above 1: torpor faster), and
-2 -> 3 / 2 -> 2 for the resume.
+torpor through DCP's planners too. The resume figure is the load alone (not process start,
+rendezvous or the first step, which are the same for every side). Each side is checked
+against the saved values: a checksum of every tensor gathered whole, weighted by position,
+so a value in the wrong place fails it. Every figure is the slowest rank's time of one
+collective operation, best of ``--repeat``; ratios are baseline time / torpor time (above 1:
+torpor faster), and 2 -> 3 / 2 -> 2 for the resume.
 """
 
 from __future__ import annotations
@@ -233,13 +235,29 @@ def _tensors(net: Any, opt: Any) -> list[Any]:
 
 
 def _fingerprint(net: Any, opt: Any) -> float:
-    """The sum of every element of the weights and momentum over every rank (float64)."""
-    import torch
-    import torch.distributed as dist
+    """A checksum of the weights and momentum that depends on where each value sits.
 
-    total = torch.tensor([sum(float(t.detach().double().sum()) for t in _tensors(net, opt))], dtype=torch.float64)
-    dist.all_reduce(total)
-    return float(total)
+    Each tensor is gathered whole (one at a time, untimed) and its elements weighted by their
+    position in it and by the tensor's index, so a load that put the right values in the
+    wrong shard or order does not sum to the same number; the same on any world size.
+    """
+    import torch
+
+    total = 0.0
+    for index, local in enumerate(_full_tensors(net, opt)):
+        flat = local.detach().double().flatten()
+        weights = torch.arange(flat.numel(), dtype=torch.float64).remainder_(1009).add_(1)
+        total += (index + 1) * float(flat.dot(weights))
+    return total
+
+
+def _full_tensors(net: Any, opt: Any) -> Any:
+    """Every weight and momentum buffer gathered whole, one at a time (a collective)."""
+    for param in net.parameters():
+        yield param.full_tensor()
+        buf = opt.state.get(param, {}).get("momentum_buffer")
+        if buf is not None:
+            yield buf.full_tensor()
 
 
 def _zero(net: Any, opt: Any) -> None:
