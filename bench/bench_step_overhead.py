@@ -191,8 +191,11 @@ def measure(opts: Any) -> dict[str, Any]:
         exit_file.write_text(json.dumps({"GracefulExit": 0}))
 
         def with_callbacks() -> float:
-            return looped([torpor.OnRequestExit(directory=tmp, config_file=str(exit_file)),
-                           torpor.CheckpointMonitor(directory=tmp, save_checkpoint_steps=10**9)])
+            # the ranks of one run share the checkpoint directory (each rank's exit file is its own):
+            # the final save at train end is then complete, as in a real job
+            ckpt = str(Path(opts.worker).parent / "checkpoints") if opts.worker else tmp
+            return looped([torpor.OnRequestExit(directory=ckpt, config_file=str(exit_file)),
+                           torpor.CheckpointMonitor(directory=ckpt, save_checkpoint_steps=10**9)])
 
         samples: dict[str, list[float]] = {"bare": [], "loop": [], "callbacks": []}
         inside: dict[str, list[float]] = {"loop": [], "callbacks": []}
