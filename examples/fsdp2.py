@@ -170,6 +170,8 @@ def main() -> None:
     parser.add_argument("--full-state", default=None, help="rank 0 writes the gathered state here at the end")
     parser.add_argument("--step-delay", type=float, default=0.0, help="seconds to sleep after each step")
     parser.add_argument("--sigterm-at", type=int, default=0, help="the last rank gets SIGTERM in this step")
+    parser.add_argument("--no-integrated-save", action="store_true",
+                        help="CheckpointMonitor/OnRequestExit with integrated_save=False (each rank its own part)")
     opts = parser.parse_args()
 
     if not torpor.init_distributed():  # torpor: gloo on CPU when WORLD_SIZE > 1
@@ -183,7 +185,8 @@ def main() -> None:
     torch.manual_seed(1000 + dist.get_rank())  # dropout: each rank its own stream, restored on resume
 
     log = LossLog(opts.losses, opts.step_delay, features if opts.sample_ids else None)
-    callbacks = [*torpor.callbacks_from_env(), log,  # torpor
+    options = {"integrated_save": False} if opts.no_integrated_save else {}
+    callbacks = [*torpor.callbacks_from_env(**options), log,  # torpor
                  FullState(opts.full_state, net, {"optimizer": opt, **state}), SigtermAt(opts.sigterm_at)]
     with torpor.Loop(net, opt, lr_scheduler=sched, callbacks=callbacks, resume="latest",  # torpor
                      state=state) as loop:  # torpor

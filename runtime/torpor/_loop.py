@@ -183,6 +183,8 @@ class Loop:
         self._skip = 0
         self._remainder = False
         self._resized = False
+        self._batch_checked = False
+        """Whether ``global_batch_size`` was checked against the loader (once, at the first epoch)."""
         self._started = False
         self._epoch_open = False
         self._feed: EpochFeed | None = None
@@ -344,7 +346,12 @@ class Loop:
         keeps_position = positioned is not None
         if self._resized and loaded is not None:
             self._resized = False
+            self._batch_checked = True
             self._check_resize(dataset, loaded, positioned)
+        elif not self._batch_checked:
+            self._batch_checked = True
+            _resharding.check_global_batch(_global_batch_size_of(self.callbacks), dataset, _distributed.world_size(),
+                                           error=ValueError)
         args.epoch_start = _resharding.START
         if skip and loaded is not None and remainder and not keeps_position:
             # Saved on another world size (or in an epoch already resized): the rest of the epoch's

@@ -64,7 +64,7 @@ from torpor.checkpoints import (
 )
 from torpor.crypto import Encryption
 from torpor.env import DEFAULT_CHECKPOINT_URI, RuntimeEnv, given_checkpoint_uri, read_enc_key
-from torpor.errors import AsyncSaveError, CheckpointSaveError, RetentionError, TorporWarning
+from torpor.errors import AsyncSaveError, CheckpointSaveError, ResizeError, RetentionError, TorporWarning
 from torpor.retention import candidates, to_delete
 from torpor.storage import Storage, open_storage
 
@@ -382,7 +382,8 @@ class CheckpointMonitor(Callback):
             self._saver.wait()
             with contextlib.suppress(AsyncSaveError):
                 self._report()
-        if not self.config.exception_save:
+        if not self.config.exception_save or isinstance(exc, ResizeError):
+            # a refused resize trained nothing: its state is the checkpoint it refused
             return
         args = run_context.original_args()
         unfinished = args.cur_step_num - self._done_step if self._done_step is not None else 0

@@ -191,22 +191,28 @@ def check_reshardable(loader: Any, position: EpochPosition | None, checkpoint: s
                           f"{saved_world} rank(s), or from a checkpoint at an epoch's end")
 
 
-def check_global_batch(global_batch_size: int | None, loader: Any, world: int) -> None:
-    """On a resized run, the configured global batch must split into the loader's per-rank batches.
+def check_global_batch(global_batch_size: int | None, loader: Any, world: int,
+                       error: type[Exception] = ResizeError) -> None:
+    """The configured global batch must split into the loader's per-rank batches.
+
+    Checked at every run's first epoch: on a resized run the refusal is a :class:`ResizeError`
+    (the operator shows it as a refused resize); on a run at its saved (or first) world size
+    ``error`` is ``ValueError``, a configuration that is wrong from the start and would otherwise
+    surface only at the first elastic shrink.
 
     Raises:
-        ResizeError: ``global_batch_size`` is not divisible by ``world``, or the loader's
-            ``batch_size`` is not ``global_batch_size / world``.
+        ResizeError: (or ``error``) ``global_batch_size`` is not divisible by ``world``, or the
+            loader's ``batch_size`` is not ``global_batch_size / world``.
     """
     if not global_batch_size:
         return
     if global_batch_size % world:
-        raise ResizeError(f"global_batch_size={global_batch_size} cannot be split over {world} rank(s) "
+        raise error(f"global_batch_size={global_batch_size} cannot be split over {world} rank(s) "
                           f"({global_batch_size} is not divisible by {world}); resume on a world size that divides "
                           "it, or change global_batch_size")
     batch_size = getattr(loader, "batch_size", None)
     if isinstance(batch_size, int) and batch_size * world != global_batch_size:
-        raise ResizeError(f"global_batch_size={global_batch_size} on {world} rank(s) means a per-rank batch of "
+        raise error(f"global_batch_size={global_batch_size} on {world} rank(s) means a per-rank batch of "
                           f"{global_batch_size // world}, but the loader's batch_size is {batch_size} (a global "
                           f"batch of {batch_size * world}); build the loader with batch_size=global_batch_size // "
                           "world_size")

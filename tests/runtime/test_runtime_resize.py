@@ -268,3 +268,39 @@ def test_a_rank_the_saving_run_did_not_have_gets_generators_derived_from_rank_0s
     new = rng(2, 3)
     assert same(rng(2, 3), new) and same(rng(2, 4), new)  # deterministic: from the checkpoint and the rank alone
     assert not any(same(new, other) for other in (*saved, rng(3, 4)))  # a stream of its own
+
+
+def test_a_global_batch_size_the_loader_does_not_make_is_refused_at_a_fresh_start(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Not only at the first resize (in production: the first elastic shrink, hours in): a
+    # global batch the loader's per-rank batches do not make is a configuration error at start.
+    _as_rank(monkeypatch, 0, 1)
+    loader, state = resize_data("distributed", 0, 1, PER_RANK_BATCH)
+    net, opt = resize_net()
+    monitor = torpor.CheckpointMonitor(directory=str(tmp_path), save_checkpoint_steps=0, global_batch_size=8)
+    loop = torpor.Loop(net, opt, callbacks=[monitor], state=state, exit_process=False)
+    with pytest.raises(ValueError, match=r"global_batch_size=8 on 1 rank\(s\) means a per-rank batch of 8, but the "
+                                         r"loader's batch_size is 4"):
+        for _ in loop.epochs(1):
+            for _batch in loop.batches(loader):
+                loop.step_end()
+
+
+
+def test_a_refused_resize_writes_no_breakpoint_checkpoint(saved_on_two: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    # A refused resize trained nothing: with exception_save=True it must not add a breakpoint of
+    # the state it refused on each retry (the operator retries the same size until Failed).
+    store = tmp_path / "store"
+    shutil.copytree(saved_on_two / "global-batch", store)
+    _as_rank(monkeypatch, 0, 3)
+    loader, state = resize_data("distributed", 0, 3, PER_RANK_BATCH)
+    net, opt = resize_net()
+    monitor = torpor.CheckpointMonitor(directory=str(store), save_checkpoint_steps=0, global_batch_size=8,
+                                       exception_save=True)
+    loop = torpor.Loop(net, opt, callbacks=[monitor], resume="latest", state=state, exit_process=False)
+    with pytest.raises(torpor.ResizeError, match=r"global_batch_size=8 cannot be split over 3 rank\(s\)"), loop:
+        for _ in loop.epochs(2):
+            for _batch in loop.batches(loader):
+                loop.step_end()
+    assert [c.name for c in scan(open_storage(store))] == ["CKP-1_3"]

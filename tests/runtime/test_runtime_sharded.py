@@ -57,11 +57,11 @@ def _example() -> ModuleType:
 
 
 def _launch(run: Path, wrap: str, env: dict[str, str], *, world: int = 2,
-            sigterm_at: int = 0) -> list[subprocess.Popen[bytes]]:
+            sigterm_at: int = 0, integrated: bool = True) -> list[subprocess.Popen[bytes]]:
     run.mkdir(parents=True)
     argv = ["--wrap", wrap, "--epochs", "3", "--max-steps", str(END), "--losses", str(run / "losses.jsonl"),
             "--sample-ids", "--full-state", str(run), "--sigterm-at", str(sigterm_at),
-            *(["--head-optimizer"] if _head(wrap) else [])]
+            *(["--head-optimizer"] if _head(wrap) else []), *([] if integrated else ["--no-integrated-save"])]
     return launch_ranks(world, {"TORPOR_JOB": "ns/sharded", **PLAIN, **env}, argv, run, script=SCRIPT)
 
 
@@ -122,6 +122,8 @@ def _assert_close(actual: Any, expected: Any, where: str = "") -> None:
 CASES = {
     "fsdp2-local": ("fsdp2", "local", False),
     "fsdp2-s3-encrypted": ("fsdp2", "s3", True),
+    # integrated_save=False once wrote bare local tensors without placement: nothing loaded
+    "fsdp2-local-unintegrated": ("fsdp2", "local", False),
     "fsdp1-local": ("fsdp1", "local", False),
     "zero-local": ("zero", "local", False),
 }
@@ -143,7 +145,9 @@ def test_sigterm_to_one_rank_saves_every_shard_and_resumes_exactly(case: str, tm
 
     # 1. SIGTERM to rank 1 inside step 15: both ranks stop after it, each saves its part.
     run1 = tmp_path / "run1"
-    _finish(run1, _launch(run1, wrap, {**env, "TORPOR_INCARNATION": "1"}, sigterm_at=STOP), [143, 143])
+    integrated = not case.endswith("-unintegrated")
+    _finish(run1, _launch(run1, wrap, {**env, "TORPOR_INCARNATION": "1"}, sigterm_at=STOP, integrated=integrated),
+            [143, 143])
     messages = [json.loads((run1 / f"termination-{r}.json").read_text()) for r in (0, 1)]
     assert len({(m["checkpoint"], m["step"]) for m in messages}) == 1, messages
     name, stop = messages[0]["checkpoint"], messages[0]["step"]
@@ -184,16 +188,20 @@ def test_sigterm_to_one_rank_saves_every_shard_and_resumes_exactly(case: str, tm
     if case == "fsdp2-local":  # on another world size, each from its own copy of the store
         for world in (3, 1):
             _resumes_on(world, tmp_path, run1, messages[0])
-    if case == "fsdp1-local":  # FSDP1 resumes on the world size that saved it only, and says so
-        refused = tmp_path / "run-on-1"
-        _finish(refused, _launch(refused, wrap, {**env, "TORPOR_INCARNATION": "2"}, world=1), [1])
-        log = (refused / "rank-0.log").read_text()
-        assert f"ResizeError: checkpoint {name!r} of FullyShardedDataParallel (FSDP1) state was saved on 2 rank(s) " \
-               "and is resumed on 1" in log, log
+    if case == "fsdp1-local":  # FSDP1 resumes on the world size that saved it only, and says so, on every rank
+        before = sorted(c.name for c in scan(store))  # the periodic save at step 10 and the exit save
+        for world in (1, 3):
+            refused = tmp_path / f"run-on-{world}"
+            _finish(refused, _launch(refused, wrap, {**env, "TORPOR_INCARNATION": "2"}, world=world), [1] * world)
+            for rank in range(world):
+                log = (refused / f"rank-{rank}.log").read_text()
+                assert f"ResizeError: checkpoint {name!r} of FullyShardedDataParallel (FSDP1) state was saved on 2 " \
+                       f"rank(s) and is resumed on {world}" in log, log
+        assert name in before and sorted(c.name for c in scan(store)) == before  # the refusals wrote nothing
 
     # 3. Resumed on two ranks: the uninterrupted run's losses and final state.
     run2 = tmp_path / "run2"
-    _finish(run2, _launch(run2, wrap, {**env, "TORPOR_INCARNATION": "2"}), [0, 0])
+    _finish(run2, _launch(run2, wrap, {**env, "TORPOR_INCARNATION": "2"}, integrated=integrated), [0, 0])
     assert {json.loads((run2 / f"termination-{r}.json").read_text())["resumed_from"] for r in (0, 1)} == {name}
     ref = reference(wrap)
     expected = _losses(ref)
