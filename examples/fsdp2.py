@@ -91,8 +91,9 @@ class FullState(torpor.Callback):
     ``on_train_begin``, which every rank reaches at the same step.
     """
 
-    def __init__(self, directory: str | None, net: nn.Module, optimizers: dict[str, torch.optim.Optimizer]) -> None:
-        self.directory, self.net, self.optimizers = directory, net, optimizers
+    def __init__(self, directory: str | None, net: nn.Module, optimizers: dict[str, torch.optim.Optimizer],
+                 scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> None:
+        self.directory, self.net, self.optimizers, self.scheduler = directory, net, optimizers, scheduler
 
     def on_train_begin(self, run_context: torpor.RunContext) -> None:
         if run_context.original_args().resumed_from is not None:
@@ -106,6 +107,8 @@ class FullState(torpor.Callback):
             return
         step = run_context.original_args().cur_step_num
         state = full_state(self.net, self.optimizers)
+        if self.scheduler is not None:  # replicated: every rank holds the same
+            state["scheduler"] = self.scheduler.state_dict()
         if dist.get_rank() == 0:
             torch.save({"step": step, **state}, Path(self.directory) / f"{what}-{step}.pt")
 
@@ -187,7 +190,7 @@ def main() -> None:
     log = LossLog(opts.losses, opts.step_delay, features if opts.sample_ids else None)
     options = {"integrated_save": False} if opts.no_integrated_save else {}
     callbacks = [*torpor.callbacks_from_env(**options), log,  # torpor
-                 FullState(opts.full_state, net, {"optimizer": opt, **state}), SigtermAt(opts.sigterm_at)]
+                 FullState(opts.full_state, net, {"optimizer": opt, **state}, sched), SigtermAt(opts.sigterm_at)]
     with torpor.Loop(net, opt, lr_scheduler=sched, callbacks=callbacks, resume="latest",  # torpor
                      state=state) as loop:  # torpor
         for _ in loop.epochs(opts.epochs):  # torpor

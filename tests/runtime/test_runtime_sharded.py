@@ -104,17 +104,20 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Any:
     return get
 
 
-def _assert_close(actual: Any, expected: Any, where: str = "") -> None:
+def _assert_close(actual: Any, expected: Any, where: str = "", exact: bool = False) -> None:
+    """Equal within the issue's ``rtol=1e-5`` after training; bit for bit (``exact``) where only
+    bytes were moved: a load, on any world size, copies the saved values."""
     if isinstance(expected, dict):
         assert set(actual) == set(expected), where
         for k in expected:
-            _assert_close(actual[k], expected[k], f"{where}.{k}")
+            _assert_close(actual[k], expected[k], f"{where}.{k}", exact)
     elif isinstance(expected, list | tuple):
         assert len(actual) == len(expected), where
         for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
-            _assert_close(a, e, f"{where}[{i}]")
+            _assert_close(a, e, f"{where}[{i}]", exact)
     elif isinstance(expected, torch.Tensor):
-        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6, msg=lambda m: f"{where}: {m}")
+        rtol, atol = (0.0, 0.0) if exact else (1e-5, 1e-6)
+        torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{where}: {m}")
     else:
         assert actual == expected, where
 
@@ -178,12 +181,13 @@ def test_sigterm_to_one_rank_saves_every_shard_and_resumes_exactly(case: str, tm
     assert loaded is not None and loaded.step == stop
     gathered = _full(run1, stop)
     assert gathered["step"] == stop
-    _assert_close(net.state_dict(), gathered["model"], "model")
+    _assert_close(net.state_dict(), gathered["model"], "model", exact=True)
+    _assert_close(sched.state_dict(), gathered["scheduler"], "scheduler", exact=True)
     full = StateDictOptions(full_state_dict=True)
     for what, optimizer in {"optimizer": opt, **state}.items():
         if wrap == "zero" and what == "optimizer":  # its consolidated state is keyed by parameter number
             continue  # (the resume below checks it)
-        _assert_close(get_optimizer_state_dict(net, optimizer, options=full), gathered[what], what)
+        _assert_close(get_optimizer_state_dict(net, optimizer, options=full), gathered[what], what, exact=True)
 
     if case == "fsdp2-local":  # on another world size, each from its own copy of the store
         for world in (3, 1):
@@ -223,7 +227,8 @@ def _resumes_on(world: int, tmp_path: Path, run1: Path, stopped: dict[str, Any])
     _finish(run, _launch(run, "fsdp2", {"TORPOR_CHECKPOINT_URI": str(uri), "TORPOR_INCARNATION": "2"},
                          world=world), [0] * world)
     assert {json.loads((run / f"termination-{r}.json").read_text())["resumed_from"] for r in range(world)} == {name}
-    _assert_close(torch.load(run / f"resumed-{stop}.pt", weights_only=True), _full(run1, stop), f"on {world}")
+    _assert_close(torch.load(run / f"resumed-{stop}.pt", weights_only=True), _full(run1, stop), f"on {world}",
+                  exact=True)  # model, optimizer and LR scheduler, bit for bit
     after = read_jsonl(run / "losses.jsonl")
     assert {r["rank"] for r in after} == set(range(world))
     assert (min(r["step"] for r in after), max(r["step"] for r in after)) == (stop + 1, END), world
