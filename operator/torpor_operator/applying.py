@@ -17,12 +17,15 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
 from kubernetes import client
+from kubernetes.client import rest
 from kubernetes.client.exceptions import ApiException
 from urllib3.exceptions import HTTPError
 
@@ -106,8 +109,16 @@ def _items(response: Any) -> list[dict[str, Any]]:
 class KubeClient:
     """The few API calls the operator makes, each named for what it does."""
 
-    def __init__(self, api: client.ApiClient) -> None:
+    def __init__(self, api: client.ApiClient, workers: int = 16) -> None:
+        """``workers``: most pod patches of one decision in flight at once (``TORPOR_API_WORKERS``)."""
         self.api = api
+        self.workers = workers
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="torpor-api")
+        # urllib3 keeps cpu_count * 5 connections by default: more parallel patches than that
+        # would open and discard a connection each time instead of reusing one
+        if (api.configuration.connection_pool_maxsize or 0) < workers:
+            api.configuration.connection_pool_maxsize = workers
+            api.rest_client = rest.RESTClientObject(api.configuration)  # the pool is sized when built
         self.core = client.CoreV1Api(api)
         self.policy = client.PolicyV1Api(api)
         self.custom = client.CustomObjectsApi(api)
@@ -140,6 +151,13 @@ class KubeClient:
         the name left: :func:`torpor_operator.owning.controlled_by` tells them apart)."""
         return _items(self.core.list_namespaced_pod(namespace, label_selector=f"{LABEL_JOB}={job}",
                                                     _preload_content=False))
+
+    def list_pods_at(self, namespace: str, job: str) -> tuple[list[dict[str, Any]], str | None]:
+        """:meth:`list_pods` and the list's resourceVersion (for :meth:`PodIndex.seed`)."""
+        response = self.core.list_namespaced_pod(namespace, label_selector=f"{LABEL_JOB}={job}",
+                                                 _preload_content=False)
+        body = json.loads(response.data)
+        return list(body.get("items") or []), (body.get("metadata") or {}).get("resourceVersion")
 
     def list_children(self, namespace: str, job: str) -> list[dict[str, Any]]:
         """The Services, ConfigMaps and PodDisruptionBudgets labelled with the job's name, with kind and
@@ -188,8 +206,12 @@ class KubeClient:
         log.info("created %s %s%s", kind, name, f" in {namespace}" if namespace else "")
         return True
 
-    def apply(self, namespace: str, job: str, decision: Decision) -> None:
+    def apply(self, namespace: str, job: str, decision: Decision) -> dict[str, Any] | None:
         """Apply a decision in its documented order, Events last.
+
+        Returns:
+            The job as the status patch left it (so the shell knows its watch event for its own
+            write), or ``None`` when the decision patched no status or the job is gone.
 
         Raises:
             CreateRefused: the API refused a create (after the teardown described above).
@@ -211,9 +233,7 @@ class KubeClient:
             name, value = decision.graceful_exit
             _ignore(404, lambda: self.core.patch_namespaced_config_map(
                 name, namespace, {"data": graceful_exit_data(value)}))
-        for pod, marks in decision.annotate:
-            _ignore(404, lambda pod=pod, marks=marks: self.core.patch_namespaced_pod(
-                pod, namespace, {"metadata": {"annotations": marks}}))
+        self._annotate(namespace, job, decision.annotate)
         for pod in decision.stop_sidecars:
             # one patch: the mark that says the deadline is the operator's comes with the deadline
             stop = {"metadata": {"annotations": {ANNOTATION_SIDECARS_STOPPED: datetime.now(UTC).strftime(
@@ -221,8 +241,46 @@ class KubeClient:
             _ignore(404, lambda pod=pod, stop=stop: self.core.patch_namespaced_pod(pod, namespace, stop))
         if decision.status:
             # 404: the job was deleted since it was read; its children go with it
-            _ignore(404, lambda: self.custom.patch_namespaced_custom_object_status(
-                GROUP, VERSION, namespace, PLURAL, job, {"status": decision.status}))
+            return self.patch_status(namespace, job, decision.status)
+        return None
+
+    def _annotate(self, namespace: str, job: str, annotate: tuple[tuple[str, dict[str, str]], ...]) -> None:
+        """Patch the pods' annotations in parallel, at most ``workers`` at once.
+
+        Every patch is attempted whatever the others do: a pod gone meanwhile (404) is not an
+        error, and any other failure is raised only once all patches have ended, so one refused
+        pod never keeps the rest of a stop from being told. The raise makes the shell retry the
+        reconcile, which annotates only the pods that still lack the mark.
+
+        Raises:
+            ApiException, HTTPError: the first patch that failed (each failure is logged).
+        """
+        if not annotate:
+            return
+        started = time.monotonic()
+
+        def patch(pod: str, marks: dict[str, str]) -> BaseException | None:
+            try:
+                _ignore(404, lambda: self.core.patch_namespaced_pod(
+                    pod, namespace, {"metadata": {"annotations": marks}}))
+            except (ApiException, HTTPError) as exc:
+                return exc
+            return None
+
+        if len(annotate) == 1:
+            failures = [patch(*annotate[0])]
+        else:
+            failures = list(self._pool.map(lambda item: patch(*item), annotate))
+        failed = [(pod, exc) for (pod, _), exc in zip(annotate, failures, strict=True) if exc is not None]
+        for pod, exc in failed:
+            log.warning("%s/%s: annotating pod %s failed, retried with the reconcile: %s", namespace, job, pod,
+                        api_message(exc))
+        # the parallelism is observable here; bench/ measures GracefulExit -> every pod annotated
+        log.info("%s/%s: annotated %d of %d pods with up to %d in parallel in %.3f s", namespace, job,
+                 len(annotate) - len(failed), len(annotate), min(self.workers, len(annotate)),
+                 time.monotonic() - started)
+        if failed:
+            raise failed[0][1]
 
     def _tear_down(self, namespace: str, job: str, decision: Decision, refused_obj: dict[str, Any],
                    created: list[str]) -> list[str]:
@@ -244,9 +302,14 @@ class KubeClient:
                         namespace, job, refused_obj["kind"], refused_obj["metadata"]["name"], ", ".join(sorted(doomed)))
         return sorted(doomed)
 
-    def patch_status(self, namespace: str, job: str, patch: dict[str, Any]) -> None:
-        """Merge-patch the job's ``.status`` (a deleted job is not an error)."""
-        _ignore(404, lambda: self.custom.patch_namespaced_custom_object_status(
+    def delete_job(self, namespace: str, job: str) -> None:
+        """Delete the TrainingJob (a 404 is not an error); its children go by owner references."""
+        _ignore(404, lambda: self.custom.delete_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, job, propagation_policy="Background"))
+
+    def patch_status(self, namespace: str, job: str, patch: dict[str, Any]) -> dict[str, Any] | None:
+        """Merge-patch the job's ``.status``; the job as patched, ``None`` if it is gone (not an error)."""
+        return _ignore(404, lambda: self.custom.patch_namespaced_custom_object_status(
             GROUP, VERSION, namespace, PLURAL, job, {"status": patch}))
 
     def post_events(self, body: dict[str, Any], decision: Decision) -> None:

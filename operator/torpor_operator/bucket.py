@@ -70,6 +70,8 @@ class Bucket:
         self.secrets = secrets
         self.default_endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
         self._caches: dict[tuple[str | None, str], ManifestCache] = {}
+        self._where: dict[tuple[str, str], tuple[str | None, str]] = {}
+        """Which ``_caches`` entry each job's scans use, by (namespace, name): :meth:`forget` drops it."""
         self._clients: dict[tuple[Any, ...], Any] = {}
         self._lock = threading.Lock()
 
@@ -114,9 +116,26 @@ class Bucket:
     def _storage(self, spec: TrainingJobSpec, job: JobRef) -> tuple[tuple[str | None, str], Storage]:
         uri = spec.checkpoint.job_uri(job.namespace, job.name)
         if not uri.startswith("s3://"):
-            return (None, uri), open_storage(uri)
-        access = self.access(spec, job)
-        return (access.endpoint, uri), open_storage(uri, s3=self._s3_settings(), client=self._client(access))
+            where: tuple[str | None, str] = (None, uri)
+            storage = open_storage(uri)
+        else:
+            access = self.access(spec, job)
+            where = (access.endpoint, uri)
+            storage = open_storage(uri, s3=self._s3_settings(), client=self._client(access))
+        with self._lock:
+            self._where[(job.namespace, job.name)] = where
+        return where, storage
+
+    def forget(self, namespace: str, name: str) -> None:
+        """Drop the parsed manifests of a deleted job."""
+        with self._lock:
+            where = self._where.pop((namespace, name), None)
+            if where is not None:
+                self._caches.pop(where, None)
+
+    def cached_jobs(self) -> int:
+        """How many jobs have parsed manifests cached (``torpor_cached_entries{cache="manifests"}``)."""
+        return len(self._caches)
 
     def scan(self, spec: TrainingJobSpec, job: JobRef) -> list[Checkpoint]:
         """Every checkpoint under the job's prefix, judged complete or not."""

@@ -1,10 +1,12 @@
 """The kopf handlers: observe, call :func:`~torpor_operator.reconciling.decide`, apply.
 
 Level-triggered: every watch event of a TrainingJob, of one of its pods, or of a node hosting
-one of its pods leads to one *reconcile* of that job, which reads the job's current objects
-fresh, decides, and applies. Reconciles of one job are serialised by a lock and coalesced
-(an event that arrives while a reconcile is already waiting adds nothing: the waiting one
-will read the newer state), so a burst of pod events costs one or two passes.
+one of its pods that changes what a decision reads (:mod:`torpor_operator.watching`) leads to
+one *reconcile* of that job, which reads the job fresh, its pods from the pod watch's index
+(:mod:`torpor_operator.indexing`) and its other children by LIST, decides, and applies.
+Reconciles of one job are serialised by a lock and coalesced (an event that arrives while a
+reconcile is already waiting adds nothing: the waiting one will read the newer state), so a
+burst of pod events costs one or two passes.
 
 No kopf daemons or timers: they would put a finalizer on every TrainingJob, and a job could
 then not be deleted while the operator is down. Time-based steps (exit deadlines, restart
@@ -16,7 +18,9 @@ if the operator is gone for good). That handler stops the ranks first and waits 
 the job exists (:mod:`torpor_operator.deleting`), then deletes the prefix: a rank still running
 would save on its way out and leave a checkpoint behind.
 
-kopf keeps its own state in annotations under ``torpor.dev/`` (the status schema is closed).
+kopf keeps its own state in annotations under ``torpor.dev/`` (the status schema is closed):
+the deletion handler's progress while it runs; no copy of the spec
+(:class:`~torpor_operator.watching.NoDiffBase`).
 
 With peering, kopf stops a paused replica's watches but tells no handler; scheduled reconciles
 and retention passes first ask :meth:`Shell.acting`, which reads the peering records with
@@ -66,14 +70,17 @@ from torpor_operator.bucket import Bucket
 from torpor_operator.contract import GROUP, LABEL_JOB, PLURAL, VERSION
 from torpor_operator.credentials import CREDENTIALS_REASONS, CredentialsError
 from torpor_operator.deleting import stop_ranks
+from torpor_operator.indexing import PodIndex
 from torpor_operator.metrics import Metrics
 from torpor_operator.observing import CheckpointInfo, NodeView, avoided_nodes
 from torpor_operator.peering import blockers
 from torpor_operator.placing import node_change
 from torpor_operator.reconciling import Job, decide
+from torpor_operator.retaining import JobFacts, RetentionSchedule, settled, ttl_expiry
 from torpor_operator.settings import OperatorSettings
 from torpor_operator.spec import SpecError
 from torpor_operator.status import JobStatus, api_error, api_recovered, invalid_spec, merge_patch, not_ready
+from torpor_operator.watching import POD_SELECTOR, NoDiffBase, Seen, slim_node
 
 __all__ = ["Shell"]
 
@@ -119,6 +126,10 @@ class Shell:
         self.identity = identity
         self._acting: tuple[float, bool] | None = None
         self.nodes: dict[str, dict[str, Any]] = {}
+        """Nodes by name, as :func:`~torpor_operator.watching.slim_node` keeps them."""
+        self.seen_jobs = Seen("TrainingJob")
+        self.seen_pods = Seen("Pod")
+        self.pod_index = PodIndex()
         self.jobs: set[tuple[str, str]] = set()
         self.checkpoints: dict[tuple[str, str], list[CheckpointInfo]] = {}
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
@@ -131,12 +142,28 @@ class Shell:
         self._retry_at: dict[tuple[str, str], float] = {}
         self._credentials_shown: dict[tuple[str, str], str] = {}
         """The credentials problem last posted as an Event per job: one Event per distinct problem."""
+        self.schedule = RetentionSchedule(settings.retention_interval_seconds)
+        """Which jobs a retention pass visits (:mod:`torpor_operator.retaining`)."""
         self.retention_task: asyncio.Task[None] | None = None
         self.retention_progress = time.monotonic()
         metrics.retention_up.set_function(lambda: 0.0 if self.retention_problem() else 1.0)
+        for cache, size in self.cache_sizes().items():
+            metrics.watch_cache(cache, size)
+
+    def cache_sizes(self) -> dict[str, Callable[[], int]]:
+        """Every cache of the shell, by the name ``torpor_cached_entries`` gives it. All but
+        ``nodes`` are per job (``pods``: per pod of a job) and empty once their jobs are gone."""
+        return {"jobs": lambda: len(self.jobs), "job_events": lambda: len(self.seen_jobs),
+                "pods": lambda: len(self.seen_pods), "nodes": lambda: len(self.nodes),
+                "pod_index": lambda: len(self.pod_index), "pod_index_jobs": self.pod_index.jobs,
+                "checkpoints": lambda: len(self.checkpoints), "locks": lambda: len(self._locks),
+                "wakeups": lambda: len(self._wakeups), "listings": lambda: len(self._listings),
+                "listed_at": lambda: len(self._listed_at), "errors": lambda: len(self._errors),
+                "retry_at": lambda: len(self._retry_at), "credentials_shown": lambda: len(self._credentials_shown),
+                "manifests": self.bucket.cached_jobs}
 
     async def reconcile(self, namespace: str, name: str, *, triggered_at: float | None = None,
-                        retry: bool = False) -> None:
+                        retry: bool = False, trigger: str = "wakeup") -> None:
         """Observe the job, decide, apply; coalesced with a reconcile already waiting.
 
         After an API error the job's events wait for the scheduled retry (``retry``): a refused
@@ -150,9 +177,10 @@ class Shell:
         self._waiting.add(key)
         async with self._locks.setdefault(key, asyncio.Lock()):
             self._waiting.discard(key)
+            self.metrics.reconciles.labels(trigger=trigger).inc()
             with self.metrics.reconcile.time():
                 try:
-                    await self._reconcile(key, triggered_at)
+                    await self._reconcile(key, triggered_at, fresh=retry or trigger == "retention")
                 except Exception as exc:  # kopf would drop it: retry with backoff and show it
                     await self._failed(key, exc)
                 else:
@@ -183,7 +211,7 @@ class Shell:
                 return  # this error is on the job already: one Event per distinct error
             patch = merge_patch(old, new)
             if patch:
-                await asyncio.to_thread(self.kube.patch_status, namespace, name, patch)
+                self._wrote(key, await asyncio.to_thread(self.kube.patch_status, namespace, name, patch))
             await asyncio.to_thread(self.kube.post_event, body, "Warning", reason, message)
         except Exception as shown:
             log.warning("%s/%s: cannot show the error on the job: %s", namespace, name, api_message(shown))
@@ -203,11 +231,11 @@ class Shell:
             new = api_recovered(old, body["metadata"].get("generation"), datetime.now(UTC))
             patch = merge_patch(old, new) if new is not None else None
             if patch:
-                await asyncio.to_thread(self.kube.patch_status, namespace, name, patch)
+                self._wrote(key, await asyncio.to_thread(self.kube.patch_status, namespace, name, patch))
         except Exception as exc:
             log.warning("%s/%s: cannot clear the API error from Ready: %s", namespace, name, api_message(exc))
 
-    async def _reconcile(self, key: tuple[str, str], triggered_at: float | None) -> None:
+    async def _reconcile(self, key: tuple[str, str], triggered_at: float | None, *, fresh: bool) -> None:
         namespace, name = key
         body = await asyncio.to_thread(self.kube.read_job, namespace, name)
         if body is None or body["metadata"].get("deletionTimestamp"):
@@ -223,13 +251,13 @@ class Shell:
             log.warning("TrainingJob %s/%s cannot run: %s", namespace, name, exc)
             patch = merge_patch(old, new)
             if patch:
-                await asyncio.to_thread(self.kube.patch_status, namespace, name, patch)
+                self._wrote(key, await asyncio.to_thread(self.kube.patch_status, namespace, name, patch))
             await asyncio.to_thread(self.kube.post_event, body, "Warning", "InvalidSpec", str(exc))
             return
         self.jobs.add(key)
         observed_at = time.monotonic()
         pods, children = await asyncio.gather(
-            asyncio.to_thread(self.kube.list_pods, namespace, name),
+            self._pods(namespace, name, fresh),
             asyncio.to_thread(self.kube.list_children, namespace, name),
         )
         checkpoints = await self._checkpoints(key, job, observed_at)
@@ -246,7 +274,11 @@ class Shell:
         nodes = [n for node, n in self.nodes.items() if wanted(node, n)]
         decision = decide(job, pods, nodes, checkpoints, datetime.now(UTC), self.settings, children)
         if not decision.empty:
-            await asyncio.to_thread(self.kube.apply, namespace, name, decision)
+            if decision.status and key in self.seen_jobs:
+                self.seen_jobs.expect(key, body, decision.status)
+            self.pod_index.expect(namespace, name, [o["metadata"]["name"] for o in decision.create
+                                                    if o["kind"] == "Pod"])
+            self._wrote(key, await asyncio.to_thread(self.kube.apply, namespace, name, decision))
         if decision.graceful_exit is not None and triggered_at is not None:
             self.metrics.reaction.observe(time.monotonic() - triggered_at)
         for event in decision.events:
@@ -254,7 +286,51 @@ class Shell:
         if decision.events:
             await asyncio.to_thread(self.kube.post_events, body, decision)
         self.metrics.observe(f"{namespace}/{name}", decision, job.status)
-        self._schedule(key, decision.requeue_after)
+        status = decision.status or {}
+        phase = status.get("phase", job.status.phase)
+        self.schedule.observe(key, JobFacts(phase, job.spec.checkpoint.save_seconds, job.spec.checkpoint.save_steps,
+                                            body["metadata"].get("generation")))
+        expires = ttl_expiry(phase, status.get("completionTime", job.status.completion_time),
+                             job.spec.ttl_seconds_after_finished)
+        if expires is not None and await self._expire(key, body, expires):
+            return
+        delays = [d for d in (decision.requeue_after,
+                              None if expires is None else (expires - datetime.now(UTC)).total_seconds())
+                  if d is not None]
+        self._schedule(key, min(delays) if delays else None)
+
+    async def _expire(self, key: tuple[str, str], body: dict[str, Any], expires: datetime) -> bool:
+        """Delete a finished job whose ``spec.ttlSecondsAfterFinished`` has passed (its children go
+        by owner references, its checkpoints stay unless ``deleteOnJobDeletion``); whether it did."""
+        if datetime.now(UTC) < expires:
+            return False
+        ttl = body["spec"].get("ttlSecondsAfterFinished")
+        message = f"deleting the job {ttl} s after it finished (spec.ttlSecondsAfterFinished)"
+        log.info("%s/%s Expired: %s", *key, message)
+        try:
+            await asyncio.to_thread(self.kube.post_event, body, "Normal", "Expired", message)
+        except (ApiException, HTTPError) as exc:  # the deletion matters, its Event less
+            log.warning("event Expired on %s/%s not posted: %s", *key, api_message(exc))
+        await asyncio.to_thread(self.kube.delete_job, *key)
+        return True
+
+    async def _pods(self, namespace: str, name: str, fresh: bool) -> list[dict[str, Any]]:
+        """The job's pods from the pod index (:mod:`torpor_operator.indexing`), or LISTed when
+        the index cannot answer or ``fresh`` (a retention pass, an API retry: each LIST also
+        clears the index of pods a reconnected watch never reported deleted)."""
+        if not fresh:
+            pods = self.pod_index.pods(namespace, name)
+            if pods is not None:
+                return pods
+        self.pod_index.listing(namespace, name)
+        self.metrics.pod_lists.inc()
+        try:
+            items, version = await asyncio.to_thread(self.kube.list_pods_at, namespace, name)
+        except BaseException:
+            self.pod_index.abandon(namespace, name)
+            raise
+        self.pod_index.seed(namespace, name, items, version)
+        return items
 
     async def _checkpoints(self, key: tuple[str, str], job: Job,
                            since: float | None = None) -> list[CheckpointInfo] | None:
@@ -306,9 +382,18 @@ class Shell:
         future.add_done_callback(lambda _: self._listed(key, listing))
         return future
 
+    def _wrote(self, key: tuple[str, str], job: dict[str, Any] | None) -> None:
+        """The operator patched the job's status and got ``job`` back: its watch event shows
+        nothing a decision has not seen, and reconciles nothing. Only for a job its watch has
+        shown and not yet deleted: a late answer never brings a deleted job's entry back."""
+        if key in self.seen_jobs:
+            self.seen_jobs.record(key, job)
+
     def _listed(self, key: tuple[str, str], listing: _Listing) -> None:
         if self._listings.get(key) is listing:
             del self._listings[key]
+        if key not in self.jobs:  # deleted while it ran: the manifests it parsed go too
+            self.bucket.forget(*key)
         future = listing.future
         if future is None or future.cancelled() or future.exception() is not None or key not in self.jobs:
             return
@@ -332,7 +417,7 @@ class Shell:
     async def _wake(self, key: tuple[str, str]) -> None:
         # dropped when paused: kopf lists every job again on resuming, and that reconcile reschedules
         if await self.acting():
-            await self.reconcile(*key, retry=True)
+            await self.reconcile(*key, retry=True, trigger="wakeup")
 
     async def acting(self) -> bool:
         """Whether kopf lets this replica act: always when standalone; with peering, while no live
@@ -369,22 +454,34 @@ class Shell:
         return acting
 
     def forget(self, key: tuple[str, str]) -> None:
-        """Drop a deleted job's caches and wake-ups."""
+        """Drop every cache entry and the wake-up of a deleted job (``torpor_cached_entries``
+        shows what is held). A reconcile holding the job's lock keeps its lock object; a pass
+        still listing the bucket drops its result when it ends (:meth:`_listed`). The pods'
+        entries go with the pods' own deletion events."""
         self.jobs.discard(key)
+        self.seen_jobs.drop(key)
         self.checkpoints.pop(key, None)
         self._listed_at.pop(key, None)
         self._errors.pop(key, None)
         self._retry_at.pop(key, None)
         self._credentials_shown.pop(key, None)
+        self.schedule.forget(key)
+        self._locks.pop(key, None)
+        listing = self._listings.get(key)
+        if listing is None or listing.future is None or listing.future.done():
+            self._listings.pop(key, None)
         handle = self._wakeups.pop(key, None)
         if handle is not None:
             handle.cancel()
+        self.bucket.forget(*key)
+        self.pod_index.forget(*key)
         self.metrics.set_phase(f"{key[0]}/{key[1]}", None)
 
     async def prune_all(self) -> None:
-        """One retention pass over every known job, each isolated: an error (the API server away,
-        the bucket away) is logged and counted, and that job is tried again next pass."""
-        for key in sorted(self.jobs):
+        """One retention pass over the known jobs the schedule says are due, each isolated: an error
+        (the API server away, the bucket away) is logged and counted, and that job is tried again
+        next pass."""
+        for key in self.schedule.due_keys(self.jobs, time.monotonic()):
             try:
                 await self._prune(key)
             except Exception as exc:
@@ -413,9 +510,13 @@ class Shell:
             if key in self.jobs and started >= self._listed_at.get(key, 0.0):
                 self._listed_at[key] = started
                 self.checkpoints[key] = result.checkpoints
+            elif key not in self.jobs:
+                self.bucket.forget(*key)
             self.metrics.retention_deletions.inc(len(result.deleted))
+            self.schedule.passed(key, job.status.phase, started, generation=body["metadata"].get("generation"),
+                                 settled=settled(result.checkpoints, result.deleted))
             await self._show_credentials(key, job, None)
-        await self.reconcile(*key)
+        await self.reconcile(*key, trigger="retention")
 
     async def _show_credentials(self, key: tuple[str, str], job: Job, problem: CredentialsError | None) -> None:
         """Show a credentials problem in ``Ready`` (one Warning Event per distinct one), or clear one
@@ -443,7 +544,7 @@ class Shell:
                 new = not_ready(old, problem.reason, problem.message, generation, now)
             patch = merge_patch(old, new) if new is not None else None
             if patch:
-                await asyncio.to_thread(self.kube.patch_status, *key, patch)
+                self._wrote(key, await asyncio.to_thread(self.kube.patch_status, *key, patch))
             if problem is not None and self._credentials_shown.get(key) != problem.message:
                 self._credentials_shown[key] = problem.message
                 await asyncio.to_thread(self.kube.post_event, body, "Warning", problem.reason, problem.message)
@@ -506,14 +607,15 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     """Apply torpor's settings to kopf and build the shell."""
     ours: OperatorSettings = memo.get("settings") or OperatorSettings.from_env(os.environ)
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=GROUP, key="last-handled-configuration")
+    settings.persistence.diffbase_storage = NoDiffBase()
+    # the API server sends only torpor's pods: no other pod is streamed or kept
+    settings.watching.label_selectors["", "v1", "pods"] = POD_SELECTOR
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = ours.watch_timeout_seconds
     settings.watching.client_timeout = ours.watch_timeout_seconds + 30
     # read by kopf's peering tasks, which start only after the startup handlers
     settings.peering.lifetime = ours.peering_lifetime_seconds
-    kube = KubeClient(_api_client())
+    kube = KubeClient(_api_client(), workers=ours.api_workers)
     bucket = Bucket(ours.bucket_timeout_seconds, stale_upload_seconds=ours.stale_upload_seconds,
                     secrets=kube.read_secret)
     shell = Shell(ours, kube, bucket, memo.get("metrics") or Metrics(), memo.get("identity"))
@@ -571,18 +673,45 @@ async def stop_retention(memo: kopf.Memo, **_: Any) -> None:
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-async def on_job(event: dict[str, Any], namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
-    """Any change of a TrainingJob, including the operator's own status patches."""
+async def on_job(event: dict[str, Any], body: kopf.Body, namespace: str, name: str, memo: kopf.Memo,
+                 **_: Any) -> None:
+    """A change of a TrainingJob that a decision can see (:mod:`torpor_operator.watching`): not
+    the operator's own status patches, not kopf's annotations. kopf's listings (``type`` None:
+    at start-up, on resuming a paused replica) reconcile every job."""
+    shell, key = _shell(memo), (namespace, name)
     if event.get("type") == "DELETED":
-        _shell(memo).forget((namespace, name))
+        shell.forget(key)
         return
-    await _shell(memo).reconcile(namespace, name, triggered_at=time.monotonic())
+    if not shell.seen_jobs.changed(key, body) and event.get("type") is not None:
+        shell.metrics.watch_events.labels(resource="trainingjobs", outcome="unchanged").inc()
+        return
+    shell.metrics.watch_events.labels(resource="trainingjobs", outcome="reconcile").inc()
+    await shell.reconcile(namespace, name, triggered_at=time.monotonic(), trigger="job")
 
 
-@kopf.on.event("", "v1", "pods", labels={LABEL_JOB: kopf.PRESENT})
-async def on_pod(labels: dict[str, str], namespace: str, memo: kopf.Memo, **_: Any) -> None:
-    """A rank's pod changed: started, became ready, got a DisruptionTarget, ended, vanished."""
-    await _shell(memo).reconcile(namespace, labels[LABEL_JOB], triggered_at=time.monotonic())
+@kopf.on.event("", "v1", "pods")
+async def on_pod(event: dict[str, Any], body: kopf.Body, labels: dict[str, str], namespace: str, name: str,
+                 memo: kopf.Memo, **_: Any) -> None:
+    """A rank's pod changed: started, became ready, got a DisruptionTarget, ended, vanished.
+
+    The watch is scoped server-side to pods with torpor's job label (:func:`configure`); every
+    pod it sends is remembered (``torpor_cached_entries{cache="pods"}``) and indexed by its job
+    for the reconciles to read (:mod:`torpor_operator.indexing`) until it is deleted."""
+    shell, key = _shell(memo), (namespace, name)
+    job = labels.get(LABEL_JOB)
+    if event.get("type") == "DELETED":
+        shell.seen_pods.drop(key)
+        shell.pod_index.delete(namespace, name, body)
+    else:
+        if job is not None:
+            shell.pod_index.put(namespace, job, body)
+        if not shell.seen_pods.changed(key, body) and event.get("type") is not None:
+            shell.metrics.watch_events.labels(resource="pods", outcome="unchanged").inc()
+            return
+    if job is None:
+        return
+    shell.metrics.watch_events.labels(resource="pods", outcome="reconcile").inc()
+    await shell.reconcile(namespace, job, triggered_at=time.monotonic(), trigger="pod")
 
 
 @kopf.index("", "v1", "pods", labels={LABEL_JOB: kopf.PRESENT})
@@ -613,16 +742,18 @@ async def on_node(event: dict[str, Any], body: kopf.Body, name: str, memo: kopf.
     if event.get("type") == "DELETED":
         shell.nodes.pop(name, None)
         return
-    before = shell.nodes.get(name)
-    shell.nodes[name] = dict(body)
-    change = node_change(NodeView.from_dict(before) if before else None, NodeView.from_dict(dict(body)),
+    before, after = shell.nodes.get(name), slim_node(body)
+    shell.nodes[name] = after
+    change = node_change(NodeView.from_dict(before) if before else None, NodeView.from_dict(after),
                          shell.settings.termination_taints)
     if change is None:
+        shell.metrics.watch_events.labels(resource="nodes", outcome="unchanged").inc()
         return
+    shell.metrics.watch_events.labels(resource="nodes", outcome="reconcile").inc()
     triggered_at = time.monotonic()
     index = ranks_by_node if change == "away" else pending_by_avoided_node
     jobs = sorted(set(index.get(name, [])))
-    await asyncio.gather(*(shell.reconcile(ns, job, triggered_at=triggered_at) for ns, job in jobs))
+    await asyncio.gather(*(shell.reconcile(ns, job, triggered_at=triggered_at, trigger="node") for ns, job in jobs))
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL,

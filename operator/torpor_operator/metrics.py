@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
 from torpor_operator.reconciling import Decision
@@ -34,7 +36,22 @@ class Metrics:
         self.retention_up = Gauge("torpor_retention_loop_up",
                                   "1 while the retention/resync task runs and makes progress, else 0",
                                   registry=registry)
+        self.reconciles = Counter("torpor_reconciles_total", "Reconcile passes run, by what triggered them "
+                                  "(job, pod or node event; wakeup: a scheduled step or an API retry; retention)",
+                                  ["trigger"], registry=registry)
+        self.watch_events = Counter("torpor_watch_events_total", "Watch events received, by resource and outcome "
+                                    "(reconcile, or unchanged: nothing a decision reads changed)",
+                                    ["resource", "outcome"], registry=registry)
+        self.pod_lists = Counter("torpor_pod_lists_total", "LISTs of a job's pods: the pod index could not answer "
+                                 "(first reconcile of a job, a pod just created not yet watched) or a resync",
+                                 registry=registry)
+        self.cached = Gauge("torpor_cached_entries", "Entries held in the operator's caches, by cache; every "
+                            "per-job cache empties when its jobs are deleted", ["cache"], registry=registry)
         self._phases: dict[str, str] = {}
+
+    def watch_cache(self, name: str, size: Callable[[], int]) -> None:
+        """Report ``size()`` as ``torpor_cached_entries{cache=name}`` at every scrape."""
+        self.cached.labels(cache=name).set_function(lambda: float(size()))
 
     def observe(self, key: str, decision: Decision, before: JobStatus) -> None:
         """Count what a decision changed and track the job's phase.

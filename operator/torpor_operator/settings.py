@@ -39,6 +39,9 @@ PRIORITY_LIMIT = 2**53 - 1
 #: least every second: below 5 s a slow keep-alive PATCH would let a working replica look dead;
 #: above an hour a crashed replica would block its standby for longer than anyone waits.
 PEERING_LIFETIME_BOUNDS = (5, 3600)
+#: Most parallel API calls of one decision: each is a thread and a connection to the API server,
+#: and past a few hundred the API server's own priority-and-fairness queues throttle anyway.
+API_WORKERS_LIMIT = 256
 
 
 class SettingsError(ValueError):
@@ -131,8 +134,9 @@ class OperatorSettings:
     retention_interval_seconds: float = dataclasses.field(
         default=60.0, metadata=_env("TORPOR_RETENTION_INTERVAL_SECONDS")
     )
-    """How often each running job's bucket prefix is listed and pruned, and its
-    ``status.lastCheckpoint`` refreshed, seconds."""
+    """How often the retention loop wakes, seconds: the jobs it then lists, prunes and refreshes
+    ``status.lastCheckpoint`` of are the due ones of :mod:`torpor_operator.retaining` (a running
+    job every interval or every ``saveSeconds``, a finished or suspended one once)."""
 
     api_retry_base_seconds: float = dataclasses.field(default=1.0, metadata=_env("TORPOR_API_RETRY_BASE_SECONDS"))
     """First wait before a reconcile that met an API error (a refused create, a 5xx, no
@@ -151,6 +155,12 @@ class OperatorSettings:
     bucket_workers: int = dataclasses.field(default=4, metadata=_env("TORPOR_BUCKET_WORKERS"))
     """Threads for bucket work (listings, retention), apart from the ones the API calls use, so
     a slow store never queues the calls that write GracefulExit. >= 1."""
+
+    api_workers: int = dataclasses.field(default=16, metadata=_env("TORPOR_API_WORKERS"))
+    """Most API calls one decision makes at once: the pod annotations of a stop (one per rank)
+    are patched in parallel, at most this many in flight, so that a 1024-rank job is told to
+    save in about 1024 / ``api_workers`` round trips instead of 1024. The client's connection
+    pool is sized to match. Default 16; 1 patches one after another. 1..256."""
 
     stale_upload_seconds: float = dataclasses.field(default=3600.0, metadata=_env("TORPOR_STALE_UPLOAD_SECONDS"))
     """Age past which retention aborts a multipart upload of an incomplete checkpoint it deletes
@@ -232,6 +242,9 @@ class OperatorSettings:
             )
         if not _is_int(self.bucket_workers) or self.bucket_workers < 1:
             raise SettingsError(f"bucket_workers must be a whole number >= 1, got {self.bucket_workers!r}")
+        if not _is_int(self.api_workers) or not 1 <= self.api_workers <= API_WORKERS_LIMIT:
+            raise SettingsError(f"api_workers must be a whole number in 1..{API_WORKERS_LIMIT}, "
+                                f"got {self.api_workers!r}")
         if self.log_format not in ("json", "plain"):
             raise SettingsError(f"log_format must be 'json' or 'plain', got {self.log_format!r}")
         if self.peering and not _DNS_LABEL.match(self.peering):

@@ -188,6 +188,10 @@ class TrainingJobSpec:
     startup_timeout_seconds: Annotated[int, CrdField("startupTimeoutSeconds", "integer", minimum=10,
                                                      maximum=86_400)] = 600
     suspend: Annotated[bool, CrdField("suspend", "boolean")] = False
+    ttl_seconds_after_finished: Annotated[int | None, CrdField("ttlSecondsAfterFinished", "integer", minimum=0,
+                                                               maximum=31_536_000)] = None
+    """Seconds after ``status.completionTime`` when the operator deletes a finished job (batch/v1
+    Job's field); ``None`` keeps it. Read from the status, so a restarted operator keeps the time."""
     elastic: Annotated[ElasticSpec | None, CrdField("elastic", "object", nested=ElasticSpec)] = None
 
     def __post_init__(self) -> None:

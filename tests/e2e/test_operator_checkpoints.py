@@ -108,9 +108,22 @@ def test_a_stale_multipart_upload_of_a_killed_save_is_aborted(e2e: Env) -> None:
         return [u["UploadId"] for u in s3.list_multipart_uploads(Bucket=e2e.bucket, Prefix=shard).get("Uploads", [])]
 
     assert uploads() == [upload]
+    # a finished job is passed once more only after an edit of its spec (a new keepMax): the
+    # fault above came after its final pass
+    e2e.patch({"checkpoint": {"keepMax": 4}})
     e2e.wait("the stale upload aborted", lambda: not uploads(), timeout=60)
     remaining = sorted(c.name for c in e2e.checkpoints())
     assert remaining == names[1:]  # the incomplete checkpoint went with it
+
+
+def test_a_finished_job_is_deleted_ttl_seconds_after_it_finished_and_its_checkpoints_stay(e2e: Env) -> None:
+    e2e.create(e2e.example("--max-steps", "8", "--step-delay", "0", checkpoint={"saveSteps": 4},
+                           ttlSecondsAfterFinished=2))
+    e2e.wait("the job deleted after it finished", lambda: e2e.get("tj")["items"] == [], timeout=180)
+    reasons = e2e.reasons()
+    assert "Succeeded" in reasons and "Expired" in reasons, reasons
+    e2e.wait("its pods gone with it (owner references)", lambda: e2e.pods() == [], timeout=120)
+    assert [c.step for c in e2e.checkpoints() if c.complete][-1] == 8, "the checkpoints stay"
 
 
 def test_deleting_a_job_stops_its_ranks_before_deleting_its_checkpoints(e2e: Env) -> None:

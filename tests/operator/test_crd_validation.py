@@ -132,6 +132,8 @@ INVALID: list[tuple[str, dict[str, Any], list[str]]] = [
     ("elastic-wait-not-below-startup-timeout", job(replicas=2, elastic={"minReplicas": 1, "waitSeconds": 600}),
      ["spec.elastic.waitSeconds", "must be less than spec.startupTimeoutSeconds",
       "got waitSeconds 600 and startupTimeoutSeconds 600"]),
+    ("ttl-negative", job(ttlSecondsAfterFinished=-1),
+     ["spec.ttlSecondsAfterFinished", "greater than or equal to 0"]),
     ("elastic-grow-interval-too-short", job(replicas=2, elastic={"minReplicas": 1, "growIntervalSeconds": 5}),
      ["spec.elastic.growIntervalSeconds", "greater than or equal to 10"]),
 ]

@@ -106,3 +106,11 @@ def test_the_retention_task_outlives_an_absent_api_server(refused_api: KubeClien
 
     asyncio.run(asyncio.wait_for(run(), 30))
     assert metrics.retention_up._value.get() == 0.0  # a stopped task reads 0 (set_function: evaluated on read)
+
+
+def test_api_workers_bound_the_parallel_patches_of_a_stop() -> None:
+    assert OperatorSettings().api_workers == 16
+    assert OperatorSettings.from_env({"TORPOR_API_WORKERS": "64"}).api_workers == 64
+    for bad in ("0", "257", "-3"):
+        with pytest.raises(SettingsError, match=f"TORPOR_API_WORKERS.*{bad}"):
+            OperatorSettings.from_env({"TORPOR_API_WORKERS": bad})

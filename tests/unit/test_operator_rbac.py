@@ -13,6 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "operator" / "torpor_operator"
 CALLS = {
     "get_namespaced_custom_object": ("torpor.dev", "trainingjobs", "get"),
     "patch_namespaced_custom_object_status": ("torpor.dev", "trainingjobs/status", "patch"),
+    "delete_namespaced_custom_object": ("torpor.dev", "trainingjobs", "delete"),  # ttlSecondsAfterFinished
     "list_namespaced_pod": ("", "pods", "list"),
     "create_namespaced_pod": ("", "pods", "create"),
     "delete_namespaced_pod": ("", "pods", "delete"),

@@ -1,0 +1,180 @@
+"""The pods of each job, kept from the pod watch so that a reconcile reads them without a LIST.
+
+An informer's index with the three guards a level-triggered controller needs when it reads its
+own writes through a watch:
+
+- **Synced per job.** A job's pods are answered from the index only after one LIST of them
+  (:meth:`PodIndex.seed`) in this process: at start-up kopf may hand a job's event to the shell
+  before the pod watch's first listing has reached it, and an index that lacks a pod would
+  read as a rank that vanished.
+- **Expectations.** The pods a decision creates are expected until the watch shows them (or a
+  LIST shows they were never made): a decision read from an index that lacks a pod the
+  operator just made would make it again or count it lost. While one is expected, the shell
+  LISTs instead.
+- **Ghosts.** A watch that reconnects with a new listing tells nobody of a pod deleted in the
+  gap. Every LIST of a job drops the index's pods of that job that the LIST lacks, unless the
+  index's copy is newer than the LIST (its resourceVersion, an etcd revision, is greater); the
+  retention pass LISTs every job, so a ghost lives at most one pass.
+
+Pure bookkeeping, no I/O; one instance per operator process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+__all__ = ["PodIndex"]
+
+Key = tuple[str, str]
+
+
+def _version(obj: Mapping[str, Any]) -> int | None:
+    try:
+        return int((obj.get("metadata") or {}).get("resourceVersion") or "")
+    except ValueError:
+        return None
+
+
+class PodIndex:
+    """Pods by (namespace, job), as the watch last showed them (``managedFields`` left out)."""
+
+    def __init__(self) -> None:
+        self._pods: dict[Key, tuple[str, dict[str, Any]]] = {}
+        """(namespace, pod) -> (job, body)."""
+        self._names: dict[Key, set[str]] = {}
+        """(namespace, job) -> its pods' names in ``_pods``."""
+        self._synced: set[Key] = set()
+        self._expected: dict[Key, dict[str, str | None]] = {}
+        """(namespace, job) -> pod name -> the uid the index held under that name when the create
+        was expected (a pod of the same name may still be on its way out)."""
+        self._listed_at: dict[Key, int] = {}
+        """(namespace, job) -> resourceVersion of its last LIST: older events are already in it."""
+        self._deleted: dict[Key, set[str]] = {}
+        """Names deleted while a LIST of the job runs: the LIST must not bring them back."""
+
+    def _stale(self, namespace: str, job: str, body: Mapping[str, Any]) -> bool:
+        """Whether a watch event is older than what the index holds: than the pod of that name
+        it has, or than the job's last LIST (a LIST reads newer than a lagging watch)."""
+        version = _version(body)
+        if version is None:
+            return False
+        listed = self._listed_at.get((namespace, job))
+        old = self._pods.get((namespace, str((body.get("metadata") or {}).get("name", ""))))
+        held = _version(old[1]) if old is not None else None
+        return (listed is not None and version <= listed) or (held is not None and version < held)
+
+    def put(self, namespace: str, job: str, body: Mapping[str, Any]) -> None:
+        """A pod event (added, modified, listed) of a pod labelled with ``job``; an event older
+        than what the index holds is ignored."""
+        if self._stale(namespace, job, body):
+            return
+        self._store(namespace, job, body)
+
+    def _store(self, namespace: str, job: str, body: Mapping[str, Any]) -> None:
+        meta = body.get("metadata") or {}
+        name = str(meta.get("name", ""))
+        kept = {**body, "metadata": {k: v for k, v in meta.items() if k != "managedFields"}}
+        old = self._pods.get((namespace, name))
+        if old is not None and old[0] != job:
+            self._unlink(namespace, old[0], name)
+        self._pods[(namespace, name)] = (job, kept)
+        self._names.setdefault((namespace, job), set()).add(name)
+        self._satisfy(namespace, job, name, meta.get("uid"))
+
+    def delete(self, namespace: str, name: str, body: Mapping[str, Any] | None = None) -> None:
+        """A pod's deletion event (``body``: the pod as it was deleted). A deletion of an older
+        pod of the name than the one held (the name made again since) is ignored."""
+        old = self._pods.get((namespace, name))
+        if old is None:
+            return
+        gone = (body.get("metadata") or {}).get("uid") if body is not None else None
+        if gone is not None and gone != (old[1].get("metadata") or {}).get("uid"):
+            return
+        del self._pods[(namespace, name)]
+        job = old[0]
+        self._unlink(namespace, job, name)
+        if (namespace, job) in self._deleted:
+            self._deleted[(namespace, job)].add(name)
+
+    def _unlink(self, namespace: str, job: str, name: str) -> None:
+        names = self._names.get((namespace, job))
+        if names is not None:
+            names.discard(name)
+            if not names:
+                del self._names[(namespace, job)]
+
+    def _satisfy(self, namespace: str, job: str, name: str, uid: str | None) -> None:
+        expected = self._expected.get((namespace, job))
+        if expected is not None and name in expected and expected[name] != uid:
+            del expected[name]
+            if not expected:
+                del self._expected[(namespace, job)]
+
+    def pods(self, namespace: str, job: str) -> list[dict[str, Any]] | None:
+        """The job's pods, or ``None`` when the index cannot answer (not synced, or a pod the
+        operator made is not in it yet): then LIST them."""
+        key = (namespace, job)
+        if key not in self._synced or key in self._expected:
+            return None
+        return [self._pods[(namespace, n)][1] for n in sorted(self._names.get(key, ()))]
+
+    def expect(self, namespace: str, job: str, names: Iterable[str]) -> None:
+        """The operator is creating these pods of the job."""
+        # "" for a name the index does not hold: any pod shown under it is the new one
+        held = {n: (self._pods[(namespace, n)][1].get("metadata") or {}).get("uid")
+                if (namespace, n) in self._pods else "" for n in names}
+        if held:
+            self._expected.setdefault((namespace, job), {}).update(held)
+
+    def listing(self, namespace: str, job: str) -> None:
+        """A LIST of the job's pods begins: deletions seen from now on are remembered for :meth:`seed`."""
+        self._deleted.setdefault((namespace, job), set())
+
+    def seed(self, namespace: str, job: str, items: Iterable[Mapping[str, Any]], version: str | None) -> None:
+        """The answer of a LIST begun with :meth:`listing` (``version``: the list's
+        resourceVersion): adds the pods the index lacks, drops the job's ghosts, clears the
+        job's expectations, and marks the job synced."""
+        key = (namespace, job)
+        deleted = self._deleted.pop(key, set())
+        listed: dict[str, Mapping[str, Any]] = {str((i.get("metadata") or {}).get("name", "")): i for i in items}
+        try:
+            at = int(version or "")
+        except ValueError:
+            at = None
+        for name in sorted(self._names.get(key, set()) - set(listed)):
+            mine = _version(self._pods[(namespace, name)][1])
+            if at is not None and mine is not None and mine <= at:
+                self.delete(namespace, name)  # gone when the LIST was read, and no event since
+        for name, item in listed.items():
+            if name in deleted:
+                continue
+            old = self._pods.get((namespace, name))
+            held, new = (_version(old[1]) if old is not None else None), _version(item)
+            if old is None or (held is not None and new is not None and new > held):
+                self._store(namespace, job, item)
+        if at is not None:
+            self._listed_at[key] = at
+        # a pod still expected was never made: reconciles of one job are serialised, so this
+        # LIST began after the create that expected it had returned
+        self._expected.pop(key, None)
+        self._synced.add(key)
+
+    def abandon(self, namespace: str, job: str) -> None:
+        """A LIST begun with :meth:`listing` failed."""
+        self._deleted.pop((namespace, job), None)
+
+    def forget(self, namespace: str, job: str) -> None:
+        """The job is deleted: its pods go with their own deletion events."""
+        key = (namespace, job)
+        self._synced.discard(key)
+        self._expected.pop(key, None)
+        self._deleted.pop(key, None)
+        self._listed_at.pop(key, None)
+
+    def jobs(self) -> int:
+        """Jobs with index state (synced, expected or listing): ``torpor_cached_entries{cache="pod_index_jobs"}``."""
+        return len(self._synced | set(self._expected) | set(self._deleted) | set(self._listed_at))
+
+    def __len__(self) -> int:
+        return len(self._pods)

@@ -1,0 +1,91 @@
+"""A stop of N ranks annotates every pod, in parallel, and one failed patch loses no other (issue 13, item 2).
+
+The real API server: the pods are real objects (no node runs them, none is needed to annotate
+them). The fault is real too: one pod deleted before the stop (the API answers 404) and one pod
+whose updates a ValidatingAdmissionPolicy denies (the API answers 422), so that pod's patch
+fails while the others' succeed. The timing (sub-linear in N) is a bench, not asserted here.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from controlplane import wait_for_condition
+from torpor_operator.applying import KubeClient
+from torpor_operator.contract import ANNOTATION_EXIT_REQUESTED
+from torpor_operator.decisions import Decision
+
+if TYPE_CHECKING:
+    from controlplane import ControlPlane
+
+RANKS = 12
+STAMP = "2026-01-01T00:00:00Z"
+
+
+def _pod(name: str) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": {"test": "stop"}},
+            "spec": {"containers": [{"name": "c", "image": "none"}]}}
+
+
+def _annotated(core: client.CoreV1Api, namespace: str) -> set[str]:
+    pods = core.list_namespaced_pod(namespace, label_selector="test=stop").items
+    return {p.metadata.name for p in pods if (p.metadata.annotations or {}).get(ANNOTATION_EXIT_REQUESTED) == STAMP}
+
+
+def _deny_updates_of(control_plane: ControlPlane, namespace: str, pod: str) -> None:
+    """A ValidatingAdmissionPolicy that refuses every update of ``pod`` in ``namespace``."""
+    name = f"deny-{namespace}"[:60]
+    policy = {"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicy",
+              "metadata": {"name": name},
+              "spec": {"failurePolicy": "Fail",
+                       "matchConstraints": {"resourceRules": [{"apiGroups": [""], "apiVersions": ["v1"],
+                                                               "operations": ["UPDATE"], "resources": ["pods"]}]},
+                       "validations": [{"expression": f"object.metadata.name != '{pod}'",
+                                        "message": "updates of this pod are denied by the test"}]}}
+    binding = {"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicyBinding",
+               "metadata": {"name": name},
+               "spec": {"policyName": name, "validationActions": ["Deny"],
+                        "matchResources": {"namespaceSelector": {"matchLabels": {
+                            "kubernetes.io/metadata.name": namespace}}}}}
+    control_plane.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List",
+                                                                 "items": [policy, binding]}))
+
+
+def test_a_stop_annotates_every_rank_and_one_failed_patch_loses_no_other(
+        control_plane: ControlPlane, namespace: str, kube: client.ApiClient) -> None:
+    core = client.CoreV1Api(kube)
+    names = [f"rank-{i}" for i in range(RANKS)]
+    for name in names:
+        core.create_namespaced_pod(namespace, _pod(name))
+    gone, denied = names[3], names[7]
+    core.delete_namespaced_pod(gone, namespace, grace_period_seconds=0)
+    wait_for_condition(lambda: gone not in {p.metadata.name for p in core.list_namespaced_pod(namespace).items},
+                       timeout=30, what=f"{gone} deleted")
+    _deny_updates_of(control_plane, namespace, denied)
+
+    def policy_in_force() -> bool:  # the API server compiles and loads a policy asynchronously
+        try:
+            core.patch_namespaced_pod(denied, namespace, {"metadata": {"annotations": {"probe": "1"}}})
+        except ApiException as exc:
+            return exc.status == 422
+        return False
+
+    wait_for_condition(policy_in_force, timeout=60, what="the test's admission policy in force")
+
+    kube_client = KubeClient(kube, workers=4)
+    decision = Decision(annotate=tuple((name, {ANNOTATION_EXIT_REQUESTED: STAMP}) for name in names))
+    with pytest.raises(ApiException) as raised:
+        kube_client.apply(namespace, "job", decision)
+    assert raised.value.status == 422, "the denied patch is reported, so the shell retries the reconcile"
+    assert _annotated(core, namespace) == set(names) - {gone, denied}, "every other rank was annotated"
+
+    # the retry (the next reconcile) finds the pods it could not annotate, and the fault has gone
+    control_plane.kubectl("delete", "validatingadmissionpolicybinding", f"deny-{namespace}"[:60])
+    wait_for_condition(lambda: not policy_in_force(), timeout=60, what="the test's admission policy gone")
+    kube_client.apply(namespace, "job", Decision(annotate=((denied, {ANNOTATION_EXIT_REQUESTED: STAMP}),)))
+    assert _annotated(core, namespace) == set(names) - {gone}

@@ -1,0 +1,129 @@
+"""The pod index reconciles read instead of LISTing: synced per job, expectations for the
+operator's own creates, ghosts dropped by a LIST (issue 13, item 1; pure, no cluster)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from test_operator_world import pod
+
+from torpor_operator.indexing import PodIndex
+
+
+def at(body: dict[str, Any], version: int) -> dict[str, Any]:
+    body["metadata"]["resourceVersion"] = str(version)
+    return body
+
+
+def names(pods: list[dict[str, Any]] | None) -> list[str] | None:
+    return None if pods is None else [p["metadata"]["name"] for p in pods]
+
+
+def test_a_job_is_answered_only_after_one_list() -> None:
+    index = PodIndex()
+    index.put("team", "demo", at(pod("demo", 1, 0), 5))
+    assert index.pods("team", "demo") is None  # the watch's listing may not have reached rank 1 yet
+    index.listing("team", "demo")
+    index.seed("team", "demo", [at(pod("demo", 1, 0), 5), at(pod("demo", 1, 1), 6)], "6")
+    assert names(index.pods("team", "demo")) == ["demo-1-0", "demo-1-1"]
+    assert index.pods("team", "other") is None
+
+
+def test_a_pod_the_operator_creates_is_waited_for() -> None:
+    index = PodIndex()
+    index.listing("team", "demo")
+    index.seed("team", "demo", [], "3")
+    assert index.pods("team", "demo") == []
+    index.expect("team", "demo", ["demo-1-0", "demo-1-1"])
+    assert index.pods("team", "demo") is None
+    index.put("team", "demo", at(pod("demo", 1, 0), 4))
+    assert index.pods("team", "demo") is None
+    index.put("team", "demo", at(pod("demo", 1, 1), 5))
+    assert names(index.pods("team", "demo")) == ["demo-1-0", "demo-1-1"]
+
+
+def test_a_create_that_never_happened_is_cleared_by_the_next_list() -> None:
+    index = PodIndex()
+    index.listing("team", "demo")
+    index.seed("team", "demo", [], "3")
+    index.expect("team", "demo", ["demo-1-0"])  # refused by a quota
+    index.listing("team", "demo")
+    index.seed("team", "demo", [], "9")
+    assert index.pods("team", "demo") == []
+
+
+def test_a_list_drops_ghosts_but_not_pods_newer_than_itself() -> None:
+    index = PodIndex()
+    index.listing("team", "demo")
+    index.seed("team", "demo", [at(pod("demo", 1, 0), 5), at(pod("demo", 1, 1), 6)], "6")
+    index.put("team", "demo", at(pod("demo", 2, 0), 12))  # made after the next LIST's snapshot
+    index.listing("team", "demo")
+    index.seed("team", "demo", [at(pod("demo", 1, 0), 5)], "10")  # rank 1 deleted in a watch gap
+    assert names(index.pods("team", "demo")) == ["demo-1-0", "demo-2-0"]
+    assert len(index) == 2
+
+
+def test_a_pod_deleted_while_listing_is_not_brought_back() -> None:
+    index = PodIndex()
+    index.put("team", "demo", at(pod("demo", 1, 0), 5))
+    index.listing("team", "demo")
+    index.delete("team", "demo-1-0")
+    index.seed("team", "demo", [at(pod("demo", 1, 0), 5)], "5")
+    assert index.pods("team", "demo") == []
+
+
+def test_managed_fields_are_not_kept_and_a_forgotten_job_leaves_nothing() -> None:
+    index = PodIndex()
+    body = at(pod("demo", 1, 0), 5)
+    body["metadata"]["managedFields"] = [{"manager": "kubelet"}]
+    index.put("team", "demo", body)
+    index.listing("team", "demo")
+    index.seed("team", "demo", [body], "5")
+    index.expect("team", "demo", ["demo-1-1"])
+    assert "managedFields" not in index._pods[("team", "demo-1-0")][1]["metadata"]
+    assert index.jobs() == 1
+    index.forget("team", "demo")
+    index.delete("team", "demo-1-0")
+    assert index.jobs() == 0 and len(index) == 0
+    index.listing("team", "gone")
+    index.abandon("team", "gone")
+    assert index.jobs() == 0
+
+
+def test_a_lagging_watch_never_brings_back_a_pod_a_list_saw_gone() -> None:
+    """e2e: test_operator_faults_api.py's quota test — a refused launch tears rank 0 down; the
+    retry's LIST (fresh) sees no pod, then the old rank 0's delayed events arrive, then the new
+    rank 0 of the same name is made: the index must never show the old one being deleted."""
+    index = PodIndex()
+    old = at(pod("demo", 1, 0), 5)
+    old["metadata"]["uid"] = "old"
+    index.listing("team", "demo")
+    index.seed("team", "demo", [], "9")  # the old rank 0 was made at 5 and deleted at 8
+    deleting = at(pod("demo", 1, 0, deleting=True), 7)
+    deleting["metadata"]["uid"] = "old"
+    index.put("team", "demo", deleting)  # its delayed events
+    assert index.pods("team", "demo") == []
+    index.expect("team", "demo", ["demo-1-0"])
+    new = at(pod("demo", 1, 0), 12)
+    new["metadata"]["uid"] = "new"
+    index.put("team", "demo", new)
+    assert names(index.pods("team", "demo")) == ["demo-1-0"]
+    index.delete("team", "demo-1-0", deleting)  # the old one's deletion event, late: not the new one's
+    assert names(index.pods("team", "demo")) == ["demo-1-0"]
+    assert index.pods("team", "demo")[0]["metadata"]["uid"] == "new"
+
+
+def test_a_create_is_expected_even_while_an_old_pod_of_its_name_is_held() -> None:
+    index = PodIndex()
+    old = at(pod("demo", 1, 0, deleting=True), 5)
+    old["metadata"]["uid"] = "old"
+    index.listing("team", "demo")
+    index.seed("team", "demo", [old], "5")
+    index.expect("team", "demo", ["demo-1-0"])
+    assert index.pods("team", "demo") is None  # the old one is no answer for the new one
+    index.delete("team", "demo-1-0", old)
+    assert index.pods("team", "demo") is None
+    new = at(pod("demo", 1, 0), 8)
+    new["metadata"]["uid"] = "new"
+    index.put("team", "demo", new)
+    assert names(index.pods("team", "demo")) == ["demo-1-0"]
