@@ -349,14 +349,17 @@ def preemption_signals(pods: Iterable[PodView], nodes: Mapping[str, NodeView], t
     A rank's own signals (deletion, ``DisruptionTarget``) come before its node's (cordon,
     termination taint, lost), since they are the more certain. ``deletions=False`` leaves out
     bare deletions: a deletion may be the operator's own (a failure it was applying when it
-    died), so it alone never turns a crash into collateral (docs/operator.md).
+    died), so it alone never turns a crash into collateral (docs/operator.md). The deletion of a
+    rank that was never scheduled (Pending, no node) is no signal: it holds no state, and the
+    decision makes it again once it is gone (the operator deletes such a rank itself when a node
+    it was kept off is back, and the API server shows it with a ``deletionTimestamp`` first).
     """
     taints = tuple(taints)
     messages = []
     for pod in sorted(pods, key=lambda p: p.rank):
         if pod.terminated:
             continue
-        if pod.deleting and deletions:
+        if pod.deleting and deletions and not (pod.node is None and pod.phase == "Pending"):
             messages.append(f"rank {pod.rank} (pod {pod.name}) is being deleted")
         if pod.disruption:
             messages.append(f"rank {pod.rank} (pod {pod.name}) has DisruptionTarget {pod.disruption}")

@@ -11,6 +11,7 @@ with errors that name the field and the value.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import types
 import typing
@@ -74,14 +75,15 @@ class CrdField:
     nested: type | None = None
 
 
-def crd_fields(cls: type) -> list[tuple[dataclasses.Field[Any], CrdField]]:
-    """The dataclass fields of a spec class with their CRD mapping, in declaration order."""
+@functools.cache
+def crd_fields(cls: type) -> tuple[tuple[dataclasses.Field[Any], CrdField], ...]:
+    """The dataclass fields of a spec class with their CRD mapping, in declaration order.
+
+    Cached per class: ``typing.get_type_hints`` resolves every annotation anew on each call, and
+    the operator parses the spec on every reconcile (it was most of ``Job.from_dict``'s 2 ms)."""
     hints = typing.get_type_hints(cls, include_extras=True)
-    result = []
-    for f in dataclasses.fields(cls):
-        crd = next(m for m in hints[f.name].__metadata__ if isinstance(m, CrdField))
-        result.append((f, crd))
-    return result
+    return tuple((f, next(m for m in hints[f.name].__metadata__ if isinstance(m, CrdField)))
+                 for f in dataclasses.fields(cls))
 
 
 @dataclass(frozen=True)

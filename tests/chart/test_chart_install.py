@@ -137,7 +137,7 @@ def test_rbac_is_no_more_than_the_rules_file(control_plane: ControlPlane, namesp
     assert other - baseline == qualified(rules["clusterRules"]) - baseline
     # secrets: get only, by name (a job's credentialsSecret): never list, watch or write them
     for verb, *what in [("create", "clusterroles"), ("list", "secrets"), ("watch", "secrets"),
-                        ("update", "secrets"), ("delete", "trainingjobs.torpor.dev"),
+                        ("update", "secrets"), ("create", "trainingjobs.torpor.dev"),
                         ("update", "nodes"), ("create", "pods", "--subresource=exec")]:
         allowed = cp.kubectl("auth", "can-i", verb, *what, "-n", namespace,
                              f"--as=system:serviceaccount:{namespace}:{release}", check=False)

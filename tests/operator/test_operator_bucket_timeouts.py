@@ -21,6 +21,7 @@ from kubernetes import client
 from prometheus_client import CollectorRegistry
 
 from faultproxy import FaultProxy
+from processes import poll
 from torpor.errors import StorageError
 from torpor_operator.applying import KubeClient
 from torpor_operator.bucket import Bucket
@@ -108,11 +109,14 @@ def test_a_launch_decides_without_a_listing_when_the_store_does_not_answer(
 
     try:
         still_listing = asyncio.run(run())
+        # the listing reaches the store (its thread may connect after the decision: a slow machine)
+        reached = poll(lambda: proxy.accepted >= 1, timeout=30, what="the listing to reach the store",
+                       error=TimeoutError)
     finally:
         proxy.close()  # ends the hanging request
         shell.bucket_pool.shutdown(wait=True, cancel_futures=True)
     assert still_listing, "the decision waited for the listing to end"
-    assert proxy.accepted >= 1  # the listing did reach the store
+    assert reached
     pods = client.CoreV1Api(kube).list_namespaced_pod(namespace).items
     assert sorted(p.metadata.name for p in pods) == ["blackholed-1-0", "blackholed-1-1"]
     for pod in pods:

@@ -167,6 +167,34 @@ def test_a_pending_rank_kept_off_a_node_that_came_back_is_made_again_without_it(
         0, 0, 0)
 
 
+def test_a_decision_while_the_kept_off_rank_is_on_its_way_out_is_no_preemption() -> None:
+    """The API server shows the deleted Pending pod with a ``deletionTimestamp`` before it is
+    gone, and a decision can read it then (a watch event, an index): an unscheduled rank being
+    deleted holds no state, so it is waited for, never a reason to stop the running ranks."""
+    c = kept_pending()
+    c.nodes["node-b"] = node("node-b")
+    c.step()
+    assert "deletionTimestamp" in c.pods["demo-1-1"]["metadata"]
+    d = c.step()
+    assert not d.graceful_exit and not d.create and not d.delete, d
+    assert c.status["phase"] == "Pending" and c.status.get("preemptions", 0) == 0
+    c.vanish_deleted()
+    (again,) = [o for o in c.step().create if o["kind"] == "Pod"]
+    assert again["metadata"]["name"] == "demo-1-1"
+
+
+def test_a_user_deleting_a_pending_unscheduled_rank_gets_it_made_again() -> None:
+    """The same for a ``kubectl delete`` of a rank that never ran: made again once gone, in the
+    same incarnation — no preemption, no failure."""
+    c = kept_pending()
+    c.pods["demo-1-1"]["metadata"]["deletionTimestamp"] = "2026-01-01T12:00:00Z"
+    d = c.step()
+    assert not d.graceful_exit and c.status.get("preemptions", 0) == 0
+    c.vanish_deleted()
+    (again,) = [o for o in c.step().create if o["kind"] == "Pod"]
+    assert again["metadata"]["name"] == "demo-1-1" and c.status["incarnation"] == 1
+
+
 def test_the_new_list_still_names_the_nodes_going_away_now() -> None:
     c = kept_pending()
     c.nodes["node-b"] = node("node-b")
