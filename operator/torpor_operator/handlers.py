@@ -180,11 +180,17 @@ class Shell:
             self.metrics.reconciles.labels(trigger=trigger).inc()
             with self.metrics.reconcile.time():
                 try:
-                    await self._reconcile(key, triggered_at, fresh=retry or trigger == "retention")
+                    # a LIST re-reads the job's pods after an API error or in a retention pass;
+                    # a scheduled wake-up (``retry`` too: it passes the error backoff) reads the index
+                    fresh = (retry and key in self._errors) or trigger == "retention"
+                    await self._reconcile(key, triggered_at, fresh=fresh)
                 except Exception as exc:  # kopf would drop it: retry with backoff and show it
                     await self._failed(key, exc)
                 else:
                     await self._recovered(key)
+        lock = self._locks.get(key)
+        if key not in self.jobs and key not in self._waiting and lock is not None and not lock.locked():
+            del self._locks[key]  # the job is gone (or never valid): its lock goes with it
 
     async def _failed(self, key: tuple[str, str], exc: Exception) -> None:
         """A reconcile met an API error: log it, retry after a backoff, and show it on the job when
@@ -456,8 +462,9 @@ class Shell:
     def forget(self, key: tuple[str, str]) -> None:
         """Drop every cache entry and the wake-up of a deleted job (``torpor_cached_entries``
         shows what is held). A reconcile holding the job's lock keeps its lock object; a pass
-        still listing the bucket drops its result when it ends (:meth:`_listed`). The pods'
-        entries go with the pods' own deletion events."""
+        still listing the bucket drops its result when it ends (:meth:`_listed`). The job's
+        pods leave the index and ``seen_pods`` with it (events of its pods still to come, say
+        while they terminate, bring them back until their own deletion events)."""
         self.jobs.discard(key)
         self.seen_jobs.drop(key)
         self.checkpoints.pop(key, None)
@@ -466,7 +473,9 @@ class Shell:
         self._retry_at.pop(key, None)
         self._credentials_shown.pop(key, None)
         self.schedule.forget(key)
-        self._locks.pop(key, None)
+        lock = self._locks.get(key)
+        if lock is not None and not lock.locked():  # a held one goes when its reconcile ends
+            del self._locks[key]
         listing = self._listings.get(key)
         if listing is None or listing.future is None or listing.future.done():
             self._listings.pop(key, None)
@@ -474,7 +483,8 @@ class Shell:
         if handle is not None:
             handle.cancel()
         self.bucket.forget(*key)
-        self.pod_index.forget(*key)
+        for pod in self.pod_index.forget(*key):
+            self.seen_pods.drop((key[0], pod))
         self.metrics.set_phase(f"{key[0]}/{key[1]}", None)
 
     async def prune_all(self) -> None:

@@ -13,14 +13,18 @@ own writes through a watch:
   LISTs instead.
 - **Ghosts.** A watch that reconnects with a new listing tells nobody of a pod deleted in the
   gap. Every LIST of a job drops the index's pods of that job that the LIST lacks, unless the
-  index's copy is newer than the LIST (its resourceVersion, an etcd revision, is greater); the
-  retention pass LISTs every job, so a ghost lives at most one pass.
+  index's copy is newer than the LIST (its resourceVersion, an etcd revision, is greater). A
+  job's pods are LISTed again when ``resync_seconds`` have passed since its last LIST, so a
+  ghost lives at most that long in a job that is being reconciled (one that is not decides
+  nothing from it), and a deleted job takes its pods out of the index with it.
 
-Pure bookkeeping, no I/O; one instance per operator process.
+Pure bookkeeping, no I/O (the clock is read where a caller passes no ``now``); one instance
+per operator process.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -39,7 +43,11 @@ def _version(obj: Mapping[str, Any]) -> int | None:
 class PodIndex:
     """Pods by (namespace, job), as the watch last showed them (``managedFields`` left out)."""
 
-    def __init__(self) -> None:
+    def __init__(self, resync_seconds: float = 300.0) -> None:
+        """``resync_seconds``: the longest a job's pods are answered from the index without a LIST."""
+        self.resync_seconds = resync_seconds
+        self._seeded_at: dict[Key, float] = {}
+        """(namespace, job) -> ``time.monotonic()`` of its last LIST."""
         self._pods: dict[Key, tuple[str, dict[str, Any]]] = {}
         """(namespace, pod) -> (job, body)."""
         self._names: dict[Key, set[str]] = {}
@@ -111,11 +119,15 @@ class PodIndex:
             if not expected:
                 del self._expected[(namespace, job)]
 
-    def pods(self, namespace: str, job: str) -> list[dict[str, Any]] | None:
-        """The job's pods, or ``None`` when the index cannot answer (not synced, or a pod the
-        operator made is not in it yet): then LIST them."""
+    def pods(self, namespace: str, job: str, now: float | None = None) -> list[dict[str, Any]] | None:
+        """The job's pods, or ``None`` when the index cannot answer (not synced, a pod the
+        operator made not in it yet, or its last LIST older than ``resync_seconds`` at ``now``,
+        default ``time.monotonic()``): then LIST them."""
         key = (namespace, job)
         if key not in self._synced or key in self._expected:
+            return None
+        now = time.monotonic() if now is None else now
+        if now - self._seeded_at.get(key, now) >= self.resync_seconds:
             return None
         return [self._pods[(namespace, n)][1] for n in sorted(self._names.get(key, ()))]
 
@@ -131,7 +143,8 @@ class PodIndex:
         """A LIST of the job's pods begins: deletions seen from now on are remembered for :meth:`seed`."""
         self._deleted.setdefault((namespace, job), set())
 
-    def seed(self, namespace: str, job: str, items: Iterable[Mapping[str, Any]], version: str | None) -> None:
+    def seed(self, namespace: str, job: str, items: Iterable[Mapping[str, Any]], version: str | None,
+             now: float | None = None) -> None:
         """The answer of a LIST begun with :meth:`listing` (``version``: the list's
         resourceVersion): adds the pods the index lacks, drops the job's ghosts, clears the
         job's expectations, and marks the job synced."""
@@ -159,18 +172,25 @@ class PodIndex:
         # LIST began after the create that expected it had returned
         self._expected.pop(key, None)
         self._synced.add(key)
+        self._seeded_at[key] = time.monotonic() if now is None else now
 
     def abandon(self, namespace: str, job: str) -> None:
         """A LIST begun with :meth:`listing` failed."""
         self._deleted.pop((namespace, job), None)
 
-    def forget(self, namespace: str, job: str) -> None:
-        """The job is deleted: its pods go with their own deletion events."""
+    def forget(self, namespace: str, job: str) -> list[str]:
+        """The job is deleted: drop its state and its pods (those whose deletion events are still
+        to come, and any the watch never reported deleted); the names of the pods dropped."""
         key = (namespace, job)
         self._synced.discard(key)
         self._expected.pop(key, None)
         self._deleted.pop(key, None)
         self._listed_at.pop(key, None)
+        self._seeded_at.pop(key, None)
+        names = sorted(self._names.pop(key, set()))
+        for name in names:
+            self._pods.pop((namespace, name), None)
+        return names
 
     def jobs(self) -> int:
         """Jobs with index state (synced, expected or listing): ``torpor_cached_entries{cache="pod_index_jobs"}``."""

@@ -128,10 +128,22 @@ class RetentionSchedule:
 
 
 def settled(checkpoints: Sequence[CheckpointInfo], deleted: Iterable[str]) -> bool:
-    """Whether a pass left nothing for a later one: no incomplete checkpoint survived it (one
-    whose stale upload was still too young to abort, or a save still in progress)."""
+    """Whether a pass left nothing for a later one: no surviving incomplete checkpoint that
+    retention deletes (one whose stale upload was still too young to abort, a deletion that
+    failed). Retention deletes an incomplete checkpoint only when it is older than the newest
+    complete one and of an earlier step (``torpor.retention.to_delete``); others are kept for
+    good, so a job left with only those (failed mid-save, never saved whole) is settled too."""
     gone = set(deleted)
-    return all(c.complete for c in checkpoints if c.name not in gone)
+    left = [c for c in checkpoints if c.name not in gone]
+    complete = [c for c in left if c.complete and c.resumable]
+    if not complete:
+        return True
+
+    def order(c: CheckpointInfo) -> tuple[datetime, int, str]:
+        return (c.time, c.step, c.name)
+
+    newest = max(complete, key=order)
+    return not any(not c.complete and order(c) < order(newest) and c.step < newest.step for c in left)
 
 
 def ttl_expiry(phase: str | None, completion_time: str | None, ttl_seconds: int | None) -> datetime | None:

@@ -8,7 +8,9 @@ fails while the others' succeed. The timing (sub-linear in N) is a bench, not as
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -89,3 +91,39 @@ def test_a_stop_annotates_every_rank_and_one_failed_patch_loses_no_other(
     wait_for_condition(lambda: not policy_in_force(), timeout=60, what="the test's admission policy gone")
     kube_client.apply(namespace, "job", Decision(annotate=((denied, {ANNOTATION_EXIT_REQUESTED: STAMP}),)))
     assert _annotated(core, namespace) == set(names) - {gone}
+
+
+def test_a_stop_patches_up_to_the_bound_at_once(control_plane: ControlPlane, namespace: str,
+                                                kube: client.ApiClient) -> None:
+    """The patches of one stop overlap, ``workers`` at most. Each real patch is observed on its
+    way to the API server: the first ``workers`` wait for each other (a sequential stop would
+    never get past the first), and no more than ``workers`` are ever in flight."""
+    core = client.CoreV1Api(kube)
+    names = [f"rank-{i}" for i in range(RANKS)]
+    for name in names:
+        core.create_namespaced_pod(namespace, _pod(name))
+    workers = 4
+    kube_client = KubeClient(kube, workers=workers)
+    real = kube_client.core.patch_namespaced_pod
+    together = threading.Barrier(workers, timeout=30)
+    lock, in_flight, most = threading.Lock(), [0], [0]
+
+    def observed(*args: Any, **kwargs: Any) -> Any:
+        with lock:
+            in_flight[0] += 1
+            most[0] = max(most[0], in_flight[0])
+        try:
+            if not together.broken:
+                with contextlib.suppress(threading.BrokenBarrierError):
+                    together.wait()  # passes once `workers` patches are in flight
+            return real(*args, **kwargs)
+        finally:
+            with lock:
+                in_flight[0] -= 1
+
+    kube_client.core.patch_namespaced_pod = observed  # type: ignore[method-assign]
+    kube_client.apply(namespace, "job", Decision(annotate=tuple(
+        (name, {ANNOTATION_EXIT_REQUESTED: STAMP}) for name in names)))
+    assert not together.broken, "the first patches never were in flight together"
+    assert most[0] == workers, most
+    assert _annotated(core, namespace) == set(names)

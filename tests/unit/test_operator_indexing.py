@@ -127,3 +127,28 @@ def test_a_create_is_expected_even_while_an_old_pod_of_its_name_is_held() -> Non
     new["metadata"]["uid"] = "new"
     index.put("team", "demo", new)
     assert names(index.pods("team", "demo")) == ["demo-1-0"]
+
+
+def test_a_job_not_listed_for_the_resync_period_is_listed_again() -> None:
+    """A pod whose deletion a reconnecting watch never reported would live in the index for
+    as long as nothing LISTs its job: a job's pods are LISTed again once ``resync_seconds``
+    have passed since its last LIST (a busy job; a quiet one is not reconciled at all)."""
+    index = PodIndex(resync_seconds=300.0)
+    index.listing("team", "demo")
+    index.seed("team", "demo", [at(pod("demo", 1, 0), 5)], "5", now=1000.0)
+    assert names(index.pods("team", "demo", now=1299.0)) == ["demo-1-0"]
+    assert index.pods("team", "demo", now=1300.0) is None
+    index.listing("team", "demo")
+    index.seed("team", "demo", [], "9", now=1300.0)  # the ghost is gone
+    assert index.pods("team", "demo", now=1300.0) == []
+
+
+def test_a_deleted_job_takes_its_pods_out_of_the_index() -> None:
+    """Even those whose own deletion events never came: forget names them for the shell's other caches."""
+    index = PodIndex()
+    index.listing("team", "demo")
+    index.seed("team", "demo", [at(pod("demo", 1, 0), 5), at(pod("demo", 1, 1), 6)], "6")
+    index.put("team", "other", at(pod("other", 1, 0), 7))
+    assert index.forget("team", "demo") == ["demo-1-0", "demo-1-1"]
+    assert len(index) == 1 and index.jobs() == 0
+    assert index.forget("team", "demo") == []

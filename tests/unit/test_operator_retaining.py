@@ -107,8 +107,25 @@ def test_a_pass_is_settled_when_no_incomplete_checkpoint_survived_it() -> None:
     from torpor_operator.observing import CheckpointInfo
     from torpor_operator.retaining import settled
 
-    def info(name: str, complete: bool) -> CheckpointInfo:
-        return CheckpointInfo(name=name, step=1, time=datetime(2026, 1, 1, tzinfo=UTC), complete=complete)
+    def info(name: str, complete: bool, step: int) -> CheckpointInfo:
+        return CheckpointInfo(name=name, step=step, time=datetime(2026, 1, 1, 0, step, tzinfo=UTC), complete=complete)
 
-    assert settled([info("a", True), info("b", False)], ["b"])
-    assert not settled([info("a", True), info("b", False)], [])
+    assert settled([info("a", True, 2), info("b", False, 1)], ["b"])
+    assert not settled([info("a", True, 2), info("b", False, 1)], [])
+
+
+def test_an_incomplete_checkpoint_retention_never_deletes_leaves_a_pass_settled() -> None:
+    """A job that failed mid-save, or never completed one, keeps its incomplete checkpoints (no
+    complete one proves them stale, or they are newer than the newest complete one): a later
+    pass could do nothing to them, so a finished job is not scanned again for them."""
+    from torpor_operator.observing import CheckpointInfo
+    from torpor_operator.retaining import settled
+
+    def info(name: str, step: int, minute: int, complete: bool) -> CheckpointInfo:
+        return CheckpointInfo(name=name, step=step, time=datetime(2026, 1, 1, 0, minute, tzinfo=UTC),
+                              complete=complete)
+
+    assert settled([info("only", 5, 1, False)], [])  # no complete checkpoint at all
+    assert settled([info("a", 5, 1, True), info("b", 9, 2, False)], [])  # newer than the newest complete
+    assert not settled([info("a", 5, 2, True), info("b", 3, 1, False)], [])  # older: a later pass deletes it
+    assert settled([info("a", 5, 2, True), info("b", 3, 1, False)], ["b"])
