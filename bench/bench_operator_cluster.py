@@ -19,11 +19,12 @@ Scenarios, in one run (each prints its figures and the ratio to the no-op operat
 3. The same while ``--stopping`` (default 50) other jobs are Stopping against a bucket that
    never answers (their ``checkpoint.endpoint`` is a blackholed proxy; their exit deadline is
    long, so they stay Stopping).
-4. One job of ``--ranks`` sleeping ranks (default 1024; the bulk jobs are deleted first):
+4. One job of ``--ranks`` sleeping ranks (default 1024; a comma list runs one job of each size
+   in turn, to show how the stop's time grows with N; the bulk jobs are deleted first):
    create → all Running; then a cordon of one of its nodes → GracefulExit → every rank's pod
    carries ``torpor.dev/exit-requested-at`` (the per-pod annotation of a stop).
 
-    python bench/bench_operator_cluster.py [--jobs 500] [--ranks 1024] [--skip-big] [--keep DIR]
+    python bench/bench_operator_cluster.py [--jobs 500] [--ranks 64,256,1024] [--skip-big] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -269,32 +270,54 @@ class AnnotationWatch:
                     self.seen.setdefault(pod.metadata.name, now)
 
 
-def big_job(b: ClusterBench, flags: FlagWatch, ranks: int) -> None:
+def big_job(b: ClusterBench, flags: FlagWatch, ranks: int) -> tuple[float, float, float]:
+    """One job of ``ranks`` sleeping ranks: create -> all Running (and the CPU that took), then a
+    cordon of rank 0's node -> GracefulExit -> every pod annotated; the job deleted after.
+    Returns (seconds to Running, torpor CPU-s to Running, ms from GracefulExit to every pod annotated)."""
+    name = f"big{ranks}"
     pods = AnnotationWatch(flags, b.ns)
     before = b.usage()
     t0 = time.monotonic()
-    b.create([b.job("big", replicas=ranks, pool="big", exit_deadline=600)])
+    b.create([b.job(name, replicas=ranks, pool="big", exit_deadline=600)])
     progress = {"at": time.monotonic()}
 
     def all_running() -> bool:
-        n = len([p for p in pods.running if p.startswith("big-")])
+        n = len([p for p in pods.running if p.startswith(f"{name}-")])
         if time.monotonic() - progress["at"] > 30:
             print(f"  {n}/{ranks} ranks Running after {time.monotonic() - t0:.0f}s", flush=True)
             progress["at"] = time.monotonic()
-        return n == ranks and b.count("Running", "big$") == 1
+        return n == ranks and b.count("Running", f"{name}$") == 1
 
     wait(all_running, 7200, f"{ranks} ranks Running", interval=2.0)
     running = time.monotonic() - t0
     after = b.usage()
-    node = json.loads(b.kubectl("get", "pod", "big-1-0", "-o", "json"))["spec"]["nodeName"]
+    node = json.loads(b.kubectl("get", "pod", f"{name}-1-0", "-o", "json"))["spec"]["nodeName"]
     b.cp.kubectl("cordon", node)
-    exit_at = wait(lambda: flags.seen.get("big-1-exit"), 120, "GracefulExit of big", interval=0.005)
-    done = wait(lambda: len([p for p in pods.seen if p.startswith("big-")]) == ranks and
-                max(pods.seen.values()), 300, f"{ranks} pods annotated", interval=0.05)
+    exit_at = wait(lambda: flags.seen.get(f"{name}-1-exit"), 120, f"GracefulExit of {name}", interval=0.005)
+    done = wait(lambda: len([p for p in pods.seen if p.startswith(f"{name}-")]) == ranks and
+                max(v for p, v in pods.seen.items() if p.startswith(f"{name}-")), 300, f"{ranks} pods annotated",
+                interval=0.05)
+    cpu = after["torpor"][2] - before["torpor"][2]
     print(f"\n[4] one {ranks}-rank job: create -> all Running in {running:.0f}s "
-          f"(torpor CPU {after['torpor'][2] - before['torpor'][2]:.1f}s, "
-          f"kopf no-op {after['kopf no-op'][2] - before['kopf no-op'][2]:.1f}s); "
+          f"(torpor CPU {cpu:.1f}s, kopf no-op {after['kopf no-op'][2] - before['kopf no-op'][2]:.1f}s); "
           f"GracefulExit -> every pod annotated in {(done - exit_at) * 1000:.0f} ms", flush=True)
+    b.kubectl("delete", "tj", name, "--wait=false")
+    wait(lambda: not json.loads(b.kubectl("get", "pods", "-o", "json"))["items"], 600, f"{name}'s pods gone",
+         interval=2.0)
+    b.cp.kubectl("uncordon", node)
+    return running, cpu, (done - exit_at) * 1000
+
+
+def report_sizes(results: dict[int, tuple[float, float, float]]) -> None:
+    """GracefulExit -> every pod annotated against the job's size (issue 13, item 2: sub-linear)."""
+    print("\n[4] by size     to Running   torpor CPU-s   GracefulExit -> all annotated   per rank")
+    for ranks, (running, cpu, ms) in sorted(results.items()):
+        print(f"    {ranks:5d} ranks {running:9.0f}s {cpu:14.1f} {ms:28.0f} ms {ms / ranks:8.2f} ms")
+    sizes = sorted(results)
+    if len(sizes) > 1:
+        small, large = sizes[0], sizes[-1]
+        print(f"    {large // small}x the ranks -> {results[large][2] / max(results[small][2], 1e-9):.2f}x "
+              "the time to annotate every pod", flush=True)
 
 
 def main() -> int:
@@ -303,13 +326,15 @@ def main() -> int:
     parser.add_argument("--idle", type=float, default=60.0)
     parser.add_argument("--victims", type=int, default=10)
     parser.add_argument("--stopping", type=int, default=50)
-    parser.add_argument("--ranks", type=int, default=1024)
+    parser.add_argument("--ranks", default="1024",
+                        help="ranks of the scenario 4 job; a comma list (64,256,1024) runs one job of each size")
     parser.add_argument("--skip-big", action="store_true", help="leave out scenario 4")
     parser.add_argument("--keep", type=Path, help="keep logs and state in this directory")
     args, _ = parser.parse_known_args()
     pools = {"bulk": math.ceil(args.jobs / PODS_PER_NODE), "victim": args.victims, "slow": 1}
+    sizes = sorted(int(r) for r in str(args.ranks).split(","))
     if not args.skip_big:
-        pools["big"] = math.ceil(args.ranks / PODS_PER_NODE)
+        pools["big"] = math.ceil(sizes[-1] / PODS_PER_NODE)
     print(f"{os.cpu_count()} CPUs; node agents: {pools} (one process per pool)", flush=True)
     with workdir(args.keep) as tmp, ClusterBench(tmp).running(pools) as b:
         flags = FlagWatch(b.cp.kubeconfig, b.ns)
@@ -324,7 +349,7 @@ def main() -> int:
         slow_bucket(b, flags, args.stopping, args.victims, seq)
         if not args.skip_big:
             wait(lambda: not b.jobs(), 600, "every job deleted", interval=2.0)
-            big_job(b, flags, args.ranks)
+            report_sizes({ranks: big_job(b, flags, ranks) for ranks in sizes})
     return 0
 
 
