@@ -42,7 +42,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from bench_operator_latency import NOOP_LABEL, FlagWatch, _boto_args, percentiles, rss_cpu, wait, workdir
+from bench_operator_latency import (
+    NOOP_LABEL,
+    FlagWatch,
+    _boto_args,
+    percentiles,
+    rss_cpu,
+    show_logs,
+    stop_all,
+    wait,
+    workdir,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "hack")]
@@ -81,18 +91,10 @@ class ClusterBench:
                 self._operators()
                 yield self
             except BaseException:
-                for name in self.procs:
-                    out = self.workdir / f"{name}.out"
-                    print(f"--- {name}:\n" + (out.read_text(errors="replace")[-2000:] if out.exists() else ""))
+                show_logs(self.workdir, self.procs, 2000)
                 raise
             finally:
-                for proc in self.procs.values():
-                    proc.terminate()
-                for proc in self.procs.values():
-                    try:
-                        proc.wait(60)
-                    except subprocess.TimeoutExpired:
-                        proc.kill()
+                stop_all(self.procs.values(), 60)
 
     def _operators(self) -> None:
         import boto3

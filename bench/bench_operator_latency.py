@@ -31,7 +31,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,25 @@ NOOP_LABEL = "bench.torpor.dev/noop"
 
 
 # --- the environment ----------------------------------------------------------------------
+
+
+def show_logs(workdir: Path, names: Iterable[str], tail: int) -> None:
+    """Print the last ``tail`` characters of each process's ``<name>.out`` (a run that failed)."""
+    for name in names:
+        out = workdir / f"{name}.out"
+        print(f"--- {name}:\n" + (out.read_text(errors="replace")[-tail:] if out.exists() else ""))
+
+
+def stop_all(procs: Iterable[subprocess.Popen[bytes]], grace: float) -> None:
+    """SIGTERM every process, then wait ``grace`` seconds for each before SIGKILL."""
+    procs = list(procs)
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 class Bench:
@@ -67,18 +86,10 @@ class Bench:
             try:
                 yield from self._operators(cp, minio, noop_resources)
             except BaseException:
-                for name in ("torpor", "noop"):
-                    out = self.workdir / f"{name}.out"
-                    print(f"--- {name}:\n" + (out.read_text(errors="replace")[-3000:] if out.exists() else ""))
+                show_logs(self.workdir, ("torpor", "noop"), 3000)
                 raise
             finally:
-                for proc in self.procs.values():
-                    proc.terminate()
-                for proc in self.procs.values():
-                    try:
-                        proc.wait(30)
-                    except subprocess.TimeoutExpired:
-                        proc.kill()
+                stop_all(self.procs.values(), 30)
                 agent.stop()
 
     def _operators(self, cp: ControlPlane, minio: MinioServer, noop_resources: str) -> Iterator[Bench]:
