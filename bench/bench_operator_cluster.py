@@ -45,8 +45,8 @@ from typing import Any
 from bench_operator_latency import (
     NOOP_LABEL,
     FlagWatch,
-    _boto_args,
     percentiles,
+    prepare_operators,
     rss_cpu,
     show_logs,
     stop_all,
@@ -59,7 +59,6 @@ sys.path[:0] = [str(ROOT / "hack")]
 
 from controlplane import ControlPlane  # noqa: E402
 from faultproxy import FaultProxy  # noqa: E402
-from processes import free_port  # noqa: E402
 from s3server import MinioServer  # noqa: E402
 
 SLEEP = ["sleep", "3600"]
@@ -97,17 +96,8 @@ class ClusterBench:
                 stop_all(self.procs.values(), 60)
 
     def _operators(self) -> None:
-        import boto3
-
         cp, minio = self.cp, self.minio
-        cp.kubectl("apply", "--server-side", "-f", str(ROOT / "crds" / "trainingjobs.yaml"))
-        cp.kubectl("wait", "--for=condition=Established", "crd/trainingjobs.torpor.dev", "--timeout=60s")
-        cp.kubectl("create", "namespace", self.ns)
-        boto3.client("s3", **_boto_args(minio)).create_bucket(Bucket="bench")
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TORPOR_")}
-        env.update(minio.env(), KUBECONFIG=str(cp.kubeconfig), TORPOR_NAMESPACES=self.ns,
-                   TORPOR_HEALTH_PORT="0", TORPOR_METRICS_PORT="0", TORPOR_LOG_FORMAT="plain",
-                   TORPOR_MASTER_PORT=str(free_port()))
+        env = prepare_operators(cp, minio, self.ns)
         self.start("torpor", [sys.executable, "-m", "torpor_operator"], env)
         self.noop_log = self.workdir / "noop.log"
         self.start("noop", [sys.executable, str(ROOT / "bench" / "bench_operator_latency.py"), "--noop-operator",

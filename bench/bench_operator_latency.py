@@ -49,6 +49,22 @@ NOOP_LABEL = "bench.torpor.dev/noop"
 # --- the environment ----------------------------------------------------------------------
 
 
+def prepare_operators(cp: ControlPlane, minio: MinioServer, namespace: str) -> dict[str, str]:
+    """Install the CRD, make ``namespace`` and the ``bench`` bucket; the environment both
+    operators run with (no ``TORPOR_*`` of the caller's, the cluster's and MinIO's settings)."""
+    import boto3
+
+    cp.kubectl("apply", "--server-side", "-f", str(ROOT / "crds" / "trainingjobs.yaml"))
+    cp.kubectl("wait", "--for=condition=Established", "crd/trainingjobs.torpor.dev", "--timeout=60s")
+    cp.kubectl("create", "namespace", namespace)
+    boto3.client("s3", **_boto_args(minio)).create_bucket(Bucket="bench")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TORPOR_")}
+    env.update(minio.env(), KUBECONFIG=str(cp.kubeconfig), TORPOR_NAMESPACES=namespace,
+               TORPOR_HEALTH_PORT="0", TORPOR_METRICS_PORT="0", TORPOR_LOG_FORMAT="plain",
+               TORPOR_MASTER_PORT=str(free_port()))
+    return env
+
+
 def show_logs(workdir: Path, names: Iterable[str], tail: int) -> None:
     """Print the last ``tail`` characters of each process's ``<name>.out`` (a run that failed)."""
     for name in names:
@@ -93,16 +109,7 @@ class Bench:
                 agent.stop()
 
     def _operators(self, cp: ControlPlane, minio: MinioServer, noop_resources: str) -> Iterator[Bench]:
-        import boto3
-
-        cp.kubectl("apply", "--server-side", "-f", str(ROOT / "crds" / "trainingjobs.yaml"))
-        cp.kubectl("wait", "--for=condition=Established", "crd/trainingjobs.torpor.dev", "--timeout=60s")
-        cp.kubectl("create", "namespace", self.ns)
-        boto3.client("s3", **_boto_args(minio)).create_bucket(Bucket="bench")
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TORPOR_")}
-        env.update(minio.env(), KUBECONFIG=str(cp.kubeconfig), TORPOR_NAMESPACES=self.ns,
-                   TORPOR_HEALTH_PORT="0", TORPOR_METRICS_PORT="0", TORPOR_LOG_FORMAT="plain",
-                   TORPOR_MASTER_PORT=str(free_port()))
+        env = prepare_operators(cp, minio, self.ns)
         self.start("torpor", [sys.executable, "-m", "torpor_operator"], env)
         self.noop_log = self.workdir / "noop.log"
         self.start("noop", [sys.executable, __file__, "--noop-operator", str(self.noop_log),
