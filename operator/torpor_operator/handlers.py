@@ -285,6 +285,10 @@ class Shell:
             self.pod_index.expect(namespace, name, [o["metadata"]["name"] for o in decision.create
                                                     if o["kind"] == "Pod"])
             self._wrote(key, await asyncio.to_thread(self.kube.apply, namespace, name, decision))
+            deleted_at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            for ref in decision.delete:
+                if ref.kind == "Pod":
+                    self.pod_index.deleted(namespace, ref.name, deleted_at, ref.grace_period_seconds)
         if decision.graceful_exit is not None and triggered_at is not None:
             self.metrics.reaction.observe(time.monotonic() - triggered_at)
         for event in decision.events:

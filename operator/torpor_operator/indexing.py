@@ -11,6 +11,10 @@ own writes through a watch:
   LIST shows they were never made): a decision read from an index that lacks a pod the
   operator just made would make it again or count it lost. While one is expected, the shell
   LISTs instead.
+- **Own deletions.** A pod the operator deleted is marked deleting in the index when the DELETE
+  returns, before the watch shows it: a reconcile in between would otherwise delete it again and
+  tell it again. A deletion is never undone, so an older event of the same pod that arrives later
+  keeps the mark.
 - **Ghosts.** A watch that reconnects with a new listing tells nobody of a pod deleted in the
   gap. Every LIST of a job drops the index's pods of that job that the LIST lacks, unless the
   index's copy is newer than the LIST (its resourceVersion, an etcd revision, is greater). A
@@ -31,6 +35,7 @@ from typing import Any
 __all__ = ["PodIndex"]
 
 Key = tuple[str, str]
+_DELETION = ("deletionTimestamp", "deletionGracePeriodSeconds")
 
 
 def _version(obj: Mapping[str, Any]) -> int | None:
@@ -84,6 +89,10 @@ class PodIndex:
         name = str(meta.get("name", ""))
         kept = {**body, "metadata": {k: v for k, v in meta.items() if k != "managedFields"}}
         old = self._pods.get((namespace, name))
+        if old is not None and not meta.get("deletionTimestamp"):
+            held = old[1].get("metadata") or {}
+            if held.get("deletionTimestamp") and held.get("uid") == meta.get("uid"):
+                kept["metadata"].update({k: held[k] for k in _DELETION if k in held})
         if old is not None and old[0] != job:
             self._unlink(namespace, old[0], name)
         self._pods[(namespace, name)] = (job, kept)
@@ -138,6 +147,21 @@ class PodIndex:
                 if (namespace, n) in self._pods else "" for n in names}
         if held:
             self._expected.setdefault((namespace, job), {}).update(held)
+
+    def deleted(self, namespace: str, name: str, at: str, grace_seconds: int | None) -> None:
+        """The operator's DELETE of a pod returned (``at``: an RFC 3339 time; ``grace_seconds``:
+        the grace period asked for, ``None`` for the pod's own): the held copy reads as
+        deleting until the watch shows the deletion. A pod the index does not hold (gone
+        already) stays out of it."""
+        old = self._pods.get((namespace, name))
+        if old is None:
+            return
+        meta = old[1].get("metadata") or {}
+        if meta.get("deletionTimestamp"):
+            return
+        if grace_seconds is None:
+            grace_seconds = int((old[1].get("spec") or {}).get("terminationGracePeriodSeconds", 30))
+        old[1]["metadata"] = {**meta, "deletionTimestamp": at, "deletionGracePeriodSeconds": grace_seconds}
 
     def listing(self, namespace: str, job: str) -> None:
         """A LIST of the job's pods begins: deletions seen from now on are remembered for :meth:`seed`."""

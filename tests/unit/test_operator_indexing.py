@@ -152,3 +152,32 @@ def test_a_deleted_job_takes_its_pods_out_of_the_index() -> None:
     assert index.forget("team", "demo") == ["demo-1-0", "demo-1-1"]
     assert len(index) == 1 and index.jobs() == 0
     assert index.forget("team", "demo") == []
+
+
+def test_a_pod_the_operator_deleted_reads_as_deleting_until_the_watch_shows_it() -> None:
+    index = PodIndex()
+    index.listing("team", "demo")
+    first, second = at(pod("demo", 1, 0), 5), at(pod("demo", 1, 1), 6)
+    for body, uid in ((first, "u0"), (second, "u1")):
+        body["metadata"]["uid"] = uid
+    index.seed("team", "demo", [first, second], "6")
+    index.deleted("team", "demo-1-0", "2026-12-03T08:00:00Z", 3)
+    index.deleted("team", "demo-1-9", "2026-12-03T08:00:00Z", None)  # gone already: not brought in
+    meta = {p["metadata"]["name"]: p["metadata"] for p in index.pods("team", "demo") or []}
+    assert sorted(meta) == ["demo-1-0", "demo-1-1"]
+    assert (meta["demo-1-0"]["deletionTimestamp"], meta["demo-1-0"]["deletionGracePeriodSeconds"]) == (
+        "2026-12-03T08:00:00Z", 3)
+    assert "deletionTimestamp" not in meta["demo-1-1"]
+    # an event the watch sent before the deletion arrives late: a deletion is never undone
+    late = at(pod("demo", 1, 0, annotations={"late": "1"}), 7)
+    late["metadata"]["uid"] = "u0"
+    index.put("team", "demo", late)
+    held = next(p for p in index.pods("team", "demo") or [] if p["metadata"]["name"] == "demo-1-0")
+    assert held["metadata"]["deletionTimestamp"] == "2026-12-03T08:00:00Z"
+    assert held["metadata"]["annotations"] == {"late": "1"}
+    # a new pod of the name (another uid) is not deleting
+    again = at(pod("demo", 1, 0), 9)
+    again["metadata"]["uid"] = "u2"
+    index.put("team", "demo", again)
+    held = next(p for p in index.pods("team", "demo") or [] if p["metadata"]["name"] == "demo-1-0")
+    assert "deletionTimestamp" not in held["metadata"]
