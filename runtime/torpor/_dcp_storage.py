@@ -55,15 +55,12 @@ from torch.distributed.checkpoint.planner import (
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
+from torpor._sharded import IN_DCP, IN_SHARD
 from torpor._user_state import check_loadable
 from torpor.errors import IntegrityError
 
 INDEX_FORMAT = 1
 """Format of the index document; a reader refuses another one rather than misreading it."""
-IN_SHARD = "ckpt"
-"""The piece is in the rank's ``.ckpt`` (replicated tensors, non-tensor values)."""
-IN_DCP = "dcp"
-"""The piece is in the rank's ``.distcp`` (shards of DTensors / ShardedTensors)."""
 _FILES = (IN_SHARD, IN_DCP)
 
 

@@ -41,7 +41,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from torpor import _distributed, _resharding, _sharded, _state, _user_state
-from torpor._dcp_storage import IN_SHARD
 from torpor.checkpoints import Checkpoint, FileEntry, FileKind, Manifest, file_key, resumable_newest_first, scan
 from torpor.crypto import (
     HEADER_SIZE,
@@ -591,7 +590,7 @@ def read_sharded(storage: Storage, payloads: Payloads, keys: tuple[bytes | None,
 
     def fetch(rank: int, file: str) -> Mapping[str, Any]:
         manifest = ckpt.manifests[rank]
-        if file == IN_SHARD:
+        if file == _sharded.IN_SHARD:
             if rank not in cache:
                 cache[rank] = load_shard(storage, manifest.shard, *keys, map_location, manifest=manifest)
             section = cache[rank].get("dcp") or {}

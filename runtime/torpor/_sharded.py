@@ -41,45 +41,57 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import sys
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed._shard.sharded_tensor import ShardedTensor
-from torch.distributed.checkpoint import DefaultSavePlanner
-from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
-from torch.distributed.tensor import DTensor
 
 from torpor import _distributed
-from torpor._dcp_storage import CapturingWriter, SafeLoadPlanner, TorporReader, decode_index
 from torpor.errors import IntegrityError, ResizeError, ShardedStateError
+
+if TYPE_CHECKING:
+    from torch.distributed.checkpoint.api import CheckpointException
+
+IN_SHARD = "ckpt"
+"""In the index: the piece is in the rank's ``.ckpt`` (replicated tensors, non-tensor values)."""
+IN_DCP = "dcp"
+"""In the index: the piece is in the rank's ``.distcp`` (shards of DTensors / ShardedTensors)."""
+
+# DCP, DTensor and FSDP are imported only by a run that has sharded state: importing DCP brings
+# DTensor, torch.fx's symbolic shapes and sympy, about a second of CPU in every rank at start-up.
+# A sharded object exists only after its class's module was imported, so a module not imported
+# yet means there is none of its objects to find.
+
+
+def _loaded_type(module: str, name: str) -> type | None:
+    """``module.name`` if ``module`` is imported already, else ``None`` (no object of it exists)."""
+    found = sys.modules.get(module)
+    value = getattr(found, name, None) if found is not None else None
+    return value if isinstance(value, type) else None
+
+
+def _dtensor_type() -> type | None:
+    return _loaded_type("torch.distributed.tensor._api", "DTensor")
+
+
+def _sharded_tensor_type() -> type | None:
+    return _loaded_type("torch.distributed._shard.sharded_tensor.api", "ShardedTensor")
 
 
 def _fsdp1_type() -> type | None:
-    try:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-    except ImportError:  # pragma: no cover - every torch with DTensor has it
-        return None
-    return FullyShardedDataParallel
+    return _loaded_type("torch.distributed.fsdp.fully_sharded_data_parallel", "FullyShardedDataParallel")
 
 
 def _zero_type() -> type | None:
-    try:
-        from torch.distributed.optim import ZeroRedundancyOptimizer
-    except ImportError:  # pragma: no cover - torch built without distributed
-        return None
-    return ZeroRedundancyOptimizer
+    return _loaded_type("torch.distributed.optim.zero_redundancy_optimizer", "ZeroRedundancyOptimizer")
+
+
+def _is(value: Any, kind: type | None) -> bool:
+    return kind is not None and isinstance(value, kind)
 
 
 def sharded_module(module: Any) -> str | None:
@@ -90,12 +102,12 @@ def sharded_module(module: Any) -> str | None:
     """
     if not isinstance(module, nn.Module):
         return None
-    fsdp1 = _fsdp1_type()
+    fsdp1, dtensor = _fsdp1_type(), _dtensor_type()
     for name, sub in module.named_modules():
-        if fsdp1 is not None and isinstance(sub, fsdp1):
+        if _is(sub, fsdp1):
             return f"{name or 'the model'} (FullyShardedDataParallel)"
     for name, tensor in (*module.named_parameters(), *module.named_buffers()):
-        if isinstance(tensor, DTensor):
+        if _is(tensor, dtensor):
             return f"{name} (DTensor, {tuple(tensor.placements)})"
     return None
 
@@ -105,7 +117,8 @@ def _sharded_optimizer(optimizer: Any, network_params: set[int], network_sharded
     if not isinstance(optimizer, torch.optim.Optimizer):
         return False
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    if any(isinstance(p, DTensor) for p in params):
+    dtensor = _dtensor_type()
+    if any(_is(p, dtensor) for p in params):
         return True
     return network_sharded and bool(params) and all(id(p) in network_params for p in params)
 
@@ -213,6 +226,8 @@ class Pieces:
 
 def _state_dict(network: nn.Module, optimizer: Any, state: Mapping[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
     """What DCP saves and loads: model, optimizer and the ``state=`` objects of ``keys``, by FQN."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
     result: dict[str, Any] = {"model": get_model_state_dict(network)}
     if optimizer is not None:
         result["optimizer"] = get_optimizer_state_dict(network, optimizer)
@@ -234,12 +249,17 @@ def save_pieces(layout: Layout, network: nn.Module, optimizer: Any, state: Mappi
         ShardedStateError: building the state failed on some rank, or DCP's planning did
             (on every rank alike).
     """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from torpor._dcp_storage import CapturingWriter
+
     state_dict = agree("building the sharded state dict",
                        lambda: _state_dict(network, optimizer, state, layout.dcp_state))
     writer = CapturingWriter(_distributed.rank())
     try:
         with _single_process_quiet():
-            dcp.save(state_dict, storage_writer=writer, planner=DefaultSavePlanner(dedup_save_to_lowest_rank=True),
+            dcp.save(state_dict, storage_writer=writer, planner=dcp.DefaultSavePlanner(dedup_save_to_lowest_rank=True),
                      no_dist=not _distributed.is_initialized())
     except CheckpointException as exc:
         raise _own_failure(exc, ShardedStateError, "planning the sharded save") from None
@@ -276,11 +296,11 @@ def _own_failure(exc: CheckpointException, kind: type[Exception], what: str) -> 
 
 def _blank(value: Any) -> Any:
     """A state dict of the same structure whose tensors are new (a load fills them)."""
-    if isinstance(value, DTensor):
+    if _is(value, dtensor := _dtensor_type()):
         local = value.to_local()
-        return DTensor.from_local(torch.empty_like(local), value.device_mesh, value.placements, run_check=False,
-                                  shape=value.shape, stride=value.stride())
-    if isinstance(value, ShardedTensor):  # FSDP1: the copy is overwritten, its structure is what counts
+        return dtensor.from_local(torch.empty_like(local), value.device_mesh,  # type: ignore[union-attr]
+                                  value.placements, run_check=False, shape=value.shape, stride=value.stride())
+    if _is(value, _sharded_tensor_type()):  # FSDP1: the copy is overwritten, its structure is what counts
         blank = copy.deepcopy(value)
         for shard in blank.local_shards():
             shard.tensor = torch.empty_like(shard.tensor)
@@ -340,6 +360,11 @@ def read_state(index_text: str, world_size: int, fetch: Callable[[int, str], Map
             the checkpoint lacks with ``strict``); a rank whose reads worked raises an
             ``IntegrityError`` naming the ranks that failed. Every rank raises together.
     """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from torpor._dcp_storage import SafeLoadPlanner, TorporReader, decode_index
+
     index = decode_index(index_text, world_size)
     keys = tuple(k for k in state_keys if k in state)
     target = _blank(_state_dict(network, optimizer, state, keys))
@@ -356,6 +381,12 @@ def apply_state(loaded: Mapping[str, Any], network: nn.Module, optimizer: Any, s
                 strict: bool) -> None:
     """Put what :func:`read_state` read into the model, the optimizer and the ``state=`` objects
     it read (its ``"state"`` keys: the caller restores the others from the ``.ckpt``)."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
     options = StateDictOptions(strict=strict)
     set_model_state_dict(network, loaded["model"], options=options)
     if optimizer is not None and "optimizer" in loaded:

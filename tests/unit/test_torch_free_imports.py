@@ -29,3 +29,27 @@ def test_torch_names_load_on_first_use() -> None:
     code = "import sys, torpor\nassert 'torch' not in sys.modules\ntorpor.Model\nassert 'torch' in sys.modules\n"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+def test_a_replicated_run_never_imports_dcp(tmp_path) -> None:
+    """Saving and resuming a model that is not sharded does not import torch.distributed.checkpoint
+    (and what it brings that a plain script does not import: its planners, DTensor's ops)."""
+    code = (
+        "import sys, torch, torpor\n"
+        "net = torch.nn.Linear(2, 1)\n"
+        "opt = torch.optim.SGD(net.parameters(), lr=0.1)\n"
+        f"monitor = torpor.CheckpointMonitor(prefix='net', directory={str(tmp_path)!r}, save_checkpoint_steps=2)\n"
+        "loop = torpor.Loop(net, opt, callbacks=[monitor])\n"
+        "for epoch in loop.epochs(1):\n"
+        "    for x, y in loop.batches([(torch.ones(1, 2), torch.ones(1, 1))] * 4):\n"
+        "        loss = torch.nn.functional.mse_loss(net(x), y)\n"
+        "        opt.zero_grad(); loss.backward(); opt.step()\n"
+        "        loop.step_end(loss)\n"
+        f"loaded = torpor.load_checkpoint('latest', net, opt, directory={str(tmp_path)!r}, required=True)\n"
+        "assert loaded.step == 4, loaded\n"
+        "assert 'torch.distributed.checkpoint' not in sys.modules\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
