@@ -106,6 +106,15 @@ def _items(response: Any) -> list[dict[str, Any]]:
     return list(json.loads(response.data).get("items") or [])
 
 
+def _drained(response: Any) -> None:
+    """Read and drop a response left unparsed (``_preload_content=False``): its connection goes
+    back to the pool. For writes whose answer nothing reads (a pod's annotations, a delete):
+    parsing the pod into the client's models held the GIL that the other patches of a stop
+    wait for (``bench/bench_annotate.py``)."""
+    response.read()
+    response.release_conn()
+
+
 class KubeClient:
     """The few API calls the operator makes, each named for what it does."""
 
@@ -238,7 +247,8 @@ class KubeClient:
             # one patch: the mark that says the deadline is the operator's comes with the deadline
             stop = {"metadata": {"annotations": {ANNOTATION_SIDECARS_STOPPED: datetime.now(UTC).strftime(
                 "%Y-%m-%dT%H:%M:%SZ")}}, "spec": {"activeDeadlineSeconds": 1}}
-            _ignore(404, lambda pod=pod, stop=stop: self.core.patch_namespaced_pod(pod, namespace, stop))
+            _ignore(404, lambda pod=pod, stop=stop: _drained(
+                self.core.patch_namespaced_pod(pod, namespace, stop, _preload_content=False)))
         if decision.status:
             # 404: the job was deleted since it was read; its children go with it
             return self.patch_status(namespace, job, decision.status)
@@ -261,8 +271,8 @@ class KubeClient:
 
         def patch(pod: str, marks: dict[str, str]) -> BaseException | None:
             try:
-                _ignore(404, lambda: self.core.patch_namespaced_pod(
-                    pod, namespace, {"metadata": {"annotations": marks}}))
+                _ignore(404, lambda: _drained(self.core.patch_namespaced_pod(
+                    pod, namespace, {"metadata": {"annotations": marks}}, _preload_content=False)))
             except (ApiException, HTTPError) as exc:
                 return exc
             return None
@@ -368,5 +378,5 @@ class KubeClient:
         options: dict[str, Any] = {"propagation_policy": "Background"}
         if ref.grace_period_seconds is not None:  # 0: a force deletion (a pod of a lost node)
             options["grace_period_seconds"] = ref.grace_period_seconds
-        _ignore(404, lambda: delete(ref.name, namespace, **options))
+        _ignore(404, lambda: _drained(delete(ref.name, namespace, _preload_content=False, **options)))
 

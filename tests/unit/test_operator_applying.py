@@ -105,7 +105,9 @@ def test_a_refused_launch_tears_down_only_the_jobs_own_pods() -> None:
 
 def test_stopping_sidecars_sets_the_deadline_and_the_mark_in_one_patch() -> None:
     patches: list[tuple[str, dict[str, Any]]] = []
-    core = type("Core", (), {"patch_namespaced_pod": lambda self, name, ns, body: patches.append((name, body))})()
+    raw = type("Raw", (), {"read": lambda self: b"{}", "release_conn": lambda self: None})()
+    core = type("Core", (), {"patch_namespaced_pod": lambda self, name, ns, body, **_: patches.append((name, body))
+                             or raw})()
     kube = KubeClient(client.ApiClient())
     kube.core = core  # type: ignore[assignment]
     kube.apply("team", "demo", Decision(stop_sidecars=("demo-1-0",)))
