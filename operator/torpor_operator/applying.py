@@ -10,6 +10,11 @@ created are deleted at once (grace 0: they never trained), and when the decision
 launch itself every pod of that incarnation is, then :class:`CreateRefused` tells the shell,
 which shows the API's message and retries with backoff. A create that fails because the API
 was away (5xx, no connection) is left as it is: the retry's decision creates the missing ranks.
+
+A decision's pods are created, deleted and annotated in parallel, at most ``workers`` calls at
+once (``TORPOR_API_WORKERS``), and every one of them is made whatever the others meet: a
+1024-rank launch or stop is not 1024 round trips in a row, and one refusal is answered only
+once the rest have been made (the refused launch is then torn down whole).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import logging
 import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
@@ -225,19 +230,36 @@ class KubeClient:
         Raises:
             CreateRefused: the API refused a create (after the teardown described above).
         """
-        created: list[str] = []
-        for obj in decision.create:
+        # the other children first, in order (the pods mount the ConfigMap, the PDB guards them)
+        others = [o for o in decision.create if o["kind"] != "Pod"]
+        pods = [o for o in decision.create if o["kind"] == "Pod"]
+        for obj in others:
             try:
                 self._create(namespace, obj)
             except ApiException as exc:
                 if not refused(exc):
                     raise
-                torn_down = self._tear_down(namespace, job, decision, obj, created)
-                raise CreateRefused(obj["kind"], obj["metadata"]["name"], exc, torn_down) from exc
-            if obj["kind"] == "Pod":
-                created.append(obj["metadata"]["name"])
+                raise CreateRefused(obj["kind"], obj["metadata"]["name"], exc,
+                                    self._tear_down(namespace, job, decision, obj, [])) from exc
+        failures = self._each(lambda obj: self._create(namespace, obj), pods)
+        if any(f is not None for f in failures):
+            created = [o["metadata"]["name"] for o, f in zip(pods, failures, strict=True) if f is None]
+            refusal = next(((o, f) for o, f in zip(pods, failures, strict=True)
+                            if isinstance(f, ApiException) and refused(f)), None)
+            if refusal is not None:
+                obj, exc = refusal
+                raise CreateRefused(obj["kind"], obj["metadata"]["name"], exc,
+                                    self._tear_down(namespace, job, decision, obj, created)) from exc
+            raise next(f for f in failures if f is not None)
+        # pods in parallel; the other kinds (a Service, ConfigMaps, a PDB) one by one
+        pod_refs = [r for r in decision.delete if r.kind == "Pod"]
         for ref in decision.delete:
-            self._delete(namespace, ref)
+            if ref.kind != "Pod":
+                self._delete(namespace, ref)
+        failures = self._each(lambda ref: self._delete(namespace, ref), pod_refs)
+        failed = next((f for f in failures if f is not None), None)
+        if failed is not None:
+            raise failed
         if decision.graceful_exit is not None:
             name, value = decision.graceful_exit
             _ignore(404, lambda: self.core.patch_namespaced_config_map(
@@ -254,6 +276,22 @@ class KubeClient:
             return self.patch_status(namespace, job, decision.status)
         return None
 
+    def _each(self, call: Callable[[Any], Any], items: Sequence[Any]) -> list[BaseException | None]:
+        """``call`` on every item, up to ``workers`` at once; per item the exception it raised or
+        ``None``. Every call is made whatever the others do: one refused pod never keeps the
+        rest of a launch or a stop from being made."""
+
+        def one(item: Any) -> BaseException | None:
+            try:
+                call(item)
+            except Exception as exc:
+                return exc
+            return None
+
+        if len(items) <= 1:
+            return [one(item) for item in items]
+        return list(self._pool.map(one, items))
+
     def _annotate(self, namespace: str, job: str, annotate: tuple[tuple[str, dict[str, str]], ...]) -> None:
         """Patch the pods' annotations in parallel, at most ``workers`` at once.
 
@@ -269,18 +307,11 @@ class KubeClient:
             return
         started = time.monotonic()
 
-        def patch(pod: str, marks: dict[str, str]) -> BaseException | None:
-            try:
-                _ignore(404, lambda: _drained(self.core.patch_namespaced_pod(
-                    pod, namespace, {"metadata": {"annotations": marks}}, _preload_content=False)))
-            except (ApiException, HTTPError) as exc:
-                return exc
-            return None
+        def patch(pod: str, marks: dict[str, str]) -> None:
+            _ignore(404, lambda: _drained(self.core.patch_namespaced_pod(
+                pod, namespace, {"metadata": {"annotations": marks}}, _preload_content=False)))
 
-        if len(annotate) == 1:
-            failures = [patch(*annotate[0])]
-        else:
-            failures = list(self._pool.map(lambda item: patch(*item), annotate))
+        failures = self._each(lambda item: patch(*item), annotate)
         failed = [(pod, exc) for (pod, _), exc in zip(annotate, failures, strict=True) if exc is not None]
         for pod, exc in failed:
             log.warning("%s/%s: annotating pod %s failed, retried with the reconcile: %s", namespace, job, pod,
@@ -305,8 +336,11 @@ class KubeClient:
             doomed |= {p["metadata"]["name"] for p in self.list_pods(namespace, job)
                        if (p["metadata"].get("labels") or {}).get(LABEL_INCARNATION) == incarnation
                        and controlled_by(p, uid)}
-        for name in sorted(doomed):
-            _ignore(404, lambda name=name: self.core.delete_namespaced_pod(name, namespace, grace_period_seconds=0))
+        refs = [ObjectRef("v1", "Pod", name, grace_period_seconds=0) for name in sorted(doomed)]
+        failures = self._each(lambda ref: self._delete(namespace, ref), refs)
+        failed = next((f for f in failures if f is not None), None)
+        if failed is not None:
+            raise failed
         if doomed:
             log.warning("%s/%s: creating %s %s was refused; deleted %s so that no half incarnation holds capacity",
                         namespace, job, refused_obj["kind"], refused_obj["metadata"]["name"], ", ".join(sorted(doomed)))

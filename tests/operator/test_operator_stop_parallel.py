@@ -127,3 +127,81 @@ def test_a_stop_patches_up_to_the_bound_at_once(control_plane: ControlPlane, nam
     assert not together.broken, "the first patches never were in flight together"
     assert most[0] == workers, most
     assert _annotated(core, namespace) == set(names)
+
+
+def _deny_creates_of(control_plane: ControlPlane, namespace: str, pod: str) -> None:
+    """A ValidatingAdmissionPolicy that refuses to create ``pod`` in ``namespace`` (as a quota would)."""
+    name = f"deny-create-{namespace}"[:60]
+    policy = {"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicy",
+              "metadata": {"name": name},
+              "spec": {"failurePolicy": "Fail",
+                       "matchConstraints": {"resourceRules": [{"apiGroups": [""], "apiVersions": ["v1"],
+                                                               "operations": ["CREATE"], "resources": ["pods"]}]},
+                       "validations": [{"expression": f"object.metadata.name != '{pod}'",
+                                        "message": "creating this pod is denied by the test"}]}}
+    binding = {"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicyBinding",
+               "metadata": {"name": name},
+               "spec": {"policyName": name, "validationActions": ["Deny"],
+                        "matchResources": {"namespaceSelector": {"matchLabels": {
+                            "kubernetes.io/metadata.name": namespace}}}}}
+    control_plane.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List",
+                                                                 "items": [policy, binding]}))
+
+
+def test_a_launch_creates_its_pods_up_to_the_bound_at_once(control_plane: ControlPlane, namespace: str,
+                                                            kube: client.ApiClient) -> None:
+    """The creates of one launch overlap, ``workers`` at most (observed as the patches are)."""
+    workers = 4
+    kube_client = KubeClient(kube, workers=workers)
+    real = kube_client.core.create_namespaced_pod
+    together = threading.Barrier(workers, timeout=30)
+    lock, in_flight, most = threading.Lock(), [0], [0]
+
+    def observed(*args: Any, **kwargs: Any) -> Any:
+        with lock:
+            in_flight[0] += 1
+            most[0] = max(most[0], in_flight[0])
+        try:
+            if not together.broken:
+                with contextlib.suppress(threading.BrokenBarrierError):
+                    together.wait()
+            return real(*args, **kwargs)
+        finally:
+            with lock:
+                in_flight[0] -= 1
+
+    kube_client.core.create_namespaced_pod = observed  # type: ignore[method-assign]
+    kube_client.apply(namespace, "job", Decision(create=tuple(_pod(f"rank-{i}") for i in range(RANKS))))
+    assert not together.broken, "the first creates never were in flight together"
+    assert most[0] == workers, most
+    core = client.CoreV1Api(kube)
+    assert {p.metadata.name for p in core.list_namespaced_pod(namespace, label_selector="test=stop").items} == {
+        f"rank-{i}" for i in range(RANKS)}
+
+
+def test_a_refused_create_among_parallel_ones_leaves_no_rank_of_the_launch(
+        control_plane: ControlPlane, namespace: str, kube: client.ApiClient) -> None:
+    from torpor_operator.applying import CreateRefused
+
+    core = client.CoreV1Api(kube)
+    refused = "rank-5"
+    _deny_creates_of(control_plane, namespace, refused)
+
+    def policy_in_force() -> bool:
+        try:
+            core.create_namespaced_pod(namespace, _pod(refused), dry_run="All")
+        except ApiException as exc:
+            return exc.status == 422
+        return False
+
+    wait_for_condition(policy_in_force, timeout=60, what="the test's admission policy in force")
+    try:
+        with pytest.raises(CreateRefused) as raised:
+            KubeClient(kube, workers=4).apply(namespace, "job", Decision(
+                create=tuple(_pod(f"rank-{i}") for i in range(RANKS))))
+    finally:
+        control_plane.kubectl("delete", "validatingadmissionpolicybinding", f"deny-create-{namespace}"[:60])
+    assert raised.value.name == refused
+    assert sorted(raised.value.torn_down) == sorted(f"rank-{i}" for i in range(RANKS) if f"rank-{i}" != refused)
+    wait_for_condition(lambda: not core.list_namespaced_pod(namespace, label_selector="test=stop").items,
+                       timeout=30, what="every created rank of the refused launch deleted")

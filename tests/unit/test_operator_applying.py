@@ -81,8 +81,9 @@ class RefusingCore:
     def list_namespaced_pod(self, namespace: str, *, label_selector: str, _preload_content: bool) -> Any:
         return type("Raw", (), {"data": json.dumps({"items": self.pods}).encode()})()
 
-    def delete_namespaced_pod(self, name: str, namespace: str, **_: Any) -> None:
+    def delete_namespaced_pod(self, name: str, namespace: str, **_: Any) -> Any:
         self.deleted.append(name)
+        return type("Raw", (), {"read": lambda self: b"{}", "release_conn": lambda self: None})()
 
     def __getattr__(self, call: str) -> Any:  # the other kinds' calls, never made here
         return lambda *args, **kwargs: None
