@@ -177,16 +177,18 @@ class KubeClient:
         """The Services, ConfigMaps and PodDisruptionBudgets labelled with the job's name, with kind and
         apiVersion set (as for pods, not all need be the job's own)."""
         selector = f"{LABEL_JOB}={job}"
-        found: list[dict[str, Any]] = []
-        for kind, api_version, listing in (
-            ("Service", "v1", self.core.list_namespaced_service),
-            ("ConfigMap", "v1", self.core.list_namespaced_config_map),
-            ("PodDisruptionBudget", "policy/v1", self.policy.list_namespaced_pod_disruption_budget),
-        ):
-            for obj in _items(listing(namespace, label_selector=selector, _preload_content=False)):
+        kinds = (("Service", "v1", self.core.list_namespaced_service),
+                 ("ConfigMap", "v1", self.core.list_namespaced_config_map),
+                 ("PodDisruptionBudget", "policy/v1", self.policy.list_namespaced_pod_disruption_budget))
+
+        def listed(kind: str, api_version: str, listing: Callable[..., Any]) -> list[dict[str, Any]]:
+            objs = _items(listing(namespace, label_selector=selector, _preload_content=False))
+            for obj in objs:
                 obj.update(kind=kind, apiVersion=api_version)
-                found.append(obj)
-        return found
+            return objs
+
+        # at once: the three round trips overlap
+        return [obj for objs in self._pool.map(lambda k: listed(*k), kinds) for obj in objs]
 
     # --- writing ---
 
@@ -262,8 +264,8 @@ class KubeClient:
             raise failed
         if decision.graceful_exit is not None:
             name, value = decision.graceful_exit
-            _ignore(404, lambda: self.core.patch_namespaced_config_map(
-                name, namespace, {"data": graceful_exit_data(value)}))
+            _ignore(404, lambda: _drained(self.core.patch_namespaced_config_map(
+                name, namespace, {"data": graceful_exit_data(value)}, _preload_content=False)))
         self._annotate(namespace, job, decision.annotate)
         for pod in decision.stop_sidecars:
             # one patch: the mark that says the deadline is the operator's comes with the deadline

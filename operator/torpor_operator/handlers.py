@@ -243,13 +243,25 @@ class Shell:
 
     async def _reconcile(self, key: tuple[str, str], triggered_at: float | None, *, fresh: bool) -> None:
         namespace, name = key
-        body = await asyncio.to_thread(self.kube.read_job, namespace, name)
+        # the job, its pods and its children are read at once: a reconcile waits for one round
+        # trip to the API server, not four in a row (reconciles of one job are serialised, so
+        # each read sees every write of the reconciles before it)
+        observed_at = time.monotonic()
+        reads = asyncio.gather(self._pods(namespace, name, fresh),
+                               asyncio.to_thread(self.kube.list_children, namespace, name))
+        try:
+            body = await asyncio.to_thread(self.kube.read_job, namespace, name)
+        except BaseException:
+            await asyncio.gather(reads, return_exceptions=True)
+            raise
         if body is None or body["metadata"].get("deletionTimestamp"):
+            await asyncio.gather(reads, return_exceptions=True)  # a LIST's answer must not outlive forget
             self.forget(key)
             return
         try:
             job = Job.from_dict(body)
         except SpecError as exc:
+            await asyncio.gather(reads, return_exceptions=True)
             old = JobStatus.from_dict(body.get("status"))
             new = invalid_spec(old, str(exc), body["metadata"].get("generation"), datetime.now(UTC))
             if new is None:
@@ -261,11 +273,7 @@ class Shell:
             await asyncio.to_thread(self.kube.post_event, body, "Warning", "InvalidSpec", str(exc))
             return
         self.jobs.add(key)
-        observed_at = time.monotonic()
-        pods, children = await asyncio.gather(
-            self._pods(namespace, name, fresh),
-            asyncio.to_thread(self.kube.list_children, namespace, name),
-        )
+        pods, children = await reads
         checkpoints = await self._checkpoints(key, job, observed_at)
         # the nodes hosting its ranks, the nodes a new rank may have to avoid (going away, lost),
         # and those its pods avoid now (one that is back frees a Pending rank)
