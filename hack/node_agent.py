@@ -34,7 +34,8 @@ Nodes (`<prefix>-0` … `<prefix>-N-1`) against a real API server:
   `/etc/hosts`: localhost, the pod's own hostname, and for every live pod in the cluster
   with `spec.hostname` and `spec.subdomain` the names `<h>.<sub>.<ns>.svc.cluster.local`,
   `<h>.<sub>.<ns>.svc`, `<h>.<sub>.<ns>` and `<h>.<sub>`. It is rewritten in place (same
-  inode, which is what a bind mount follows) whenever such pods come or go. The pod's
+  inode, which is what a bind mount follows) when such pods come or go, at most every 0.2 s (a
+  new pod's own file is written at its start from the names known then). The pod's
   hostname (`spec.hostname` or its name) is set in its UTS namespace. Wildcard binds
   (`0.0.0.0`, `::`) are turned into binds of the pod IP by an LD_PRELOAD shim
   (`nodeagent_bind`), so servers such as PyTorch's TCPStore stay private to their pod.
@@ -131,6 +132,7 @@ LEASE_SECONDS = 40
 #: pods tolerate `unreachable:NoExecute` for 300 s, so they are scheduled onto a node that still
 #: carries it, and an operator then rightly takes that node for lost.
 LOST_NODE_TAINTS = ("node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable")
+HOSTS_INTERVAL = 0.2  # seconds between two rewrites of the hosts files: events in between make one
 HOST_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "PYTHONPATH", "VIRTUAL_ENV")
 KUBELET_VERSION = "v1.36.3"
 
@@ -172,6 +174,7 @@ class NodeAgent:
         self.bind_shim: Path | None = None
         self._stop = threading.Event()
         self._lock = threading.Lock()
+        self._hosts_due = threading.Event()
         self._workers: dict[str, PodWorker] = {}  # by pod UID
         self._pods: dict[str, JsonDict] = {}  # every pod in the cluster, by UID
         # Pods whose worker is over: late events about them must not start them again.
@@ -207,7 +210,8 @@ class NodeAgent:
         self._started_at = now_iso()
         for name in self.node_names:
             self._register(name)
-        for target, name in ((self._heartbeat_loop, "heartbeat"), (self._watch_loop, "pod-watch")):
+        for target, name in ((self._heartbeat_loop, "heartbeat"), (self._watch_loop, "pod-watch"),
+                             (self._hosts_loop, "hosts")):
             thread = threading.Thread(target=target, name=f"node-agent-{name}", daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -655,11 +659,26 @@ class NodeAgent:
             if ip not in in_use:
                 return ip
 
-    def hosts_for(self, worker: PodWorker) -> str:
-        """The /etc/hosts of one pod: localhost, itself, and every pod with a subdomain."""
+    def _dns_table(self) -> tuple[tuple[str, str, str], ...]:
+        """``(uid, ip, names)`` of every live pod with a hostname and a subdomain, by uid: the
+        part of the hosts files that is the same in every pod (built once per change, not once
+        per pod: with N pods, rebuilding every file on every pod event cost N² per event)."""
         with self._lock:
             ips = {uid: w.ip for uid, w in self._workers.items()}
             pods = list(self._pods.values())
+        table = []
+        for pod in pods:
+            meta, status = pod["metadata"], pod.get("status") or {}
+            ip = ips.get(meta["uid"]) or status.get("podIP")
+            names = _dns_names(pod)
+            if not names or not ip or meta.get("deletionTimestamp") or status.get("phase") in ("Succeeded", "Failed"):
+                continue
+            table.append((meta["uid"], ip, " ".join(names)))
+        return tuple(sorted(table))
+
+    def hosts_for(self, worker: PodWorker, table: tuple[tuple[str, str, str], ...] | None = None) -> str:
+        """The /etc/hosts of one pod: localhost, itself, and every pod with a subdomain
+        (``table``: :meth:`_dns_table`, built now when not given)."""
         lines = [
             "# Kubernetes-managed hosts file (torpor node agent).",
             "127.0.0.1\tlocalhost",
@@ -669,27 +688,35 @@ class NodeAgent:
         own_names = _dns_names(own)
         own_host = own["spec"].get("hostname") or own["metadata"]["name"]
         lines.append(f"{worker.ip}\t{' '.join([*own_names, own_host])}")
-        for pod in sorted(pods, key=lambda p: p["metadata"]["uid"]):
-            meta, status = pod["metadata"], pod.get("status") or {}
-            ip = ips.get(meta["uid"]) or status.get("podIP")
-            names = _dns_names(pod)
-            if (
-                meta["uid"] == worker.uid
-                or not names
-                or not ip
-                or meta.get("deletionTimestamp")
-                or status.get("phase") in ("Succeeded", "Failed")
-            ):
-                continue
-            lines.append(f"{ip}\t{' '.join(names)}")
+        lines.extend(f"{ip}\t{names}" for uid, ip, names in (self._dns_table() if table is None else table)
+                     if uid != worker.uid)
         return "\n".join(lines) + "\n"
 
     def _refresh_hosts(self) -> None:
-        with self._lock:
-            workers = list(self._workers.values())
-        for worker in workers:
-            if worker.hosts_path.parent.exists():
-                worker.write_hosts()
+        """A pod came, went or changed: the hosts files are rewritten by :meth:`_hosts_loop`
+        when the names they hold changed (many events in a row make one rewrite)."""
+        self._hosts_due.set()
+
+    def _hosts_loop(self) -> None:
+        """Rewrite every pod's hosts file when the DNS table changed, at most every
+        ``HOSTS_INTERVAL`` seconds. A new pod writes its own file at its start, from the table
+        as it is then, so it never waits for this loop to see the pods already there."""
+        written: tuple[tuple[str, str, str], ...] | None = None
+        workers_seen: frozenset[str] = frozenset()
+        while not self._stop.is_set():
+            if not self._hosts_due.wait(1.0):
+                continue
+            self._hosts_due.clear()
+            table = self._dns_table()
+            with self._lock:
+                workers = list(self._workers.values())
+            uids = frozenset(w.uid for w in workers)
+            if table != written or uids != workers_seen:
+                for worker in workers:
+                    if worker.hosts_path.parent.exists():
+                        worker.write_hosts(table)
+                written, workers_seen = table, uids
+            self._stop.wait(HOSTS_INTERVAL)
 
 
 def _dns_names(pod: JsonDict) -> list[str]:

@@ -138,13 +138,14 @@ class PodWorker(threading.Thread):
         """Signal every container's process group now (a fault: the node vanished)."""
         self._kill_all(sig)
 
-    def write_hosts(self) -> None:
+    def write_hosts(self, table: Any = None) -> None:
         """Rewrite the pod's hosts file in place: a bind mount keeps the inode, not the name.
 
-        The contents are computed under the lock, so the last writer has the newest view.
+        ``table``: the agent's DNS table to write (default: built now). Written under a lock,
+        and only when the contents differ.
         """
         with self._hosts_lock:
-            text = self.agent.hosts_for(self)
+            text = self.agent.hosts_for(self, table)
             if not self.hosts_path.exists() or self.hosts_path.read_text() != text:
                 with open(self.hosts_path, "a+") as f:
                     f.seek(0)

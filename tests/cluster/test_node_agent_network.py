@@ -95,3 +95,38 @@ def test_two_torch_jobs_share_master_port_29500(control_plane: ControlPlane, nod
         log = node_agent.logs_path(done).read_text()
         assert done["status"]["phase"] == "Succeeded", log
         assert "all_reduce 3.0 world 2" in log
+
+
+RESOLVER = """\
+    import socket, time
+    while True:  # what a rank waiting for its peers does: resolve the name until it exists
+        try:
+            print("resolved", socket.gethostbyname("{peer}"), flush=True)
+            break
+        except OSError:
+            time.sleep(0.1)
+    while True:  # then until the peer is gone
+        try:
+            socket.gethostbyname("{peer}")
+            time.sleep(0.1)
+        except OSError:
+            print("gone", flush=True)
+            break
+    time.sleep(3600)
+"""
+
+
+def test_a_pod_resolves_a_peer_that_starts_after_it_and_stops_resolving_it_once_it_ends(
+    control_plane: ControlPlane, node_agent: NodeAgent, namespace: str
+):
+    peer = f"b.s.{namespace}.svc.cluster.local"
+    first = python_pod("a", RESOLVER.format(peer=peer), hostname="a", subdomain="s", terminationGracePeriodSeconds=1)
+    apply(control_plane, namespace, first)
+    waiting = wait_running(control_plane, namespace, "a")
+    second = python_pod("b", "import time; time.sleep(3600)", hostname="b", subdomain="s",
+                        terminationGracePeriodSeconds=1)
+    apply(control_plane, namespace, second)
+    ip = wait_running(control_plane, namespace, "b")["status"]["podIP"]
+    assert f"resolved {ip}" in wait_log(node_agent, waiting, "resolved")
+    control_plane.kubectl("delete", "pod", "b", "-n", namespace, "--wait=false")
+    wait_log(node_agent, waiting, "gone")
