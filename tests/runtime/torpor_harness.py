@@ -171,9 +171,130 @@ def child_env(extra: dict[str, str]) -> dict[str, str]:
     return env
 
 
+# --- rank processes forked from a torch-imported server (tests/runtime/rank_forkserver.py) ---
+
+_IMPORT_TIME_ENV = ("TORCH_", "TORCHDYNAMO", "TORCHINDUCTOR", "OMP_", "MKL_", "KMP_", "LD_", "CUDA_", "PYTHON")
+
+
+class ForkedRank:
+    """A rank forked by the fork server, with the parts of :class:`subprocess.Popen` the tests
+    use: ``pid``, ``args``, ``returncode``, ``poll``, ``wait``, ``send_signal``, ``terminate``,
+    ``kill`` (``returncode`` as Popen's: ``-N`` for a death by signal N)."""
+
+    def __init__(self, conn: Any, args: list[str]) -> None:
+        self._conn, self.args = conn, args
+        self._buffer = b""
+        self.returncode: int | None = None
+        message = self._message(None)
+        assert message is not None
+        self.pid: int = message["pid"]
+
+    def _message(self, timeout: float | None) -> dict[str, Any] | None:
+        """The server's next message, or ``None`` if none came within ``timeout`` seconds."""
+        import select
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while b"\n" not in self._buffer:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not select.select([self._conn], [], [], left)[0]:
+                return None
+            data = self._conn.recv(4096)
+            if not data:
+                raise RuntimeError(f"the fork server went away before rank {self.args} ended")
+            self._buffer += data
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return json.loads(line)
+
+    def _read(self, timeout: float | None) -> int | None:
+        if self.returncode is not None:
+            return self.returncode
+        message = self._message(timeout)
+        if message is None:
+            return None
+        self.returncode = os.waitstatus_to_exitcode(message["status"])
+        self._conn.close()
+        return self.returncode
+
+    def poll(self) -> int | None:
+        return self._read(0.0)
+
+    def wait(self, timeout: float | None = None) -> int:
+        code = self._read(timeout)
+        if code is None:
+            raise subprocess.TimeoutExpired(self.args, timeout or 0.0)
+        return code
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:
+            os.kill(self.pid, sig)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+class _ForkServer:
+    """The session's fork server, started at the first rank and stopped at exit; ``None`` from
+    :meth:`launch` where a rank needs a fresh interpreter (a variable read at import time differs)."""
+
+    def __init__(self) -> None:
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._path = ""
+        self._env: dict[str, str] = {}
+
+    def _start(self) -> None:
+        import atexit
+        import tempfile
+
+        self._path = os.path.join(tempfile.mkdtemp(prefix="torpor-forkserver-"), "socket")
+        self._env = child_env({})
+        self._proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("rank_forkserver.py")),
+                                       self._path], env=self._env, stdout=subprocess.PIPE)
+        assert self._proc.stdout is not None
+        if self._proc.stdout.readline().strip() != b"ready":
+            raise RuntimeError("the rank fork server did not start")
+        atexit.register(self._stop)
+
+    def _stop(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+            self._proc.wait(10)
+
+    def launch(self, argv: list[str], env: dict[str, str], cwd: Path, log: Path) -> ForkedRank | None:
+        import socket
+
+        if os.environ.get("TORPOR_TEST_NO_FORKSERVER"):
+            return None
+        if self._proc is None or self._proc.poll() is not None:
+            self._start()
+        same = all(env.get(k) == self._env.get(k) for k in {*env, *self._env}
+                   if k.startswith(_IMPORT_TIME_ENV) and k != "PYTHONPATH")  # the child builds sys.path
+        if not same:
+            return None
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        conn.connect(self._path)
+        conn.sendall(json.dumps({"argv": argv, "env": env, "cwd": str(cwd), "log": str(log)}).encode() + b"\n")
+        return ForkedRank(conn, [sys.executable, *argv])
+
+
+FORK_SERVER = _ForkServer()
+
+
+def start_rank(argv: list[str], env: dict[str, str], cwd: Path, log: Path) -> ForkedRank | subprocess.Popen[bytes]:
+    """Run ``python argv...`` as a rank process with ``env`` in ``cwd``, stdout and stderr appended
+    to ``log``: forked from the fork server, or a fresh interpreter where the rank needs one."""
+    forked = FORK_SERVER.launch(argv, env, cwd, log)
+    if forked is not None:
+        return forked
+    with open(log, "ab") as out:
+        return subprocess.Popen([sys.executable, *argv], env=env, stdout=out, stderr=subprocess.STDOUT, cwd=cwd)
+
+
 def launch_ranks(world: int, extra_env: dict[str, str], argv: list[str], logdir: Path, *,
                  script: Path = TRAIN, rank_env: dict[int, dict[str, str]] | None = None,
-                 ) -> list[subprocess.Popen[bytes]]:
+                 ) -> list[Any]:
     """Start ``script`` (``examples/train.py``) as ``world`` ranks on loopback (gloo), logs in ``logdir``.
 
     ``rank_env`` adds variables to single ranks (e.g. one rank's S3 endpoint behind a fault proxy).
@@ -188,10 +309,9 @@ def launch_ranks(world: int, extra_env: dict[str, str], argv: list[str], logdir:
             "TORPOR_TERMINATION_LOG": str(logdir / f"termination-{rank}.json"),
             **(rank_env or {}).get(rank, {}),
         })
-        log = open(logdir / f"rank-{rank}.log", "wb")  # noqa: SIM115 - closed with the process
-        procs.append(subprocess.Popen([sys.executable, str(script), *argv], env=env, stdout=log,
-                                      stderr=subprocess.STDOUT, cwd=logdir))
-        log.close()
+        log = logdir / f"rank-{rank}.log"
+        log.write_bytes(b"")
+        procs.append(start_rank([str(script), *argv], env, logdir, log))
     return procs
 
 
