@@ -39,16 +39,17 @@ def _annotated(core: client.CoreV1Api, namespace: str) -> set[str]:
     return {p.metadata.name for p in pods if (p.metadata.annotations or {}).get(ANNOTATION_EXIT_REQUESTED) == STAMP}
 
 
-def _deny_updates_of(control_plane: ControlPlane, namespace: str, pod: str) -> None:
-    """A ValidatingAdmissionPolicy that refuses every update of ``pod`` in ``namespace``."""
-    name = f"deny-{namespace}"[:60]
+def _deny(control_plane: ControlPlane, namespace: str, pod: str, operation: str = "UPDATE") -> str:
+    """A ValidatingAdmissionPolicy that refuses every ``operation`` (UPDATE, CREATE: as a quota
+    would) of ``pod`` in ``namespace``; the name of its binding."""
+    name = f"deny-{operation.lower()}-{namespace}"[:60].rstrip("-")
     policy = {"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicy",
               "metadata": {"name": name},
               "spec": {"failurePolicy": "Fail",
                        "matchConstraints": {"resourceRules": [{"apiGroups": [""], "apiVersions": ["v1"],
-                                                               "operations": ["UPDATE"], "resources": ["pods"]}]},
+                                                               "operations": [operation], "resources": ["pods"]}]},
                        "validations": [{"expression": f"object.metadata.name != '{pod}'",
-                                        "message": "updates of this pod are denied by the test"}]}}
+                                        "message": "this is denied by the test"}]}}
     binding = {"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicyBinding",
                "metadata": {"name": name},
                "spec": {"policyName": name, "validationActions": ["Deny"],
@@ -56,6 +57,7 @@ def _deny_updates_of(control_plane: ControlPlane, namespace: str, pod: str) -> N
                             "kubernetes.io/metadata.name": namespace}}}}}
     control_plane.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List",
                                                                  "items": [policy, binding]}))
+    return name
 
 
 def test_a_stop_annotates_every_rank_and_one_failed_patch_loses_no_other(
@@ -68,7 +70,7 @@ def test_a_stop_annotates_every_rank_and_one_failed_patch_loses_no_other(
     core.delete_namespaced_pod(gone, namespace, grace_period_seconds=0)
     wait_for_condition(lambda: gone not in {p.metadata.name for p in core.list_namespaced_pod(namespace).items},
                        timeout=30, what=f"{gone} deleted")
-    _deny_updates_of(control_plane, namespace, denied)
+    binding = _deny(control_plane, namespace, denied)
 
     def policy_in_force() -> bool:  # the API server compiles and loads a policy asynchronously
         try:
@@ -87,7 +89,7 @@ def test_a_stop_annotates_every_rank_and_one_failed_patch_loses_no_other(
     assert _annotated(core, namespace) == set(names) - {gone, denied}, "every other rank was annotated"
 
     # the retry (the next reconcile) finds the pods it could not annotate, and the fault has gone
-    control_plane.kubectl("delete", "validatingadmissionpolicybinding", f"deny-{namespace}"[:60])
+    control_plane.kubectl("delete", "validatingadmissionpolicybinding", binding)
     wait_for_condition(lambda: not policy_in_force(), timeout=60, what="the test's admission policy gone")
     kube_client.apply(namespace, "job", Decision(annotate=((denied, {ANNOTATION_EXIT_REQUESTED: STAMP}),)))
     assert _annotated(core, namespace) == set(names) - {gone}
@@ -129,25 +131,6 @@ def test_a_stop_patches_up_to_the_bound_at_once(control_plane: ControlPlane, nam
     assert _annotated(core, namespace) == set(names)
 
 
-def _deny_creates_of(control_plane: ControlPlane, namespace: str, pod: str) -> None:
-    """A ValidatingAdmissionPolicy that refuses to create ``pod`` in ``namespace`` (as a quota would)."""
-    name = f"deny-create-{namespace}"[:60]
-    policy = {"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicy",
-              "metadata": {"name": name},
-              "spec": {"failurePolicy": "Fail",
-                       "matchConstraints": {"resourceRules": [{"apiGroups": [""], "apiVersions": ["v1"],
-                                                               "operations": ["CREATE"], "resources": ["pods"]}]},
-                       "validations": [{"expression": f"object.metadata.name != '{pod}'",
-                                        "message": "creating this pod is denied by the test"}]}}
-    binding = {"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicyBinding",
-               "metadata": {"name": name},
-               "spec": {"policyName": name, "validationActions": ["Deny"],
-                        "matchResources": {"namespaceSelector": {"matchLabels": {
-                            "kubernetes.io/metadata.name": namespace}}}}}
-    control_plane.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List",
-                                                                 "items": [policy, binding]}))
-
-
 def test_a_launch_creates_its_pods_up_to_the_bound_at_once(control_plane: ControlPlane, namespace: str,
                                                             kube: client.ApiClient) -> None:
     """The creates of one launch overlap, ``workers`` at most (observed as the patches are)."""
@@ -185,7 +168,7 @@ def test_a_refused_create_among_parallel_ones_leaves_no_rank_of_the_launch(
 
     core = client.CoreV1Api(kube)
     refused = "rank-5"
-    _deny_creates_of(control_plane, namespace, refused)
+    binding = _deny(control_plane, namespace, refused, "CREATE")
 
     def policy_in_force() -> bool:
         try:
@@ -200,7 +183,7 @@ def test_a_refused_create_among_parallel_ones_leaves_no_rank_of_the_launch(
             KubeClient(kube, workers=4).apply(namespace, "job", Decision(
                 create=tuple(_pod(f"rank-{i}") for i in range(RANKS))))
     finally:
-        control_plane.kubectl("delete", "validatingadmissionpolicybinding", f"deny-create-{namespace}"[:60])
+        control_plane.kubectl("delete", "validatingadmissionpolicybinding", binding)
     assert raised.value.name == refused
     assert sorted(raised.value.torn_down) == sorted(f"rank-{i}" for i in range(RANKS) if f"rank-{i}" != refused)
     wait_for_condition(lambda: not core.list_namespaced_pod(namespace, label_selector="test=stop").items,
