@@ -95,6 +95,31 @@ def test_a_stop_annotates_every_rank_and_one_failed_patch_loses_no_other(
     assert _annotated(core, namespace) == set(names) - {gone}
 
 
+def _observe(kube_client: KubeClient, call: str, workers: int) -> tuple[threading.Barrier, list[int]]:
+    """Wrap ``kube_client.core.<call>`` so that every real call is observed on its way to the API
+    server: the first ``workers`` wait for each other (a sequential loop would never get past the
+    first) and the most ever in flight is counted. Returns the barrier and ``[most]``."""
+    real = getattr(kube_client.core, call)
+    together = threading.Barrier(workers, timeout=30)
+    lock, in_flight, most = threading.Lock(), [0], [0]
+
+    def observed(*args: Any, **kwargs: Any) -> Any:
+        with lock:
+            in_flight[0] += 1
+            most[0] = max(most[0], in_flight[0])
+        try:
+            if not together.broken:
+                with contextlib.suppress(threading.BrokenBarrierError):
+                    together.wait()  # passes once `workers` calls are in flight
+            return real(*args, **kwargs)
+        finally:
+            with lock:
+                in_flight[0] -= 1
+
+    setattr(kube_client.core, call, observed)
+    return together, most
+
+
 def test_a_stop_patches_up_to_the_bound_at_once(control_plane: ControlPlane, namespace: str,
                                                 kube: client.ApiClient) -> None:
     """The patches of one stop overlap, ``workers`` at most. Each real patch is observed on its
@@ -106,24 +131,7 @@ def test_a_stop_patches_up_to_the_bound_at_once(control_plane: ControlPlane, nam
         core.create_namespaced_pod(namespace, _pod(name))
     workers = 4
     kube_client = KubeClient(kube, workers=workers)
-    real = kube_client.core.patch_namespaced_pod
-    together = threading.Barrier(workers, timeout=30)
-    lock, in_flight, most = threading.Lock(), [0], [0]
-
-    def observed(*args: Any, **kwargs: Any) -> Any:
-        with lock:
-            in_flight[0] += 1
-            most[0] = max(most[0], in_flight[0])
-        try:
-            if not together.broken:
-                with contextlib.suppress(threading.BrokenBarrierError):
-                    together.wait()  # passes once `workers` patches are in flight
-            return real(*args, **kwargs)
-        finally:
-            with lock:
-                in_flight[0] -= 1
-
-    kube_client.core.patch_namespaced_pod = observed  # type: ignore[method-assign]
+    together, most = _observe(kube_client, "patch_namespaced_pod", workers)
     kube_client.apply(namespace, "job", Decision(annotate=tuple(
         (name, {ANNOTATION_EXIT_REQUESTED: STAMP}) for name in names)))
     assert not together.broken, "the first patches never were in flight together"
@@ -136,24 +144,7 @@ def test_a_launch_creates_its_pods_up_to_the_bound_at_once(control_plane: Contro
     """The creates of one launch overlap, ``workers`` at most (observed as the patches are)."""
     workers = 4
     kube_client = KubeClient(kube, workers=workers)
-    real = kube_client.core.create_namespaced_pod
-    together = threading.Barrier(workers, timeout=30)
-    lock, in_flight, most = threading.Lock(), [0], [0]
-
-    def observed(*args: Any, **kwargs: Any) -> Any:
-        with lock:
-            in_flight[0] += 1
-            most[0] = max(most[0], in_flight[0])
-        try:
-            if not together.broken:
-                with contextlib.suppress(threading.BrokenBarrierError):
-                    together.wait()
-            return real(*args, **kwargs)
-        finally:
-            with lock:
-                in_flight[0] -= 1
-
-    kube_client.core.create_namespaced_pod = observed  # type: ignore[method-assign]
+    together, most = _observe(kube_client, "create_namespaced_pod", workers)
     kube_client.apply(namespace, "job", Decision(create=tuple(_pod(f"rank-{i}") for i in range(RANKS))))
     assert not together.broken, "the first creates never were in flight together"
     assert most[0] == workers, most
