@@ -73,6 +73,9 @@ class Backoff:
         self._next = self.first
 
 
+MAX_CONNECTIONS = 64  # connections kept open to the API server
+
+
 class KubeClient:
     """JSON requests against one API server, authenticated from a kubeconfig.
 
@@ -88,9 +91,12 @@ class KubeClient:
         token = (cfg.api_key or {}).get("BearerToken") or (cfg.api_key or {}).get("authorization")
         if token:
             self._headers["Authorization"] = token if token.startswith("Bearer ") else f"Bearer {token}"
+        # Every pod's worker thread talks to the API server: with fewer kept connections than
+        # threads, urllib3 opens and drops one per request, and the TLS handshakes alone held
+        # one core at 500 pods on a node (bench_operator_cluster, py-spy).
         self._pool = urllib3.PoolManager(
             num_pools=4,
-            maxsize=16,
+            maxsize=MAX_CONNECTIONS,
             cert_reqs="CERT_REQUIRED" if cfg.verify_ssl else "CERT_NONE",
             ca_certs=cfg.ssl_ca_cert,
             cert_file=cfg.cert_file,

@@ -16,6 +16,9 @@ last pass left work     every interval (an incomplete checkpoint whose upload wa
                         young to abort: ``TORPOR_STALE_UPLOAD_SECONDS``)
 Succeeded, Failed       never again after the one pass in that phase
 Suspended               never again after the one pass in that phase
+no periodic save        never again after the one pass in that phase (neither
+                        saveSteps nor saveSeconds: the ranks save only on the way
+                        out, and that comes with a phase change)
 any other phase         every ``max(interval, saveSeconds)`` (saveSeconds only, no
                         saveSteps: no checkpoint can appear sooner); else every interval
 ======================  ==============================================================
@@ -41,7 +44,7 @@ from datetime import datetime, timedelta
 
 from torpor_operator.observing import CheckpointInfo, parse_time
 
-__all__ = ["FINISHED", "JobFacts", "RetentionSchedule", "settled", "ttl_expiry"]
+__all__ = ["FINISHED", "JobFacts", "RetentionSchedule", "saves_periodically", "settled", "ttl_expiry"]
 
 Key = tuple[str, str]
 
@@ -118,13 +121,22 @@ class RetentionSchedule:
             return True
         if facts.phase != last.phase or facts.generation != last.generation:
             return True
-        if last.phase in _QUIET:
+        if last.phase in _QUIET or not saves_periodically(facts):
             return not last.settled and now - last.at >= self.interval_seconds
         return now - last.at >= self.period(facts)
 
     def due_keys(self, keys: Iterable[Key], now: float) -> list[Key]:
         """The due ones of ``keys``, sorted."""
         return sorted(k for k in keys if self.due(k, now))
+
+
+def saves_periodically(facts: JobFacts) -> bool:
+    """Whether the job's ranks save while they run (``0`` and unset both mean no).
+
+    Under the operator ``TORPOR_SAVE_STEPS``/``TORPOR_SAVE_SECONDS`` come from these fields, so
+    a job with neither saves only on exit. A checkpoint a script writes on its own schedule,
+    past the operator's settings, is pruned at the job's next phase change."""
+    return bool(facts.save_steps) or bool(facts.save_seconds)
 
 
 def settled(checkpoints: Sequence[CheckpointInfo], deleted: Iterable[str]) -> bool:

@@ -24,10 +24,23 @@ def test_a_job_never_passed_is_due_and_an_unknown_one_too() -> None:
 
 
 def test_a_running_job_is_due_every_interval() -> None:
-    s = schedule()
+    s = schedule(save_steps=100)
     s.passed(KEY, "Running", T0)
     assert not s.due(KEY, T0 + 59)
     assert s.due(KEY, T0 + 60)
+
+
+@pytest.mark.parametrize("saves", [{}, {"save_steps": 0, "save_seconds": 0}])
+def test_a_running_job_that_saves_only_on_exit_is_not_scanned_again_until_its_phase_changes(
+        saves: dict[str, int]) -> None:
+    s = schedule(**saves)
+    s.passed(KEY, "Running", T0)
+    assert not s.due(KEY, T0 + 10**6), "no periodic save: nothing new can appear while it runs"
+    s.observe(KEY, JobFacts(phase="Stopping", **saves))  # type: ignore[arg-type]
+    assert s.due(KEY, T0 + 10**6 + 1), "the stop's exit saves come with the phase change"
+    s.passed(KEY, "Running", T0, settled=False)
+    s.observe(KEY, JobFacts(phase="Running", **saves))  # type: ignore[arg-type]
+    assert s.due(KEY, T0 + 60), "an unsettled pass is still retried every interval"
 
 
 def test_save_seconds_longer_than_the_interval_sets_the_period() -> None:
