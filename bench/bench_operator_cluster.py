@@ -259,13 +259,18 @@ class AnnotationWatch:
         threading.Thread(target=self._run, daemon=True).start()
 
     def _run(self) -> None:
-        with contextlib.suppress(Exception):
-            for event in self._watch.stream(self.api.list_namespaced_pod, self.ns, timeout_seconds=3600):
-                pod, now = event["object"], time.time()
-                if pod.status.phase == "Running":
-                    self.running.add(pod.metadata.name)
-                if EXIT_REQUESTED in (pod.metadata.annotations or {}):
-                    self.seen.setdefault(pod.metadata.name, now)
+        # The watch ends (a 410, the server closing it under load): watch again from a fresh
+        # LIST, or the 1024-rank job's count stops short (it did, at 868 of 1024). A pod first
+        # seen annotated after a restart gets a later time: the figure errs high, never low.
+        while True:
+            with contextlib.suppress(Exception):
+                for event in self._watch.stream(self.api.list_namespaced_pod, self.ns, timeout_seconds=3600):
+                    pod, now = event["object"], time.time()
+                    if pod.status.phase == "Running":
+                        self.running.add(pod.metadata.name)
+                    if EXIT_REQUESTED in (pod.metadata.annotations or {}):
+                        self.seen.setdefault(pod.metadata.name, now)
+            time.sleep(0.5)
 
 
 def big_job(b: ClusterBench, flags: FlagWatch, ranks: int) -> tuple[float, float, float]:

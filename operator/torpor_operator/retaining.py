@@ -10,7 +10,10 @@ job                     due
 ======================  ==============================================================
 never passed            at once (after an operator start, every job once)
 phase changed           at once: a stop ends with exit saves, a finish with the last
-                        save, a resume starts saving again
+                        save, a resume starts saving again; also when the job came
+                        back to the phase of its last pass in between (a stop and a
+                        restart within one interval). Not for Pending -> Running:
+                        starting saves nothing
 spec edited             at once (``metadata.generation`` moved: a new keepMax)
 last pass left work     every interval (an incomplete checkpoint whose upload was too
                         young to abort: ``TORPOR_STALE_UPLOAD_SECONDS``)
@@ -52,6 +55,13 @@ Key = tuple[str, str]
 FINISHED = frozenset({"Succeeded", "Failed"})
 #: Phases after which nothing saves until the phase changes.
 _QUIET = FINISHED | {"Suspended"}
+#: Phases of a job starting or running: a move between them saves nothing.
+_STARTING = frozenset({"Pending", "Running"})
+
+
+def _saves_on_move(old: str, new: str) -> bool:
+    """Whether moving from phase ``old`` to ``new`` can have left a checkpoint to see at once."""
+    return old != new and not (old in _STARTING and new in _STARTING)
 
 
 @dataclass(frozen=True)
@@ -84,6 +94,8 @@ class RetentionSchedule:
     """``TORPOR_RETENTION_INTERVAL_SECONDS``: the shortest period of a running job."""
     _facts: dict[Key, JobFacts] = field(default_factory=dict)
     _passes: dict[Key, _Pass] = field(default_factory=dict)
+    _moved: set[Key] = field(default_factory=set)
+    """Jobs whose phase moved (:func:`_saves_on_move`) since their last pass."""
 
     def __post_init__(self) -> None:
         if not self.interval_seconds > 0:
@@ -91,6 +103,9 @@ class RetentionSchedule:
 
     def observe(self, key: Key, facts: JobFacts) -> None:
         """Record a job's phase and save settings (from a reconcile)."""
+        old = self._facts.get(key)
+        if old is not None and _saves_on_move(old.phase, facts.phase):
+            self._moved.add(key)
         self._facts[key] = facts
 
     def passed(self, key: Key, phase: str, now: float, *, generation: int | None = None,
@@ -98,15 +113,17 @@ class RetentionSchedule:
         """Record a pass over ``key`` made at ``now`` while the job was in ``phase`` and
         ``generation``; ``settled=False``: it left an incomplete checkpoint for a later pass."""
         self._passes[key] = _Pass(phase, now, generation, settled)
+        self._moved.discard(key)
 
     def forget(self, key: Key) -> None:
         """Drop a deleted job."""
         self._facts.pop(key, None)
         self._passes.pop(key, None)
+        self._moved.discard(key)
 
     def tracked(self) -> set[Key]:
         """The jobs the schedule holds anything about (for tests and memory checks)."""
-        return set(self._facts) | set(self._passes)
+        return set(self._facts) | set(self._passes) | self._moved
 
     def period(self, facts: JobFacts) -> float:
         """Seconds between passes of a job that saves periodically (the table above)."""
@@ -119,7 +136,7 @@ class RetentionSchedule:
         facts, last = self._facts.get(key), self._passes.get(key)
         if facts is None or last is None:
             return True
-        if facts.phase != last.phase or facts.generation != last.generation:
+        if key in self._moved or _saves_on_move(last.phase, facts.phase) or facts.generation != last.generation:
             return True
         if last.phase in _QUIET or not saves_periodically(facts):
             return not last.settled and now - last.at >= self.interval_seconds

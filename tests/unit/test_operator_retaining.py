@@ -75,6 +75,29 @@ def test_a_phase_change_makes_a_job_due_at_once() -> None:
     assert s.due(KEY, T0 + 3), "a resumed job is scanned again"
 
 
+@pytest.mark.parametrize("saves", [{}, {"save_steps": 100}])
+def test_a_job_that_only_started_running_is_not_due_at_once(saves: dict[str, int]) -> None:
+    """Starting saves nothing: 500 new jobs going Running would otherwise cost 500 passes at once
+    (bench_operator_cluster's first idle minute)."""
+    s = schedule(phase="Pending", **saves)
+    s.passed(KEY, "Pending", T0)
+    s.observe(KEY, JobFacts(phase="Running", **saves))  # type: ignore[arg-type]
+    assert not s.due(KEY, T0 + 1)
+    assert s.due(KEY, T0 + 60) == bool(saves), "then the table: every interval when it saves periodically"
+
+
+def test_a_stop_and_a_restart_between_two_passes_make_the_job_due() -> None:
+    """Running -> Stopping -> Restarting -> Pending -> Running within one interval: the job is in
+    the phase of its last pass again, but the stop wrote exit saves."""
+    s = schedule()
+    s.passed(KEY, "Running", T0)
+    for phase in ("Stopping", "Restarting", "Pending", "Running"):
+        s.observe(KEY, JobFacts(phase=phase))
+    assert s.due(KEY, T0 + 1)
+    s.passed(KEY, "Running", T0 + 1)
+    assert not s.due(KEY, T0 + 2)
+
+
 def test_a_forgotten_job_is_dropped_and_the_due_ones_are_listed() -> None:
     s = schedule()
     other = ("ns", "done")
