@@ -104,6 +104,8 @@ class _Listing:
     started: float | None = None
     """When a worker began it (monotonic); ``None`` while queued."""
     future: asyncio.Future[list[CheckpointInfo]] | None = field(default=None, repr=False)
+    generation: int | None = None
+    """``metadata.generation`` of the job it lists for."""
 
 
 def _api_client() -> client.ApiClient:
@@ -395,6 +397,8 @@ class Shell:
             listing.started = time.monotonic()
             return self.bucket.list(job.spec, job.ref)
 
+        listing.generation = job.generation
+
         future = listing.future = asyncio.get_running_loop().run_in_executor(self.bucket_pool, run)
         self._listings[key] = listing
         future.add_done_callback(lambda _: self._listed(key, listing))
@@ -419,6 +423,8 @@ class Shell:
         if started >= self._listed_at.get(key, 0.0):  # never replace a newer listing by an older one
             self._listed_at[key] = started
             self.checkpoints[key] = future.result()
+        if not future.result():  # a new job's empty prefix: its first retention pass is made
+            self.schedule.listed_empty(key, started, generation=listing.generation)
 
     async def _in_bucket_pool(self, call: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.bucket_pool, call, *args)

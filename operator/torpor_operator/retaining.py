@@ -115,6 +115,14 @@ class RetentionSchedule:
         self._passes[key] = _Pass(phase, now, generation, settled)
         self._moved.discard(key)
 
+    def listed_empty(self, key: Key, now: float, *, generation: int | None = None) -> None:
+        """A launch's listing found the job's prefix empty at ``now``: that is the job's first
+        pass (nothing to prune, nothing incomplete), so a new job costs no second listing. Only
+        for a job not passed yet; recorded as made while starting (``Pending``), so a later
+        stop or finish still makes it due."""
+        if key not in self._passes:
+            self.passed(key, "Pending", now, generation=generation)
+
     def forget(self, key: Key) -> None:
         """Drop a deleted job."""
         self._facts.pop(key, None)

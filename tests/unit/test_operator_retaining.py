@@ -165,3 +165,23 @@ def test_an_incomplete_checkpoint_retention_never_deletes_leaves_a_pass_settled(
     assert settled([info("a", 5, 1, True), info("b", 9, 2, False)], [])  # newer than the newest complete
     assert not settled([info("a", 5, 2, True), info("b", 3, 1, False)], [])  # older: a later pass deletes it
     assert settled([info("a", 5, 2, True), info("b", 3, 1, False)], ["b"])
+
+
+def test_a_launch_that_found_the_prefix_empty_is_the_jobs_first_pass() -> None:
+    """500 new jobs would each get a second listing of their empty prefix at the next wake,
+    deferred into bench_operator_cluster's first idle minute; the launch's own listing counts."""
+    s = RetentionSchedule(interval_seconds=60)
+    s.listed_empty(KEY, T0, generation=1)
+    s.observe(KEY, JobFacts(phase="Pending", generation=1))
+    assert not s.due(KEY, T0 + 1)
+    s.observe(KEY, JobFacts(phase="Running", generation=1))
+    assert not s.due(KEY, T0 + 10**6), "saves only on exit: nothing until it stops"
+    s.observe(KEY, JobFacts(phase="Stopping", generation=1))
+    assert s.due(KEY, T0 + 10**6)
+
+
+def test_an_empty_listing_never_replaces_a_real_pass() -> None:
+    s = schedule(phase="Succeeded")
+    s.passed(KEY, "Succeeded", T0, settled=False)
+    s.listed_empty(KEY, T0 + 1)
+    assert s.due(KEY, T0 + 60), "the unsettled pass stands"

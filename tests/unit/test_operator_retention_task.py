@@ -155,3 +155,25 @@ def test_a_stalled_retention_task_fails_the_probe() -> None:
         shell.retention_task.cancel()
 
     asyncio.run(asyncio.wait_for(run(), 60))
+
+
+def test_a_new_jobs_empty_launch_listing_leaves_it_out_of_the_next_retention_pass() -> None:
+    """The shell's wiring of ``RetentionSchedule.listed_empty``: a listing that found nothing is
+    the job's first pass; one that found a checkpoint is not."""
+    from torpor_operator.handlers import _Listing
+    from torpor_operator.retaining import JobFacts
+
+    async def scenario() -> list[tuple[str, str]]:
+        shell = RecordingShell(OperatorSettings())
+        shell.jobs |= {A, B}
+        loop = asyncio.get_running_loop()
+        for key, found in ((A, []), (B, ["a checkpoint"])):
+            shell.schedule.observe(key, JobFacts(phase="Pending", generation=1))  # the launch's reconcile
+            listing = _Listing(started=time.monotonic(), generation=1)
+            listing.future = loop.create_future()
+            listing.future.set_result(found)
+            shell._listed(key, listing)
+        await shell.prune_all()
+        return shell.passes
+
+    assert asyncio.run(scenario()) == [B]
