@@ -6,7 +6,8 @@ import subprocess
 import sys
 
 TORCH_FREE = ["torpor", "torpor.checkpoints", "torpor.retention", "torpor.storage", "torpor.transfer", "torpor.env",
-              "torpor.termination", "torpor.errors", "torpor.crypto", "torpor.stale_temps"]
+              "torpor.termination", "torpor.errors", "torpor.crypto", "torpor.stale_temps", "torpor.folding",
+              "torpor.run"]
 
 
 def test_torch_free_modules_do_not_import_torch() -> None:
