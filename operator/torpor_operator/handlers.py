@@ -140,6 +140,9 @@ class Shell:
         self.bucket_pool = ThreadPoolExecutor(settings.bucket_workers, thread_name_prefix="torpor-bucket")
         self._listings: dict[tuple[str, str], _Listing] = {}
         self._listed_at: dict[tuple[str, str], float] = {}
+        self._retained: dict[tuple[str, str], list[CheckpointInfo]] = {}
+        """What each job's last retention pass found and then reconciled on: a pass that finds
+        the same again has nothing new for a decision, and reconciles nothing."""
         self._errors: dict[tuple[str, str], int] = {}
         self._retry_at: dict[tuple[str, str], float] = {}
         self._credentials_shown: dict[tuple[str, str], str] = {}
@@ -160,7 +163,8 @@ class Shell:
                 "pod_index": lambda: len(self.pod_index), "pod_index_jobs": self.pod_index.jobs,
                 "checkpoints": lambda: len(self.checkpoints), "locks": lambda: len(self._locks),
                 "wakeups": lambda: len(self._wakeups), "listings": lambda: len(self._listings),
-                "listed_at": lambda: len(self._listed_at), "errors": lambda: len(self._errors),
+                "listed_at": lambda: len(self._listed_at), "retained": lambda: len(self._retained),
+                "errors": lambda: len(self._errors),
                 "retry_at": lambda: len(self._retry_at), "credentials_shown": lambda: len(self._credentials_shown),
                 "manifests": self.bucket.cached_jobs}
 
@@ -487,6 +491,7 @@ class Shell:
         self.seen_jobs.drop(key)
         self.checkpoints.pop(key, None)
         self._listed_at.pop(key, None)
+        self._retained.pop(key, None)
         self._errors.pop(key, None)
         self._retry_at.pop(key, None)
         self._credentials_shown.pop(key, None)
@@ -528,6 +533,7 @@ class Shell:
         except SpecError:
             return
         started = time.monotonic()
+        found: list[CheckpointInfo] | None = None
         try:
             result = await self._in_bucket_pool(self.bucket.prune, job.spec, job.ref, job.status.resume_from)
         except CredentialsError as exc:  # nothing to prune with: shown on the job, tried next pass
@@ -544,7 +550,15 @@ class Shell:
             self.schedule.passed(key, job.status.phase, started, generation=body["metadata"].get("generation"),
                                  settled=settled(result.checkpoints, result.deleted))
             await self._show_credentials(key, job, None)
+            if not (result.deleted or result.keys_deleted or result.uploads_aborted):
+                found = result.checkpoints
+        if found is not None and key in self._retained and self._retained[key] == found:
+            return  # the same checkpoints as the last pass: every other change comes by the watch
         await self.reconcile(*key, trigger="retention")
+        if found is not None and key in self.jobs:
+            self._retained[key] = found
+        else:
+            self._retained.pop(key, None)
 
     async def _show_credentials(self, key: tuple[str, str], job: Job, problem: CredentialsError | None) -> None:
         """Show a credentials problem in ``Ready`` (one Warning Event per distinct one), or clear one

@@ -177,3 +177,56 @@ def test_a_new_jobs_empty_launch_listing_leaves_it_out_of_the_next_retention_pas
         return shell.passes
 
     assert asyncio.run(scenario()) == [B]
+
+
+def test_a_retention_pass_that_finds_what_the_last_one_found_reconciles_nothing() -> None:
+    """Each pass of a job that saves periodically was a GET, a listing and a whole reconcile (three
+    LISTs of children, a status patch) even when the listing showed nothing new; now the second
+    such pass stops after the listing. A new checkpoint, or a deletion, reconciles again."""
+    from datetime import UTC, datetime
+
+    from torpor_operator.bucket import PruneResult
+    from torpor_operator.observing import CheckpointInfo
+
+    body = {"apiVersion": "torpor.dev/v1alpha1", "kind": "TrainingJob",
+            "metadata": {"name": "a", "namespace": "team", "uid": "uid-a", "generation": 1},
+            "spec": {"replicas": 1, "checkpoint": {"uri": "s3://bucket/runs", "saveSteps": 10},
+                     "template": {"spec": {"containers": [{"name": "train", "image": "x", "command": ["python"]}]}}},
+            "status": {"phase": "Running"}}
+
+    def ckpt(step: int) -> CheckpointInfo:
+        return CheckpointInfo(name=f"Net-1_{step}", step=step, time=datetime(2026, 1, 1, 0, step, tzinfo=UTC),
+                              complete=True)
+
+    class Store:  # what the bucket answers, pass by pass: the bucket's own code is tested against MinIO
+        def __init__(self) -> None:
+            self.answers = [PruneResult([ckpt(1)]), PruneResult([ckpt(1)]), PruneResult([ckpt(1), ckpt(2)]),
+                            PruneResult([ckpt(2)], deleted=["Net-1_1"]), PruneResult([ckpt(2)])]
+
+        def prune(self, *_: object) -> PruneResult:
+            return self.answers.pop(0)
+
+    class Jobs:
+        def read_job(self, *_: object) -> dict[str, object]:
+            return body
+
+    class PassShell(Shell):
+        def __init__(self) -> None:
+            super().__init__(OperatorSettings(), kube=Jobs(), bucket=Bucket(),  # type: ignore[arg-type]
+                             metrics=Metrics(CollectorRegistry()))
+            self.bucket = Store()  # type: ignore[assignment]
+            self.reconciled: list[str] = []
+
+        async def reconcile(self, namespace: str, name: str, **_: object) -> None:
+            self.reconciled.append(name)
+
+    async def passes() -> list[int]:
+        shell = PassShell()
+        shell.jobs.add(A)
+        counts = []
+        for _ in range(5):
+            await shell._prune(A)
+            counts.append(len(shell.reconciled))
+        return counts
+
+    assert asyncio.run(passes()) == [1, 1, 2, 3, 4], "first pass, same again, a new one, a deletion, after a deletion"
