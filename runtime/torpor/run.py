@@ -52,16 +52,11 @@ _PR_SET_PDEATHSIG = 1
 
 
 def _int_env(environ: Mapping[str, str], name: str, default: int) -> int:
-    raw = environ.get(name, "").strip()
-    if not raw:
-        return default
+    """``torpor.env``'s parser; a bad value ends the launcher with the variable and the value."""
     try:
-        value = int(raw)
-    except ValueError:
-        raise SystemExit(f"torpor.run: {name}={raw!r} is not an integer") from None
-    if value < 0:
-        raise SystemExit(f"torpor.run: {name}={raw!r} must be >= 0")
-    return value
+        return runtime_env._int(environ, name, default)
+    except ValueError as exc:
+        raise SystemExit(f"torpor.run: {exc}") from None
 
 
 def worker_env(environ: Mapping[str, str], nproc: int, local_rank: int, log_dir: Path) -> dict[str, str]:

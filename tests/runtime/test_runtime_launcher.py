@@ -61,4 +61,4 @@ def test_a_worker_crash_is_the_pods_exit_and_the_other_rank_is_stopped(tmp_path:
 def test_a_bad_local_world_size_names_the_variable(tmp_path: Path) -> None:
     pod = subprocess.run([sys.executable, "-m", "torpor.run", str(WORKER), str(tmp_path)],
                          env={**os.environ, "LOCAL_WORLD_SIZE": "two"}, capture_output=True, text=True, timeout=60)
-    assert pod.returncode != 0 and "LOCAL_WORLD_SIZE='two'" in pod.stderr
+    assert pod.returncode != 0 and "LOCAL_WORLD_SIZE must be an integer, got 'two'" in pod.stderr
