@@ -119,10 +119,8 @@ def run(command: Sequence[str], nproc: int, environ: Mapping[str, str]) -> int:
         log_dir = Path(tmp)
         envs = [worker_env(environ, nproc, i, log_dir) for i in range(nproc)]
         procs: list[subprocess.Popen[bytes]] = []
-        forwarded: list[int] = []
 
         def forward(signum: int, _frame: FrameType | None) -> None:
-            forwarded.append(signum)
             for proc in procs:
                 if proc.poll() is None:
                     with contextlib.suppress(ProcessLookupError):
