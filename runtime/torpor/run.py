@@ -102,18 +102,22 @@ def _read_message(path: Path) -> TerminationMessage | None:
         return None
 
 
-def _forwarded_signals(environ: Mapping[str, str]) -> set[signal.Signals]:
-    sigs = {signal.SIGTERM, signal.SIGINT}
-    name = environ.get(runtime_env.EXIT_SIGNAL, "").strip().upper()
-    if name:
-        with contextlib.suppress(KeyError):
-            sigs.add(signal.Signals[name if name.startswith("SIG") else f"SIG{name}"])
-    return sigs
+def _forwarded_signals(environ: Mapping[str, str]) -> set[int]:
+    """SIGTERM, SIGINT and the job's stop signal (``torpor.env``'s parser: a bad name is an error)."""
+    raw = environ.get(runtime_env.EXIT_SIGNAL, "").strip()
+    try:
+        extra = {runtime_env.parse_signal(raw)} if raw else set()
+    except ValueError as exc:
+        raise SystemExit(f"torpor.run: {exc}") from None
+    return {int(signal.SIGTERM), int(signal.SIGINT), *extra}
 
 
 def run(command: Sequence[str], nproc: int, environ: Mapping[str, str]) -> int:
     """Start, watch and fold ``nproc`` workers of ``command``; returns the pod's exit code."""
-    kill_after = float(environ.get(KILL_AFTER_ENV, "").strip() or DEFAULT_KILL_AFTER)
+    try:
+        kill_after = runtime_env._float(environ, KILL_AFTER_ENV, DEFAULT_KILL_AFTER)
+    except ValueError as exc:
+        raise SystemExit(f"torpor.run: {exc}") from None
     pod_log = environ.get(runtime_env.TERMINATION_LOG, "").strip() or runtime_env.DEFAULT_TERMINATION_LOG
     with tempfile.TemporaryDirectory(prefix="torpor-run-") as tmp:
         log_dir = Path(tmp)
@@ -131,14 +135,15 @@ def run(command: Sequence[str], nproc: int, environ: Mapping[str, str]) -> int:
         for worker in envs:
             procs.append(subprocess.Popen(list(command), env=worker, start_new_session=True,
                                           preexec_fn=_die_with_parent))
+        ended: dict[int, WorkerExit] = {}
         codes: dict[int, int] = {}
         stop_deadline: float | None = None
         while len(codes) < nproc:
             for i, proc in enumerate(procs):
                 if i not in codes and proc.poll() is not None:
                     codes[i] = exit_code_of(proc.returncode)
-                    ended = WorkerExit(i, codes[i], _read_message(log_dir / f"termination-log.{i}"))
-                    failed = codes[i] != 0 and not is_stop(ended) and stop_deadline is None
+                    ended[i] = WorkerExit(i, codes[i], _read_message(log_dir / f"termination-log.{i}"))
+                    failed = codes[i] != 0 and not is_stop(ended[i]) and stop_deadline is None
                     if failed and len(codes) < nproc:
                         _stop_others(procs, codes, i)
                         stop_deadline = time.monotonic() + kill_after
@@ -149,8 +154,7 @@ def run(command: Sequence[str], nproc: int, environ: Mapping[str, str]) -> int:
                             proc.kill()
                 stop_deadline = float("inf")
             time.sleep(0.05)
-        workers = [WorkerExit(i, codes[i], _read_message(log_dir / f"termination-log.{i}")) for i in range(nproc)]
-    code, message = fold_exits(workers)
+    code, message = fold_exits(list(ended.values()))
     if message is not None:
         write_termination_message(message, pod_log)
     return code

@@ -62,3 +62,11 @@ def test_a_bad_local_world_size_names_the_variable(tmp_path: Path) -> None:
     pod = subprocess.run([sys.executable, "-m", "torpor.run", str(WORKER), str(tmp_path)],
                          env={**os.environ, "LOCAL_WORLD_SIZE": "two"}, capture_output=True, text=True, timeout=60)
     assert pod.returncode != 0 and "LOCAL_WORLD_SIZE must be an integer, got 'two'" in pod.stderr
+
+
+def test_a_bad_exit_signal_or_kill_after_names_the_variable(tmp_path: Path) -> None:
+    for name, value, said in (("TORPOR_EXIT_SIGNAL", "SIGNOPE", "TORPOR_EXIT_SIGNAL names no signal"),
+                              ("TORPOR_RUN_KILL_AFTER_SECONDS", "soon", "TORPOR_RUN_KILL_AFTER_SECONDS")):
+        pod = subprocess.run([sys.executable, "-m", "torpor.run", str(WORKER), str(tmp_path)],
+                             env={**os.environ, name: value}, capture_output=True, text=True, timeout=60)
+        assert pod.returncode != 0 and said in pod.stderr and repr(value) in pod.stderr
