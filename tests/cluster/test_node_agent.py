@@ -532,7 +532,12 @@ def test_a_native_sidecar_runs_beside_the_container_and_is_stopped_after_it(
         "native-sidecar",
         """\
         import pathlib, time
+        # As with kubelet, a sidecar without a startup probe counts as started once its
+        # process runs, not once it is ready: wait for its file rather than race it.
         up = pathlib.Path("/var/tmp/torpor-agent-test-sidecar/up")
+        deadline = time.monotonic() + 30
+        while not up.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
         print("main sees the sidecar:", up.exists(), flush=True)
         time.sleep(1)
         """,
