@@ -242,6 +242,7 @@ def _resumes_on(world: int, tmp_path: Path, run1: Path, stopped: dict[str, Any])
 
 REFUSED = {
     "trainable": ("ShardedStateError", "save_trainable_params=True cannot be saved for a sharded model (0.weight"),
+    "saved-network": ("ShardedStateError", "saved_network holds sharded weights (0.weight (DTensor"),
     "zero-unintegrated": ("ShardedStateError", "ZeroRedundancyOptimizer) needs integrated_save=True"),
 }
 

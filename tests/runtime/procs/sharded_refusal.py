@@ -4,6 +4,8 @@
 
 * ``trainable``: FSDP2 with ``save_trainable_params=True`` (each rank holds only its shard
   of the parameters);
+* ``saved-network``: FSDP2 with the sharded model itself as ``saved_network`` (each rank
+  would write its shard of the weights as if it were the whole);
 * ``zero-unintegrated``: DDP + ``ZeroRedundancyOptimizer`` with ``integrated_save=False``
   (its state is consolidated on rank 0 only);
 * ``breakpoint``: FSDP2 with ``exception_save=True``, and the same exception on every rank
@@ -44,7 +46,8 @@ def run(case: str, directory: str) -> dict[str, object]:
     features = torch.randn(64, 16)
     data = TensorDataset(features, (features @ torch.randn(16, 4)).argmax(dim=1))
     loader = DataLoader(data, batch_size=4, sampler=DistributedSampler(data, seed=0))
-    options = {"trainable": {"save_trainable_params": True}, "zero-unintegrated": {"integrated_save": False},
+    options = {"trainable": {"save_trainable_params": True}, "saved-network": {"saved_network": net},
+               "zero-unintegrated": {"integrated_save": False},
                "breakpoint": {"exception_save": True}}[case]
     monitor = torpor.CheckpointMonitor(directory=directory, save_checkpoint_steps=2, **options)
     outcome: dict[str, object] = {"error": None}
