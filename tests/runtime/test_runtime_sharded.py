@@ -25,6 +25,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import boto3
 import pytest
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
@@ -33,7 +34,8 @@ from torpor_harness import REPO, launch_ranks, logs, read_jsonl, wait_all
 import torpor
 from torpor.checkpoints import Reason, scan
 from torpor.crypto import is_encrypted
-from torpor.storage import open_storage
+from torpor.storage import S3Settings, open_storage
+from torpor.transfer import part_checksum
 
 SCRIPT = REPO / "examples" / "fsdp2.py"
 PROCS = Path(__file__).resolve().parent / "procs"
@@ -297,3 +299,42 @@ def test_a_damaged_shard_of_one_rank_makes_every_rank_resume_from_the_previous_c
     keys = sorted(resumed)
     torch.testing.assert_close(torch.tensor([resumed[k] for k in keys], dtype=torch.float64),
                                torch.tensor([expected[k] for k in keys], dtype=torch.float64), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.s3
+def test_shards_larger_than_a_part_go_up_in_parts_each_with_its_crc32_and_load_back_whole(
+        s3_bucket: str, tmp_path: Path) -> None:
+    # Each rank's .distcp (48 MiB) is larger than the default 32 MiB part: a multipart upload
+    # whose every part carries the CRC32 of its bytes, kept by the server; the parts load back
+    # into an unsharded model and optimizer equal to the state the job gathered.
+    uri = f"s3://{s3_bucket}/jobs/large"
+    env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+    script = PROCS / "sharded_large.py"
+    procs = launch_ranks(2, {**env, "TORPOR_JOB": "ns/large"},
+                         ["--directory", uri, "--full", str(tmp_path / "full.pt")], tmp_path, script=script)
+    _finish(tmp_path, procs, [0, 0])
+    gathered = torch.load(tmp_path / "full.pt", weights_only=True)
+    [name] = gathered["saved"]
+    saved = {c.name: c for c in scan(open_storage(uri))}[name]
+    assert saved.complete and saved.world_size == 2, saved.problem
+
+    client, part = boto3.session.Session().client("s3"), S3Settings().multipart_chunksize
+    for rank, manifest in saved.manifests.items():
+        [entry] = [e for e in manifest.files if e.key == f"rank_{rank}/{name}.distcp"]
+        key = f"jobs/large/{entry.key}"
+        body = client.get_object(Bucket=s3_bucket, Key=key)["Body"].read()
+        assert len(body) == entry.size > part, (rank, entry.size)
+        parts = client.get_object_attributes(Bucket=s3_bucket, Key=key,
+                                             ObjectAttributes=["ObjectParts"])["ObjectParts"]["Parts"]
+        expected = [part_checksum(body[i:i + part]) for i in range(0, len(body), part)]
+        assert len(expected) >= 2 and [p.get("ChecksumCRC32") for p in parts] == expected, (rank, parts)
+
+    spec = importlib.util.spec_from_file_location("sharded_large", script)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    net, opt = module.build()  # no process group here: the same model, unsharded
+    loaded = torpor.load_checkpoint(name, net, opt, directory=uri, restore_rng=False)
+    assert loaded is not None and loaded.step == 1
+    _assert_close(net.state_dict(), gathered["model"], "model", exact=True)
+    _assert_close(get_optimizer_state_dict(net, opt, options=StateDictOptions(full_state_dict=True)),
+                  gathered["optimizer"], "optimizer", exact=True)
