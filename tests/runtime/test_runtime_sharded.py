@@ -194,6 +194,8 @@ def test_sigterm_to_one_rank_saves_every_shard_and_resumes_exactly(case: str, tm
     if case == "fsdp2-local":  # on another world size, each from its own copy of the store
         for world in (3, 1):
             _resumes_on(world, tmp_path, run1, messages[0])
+    if case == "zero-local":  # ZeRO's consolidated state, repartitioned by the optimizer on 3 ranks
+        _resumes_on(3, tmp_path, run1, messages[0], wrap)
     if case == "fsdp1-local":  # FSDP1 resumes on the world size that saved it only, and says so, on every rank
         before = sorted(c.name for c in scan(store))  # the periodic save at step 10 and the exit save
         for world in (1, 3):
@@ -220,13 +222,13 @@ def test_sigterm_to_one_rank_saves_every_shard_and_resumes_exactly(case: str, tm
     _assert_close(_full(run2, END), _full(ref, END), "final")
 
 
-def _resumes_on(world: int, tmp_path: Path, run1: Path, stopped: dict[str, Any]) -> None:
-    """The stopped 2-rank FSDP2 run resumed on ``world`` ranks (see the module docstring)."""
+def _resumes_on(world: int, tmp_path: Path, run1: Path, stopped: dict[str, Any], wrap: str = "fsdp2") -> None:
+    """The stopped 2-rank run of ``wrap`` resumed on ``world`` ranks (see the module docstring)."""
     name, stop, epoch = stopped["checkpoint"], stopped["step"], stopped["epoch"]
     uri = tmp_path / f"ckpt-on-{world}"
     shutil.copytree(tmp_path / "ckpt", uri)
     run = tmp_path / f"run-on-{world}"
-    _finish(run, _launch(run, "fsdp2", {"TORPOR_CHECKPOINT_URI": str(uri), "TORPOR_INCARNATION": "2"},
+    _finish(run, _launch(run, wrap, {"TORPOR_CHECKPOINT_URI": str(uri), "TORPOR_INCARNATION": "2"},
                          world=world), [0] * world)
     assert {json.loads((run / f"termination-{r}.json").read_text())["resumed_from"] for r in range(world)} == {name}
     _assert_close(torch.load(run / f"resumed-{stop}.pt", weights_only=True), _full(run1, stop), f"on {world}",
