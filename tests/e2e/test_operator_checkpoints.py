@@ -1,4 +1,5 @@
-"""The operator's own work on a job's checkpoints (issue 12, items 12, 15 and 17), against MinIO.
+"""The operator's own work on a job's checkpoints (issue 12, items 12, 15 and 17; issue 11's sharded
+checkpoints), against MinIO.
 
 Retention and the abort of stale multipart uploads are the operator's: the ranks here keep
 every checkpoint (``TORPOR_KEEP_MAX=0`` in their own environment, over the operator's value),
@@ -83,6 +84,24 @@ def test_retention_is_the_operators_when_the_ranks_keep_everything(e2e: Env) -> 
     # and nothing else is left under the prefix: 3 checkpoints x 2 ranks x (shard + manifest)
     assert {k.split("/")[0] for k in e2e.object_keys()} == {"rank_0", "rank_1"}
     assert all(k.rsplit("/", 1)[1].split(".")[0] in names for k in e2e.object_keys()), e2e.object_keys()
+
+
+def test_a_sharded_jobs_checkpoints_are_pruned_whole_by_the_operator(e2e: Env) -> None:
+    # examples/fsdp2.py on 2 ranks: each checkpoint is both ranks' .distcp shards beside their
+    # .ckpt and manifest; the operator keeps the newest two and leaves no shard of the others.
+    body = keep_everything(e2e.example(checkpoint={"saveSteps": 3, "keepMax": 2}))
+    container = body["spec"]["template"]["spec"]["containers"][0]
+    container["command"] = ["env", "TORPOR_KEEP_MAX=0", sys.executable, "examples/fsdp2.py"]
+    container["args"] = ["--epochs", "1", "--max-steps", "12"]
+    e2e.create(body)
+    e2e.wait_phase("Succeeded", timeout=180)
+
+    names = e2e.wait("the operator's retention", lambda: settled(e2e, 2), timeout=60)
+    scanned = e2e.checkpoints()
+    assert sorted(c.step for c in scanned) == [9, 12] and all(c.complete and c.world_size == 2 for c in scanned)
+    keys = e2e.object_keys()
+    assert {f"rank_{r}/{n}.distcp" for r in (0, 1) for n in names} <= set(keys), keys
+    assert all(k.rsplit("/", 1)[1].split(".")[0] in names for k in keys), keys
 
 
 def test_a_stale_multipart_upload_of_a_killed_save_is_aborted(e2e: Env) -> None:
