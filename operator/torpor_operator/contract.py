@@ -87,13 +87,23 @@ class ENV:
     sides read; the rest are torch.distributed's and boto3's own.
     """
 
-    # torch.distributed's env:// rendezvous, one rank per pod.
+    # torch.distributed's env:// rendezvous. RANK and LOCAL_RANK are the pod's first process's;
+    # a launcher (python -m torpor.run, torchrun) sets each of its processes' own.
     RANK = "RANK"
     WORLD_SIZE = "WORLD_SIZE"
     MASTER_ADDR = "MASTER_ADDR"
     MASTER_PORT = "MASTER_PORT"
     LOCAL_RANK = "LOCAL_RANK"
     LOCAL_WORLD_SIZE = "LOCAL_WORLD_SIZE"
+    # Several processes per pod (spec.procsPerPod): the pods and this pod's place among them,
+    # read by torpor.run, and torchrun's own defaults for its flags (PET_<FLAG>).
+    NNODES = "NNODES"
+    NODE_RANK = "NODE_RANK"
+    PET_NNODES = "PET_NNODES"
+    PET_NPROC_PER_NODE = "PET_NPROC_PER_NODE"
+    PET_NODE_RANK = "PET_NODE_RANK"
+    PET_MASTER_ADDR = "PET_MASTER_ADDR"
+    PET_MASTER_PORT = "PET_MASTER_PORT"
     # S3: boto3 reads these itself.
     AWS_ENDPOINT_URL = "AWS_ENDPOINT_URL"
     AWS_ACCESS_KEY_ID = "AWS_ACCESS_KEY_ID"

@@ -113,7 +113,9 @@ class PodView:
     """The scheduler found no node for it: ``PodScheduled`` is False with reason ``Unschedulable``
     (and the pod has no node). What an elastic job counts as a rank that does not fit."""
     world_size: int | None = None
-    """``WORLD_SIZE`` of its training container, as the operator set it; ``None`` if absent."""
+    """The pods of its incarnation, as the operator set them in its training container:
+    ``NNODES`` (``WORLD_SIZE`` in pods an operator made before ``spec.procsPerPod``, one
+    process each); ``None`` if absent."""
 
     @property
     def terminated(self) -> bool:
@@ -220,8 +222,8 @@ def _unschedulable(conditions: Mapping[str, Any]) -> bool:
 def _world_size(pod: Mapping[str, Any], container: str) -> int | None:
     for c in (pod.get("spec") or {}).get("containers") or []:
         if c.get("name") == container:
-            values = [e.get("value") for e in c.get("env") or [] if e.get("name") == ENV.WORLD_SIZE]
-            return _int_or_none(values[-1]) if values else None
+            env = {e.get("name"): e.get("value") for e in c.get("env") or []}  # the last of a name wins
+            return _int_or_none(env.get(ENV.NNODES, env.get(ENV.WORLD_SIZE)))
     return None
 
 
@@ -350,16 +352,17 @@ def preemption_signals(pods: Iterable[PodView], nodes: Mapping[str, NodeView], t
     termination taint, lost), since they are the more certain. ``deletions=False`` leaves out
     bare deletions: a deletion may be the operator's own (a failure it was applying when it
     died), so it alone never turns a crash into collateral (docs/operator.md). The deletion of a
-    rank that was never scheduled (Pending, no node) is no signal: it holds no state, and the
-    decision makes it again once it is gone (the operator deletes such a rank itself when a node
-    it was kept off is back, and the API server shows it with a ``deletionTimestamp`` first).
+    rank that never started (Pending, scheduled or not) is no signal: it holds no state, and the
+    decision makes it again once it is gone, or ends the incarnation when its startup timed out
+    (the operator deletes such ranks itself, when a node a rank was kept off is back or at a
+    startup timeout, and an operator that dies before its status patch finds them deleting).
     """
     taints = tuple(taints)
     messages = []
     for pod in sorted(pods, key=lambda p: p.rank):
         if pod.terminated:
             continue
-        if pod.deleting and deletions and not (pod.node is None and pod.phase == "Pending"):
+        if pod.deleting and deletions and pod.phase != "Pending":
             messages.append(f"rank {pod.rank} (pod {pod.name}) is being deleted")
         if pod.disruption:
             messages.append(f"rank {pod.rank} (pod {pod.name}) has DisruptionTarget {pod.disruption}")

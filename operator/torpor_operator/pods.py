@@ -45,17 +45,30 @@ def rank_env(
     """The environment of one rank's training container: rendezvous, TORPOR_* and S3.
 
     Every periodic-save and retention variable is set explicitly (``0`` = off), so the
-    runtime's own defaults never apply under the operator. ``world_size`` is the incarnation's
-    (``spec.replicas`` unless an elastic job runs short).
+    runtime's own defaults never apply under the operator. ``rank`` is the pod's place among
+    the incarnation's pods and ``world_size`` their number (``spec.replicas`` unless an elastic
+    job runs short); with ``spec.procsPerPod`` processes in each pod, ``WORLD_SIZE`` counts the
+    processes and ``RANK`` is the pod's first one (``NODE_RANK * procsPerPod``), as torchrun
+    numbers them, so a one-process pod keeps ``RANK`` = its pod's rank.
     """
     ckpt = spec.checkpoint
+    pods = world_size if world_size is not None else spec.replicas
+    procs = spec.procs_per_pod
+    addr = master_addr(job.name, incarnation)
     values: list[tuple[str, str]] = [
-        (ENV.RANK, str(rank)),
-        (ENV.WORLD_SIZE, str(world_size if world_size is not None else spec.replicas)),
-        (ENV.MASTER_ADDR, master_addr(job.name, incarnation)),
+        (ENV.RANK, str(rank * procs)),
+        (ENV.WORLD_SIZE, str(pods * procs)),
+        (ENV.MASTER_ADDR, addr),
         (ENV.MASTER_PORT, str(master_port)),
         (ENV.LOCAL_RANK, "0"),
-        (ENV.LOCAL_WORLD_SIZE, "1"),
+        (ENV.LOCAL_WORLD_SIZE, str(procs)),
+        (ENV.NNODES, str(pods)),
+        (ENV.NODE_RANK, str(rank)),
+        (ENV.PET_NNODES, str(pods)),
+        (ENV.PET_NPROC_PER_NODE, str(procs)),
+        (ENV.PET_NODE_RANK, str(rank)),
+        (ENV.PET_MASTER_ADDR, addr),
+        (ENV.PET_MASTER_PORT, str(master_port)),
         (ENV.JOB, job.key),
         (ENV.INCARNATION, str(incarnation)),
         (ENV.CHECKPOINT_URI, ckpt.job_uri(job.namespace, job.name)),

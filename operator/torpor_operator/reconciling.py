@@ -647,11 +647,15 @@ def _startup_timed_out(world: _World, plan: _Plan, current: list[PodView]) -> bo
     """A rank still Pending ``spec.startupTimeoutSeconds`` after its pod was created (never
     scheduled, its image not pulled, its Secret missing) would leave the others blocking in the
     rendezvous until its timeout, holding their capacity: the incarnation is torn down as a
-    failure (maxRestarts, backoff), the pod's own reason in the message. Returns whether it was."""
+    failure (maxRestarts, backoff), the pod's own reason in the message. Returns whether it was.
+
+    A late rank counts while it is being deleted too: the deletion is this very decision's, made
+    by an operator that died before its status patch, and the next one must reach the same end
+    (a restart), not count the deletion as something else."""
     timeout = timedelta(seconds=world.spec.startup_timeout_seconds)
     late = []
     for p in current:
-        if p.phase != "Pending" or p.deleting or p.created is None:
+        if p.phase != "Pending" or p.created is None:
             continue
         if world.now >= p.created + timeout:
             late.append(p)

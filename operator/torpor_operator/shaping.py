@@ -55,6 +55,7 @@ def shape_digests(spec: TrainingJobSpec) -> dict[str, str]:
     checkpoint.pop("delete_on_job_deletion")
     parts: dict[str, Any] = {
         "replicas": spec.replicas,
+        "procsPerPod": spec.procs_per_pod,
         "containerName": spec.training_container,
         "template": spec.template,
         "checkpoint": checkpoint,

@@ -182,6 +182,12 @@ class TrainingJobSpec:
     template: Annotated[Mapping[str, Any], CrdField("template", "object", required=True)]
     checkpoint: Annotated[CheckpointSpec, CrdField("checkpoint", "object", required=True, nested=CheckpointSpec)]
     replicas: Annotated[int, CrdField("replicas", "integer", minimum=1, maximum=1024)] = 1
+    procs_per_pod: Annotated[int, CrdField("procsPerPod", "integer", minimum=1, maximum=64)] = 1
+    """Training processes in each rank's pod (one per GPU, as ``torchrun --nproc-per-node``).
+    The operator sets ``NNODES``/``NODE_RANK``, ``LOCAL_WORLD_SIZE`` and the job-wide
+    ``WORLD_SIZE`` (pods × processes); the pod's command starts the processes: torpor's
+    launcher ``python -m torpor.run`` (which stops them together and folds their exits into
+    the pod's) or ``torchrun``. ``replicas`` and ``elastic`` count pods."""
     container_name: Annotated[str | None, CrdField("containerName", "string", minimum=1, maximum=63)] = None
     graceful_exit: Annotated[GracefulExitSpec, CrdField("gracefulExit", "object", nested=GracefulExitSpec)] = (
         dataclasses.field(default_factory=GracefulExitSpec)

@@ -15,7 +15,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from typing import TypeVar
 
@@ -146,6 +146,8 @@ def init_distributed(backend: str | None = None, timeout_seconds: float = 1800.0
         return True
     if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
         return False
+    if torch.cuda.is_available():  # before the group: NCCL binds each rank to the current device
+        torch.cuda.set_device(local_cuda_device(os.environ, torch.cuda.device_count()))
     chosen = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     timeout = timedelta(seconds=timeout_seconds)
     store = _rendezvous_store(timeout)
@@ -153,6 +155,25 @@ def init_distributed(backend: str | None = None, timeout_seconds: float = 1800.0
                             world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
     tear_down_at_exit()
     return True
+
+
+def local_cuda_device(environ: Mapping[str, str], device_count: int) -> int:
+    """The GPU of this process: ``LOCAL_RANK`` (0 when unset), as torchrun and ``torpor.run`` number
+    a pod's processes. Without it every process of a pod would run on GPU 0.
+
+    Raises:
+        ValueError: ``LOCAL_RANK`` is not an integer, or names no device (with the count): one
+            process per GPU, so ``procsPerPod`` must not exceed the GPUs the pod asked for.
+    """
+    raw = (environ.get("LOCAL_RANK") or "0").strip()
+    try:
+        local = int(raw)
+    except ValueError:
+        raise ValueError(f"LOCAL_RANK must be an integer, got {raw!r}") from None
+    if not 0 <= local < device_count:
+        raise ValueError(f"LOCAL_RANK={local} names no CUDA device: this process sees {device_count} "
+                         f"(one process per GPU: at most as many processes per pod as GPUs)")
+    return local
 
 
 def _rendezvous_store(timeout: timedelta) -> dist.TCPStore:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from torpor import env as runtime_env
+from torpor.run import worker_env
 from torpor_operator.builders import (
     build_config_map,
     build_pdb,
@@ -27,6 +29,7 @@ from torpor_operator.contract import (
     KEY_FILE,
 )
 from torpor_operator.naming import JobRef, pod_name
+from torpor_operator.observing import PodView
 from torpor_operator.pods import EXIT_VOLUME, KEY_VOLUME, build_pod
 from torpor_operator.shaping import format_digests, shape_digests
 from torpor_operator.spec import parse_spec
@@ -125,6 +128,7 @@ def test_pod_environment_is_the_contract() -> None:
     assert e[ENV.MASTER_ADDR] == "demo-3-0.demo-3"
     assert e[ENV.MASTER_PORT] == "29500"
     assert (e[ENV.LOCAL_RANK], e[ENV.LOCAL_WORLD_SIZE]) == ("0", "1")
+    assert (e[ENV.NNODES], e[ENV.NODE_RANK]) == ("4", "1")
     assert e[ENV.JOB] == "team/demo"
     assert e[ENV.INCARNATION] == "3"
     assert e[ENV.CHECKPOINT_URI] == "s3://bucket/runs/team/demo"
@@ -138,6 +142,30 @@ def test_pod_environment_is_the_contract() -> None:
     for absent in (ENV.AWS_ENDPOINT_URL, ENV.AWS_ACCESS_KEY_ID, ENV.ENC_MODE, ENV.ENC_KEY_FILE):
         assert absent not in e
     assert [x["name"] for x in container(pod(1))["env"]].count(ENV.RANK) == 1
+
+
+def test_several_processes_per_pod_get_what_a_torchrun_style_launch_needs(tmp_path: Path) -> None:
+    s = spec(procsPerPod=2)
+    e = env(pod(1, spec=s))
+    assert (e[ENV.NNODES], e[ENV.NODE_RANK], e[ENV.LOCAL_WORLD_SIZE]) == ("4", "1", "2")
+    assert (e[ENV.WORLD_SIZE], e[ENV.RANK], e[ENV.LOCAL_RANK]) == ("8", "2", "0")  # the pod's first process
+    assert (e[ENV.PET_NNODES], e[ENV.PET_NPROC_PER_NODE], e[ENV.PET_NODE_RANK]) == ("4", "2", "1")
+    assert (e[ENV.PET_MASTER_ADDR], e[ENV.PET_MASTER_PORT]) == (e[ENV.MASTER_ADDR], e[ENV.MASTER_PORT])
+    # torpor's launcher reads what the operator writes: every process of the job has its own RANK
+    plain = {k: v for k, v in e.items() if isinstance(v, str)}
+    ranks = [worker_env(plain, int(e[ENV.LOCAL_WORLD_SIZE]), local, tmp_path) for local in (0, 1)]
+    assert [(w["RANK"], w["LOCAL_RANK"], w["WORLD_SIZE"]) for w in ranks] == [("2", "0", "8"), ("3", "1", "8")]
+    # an elastic job running short: the pods it has, each with all its processes
+    short = env(pod(2, spec=s, world_size=3))
+    assert (short[ENV.NNODES], short[ENV.WORLD_SIZE], short[ENV.RANK]) == ("3", "6", "4")
+
+
+def test_the_pod_count_is_read_back_from_nnodes_or_an_older_pods_world_size() -> None:
+    s = spec(procsPerPod=2)
+    assert PodView.from_dict(pod(1, spec=s, world_size=3), "train").world_size == 3  # not its WORLD_SIZE 6
+    older = pod(1)
+    container(older)["env"] = [x for x in container(older)["env"] if x["name"] != ENV.NNODES]
+    assert PodView.from_dict(older, "train").world_size == 4
 
 
 # Read by the runtime but left to its defaults (prefix, reduction interval), or set only with

@@ -224,3 +224,20 @@ def test_deciding_again_on_an_applied_state_creates_nothing(events: list[tuple[s
         if again.status is None or "phase" not in again.status:
             assert (c.status.get("restarts", 0), c.status.get("preemptions", 0)) == counters
         converge(c)
+
+
+def test_a_startup_timeout_whose_status_patch_was_lost_is_still_a_restart_not_a_preemption() -> None:
+    # Found by the property above: the operator deleted the ranks of a startup timeout and died
+    # before its status patch; the next one saw its own deletions of ranks that never started.
+    c = Cluster(job_body(replicas=REPLICAS, maxRestarts=MAX_RESTARTS))
+    converge(c)
+    OPS["unschedulable"](c, 0)  # rank 0 finds no node; rank 1 is placed and waits
+    converge(c)
+    OPS["much-later"](c, 0)  # past startupTimeoutSeconds
+    d = c.decide()
+    assert d.status["stopReason"] == "StartupTimeout" and len(d.delete) == REPLICAS, d
+    c.apply(d, **{part: part in ("creates", "deletes") for part in PARTS})
+    assert c.status["phase"] == "Pending"  # the status patch never happened
+    again = c.decide()
+    assert (again.status["stopReason"], again.status["restarts"]) == ("StartupTimeout", 1), again.status
+    assert "preemptions" not in again.status, again.status

@@ -75,6 +75,8 @@ def test_the_template_is_read_only() -> None:
         ({"replicas": "2"}, "spec.replicas must be an integer, got '2'"),
         ({"replicas": True}, "spec.replicas must be an integer, got True"),
         ({"maxRestarts": -1}, "spec.maxRestarts must be >= 0, got -1"),
+        ({"procsPerPod": 0}, "spec.procsPerPod must be >= 1, got 0"),
+        ({"procsPerPod": 65}, "spec.procsPerPod must be <= 64, got 65"),
         ({"suspend": "yes"}, "spec.suspend must be true or false, got 'yes'"),
         ({"containerName": ""}, "spec.containerName must be at least 1 characters long, got ''"),
         ({"containerName": "other"}, "spec.containerName must name one of spec.template.spec.containers ['train'], "

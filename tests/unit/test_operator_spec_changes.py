@@ -79,8 +79,10 @@ def test_a_template_change_while_running_saves_and_restarts_into_a_new_incarnati
         (lambda s: s.update(gracefulExit={"signal": "SIGUSR1"}), "spec.gracefulExit"),
         (lambda s: s.update(gracefulExit={"terminationGracePeriodSeconds": 30}), "spec.gracefulExit"),
         (lambda s: s.update(containerName="other"), "spec.containerName"),
+        (lambda s: s.update(procsPerPod=2), "spec.procsPerPod"),
     ],
-    ids=["image", "resources", "pod-labels", "save-steps", "endpoint", "signal", "grace-period", "container-name"],
+    ids=["image", "resources", "pod-labels", "save-steps", "endpoint", "signal", "grace-period", "container-name",
+         "procs-per-pod"],
 )
 def test_every_part_that_shapes_the_pods_restarts_the_job_naming_it(change: Any, part: str) -> None:
     c = running()
@@ -201,7 +203,7 @@ def spec(**fields: Any) -> Any:
 
 def test_digests_are_stable_and_round_trip_through_the_annotation() -> None:
     digests = shape_digests(spec())
-    assert set(digests) == {"replicas", "containerName", "template", "checkpoint", "gracefulExit"}
+    assert set(digests) == {"replicas", "procsPerPod", "containerName", "template", "checkpoint", "gracefulExit"}
     assert shape_digests(spec()) == digests
     assert parse_digests(format_digests(digests)) == digests
     assert changed_parts(digests, shape_digests(spec())) == []
