@@ -10,9 +10,10 @@ for anything that is not 0, and every worker would write the same termination-lo
 Workers ended with                                 The pod reports
 =================================================  ==============================================
 every one 0                                        0, the message of the lowest local rank
-any error (a code that is not 0, 75 or 128+N with  that worker's code and message (the lowest
-a message saying ``signal``; a kill without a      local rank among the failed ones), so a
-message; a missing message after 128+N)            SIGABRT stays 134 with no message: a crash
+any error (a code that is not 0, 75 or 128+N with  the code and message of the first worker to
+a message saying ``signal``; a kill without a      fail, in the order they ended (the cause, not a
+message; a missing message after 128+N)            rank the launcher stopped after it), so a
+                                                   SIGABRT stays 134 with no message: a crash
 every one a stop (75 or 128+N with its message),   the highest code (a signal wins over the
 or 0 for ranks that finished                       file, as the runtime's MAX reduction does),
                                                    the message of the lowest local rank with it
@@ -67,17 +68,18 @@ def is_stop(worker: WorkerExit) -> bool:
 
 
 def fold_exits(workers: Sequence[WorkerExit]) -> tuple[int, TerminationMessage | None]:
-    """The pod's exit code and message for ``workers`` (the module's table).
+    """The pod's exit code and message for ``workers``, given in the order they ended (the
+    module's table).
 
     Raises:
         ValueError: ``workers`` is empty.
     """
     if not workers:
         raise ValueError("fold_exits: no workers to fold")
-    ordered = sorted(workers, key=lambda w: w.local_rank)
-    failed = [w for w in ordered if w.code != EXIT_COMPLETED and not is_stop(w)]
+    failed = [w for w in workers if w.code != EXIT_COMPLETED and not is_stop(w)]
     if failed:
         return failed[0].code, failed[0].message
+    ordered = sorted(workers, key=lambda w: w.local_rank)
     stops = [w for w in ordered if w.code != EXIT_COMPLETED]
     if not stops:
         return EXIT_COMPLETED, ordered[0].message

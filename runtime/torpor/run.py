@@ -154,7 +154,7 @@ def run(command: Sequence[str], nproc: int, environ: Mapping[str, str]) -> int:
                             proc.kill()
                 stop_deadline = float("inf")
             time.sleep(0.05)
-    code, message = fold_exits(list(ended.values()))
+    code, message = fold_exits(list(ended.values()))  # in the order they ended: a crash before its collateral
     if message is not None:
         write_termination_message(message, pod_log)
     return code

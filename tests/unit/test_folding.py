@@ -27,6 +27,11 @@ def test_a_crash_among_saved_stops_is_the_pods_exit() -> None:
     assert (code, message) == (134, None), "SIGABRT without a message: the operator sees a crash"
 
 
+def test_the_first_worker_to_fail_is_the_pods_exit_not_the_one_stopped_after_it() -> None:
+    # local rank 1 aborts; local rank 0, SIGTERMed by the launcher before it could save, dies of it
+    assert fold_exits([WorkerExit(1, exit_code_of(-6)), WorkerExit(0, exit_code_of(-15))]) == (134, None)
+
+
 def test_a_signal_code_without_the_runtimes_message_is_no_stop() -> None:
     assert fold_exits([stop(0), WorkerExit(1, 143)]) == (143, None)
     liar = WorkerExit(0, 143, TerminationMessage(StopReason.ERROR, 1))

@@ -17,6 +17,12 @@ signal.signal(signal.SIGTERM, lambda signum, _f: got.append(signum))
 (out / f"env.{rank}").write_text(json.dumps({k: os.environ[k] for k in (
     "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "WORLD_SIZE", "GROUP_RANK", "TORPOR_TERMINATION_LOG")}))
 if os.environ.get("CRASH_RANK") == str(rank):
+    # only once every other worker of the pod is up (its handler installed), so the test sees
+    # the launcher stop a rank that is ready to save
+    others = [r for r in range(int(os.environ["WORLD_SIZE"])) if r != rank
+              and r // int(os.environ["LOCAL_WORLD_SIZE"]) == int(os.environ["GROUP_RANK"])]
+    while not all((out / f"env.{r}").exists() for r in others):
+        time.sleep(0.01)
     os.abort()
 while not got:
     time.sleep(0.01)
