@@ -1,7 +1,7 @@
 """Resize and elastic world size on the real control plane, with real torch ranks (issue 11,
 item 3): an elastic job drained to room for 2 of its 3 ranks goes on with 2 from the drain's
 checkpoint and grows back to 3 once the node is uncordoned; `kubectl patch tj … replicas`
-resizes a running job at one checkpoint.
+resizes a running job at one checkpoint, from 3 ranks to 2 and back to 3.
 
 What is asserted is what docs/operator.md's "Resize and elastic" and "Faults" promise. The runs
 are kept short: a few hundred steps at 0.05 s, checkpoints every 20 steps, waitSeconds 10.
@@ -195,3 +195,16 @@ def test_replicas_patched_on_a_running_job_resizes_it_at_one_checkpoint(e2e: Env
     events = e2e.reasons()
     assert (events.count("Resizing"), events.count("Resized")) == (1, 1), events
     assert "Preempted" not in events and "RankFailed" not in events and "SpecChanged" not in events, events
+
+    # and patched back up: the same way, from the 2-rank incarnation's checkpoint, on 3 ranks
+    e2e.kubectl("patch", "tj", "mlp", "--type=merge", "-p", json.dumps({"spec": {"replicas": 3}}))
+    grown = e2e.wait_phase("Running", incarnation=3, timeout=180)
+    assert (grown["worldSize"], grown["ready"]) == (3, "3/3"), grown
+    assert (grown.get("preemptions", 0), grown.get("restarts", 0)) == (0, 0), grown
+    assert [world_size(p) for p in incarnation_pods(e2e, 3)] == ["3", "3", "3"]
+    from_two = exit_checkpoint(e2e, grown["resumeFrom"], ranks=2)
+    assert {m.incarnation for m in from_two.manifests.values()} == {"2"}
+    assert_no_step_lost(e2e, from_two.step)
+    assert_trained(e2e, 2, (1, saved.step), (from_two.step + 1, None))  # back, from the 2-rank save
+    events = e2e.reasons()
+    assert (events.count("Resizing"), events.count("Resized")) == (2, 2), events

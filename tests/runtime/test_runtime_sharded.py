@@ -35,6 +35,7 @@ import torpor
 from torpor.checkpoints import Reason, scan
 from torpor.crypto import is_encrypted
 from torpor.storage import S3Settings, open_storage
+from torpor.termination import StopReason, TerminationMessage
 from torpor.transfer import part_checksum
 
 SCRIPT = REPO / "examples" / "fsdp2.py"
@@ -205,6 +206,10 @@ def test_sigterm_to_one_rank_saves_every_shard_and_resumes_exactly(case: str, tm
                 log = (refused / f"rank-{rank}.log").read_text()
                 assert f"ResizeError: checkpoint {name!r} of FullyShardedDataParallel (FSDP1) state was saved on 2 " \
                        f"rank(s) and is resumed on {world}" in log, log
+                # what the operator reads to call it a refused resize (outcomes.RankExit.refused_resize)
+                message = TerminationMessage.from_json((refused / f"termination-{rank}.json").read_text())
+                assert (message.reason, message.exit_code) == (StopReason.ERROR, 1), message
+                assert message.error is not None and message.error.startswith("ResizeError: checkpoint"), message
         assert name in before and sorted(c.name for c in scan(store)) == before  # the refusals wrote nothing
 
     # 3. Resumed on two ranks: the uninterrupted run's losses and final state.

@@ -504,7 +504,8 @@ def test_a_job_launched_by_an_earlier_operator_gets_its_world_size_from_its_pods
 def resize_refused(world: int) -> str:
     """The termination message of a rank whose script raised ``torpor.ResizeError`` at the load."""
     return TerminationMessage(StopReason.ERROR, 1, error=(
-        f"ResizeError: global_batch_size=4 cannot be split over {world} rank(s) (4 % {world} = 1)")).to_json()
+        f"ResizeError: global_batch_size=4 cannot be split over {world} rank(s) (4 is not divisible by {world}); "
+        "resume on a world size that divides it, or change global_batch_size")).to_json()
 
 
 def test_a_resize_the_script_refuses_is_a_failure_retried_at_the_same_size_until_failed() -> None:
@@ -535,7 +536,7 @@ def test_a_resize_the_script_refuses_is_a_failure_retried_at_the_same_size_until
             ready = next(x for x in c.status["conditions"] if x["type"] == "Ready")
             assert (c.status["phase"], ready["message"].split(";")[0]) == (
                 "Restarting", "Failure: rank 0 cannot resume checkpoint Net on WORLD_SIZE 3: ResizeError: "
-                "global_batch_size=4 cannot be split over 3 rank(s) (4 % 3 = 1) (and 2 more)")
+                "global_batch_size=4 cannot be split over 3 rank(s) (4 is not divisible by 3)")  # the runtime's own words
             c.later(10)
             c.step()
             assert (c.status["incarnation"], c.status["worldSize"]) == (3, 3)  # the same size again
