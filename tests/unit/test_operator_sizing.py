@@ -536,7 +536,7 @@ def test_a_resize_the_script_refuses_is_a_failure_retried_at_the_same_size_until
             ready = next(x for x in c.status["conditions"] if x["type"] == "Ready")
             assert (c.status["phase"], ready["message"].split(";")[0]) == (
                 "Restarting", "Failure: rank 0 cannot resume checkpoint Net on WORLD_SIZE 3: ResizeError: "
-                "global_batch_size=4 cannot be split over 3 rank(s) (4 is not divisible by 3)")  # the runtime's own words
+                "global_batch_size=4 cannot be split over 3 rank(s) (4 is not divisible by 3)")
             c.later(10)
             c.step()
             assert (c.status["incarnation"], c.status["worldSize"]) == (3, 3)  # the same size again
