@@ -259,7 +259,7 @@ REFUSED = {
 def test_what_cannot_be_saved_correctly_is_refused_on_every_rank_without_hanging(tmp_path: Path) -> None:
     # Refused when training begins, on every rank, with nothing written; a breakpoint (the same
     # exception on every rank) is not saved, the exception says why and reaches the caller.
-    cases = [*REFUSED, "breakpoint"]
+    cases = [*REFUSED, "breakpoint", "zero-breakpoint"]
     procs = launch_ranks(2, {}, ["--cases", ",".join(cases), "--directory", str(tmp_path / "ckpt"),
                                  "--result", str(tmp_path / "result-{rank}.json")], tmp_path,
                          script=PROCS / "sharded_refusal.py")
@@ -275,7 +275,12 @@ def test_what_cannot_be_saved_correctly_is_refused_on_every_rank_without_hanging
         assert any("breakpoint (exception_save) of this run cannot be saved: 0.weight (DTensor" in note
                    for note in breakpoint_["notes"]), breakpoint_["notes"]
         assert breakpoint_["saved"] == ["CKP-1_2"]  # the periodic save before step 3, not a breakpoint
-    assert [c.name for c in scan(open_storage(tmp_path / "ckpt" / "breakpoint"))] == ["CKP-1_2"]
+        zero = outcomes["zero-breakpoint"]
+        assert zero["error"] == "ValueError" and zero["saved"] == ["CKP-1_2"], zero
+        assert any("breakpoint (exception_save) of this run cannot be saved: " in note and "needs every rank" in note
+                   for note in zero["notes"]), zero["notes"]
+    for case in ("breakpoint", "zero-breakpoint"):
+        assert [c.name for c in scan(open_storage(tmp_path / "ckpt" / case))] == ["CKP-1_2"], case
 
 
 def test_a_damaged_shard_of_one_rank_makes_every_rank_resume_from_the_previous_checkpoint(

@@ -9,25 +9,15 @@ After the save, rank 0 writes the gathered model and optimizer state to ``--full
 from __future__ import annotations
 
 import argparse
-import importlib.util
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 from torch.distributed.fsdp import fully_shard
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import torpor
-
-EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "fsdp2.py"
-
-
-def _example():  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location("fsdp2_example", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
 
 
 def build() -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -60,9 +50,10 @@ def main() -> None:
                 opt.step()
                 loop.step_end()
                 loop.run_context.request_stop()
-    full = _example().full_state(net, {"optimizer": opt})
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered on rank 0: collectives
+    model, optimizer = get_model_state_dict(net, options=options), get_optimizer_state_dict(net, opt, options=options)
     if dist.get_rank() == 0:
-        torch.save({"saved": monitor.saved, **full}, opts.full)
+        torch.save({"saved": monitor.saved, "model": model, "optimizer": optimizer}, opts.full)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@
 * ``zero-unintegrated``: DDP + ``ZeroRedundancyOptimizer`` with ``integrated_save=False``
   (its state is consolidated on rank 0 only);
 * ``breakpoint``: FSDP2 with ``exception_save=True``, and the same exception on every rank
-  in step 3 (a breakpoint would need every rank in a collective).
+  in step 3 (a breakpoint would need every rank in a collective);
+* ``zero-breakpoint``: the same with DDP + ``ZeroRedundancyOptimizer`` (its consolidation is a
+  collective too).
 
 Every rank writes ``--result`` (``{rank}`` replaced): per case, how the run ended (the
 exception's type, message and notes) and what the monitor saved.
@@ -41,21 +43,21 @@ def _example():  # type: ignore[no-untyped-def]
 
 def run(case: str, directory: str) -> dict[str, object]:
     """One run of ``case``; how it ended."""
-    net, opt, _ = _example().build("zero" if case == "zero-unintegrated" else "fsdp2")
+    net, opt, _ = _example().build("zero" if case.startswith("zero") else "fsdp2")
     torch.manual_seed(0)
     features = torch.randn(64, 16)
     data = TensorDataset(features, (features @ torch.randn(16, 4)).argmax(dim=1))
     loader = DataLoader(data, batch_size=4, sampler=DistributedSampler(data, seed=0))
     options = {"trainable": {"save_trainable_params": True}, "saved-network": {"saved_network": net},
                "zero-unintegrated": {"integrated_save": False},
-               "breakpoint": {"exception_save": True}}[case]
+               "breakpoint": {"exception_save": True}, "zero-breakpoint": {"exception_save": True}}[case]
     monitor = torpor.CheckpointMonitor(directory=directory, save_checkpoint_steps=2, **options)
     outcome: dict[str, object] = {"error": None}
     try:
         with torpor.Loop(net, opt, callbacks=[torpor.OnRequestExit(directory=directory), monitor]) as loop:
             for _ in loop.epochs(1):
                 for xb, yb in loop.batches(loader):
-                    if case == "breakpoint" and loop.args.cur_step_num == 3:
+                    if case.endswith("breakpoint") and loop.args.cur_step_num == 3:
                         raise ValueError("loss is NaN")  # the same on every rank
                     opt.zero_grad()
                     nn.functional.cross_entropy(net(xb), yb).backward()
