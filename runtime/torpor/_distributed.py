@@ -22,6 +22,8 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
+from torpor import env as runtime_env
+
 T = TypeVar("T")
 
 
@@ -146,9 +148,10 @@ def init_distributed(backend: str | None = None, timeout_seconds: float = 1800.0
         return True
     if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
         return False
-    if torch.cuda.is_available():  # before the group: NCCL binds each rank to the current device
+    cuda = torch.cuda.is_available()
+    if cuda:  # before the group: NCCL binds each rank to the current device
         torch.cuda.set_device(local_cuda_device(os.environ, torch.cuda.device_count()))
-    chosen = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    chosen = backend or ("nccl" if cuda else "gloo")
     timeout = timedelta(seconds=timeout_seconds)
     store = _rendezvous_store(timeout)
     dist.init_process_group(backend=chosen, store=store, rank=int(os.environ["RANK"]),
@@ -165,11 +168,7 @@ def local_cuda_device(environ: Mapping[str, str], device_count: int) -> int:
         ValueError: ``LOCAL_RANK`` is not an integer, or names no device (with the count): one
             process per GPU, so ``procsPerPod`` must not exceed the GPUs the pod asked for.
     """
-    raw = (environ.get("LOCAL_RANK") or "0").strip()
-    try:
-        local = int(raw)
-    except ValueError:
-        raise ValueError(f"LOCAL_RANK must be an integer, got {raw!r}") from None
+    local = runtime_env._int(environ, "LOCAL_RANK", 0, minimum=-sys.maxsize)  # the range: against the devices
     if not 0 <= local < device_count:
         raise ValueError(f"LOCAL_RANK={local} names no CUDA device: this process sees {device_count} "
                          f"(one process per GPU: at most as many processes per pod as GPUs)")

@@ -176,6 +176,20 @@ class Env:
         self.cordoned.append(node)
         self.cp.kubectl("cordon", node)
 
+    def drain(self, node: str) -> str:
+        """``kubectl drain`` the node (uncordoned after the test); its output. Fails the test if
+        the drain does not finish within 150 s."""
+        from bootstrap import binary
+
+        self.cordoned.append(node)  # uncordoned after the test, whatever happens
+        drain = subprocess.run(
+            [str(binary("kubectl")), f"--kubeconfig={self.cp.kubeconfig}", "drain", node, "--ignore-daemonsets",
+             "--delete-emptydir-data", "--timeout=150s"],
+            capture_output=True, text=True, timeout=200,
+        )
+        assert drain.returncode == 0, drain.stdout + drain.stderr
+        return drain.stdout + drain.stderr
+
     def uncordon_all(self) -> None:
         for node in self.cordoned:
             self.cp.kubectl("uncordon", node, check=False)

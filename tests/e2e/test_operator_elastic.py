@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 import time
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from bootstrap import binary
 from torpor.checkpoints import Reason
 
 if TYPE_CHECKING:  # the fixtures' types; conftest modules are not importable by name in one session
@@ -105,14 +103,8 @@ def test_an_elastic_job_drained_to_room_for_two_ranks_goes_on_with_two_and_grows
     e2e.wait("a periodic checkpoint", lambda: e2e.status().get("lastCheckpoint"), timeout=120)
 
     node = e2e.node_of("mlp-1-0")
-    e2e.cordoned.append(node)  # uncordoned after the test, whatever happens
     drained_at = time.monotonic()
-    drain = subprocess.run(
-        [str(binary("kubectl")), f"--kubeconfig={e2e.cp.kubeconfig}", "drain", node, "--ignore-daemonsets",
-         "--delete-emptydir-data", "--timeout=150s"],
-        capture_output=True, text=True, timeout=200,
-    )
-    assert drain.returncode == 0, drain.stdout + drain.stderr
+    e2e.drain(node)
 
     # a new incarnation asks for 3 ranks, 2 fit; 10 s later the job restarts on those 2
     short = e2e.wait("the job on 2 ranks", lambda: (st := e2e.status()).get("worldSize") == 2

@@ -4,12 +4,10 @@ rank's node, with and without drainProtection, on the real control plane, node a
 
 from __future__ import annotations
 
-import subprocess
 from typing import TYPE_CHECKING
 
 import pytest
 
-from bootstrap import binary
 from torpor.checkpoints import Reason
 
 if TYPE_CHECKING:  # the fixtures' types; conftest modules are not importable by name in one session
@@ -49,13 +47,7 @@ def _drain_and_check(e2e: Env, protect: bool) -> str:
     if protect:
         assert [p["metadata"]["name"] for p in e2e.get("pdb")["items"]] == ["mlp-1"]
     node = e2e.node_of("mlp-1-0")
-    e2e.cordoned.append(node)  # uncordoned after the test, whatever happens
-    drain = subprocess.run(
-        [str(binary("kubectl")), f"--kubeconfig={e2e.cp.kubeconfig}", "drain", node, "--ignore-daemonsets",
-         "--delete-emptydir-data", "--timeout=150s"],
-        capture_output=True, text=True, timeout=200,
-    )
-    assert drain.returncode == 0, drain.stdout + drain.stderr
+    out = e2e.drain(node)
 
     status = e2e.wait_phase("Running", timeout=150, incarnation=2)
     # the checkpoint every rank wrote on the way out: one save, one step, a manifest per rank
@@ -81,7 +73,7 @@ def _drain_and_check(e2e: Env, protect: bool) -> str:
         seen = [s["step"] for s in e2e.steps() if s["rank"] == rank]
         assert seen[: seen.index(step) + 2] == list(range(1, step + 2)), (rank, step, seen)
     assert "Preempted" in e2e.reasons() and "Restarted" in e2e.reasons()
-    return drain.stdout + drain.stderr
+    return out
 
 
 def test_drain_of_rank_0s_node_saves_every_rank_at_one_step_and_resumes_elsewhere(e2e: Env) -> None:

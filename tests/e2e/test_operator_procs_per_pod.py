@@ -5,13 +5,11 @@ of rank 0's node, on the real control plane, node agent and MinIO.
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from typing import TYPE_CHECKING
 
 import pytest
 
-from bootstrap import binary
 from torpor.checkpoints import Reason
 
 if TYPE_CHECKING:  # the fixtures' types; conftest modules are not importable by name in one session
@@ -31,13 +29,7 @@ def test_a_drain_stops_all_four_processes_of_two_pods_at_one_step_and_the_job_re
     assert {s["rank"] for s in e2e.steps()} == {0, 1, 2, 3}  # every process trains, with its own RANK
 
     node = e2e.node_of("mlp-1-0")
-    e2e.cordoned.append(node)  # uncordoned after the test, whatever happens
-    drain = subprocess.run(
-        [str(binary("kubectl")), f"--kubeconfig={e2e.cp.kubeconfig}", "drain", node, "--ignore-daemonsets",
-         "--delete-emptydir-data", "--timeout=150s"],
-        capture_output=True, text=True, timeout=200,
-    )
-    assert drain.returncode == 0, drain.stdout + drain.stderr
+    e2e.drain(node)
 
     status = e2e.wait_phase("Running", timeout=150, incarnation=2)
     # a saved stop, folded by each pod's launcher into one exit the operator reads: a crash
