@@ -29,7 +29,7 @@ $(PY):
 # first install.
 # `make bench` adds the benchmarks' baselines (the `bench` extra) in the same pip run; a
 # target-specific value holds for the prerequisites it makes, so `setup` sees it.
-EXTRAS ?= torch,operator,dev
+EXTRAS ?= torch,operator,dev,lightning,transformers
 
 setup: $(PY)
 	@echo "[setup] python packages into $(VENV) ($(EXTRAS))"
@@ -56,7 +56,7 @@ demo: setup tools
 cluster: setup tools
 	$(PY) hack/cluster.py
 
-bench: EXTRAS = torch,operator,dev,bench
+bench: EXTRAS = torch,operator,dev,lightning,transformers,bench
 bench: setup tools
 	$(PY) bench/run.py
 
