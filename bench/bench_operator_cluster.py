@@ -25,6 +25,11 @@ Scenarios, in one run (each prints its figures and the ratio to the no-op operat
    carries ``torpor.dev/exit-requested-at`` (the per-pod annotation of a stop).
 
     python bench/bench_operator_cluster.py [--jobs 500] [--ranks 64,256,1024] [--skip-big] [--keep DIR]
+
+``--py-spy PATH`` samples torpor with that py-spy binary over the idle window of scenario 1 and
+prints the frames the busy samples were in: where the idle CPU goes. ``--tracemalloc`` runs
+torpor under :mod:`tracemalloc` (``bench/traced_operator.py``) and ends after scenario 1 with the
+largest allocation sites still alive: where the RSS goes.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import contextlib
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -74,8 +80,8 @@ CONFIG_SYNC_SECONDS = 60
 class ClusterBench:
     """Control plane, MinIO, node agents in their own processes, torpor and the no-op operator."""
 
-    def __init__(self, workdir: Path, namespace: str = "bench") -> None:
-        self.workdir, self.ns = workdir, namespace
+    def __init__(self, workdir: Path, namespace: str = "bench", traced: bool = False) -> None:
+        self.workdir, self.ns, self.traced = workdir, namespace, traced
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     @contextlib.contextmanager
@@ -104,7 +110,11 @@ class ClusterBench:
     def _operators(self) -> None:
         cp, minio = self.cp, self.minio
         env = prepare_operators(cp, minio, self.ns)
-        self.start("torpor", [sys.executable, "-m", "torpor_operator"], env)
+        if self.traced:  # where its memory goes (bench/traced_operator.py); its CPU figures are then not its own
+            env = {**env, "TORPOR_TRACEMALLOC_OUT": str(self.workdir / "tracemalloc.txt")}
+            self.start("torpor", [sys.executable, str(ROOT / "bench" / "traced_operator.py")], env)
+        else:
+            self.start("torpor", [sys.executable, "-m", "torpor_operator"], env)
         self.noop_log = self.workdir / "noop.log"
         self.start("noop", [sys.executable, str(ROOT / "bench" / "bench_operator_latency.py"), "--noop-operator",
                             str(self.noop_log), "--namespace", self.ns,
@@ -157,7 +167,7 @@ class ClusterBench:
 # --- scenarios ---------------------------------------------------------------------------------
 
 
-def bulk(b: ClusterBench, jobs: int, idle: float) -> None:
+def bulk(b: ClusterBench, jobs: int, idle: float, py_spy: str | None = None) -> None:
     before = b.usage()
     t0 = time.monotonic()
     b.create([b.job(f"bulk-{i:04d}", pool="bulk") for i in range(jobs)])
@@ -173,8 +183,16 @@ def bulk(b: ClusterBench, jobs: int, idle: float) -> None:
     wait(all_running, 3600, f"{jobs} jobs Running", interval=2.0)
     elapsed = time.monotonic() - t0
     after = b.usage()
-    time.sleep(idle)  # the measurement itself: CPU while nothing changes
+    if py_spy:  # what the idle CPU goes into; py-spy samples from outside, the operator runs as ever
+        profile = b.workdir / "idle.pyspy.txt"
+        subprocess.run([py_spy, "record", "--pid", str(b.procs["torpor"].pid), "--duration", str(int(idle)),
+                        "--rate", "50", "--format", "raw", "--output", str(profile), "--nonblocking"],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    else:
+        time.sleep(idle)  # the measurement itself: CPU while nothing changes
     idled = b.usage()
+    if py_spy:
+        print_profile(profile)
     print(f"\n[1] {jobs} one-rank TrainingJobs created at once -> all Running in {elapsed:.0f}s "
           f"({jobs / elapsed * 60:.0f} jobs/min), then {idle:.0f}s idle")
     print(f"{'':12} {'peak RSS':>9} {'CPU s to Running':>17} {f'idle CPU % ({idle:.0f}s)':>18}")
@@ -184,6 +202,33 @@ def bulk(b: ClusterBench, jobs: int, idle: float) -> None:
     t, n = ((after[k][2] - before[k][2]) for k in ("torpor", "kopf no-op"))
     print(f"ratio torpor / kopf no-op: peak RSS {idled['torpor'][1] / idled['kopf no-op'][1]:.2f}x, "
           f"CPU to Running {t / max(n, 0.01):.2f}x", flush=True)
+
+
+def print_profile(path: Path, top: int = 25) -> None:
+    """py-spy's collapsed stacks of the idle window, as the torpor/kopf frames that held the most
+    samples (a frame counts once per sample it is on, at any depth)."""
+    totals: dict[str, int] = {}
+    samples = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack:
+            continue
+        n = int(count)
+        samples += n
+        for frame in dict.fromkeys(f for f in stack.split(";") if "torpor" in f or "kopf" in f):
+            totals[frame] = totals.get(frame, 0) + n
+    print(f"\nidle profile ({path.name}): {samples} busy samples at 50 Hz; torpor/kopf frames by samples on them:")
+    for frame, n in sorted(totals.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"  {n:6d}  {frame}")
+
+
+def print_memory(b: ClusterBench) -> None:
+    """The traced operator's largest live allocation sites (``bench/traced_operator.py``)."""
+    out = b.workdir / "tracemalloc.txt"
+    out.unlink(missing_ok=True)
+    b.procs["torpor"].send_signal(signal.SIGUSR2)
+    wait(out.exists, 600, "the tracemalloc snapshot", interval=1.0)
+    print(out.read_text(), flush=True)
 
 
 def noop_latency(b: ClusterBench, flags: FlagWatch, seq: int) -> float:
@@ -333,20 +378,27 @@ def main() -> int:
                         help="ranks of the scenario 4 job; a comma list (64,256,1024) runs one job of each size")
     parser.add_argument("--skip-big", action="store_true", help="leave out scenario 4")
     parser.add_argument("--keep", type=Path, help="keep logs and state in this directory")
+    parser.add_argument("--py-spy", metavar="PATH",
+                        help="profile torpor's idle window with this py-spy binary and print where it went")
+    parser.add_argument("--tracemalloc", action="store_true",
+                        help="run torpor under tracemalloc and print where its memory is after scenario 1, then stop")
     args, _ = parser.parse_known_args()
     pools = {"bulk": math.ceil(args.jobs / PODS_PER_NODE), "victim": args.victims, "slow": 1}
     sizes = sorted(int(r) for r in str(args.ranks).split(","))
     if not args.skip_big:
         pools["big"] = math.ceil(sizes[-1] / PODS_PER_NODE)
     print(f"{os.cpu_count()} CPUs; node agents: {pools} (one process per pool)", flush=True)
-    with workdir(args.keep) as tmp, ClusterBench(tmp).running(pools) as b:
+    with workdir(args.keep) as tmp, ClusterBench(tmp, traced=args.tracemalloc).running(pools) as b:
         flags = FlagWatch(b.cp.kubeconfig, b.ns)
         b.kubectl("create", "configmap", "noop-target")
         b.kubectl("label", "configmap", "noop-target", f"{NOOP_LABEL}=yes")
         wait(lambda: b.noop_log.exists(), 60, "the no-op operator")
         time.sleep(5)  # both operators past start-up and their initial listings
         seq = [0]
-        bulk(b, args.jobs, args.idle)
+        bulk(b, args.jobs, args.idle, args.py_spy)
+        if args.tracemalloc:
+            print_memory(b)
+            return 0
         report_latency(f"[2] cordon -> GracefulExit with {args.jobs} jobs Running ({args.victims} trials)",
                        cordons(b, flags, args.victims, "victim", seq))
         slow_bucket(b, flags, args.stopping, args.victims, seq)

@@ -32,6 +32,8 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from torpor_operator.watching import slim_pod
+
 __all__ = ["PodIndex"]
 
 Key = tuple[str, str]
@@ -46,7 +48,8 @@ def _version(obj: Mapping[str, Any]) -> int | None:
 
 
 class PodIndex:
-    """Pods by (namespace, job), as the watch last showed them (``managedFields`` left out)."""
+    """Pods by (namespace, job), as the watch last showed them (the fields decisions read:
+    :func:`~torpor_operator.watching.slim_pod`)."""
 
     def __init__(self, resync_seconds: float = 300.0) -> None:
         """``resync_seconds``: the longest a job's pods are answered from the index without a LIST."""
@@ -87,7 +90,7 @@ class PodIndex:
     def _store(self, namespace: str, job: str, body: Mapping[str, Any]) -> None:
         meta = body.get("metadata") or {}
         name = str(meta.get("name", ""))
-        kept = {**body, "metadata": {k: v for k, v in meta.items() if k != "managedFields"}}
+        kept = slim_pod(body)
         old = self._pods.get((namespace, name))
         if old is not None and not meta.get("deletionTimestamp"):
             held = old[1].get("metadata") or {}

@@ -3,7 +3,9 @@
 The pod watch is scoped server-side (kopf's ``settings.watching.label_selectors``) to the pods
 torpor made: they all carry :data:`~torpor_operator.contract.LABEL_JOB`, so the API server
 sends no other pod and the operator keeps none in memory. Nodes are kept as the few fields
-:class:`~torpor_operator.observing.NodeView` reads (:func:`slim_node`), not whole objects.
+:class:`~torpor_operator.observing.NodeView` reads (:func:`slim_node`), not whole objects, and
+the pod index holds each pod as the fields decisions read (:func:`slim_pod`): a rank's whole
+pod (its template, volumes, env, the kubelet's status) is several times that, for every rank.
 
 A watch event reconciles its job only when the object's *decision-relevant content*
 (:func:`relevant`) differs from the last one the shell saw or wrote itself (:class:`Seen`):
@@ -21,9 +23,9 @@ from typing import Any
 
 import kopf
 
-from torpor_operator.contract import LABEL_JOB
+from torpor_operator.contract import ENV, LABEL_JOB
 
-__all__ = ["POD_SELECTOR", "NoDiffBase", "Seen", "merge", "relevant", "slim_node"]
+__all__ = ["POD_SELECTOR", "NoDiffBase", "Seen", "merge", "relevant", "slim_node", "slim_pod"]
 
 #: The server-side label selector of the pod watch: every pod torpor makes has the label.
 POD_SELECTOR = LABEL_JOB
@@ -46,6 +48,59 @@ def slim_node(node: Mapping[str, Any]) -> dict[str, Any]:
     if spec.get("taints"):
         slim["spec"]["taints"] = [{k: t[k] for k in ("key", "value", "effect", "timeAdded") if k in t}
                                   for t in spec["taints"]]
+    return slim
+
+
+#: What :func:`slim_pod` keeps of each part of a pod.
+_POD_META = ("name", "namespace", "uid", "resourceVersion", "labels", "annotations", "creationTimestamp",
+             "deletionTimestamp", "deletionGracePeriodSeconds")
+_POD_STATUS = ("phase", "reason", "message")
+_CONDITION = ("type", "status", "reason", "message")
+#: The env of a container that decisions read: the world size it was started with.
+_POD_ENV = (ENV.WORLD_SIZE, ENV.NNODES)
+
+
+def slim_pod(pod: Mapping[str, Any]) -> dict[str, Any]:
+    """The fields of a rank's pod that decisions read, in the Pod's own shape, for the pod index.
+
+    Kept: the metadata a decision or a stale-object check reads (name, uid, labels,
+    annotations, owners, creation and deletion), ``spec.nodeName``, each container's name and
+    its ``WORLD_SIZE``/``NNODES`` env, the init containers' names and restart policies, and the
+    status' phase, reason, message, conditions (without their times) and container states.
+    :meth:`~torpor_operator.observing.PodView.from_dict`, ``controlled_by`` and
+    ``stale_objects`` read the same of it as of the whole pod (the unit tests decide every
+    scenario from both). Left out: the template's volumes, env and resources, tolerations,
+    affinity, the kubelet's IPs, images and probe times — most of the pod's bytes.
+    """
+    meta, spec, status = pod.get("metadata") or {}, pod.get("spec") or {}, pod.get("status") or {}
+    slim_meta = {k: meta[k] for k in _POD_META if k in meta}
+    if meta.get("ownerReferences"):
+        slim_meta["ownerReferences"] = [{k: r[k] for k in ("kind", "name", "uid", "controller") if k in r}
+                                        for r in meta["ownerReferences"]]
+    slim_spec: dict[str, Any] = {}
+    if spec.get("nodeName"):
+        slim_spec["nodeName"] = spec["nodeName"]
+    containers = []
+    for c in spec.get("containers") or []:
+        kept: dict[str, Any] = {"name": c.get("name")}
+        env = [{"name": e.get("name"), "value": e.get("value")} for e in c.get("env") or []
+               if e.get("name") in _POD_ENV]
+        if env:
+            kept["env"] = env
+        containers.append(kept)
+    if containers:
+        slim_spec["containers"] = containers
+    if spec.get("initContainers"):
+        slim_spec["initContainers"] = [{k: c[k] for k in ("name", "restartPolicy") if k in c}
+                                       for c in spec["initContainers"]]
+    slim_status = {k: status[k] for k in _POD_STATUS if k in status}
+    if status.get("conditions"):
+        slim_status["conditions"] = [{k: c[k] for k in _CONDITION if k in c} for c in status["conditions"]]
+    for key in ("containerStatuses", "initContainerStatuses"):
+        if status.get(key):
+            slim_status[key] = [{k: cs[k] for k in ("name", "state") if k in cs} for cs in status[key]]
+    slim = {k: pod[k] for k in ("apiVersion", "kind") if k in pod}
+    slim.update(metadata=slim_meta, spec=slim_spec, status=slim_status)
     return slim
 
 

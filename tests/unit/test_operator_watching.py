@@ -4,14 +4,16 @@
 from __future__ import annotations
 
 import copy
+import json
 from typing import Any
 
 import pytest
-from test_operator_world import job_body, node, pod
+from test_operator_world import Cluster, job_body, node, pod
 
 from torpor_operator.contract import ANNOTATION_EXIT_REQUESTED
-from torpor_operator.observing import NodeView
-from torpor_operator.watching import Seen, merge, relevant, slim_node
+from torpor_operator.observing import NodeView, PodView
+from torpor_operator.owning import controlled_by, stale_objects
+from torpor_operator.watching import Seen, merge, relevant, slim_node, slim_pod
 
 
 def full_node(name: str = "node-a", **kw: Any) -> dict[str, Any]:
@@ -136,3 +138,39 @@ def test_an_expected_status_patch_is_no_change_when_its_event_comes_first() -> N
 def test_merge_follows_rfc_7386() -> None:
     assert merge({"a": 1, "b": {"c": 1, "d": 2}, "e": [1]}, {"a": None, "b": {"c": None, "x": 3}, "e": [2]}) == \
         {"b": {"d": 2, "x": 3}, "e": [2]}
+
+
+def kubelet_pod() -> dict[str, Any]:
+    """A rank's pod as the operator makes it, with the metadata the API server adds and the
+    status a kubelet writes while it runs."""
+    c = Cluster(job_body())
+    made = next(o for o in c.decide().create if o["kind"] == "Pod")
+    body = copy.deepcopy(made)
+    body["metadata"].update(uid="pod-uid", resourceVersion="77", creationTimestamp="2026-01-01T11:00:00Z",
+                            managedFields=[{"manager": "torpor", "operation": "Update", "fieldsV1": {"f:spec": {}}}])
+    body["spec"].update(nodeName="node-a", tolerations=[{"key": "node.kubernetes.io/not-ready", "operator": "Exists",
+                                                         "effect": "NoExecute", "tolerationSeconds": 300}])
+    body["status"] = {
+        "phase": "Running", "hostIP": "10.0.0.1", "podIP": "10.1.0.7", "qosClass": "BestEffort",
+        "startTime": "2026-01-01T11:00:01Z",
+        "conditions": [{"type": t, "status": "True", "lastProbeTime": None,
+                        "lastTransitionTime": "2026-01-01T11:00:02Z"}
+                       for t in ("PodReadyToStartContainers", "Initialized", "Ready", "ContainersReady",
+                                 "PodScheduled")],
+        "containerStatuses": [{"name": "train", "ready": True, "restartCount": 0, "started": True,
+                               "image": "python:3.11", "imageID": "sha256:" + "0" * 64, "containerID": "local://1234",
+                               "state": {"running": {"startedAt": "2026-01-01T11:00:02Z"}}, "lastState": {}}],
+    }
+    return body
+
+
+def test_the_pod_index_keeps_a_pod_as_the_fields_decisions_read() -> None:
+    whole = kubelet_pod()
+    slim = slim_pod(whole)
+    assert PodView.from_dict(slim, "train") == PodView.from_dict(whole, "train")
+    assert controlled_by(slim, "uid-1") and controlled_by(whole, "uid-1")
+    assert stale_objects([slim], "demo", "other") == stale_objects([whole], "demo", "other")
+    assert slim["metadata"]["resourceVersion"] == "77"  # the index orders events by it
+    assert "managedFields" not in slim["metadata"] and "volumes" not in slim["spec"]
+    # what each rank costs the index: the figure is in bench/README.md (issue 13, item 4)
+    assert len(json.dumps(slim)) < len(json.dumps(whole)) / 2, (len(json.dumps(slim)), len(json.dumps(whole)))

@@ -20,6 +20,7 @@ from torpor_operator.contract import LABEL_INCARNATION, LABEL_JOB, LABEL_RANK
 from torpor_operator.observing import CheckpointInfo
 from torpor_operator.reconciling import Decision, Job, decide
 from torpor_operator.settings import OperatorSettings
+from torpor_operator.watching import slim_pod
 
 NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
 SETTINGS = OperatorSettings()
@@ -140,8 +141,14 @@ class Cluster:
         return self.body.setdefault("status", {})
 
     def decide(self) -> Decision:
-        return decide(self.job, list(self.pods.values()), list(self.nodes.values()), self.checkpoints, self.now,
-                      self.settings, children=list(self.children.values()))
+        """The decision on the whole pods, checked to be the one on the pods as the pod index
+        keeps them (``slim_pod``): a reconcile reads either, and both must decide alike."""
+        whole = decide(self.job, list(self.pods.values()), list(self.nodes.values()), self.checkpoints, self.now,
+                       self.settings, children=list(self.children.values()))
+        slim = decide(self.job, [slim_pod(p) for p in self.pods.values()], list(self.nodes.values()),
+                      self.checkpoints, self.now, self.settings, children=list(self.children.values()))
+        assert slim == whole, "the pod index's slim pods decide otherwise than the whole pods"
+        return whole
 
     def apply(self, d: Decision, *, creates: bool = True, deletes: bool = True, flag: bool = True,
               annotate: bool = True, status: bool = True) -> None:
