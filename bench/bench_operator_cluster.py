@@ -386,7 +386,10 @@ def main() -> int:
     pools = {"bulk": math.ceil(args.jobs / PODS_PER_NODE), "victim": args.victims, "slow": 1}
     sizes = sorted(int(r) for r in str(args.ranks).split(","))
     if not args.skip_big:
-        pools["big"] = math.ceil(sizes[-1] / PODS_PER_NODE)
+        # one agent process per node of the big job: 1024 pods' threads in one process starved
+        # its own heartbeats, the node lifecycle controller tainted a node unreachable and the
+        # job was stopped for real (the run of 2026-12-03 12:35); the node names are big-{i}-0
+        pools.update({f"big-{i}": 1 for i in range(math.ceil(sizes[-1] / PODS_PER_NODE))})
     print(f"{os.cpu_count()} CPUs; node agents: {pools} (one process per pool)", flush=True)
     with workdir(args.keep) as tmp, ClusterBench(tmp, traced=args.tracemalloc).running(pools) as b:
         flags = FlagWatch(b.cp.kubeconfig, b.ns)
