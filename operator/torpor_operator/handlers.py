@@ -6,7 +6,8 @@ one *reconcile* of that job, which reads the job fresh, its pods from the pod wa
 (:mod:`torpor_operator.indexing`) and its other children by LIST, decides, and applies.
 Reconciles of one job are serialised by a lock and coalesced (an event that arrives while a
 reconcile is already waiting adds nothing: the waiting one will read the newer state), so a
-burst of pod events costs one or two passes.
+burst of pod events costs one or two passes. The handlers do not wait for the reconcile
+(:meth:`Shell.request`): kopf holds each event's body until its handler returns.
 
 No kopf daemons or timers: they would put a finalizer on every TrainingJob, and a job could
 then not be deleted while the operator is down. Time-based steps (exit deadlines, restart
@@ -136,6 +137,8 @@ class Shell:
         self.checkpoints: dict[tuple[str, str], list[CheckpointInfo]] = {}
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._waiting: set[tuple[str, str]] = set()
+        self._requests: set[asyncio.Task[None]] = set()
+        """Reconciles the watch handlers asked for and did not wait for (:meth:`request`)."""
         self._wakeups: dict[tuple[str, str], asyncio.TimerHandle] = {}
         self.bucket_pool = ThreadPoolExecutor(settings.bucket_workers, thread_name_prefix="torpor-bucket")
         self._listings: dict[tuple[str, str], _Listing] = {}
@@ -167,6 +170,28 @@ class Shell:
                 "errors": lambda: len(self._errors),
                 "retry_at": lambda: len(self._retry_at), "credentials_shown": lambda: len(self._credentials_shown),
                 "manifests": self.bucket.cached_jobs}
+
+    def request(self, namespace: str, name: str, *, triggered_at: float, trigger: str) -> None:
+        """Reconcile the job in a task of its own, and return at once.
+
+        kopf keeps an event's body, and the worker of its object, until the handler returns. A
+        handler that awaited the reconcile held one body per event in flight behind each job's
+        lock — hundreds while a cluster's jobs start, most of the operator's peak memory —
+        for work that reads the job and the pod index afresh anyway. Requests while one is
+        waiting are that one (coalesced in :meth:`reconcile`)."""
+        if (namespace, name) in self._waiting:
+            return
+        task = asyncio.get_running_loop().create_task(
+            self.reconcile(namespace, name, triggered_at=triggered_at, trigger=trigger))
+        self._requests.add(task)
+        task.add_done_callback(self._requests.discard)
+
+    async def cancel_requests(self) -> None:
+        """At the operator's exit: the reconciles still running or waiting end here."""
+        tasks = list(self._requests)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def reconcile(self, namespace: str, name: str, *, triggered_at: float | None = None,
                         retry: bool = False, trigger: str = "wakeup") -> None:
@@ -711,6 +736,7 @@ async def stop_retention(memo: kopf.Memo, **_: Any) -> None:
             await task
     shell = memo.get("shell")
     if shell is not None:
+        await shell.cancel_requests()
         shell.bucket_pool.shutdown(wait=False, cancel_futures=True)
 
 
@@ -728,7 +754,7 @@ async def on_job(event: dict[str, Any], body: kopf.Body, namespace: str, name: s
         shell.metrics.watch_events.labels(resource="trainingjobs", outcome="unchanged").inc()
         return
     shell.metrics.watch_events.labels(resource="trainingjobs", outcome="reconcile").inc()
-    await shell.reconcile(namespace, name, triggered_at=time.monotonic(), trigger="job")
+    shell.request(namespace, name, triggered_at=time.monotonic(), trigger="job")
 
 
 @kopf.on.event("", "v1", "pods")
@@ -753,7 +779,7 @@ async def on_pod(event: dict[str, Any], body: kopf.Body, labels: dict[str, str],
     if job is None:
         return
     shell.metrics.watch_events.labels(resource="pods", outcome="reconcile").inc()
-    await shell.reconcile(namespace, job, triggered_at=time.monotonic(), trigger="pod")
+    shell.request(namespace, job, triggered_at=time.monotonic(), trigger="pod")
 
 
 @kopf.index("", "v1", "pods", labels={LABEL_JOB: kopf.PRESENT})
@@ -795,7 +821,8 @@ async def on_node(event: dict[str, Any], body: kopf.Body, name: str, memo: kopf.
     triggered_at = time.monotonic()
     index = ranks_by_node if change == "away" else pending_by_avoided_node
     jobs = sorted(set(index.get(name, [])))
-    await asyncio.gather(*(shell.reconcile(ns, job, triggered_at=triggered_at, trigger="node") for ns, job in jobs))
+    for ns, job in jobs:
+        shell.request(ns, job, triggered_at=triggered_at, trigger="node")
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL,

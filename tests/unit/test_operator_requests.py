@@ -1,0 +1,88 @@
+"""The watch handlers hand their reconcile to a task and return (issue 13, item 4).
+
+kopf keeps an event's body, and the worker of its object, until the handler returns; a handler
+that waited for its job's reconcile kept one body per event in flight. The Kubernetes client is
+real, pointed at a loopback port that refuses connections: the reconcile that follows meets the
+error an absent API server gives, and is retried, as in tests/unit/test_operator_api_errors.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Iterator
+
+import kopf
+import pytest
+from kubernetes import client
+from prometheus_client import CollectorRegistry
+
+from torpor_operator import handlers
+from torpor_operator.applying import KubeClient
+from torpor_operator.bucket import Bucket
+from torpor_operator.handlers import Shell
+from torpor_operator.metrics import Metrics
+from torpor_operator.settings import OperatorSettings
+from torpor_operator.contract import LABEL_JOB
+
+
+@pytest.fixture
+def refused_api() -> Iterator[KubeClient]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        config = client.Configuration(host=f"http://127.0.0.1:{sock.getsockname()[1]}")
+        config.retries = 0
+        api = client.ApiClient(config)
+        yield KubeClient(api)
+        api.close()
+
+
+def _pod(name: str) -> dict:
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": "team", "uid": f"uid-{name}", "resourceVersion": "7",
+                         "labels": {LABEL_JOB: "demo"}},
+            "spec": {"nodeName": "n1", "containers": [{"name": "trainer"}]},
+            "status": {"phase": "Running"}}
+
+
+def test_a_pod_event_returns_while_its_jobs_reconcile_waits_and_the_reconcile_runs_after(
+        refused_api: KubeClient) -> None:
+    shell = Shell(OperatorSettings(api_retry_base_seconds=30), refused_api, Bucket(), Metrics(CollectorRegistry()))
+    memo = kopf.Memo(shell=shell)
+
+    async def event(name: str) -> None:
+        pod = _pod(name)
+        await handlers.on_pod(event={"type": "MODIFIED", "object": pod}, body=kopf.Body(pod),
+                              labels=pod["metadata"]["labels"], namespace="team", name=name, memo=memo)
+
+    async def run() -> None:
+        lock = shell._locks.setdefault(("team", "demo"), asyncio.Lock())
+        await lock.acquire()  # a reconcile of the job is running
+        # each handler returns though the job's reconcile cannot start yet
+        await asyncio.wait_for(asyncio.gather(event("demo-1-0"), event("demo-1-1"), event("demo-1-2")), 5)
+        assert len(shell.pod_index) == 3  # the pods are in the index for the reconcile to read
+        assert shell.metrics.reconcile_errors._value.get() == 0
+        lock.release()
+        while shell._requests:  # the three requests are one reconcile (coalesced), then done
+            await asyncio.wait(list(shell._requests), timeout=10)
+        assert shell.metrics.reconcile_errors._value.get() == 1  # it ran, met the absent API, is retried
+        assert ("team", "demo") in shell._wakeups
+        shell._wakeups[("team", "demo")].cancel()
+
+    asyncio.run(asyncio.wait_for(run(), 30))
+
+
+def test_the_operators_exit_cancels_the_reconciles_still_waiting(refused_api: KubeClient) -> None:
+    shell = Shell(OperatorSettings(), refused_api, Bucket(), Metrics(CollectorRegistry()))
+
+    async def run() -> None:
+        lock = shell._locks.setdefault(("team", "demo"), asyncio.Lock())
+        await lock.acquire()
+        shell.request("team", "demo", triggered_at=0.0, trigger="pod")
+        while ("team", "demo") not in shell._waiting:  # the request starts and waits for the lock
+            await asyncio.sleep(0)
+        assert len(shell._requests) == 1
+        await handlers.stop_retention(memo=kopf.Memo(shell=shell))
+        assert not shell._requests and shell.metrics.reconcile_errors._value.get() == 0
+
+    asyncio.run(asyncio.wait_for(run(), 30))
