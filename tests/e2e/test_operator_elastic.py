@@ -10,7 +10,9 @@ are kept short: a few hundred steps at 0.05 s, checkpoints every 20 steps, waitS
 from __future__ import annotations
 
 import json
+import math
 import re
+import sys
 import time
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -200,3 +202,31 @@ def test_replicas_patched_on_a_running_job_resizes_it_at_one_checkpoint(e2e: Env
     assert_trained(e2e, 2, (1, saved.step), (from_two.step + 1, None))  # back, from the 2-rank save
     events = e2e.reasons()
     assert (events.count("Resizing"), events.count("Resized")) == (2, 2), events
+
+
+def test_an_fsdp2_job_patched_from_two_ranks_to_three_resumes_resharded_at_one_checkpoint(e2e: Env) -> None:
+    # examples/fsdp2.py: each rank holds its shard of every parameter and of Adam's state; on 3
+    # ranks the new incarnation loads the 2-rank checkpoint's .distcp shards resharded (DCP's
+    # planner over torpor's reader) and goes on from the step after the save.
+    body = e2e.example(replicas=2, checkpoint={"saveSteps": 20})
+    container = body["spec"]["template"]["spec"]["containers"][0]
+    container["command"] = [sys.executable, "examples/fsdp2.py"]
+    container["args"] = ["--epochs", "500", "--step-delay", "0.05", "--losses", str(e2e.losses())]
+    e2e.create(body)
+    e2e.wait_phase("Running", timeout=150)
+    e2e.wait("a periodic checkpoint", lambda: e2e.status().get("lastCheckpoint"), timeout=120)
+
+    e2e.kubectl("patch", "tj", "mlp", "--type=merge", "-p", json.dumps({"spec": {"replicas": 3}}))
+    status = e2e.wait_phase("Running", incarnation=2, timeout=180)
+    assert (status["worldSize"], status["ready"]) == (3, "3/3"), status
+    assert (status.get("preemptions", 0), status.get("restarts", 0)) == (0, 0), status
+    assert [world_size(p) for p in incarnation_pods(e2e, 2)] == ["3", "3", "3"]
+
+    saved = exit_checkpoint(e2e, status["resumeFrom"], ranks=2)
+    keys = e2e.object_keys()
+    assert {f"rank_{r}/{saved.name}.distcp" for r in (0, 1)} <= set(keys), keys  # sharded, by both ranks
+    assert_no_step_lost(e2e, saved.step)
+    assert_trained(e2e, 2, (saved.step + 1, None))  # the new rank starts right after the save
+    assert all(math.isfinite(s["loss"]) for s in e2e.steps()), "a resharded load that trains on garbage"
+    events = e2e.reasons()
+    assert (events.count("Resizing"), events.count("Resized")) == (1, 1), events

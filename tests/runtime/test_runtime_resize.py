@@ -44,6 +44,7 @@ from torpor_harness import (
 
 import torpor
 from torpor import _state
+from torpor._loading import load_shard
 from torpor.checkpoints import scan
 from torpor.storage import open_storage
 
@@ -110,6 +111,18 @@ def test_a_ddp_job_stopped_on_three_ranks_continues_its_epoch_on_two_and_back_on
     _finish(runs[2], launch(2, 3, None), [0, 0, 0])
     assert {json.loads((runs[2] / f"termination-{r}.json").read_text())["resumed_from"]
             for r in range(3)} == {second["checkpoint"]}
+
+    # Replicated state is written once: rank 0's shard holds the model and optimizer, every
+    # other rank's only its own position (and no DCP file: nothing of DDP goes through DCP).
+    storage = open_storage(tmp_path / "ckpt")
+    stopped = {c.name: c for c in scan(storage)}[first["checkpoint"]]
+    payloads = [load_shard(storage, stopped.manifests[r].shard, None, None, manifest=stopped.manifests[r])
+                for r in range(3)]
+    assert {"model", "optimizer"} <= set(payloads[0]), sorted(payloads[0])
+    for rank in (1, 2):
+        assert not {"model", "optimizer", "lr_scheduler", "dcp", "_dcp_shards"} & set(payloads[rank]), \
+            (rank, sorted(payloads[rank]))
+    assert not any(o.key.endswith(".distcp") for o in storage.list("")), "a DDP save wrote DCP shards"
 
     steps = [read_jsonl(run / "steps.jsonl") for run in runs]
     for i, (run, stop, world) in enumerate([(runs[0], first, 3), (runs[1], second, 2)]):
