@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
-from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import pytest
@@ -29,16 +27,6 @@ NOW = datetime(2026, 1, 1, tzinfo=UTC)
 QUOTA = 'pods "demo-1-1" is forbidden: exceeded quota: one-pod, requested: pods=1, used: pods=1, limited: pods=1'
 
 
-@pytest.fixture
-def refused_api() -> Iterator[KubeClient]:
-    """A KubeClient whose API server is away: a bound, non-listening loopback port."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        config = client.Configuration(host=f"http://127.0.0.1:{sock.getsockname()[1]}")
-        config.retries = 0
-        api = client.ApiClient(config)
-        yield KubeClient(api)
-        api.close()
 
 
 def test_an_api_error_sets_ready_false_once_per_distinct_error() -> None:

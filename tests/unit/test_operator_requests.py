@@ -9,32 +9,17 @@ error an absent API server gives, and is retried, as in tests/unit/test_operator
 from __future__ import annotations
 
 import asyncio
-import socket
-from collections.abc import Iterator
 
 import kopf
-import pytest
-from kubernetes import client
 from prometheus_client import CollectorRegistry
 
 from torpor_operator import handlers
 from torpor_operator.applying import KubeClient
 from torpor_operator.bucket import Bucket
+from torpor_operator.contract import LABEL_JOB
 from torpor_operator.handlers import Shell
 from torpor_operator.metrics import Metrics
 from torpor_operator.settings import OperatorSettings
-from torpor_operator.contract import LABEL_JOB
-
-
-@pytest.fixture
-def refused_api() -> Iterator[KubeClient]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        config = client.Configuration(host=f"http://127.0.0.1:{sock.getsockname()[1]}")
-        config.retries = 0
-        api = client.ApiClient(config)
-        yield KubeClient(api)
-        api.close()
 
 
 def _pod(name: str) -> dict:
