@@ -90,6 +90,17 @@ def assert_trained(e2e: Env, rank: int, *spans: tuple[int, int | None]) -> None:
     assert seen == expected, (rank, spans, seen)
 
 
+def patch_replicas(e2e: Env, replicas: int, incarnation: int) -> dict[str, Any]:
+    """``kubectl patch tj mlp`` to ``replicas``: the incarnation that follows runs that many ranks,
+    each with that WORLD_SIZE, with no preemption or restart counted. Its status."""
+    e2e.kubectl("patch", "tj", "mlp", "--type=merge", "-p", json.dumps({"spec": {"replicas": replicas}}))
+    status = e2e.wait_phase("Running", incarnation=incarnation, timeout=180)
+    assert (status["worldSize"], status["ready"]) == (replicas, f"{replicas}/{replicas}"), status
+    assert (status.get("preemptions", 0), status.get("restarts", 0)) == (0, 0), status
+    assert [world_size(p) for p in incarnation_pods(e2e, incarnation)] == [str(replicas)] * replicas
+    return status
+
+
 def test_an_elastic_job_drained_to_room_for_two_ranks_goes_on_with_two_and_grows_back_when_uncordoned(
         e2e: Env) -> None:
     body = e2e.example("--losses", str(e2e.losses()), *ARGS, replicas=3,
@@ -191,11 +202,7 @@ def test_replicas_patched_on_a_running_job_resizes_it_at_one_checkpoint(e2e: Env
     assert "Preempted" not in events and "RankFailed" not in events and "SpecChanged" not in events, events
 
     # and patched back up: the same way, from the 2-rank incarnation's checkpoint, on 3 ranks
-    e2e.kubectl("patch", "tj", "mlp", "--type=merge", "-p", json.dumps({"spec": {"replicas": 3}}))
-    grown = e2e.wait_phase("Running", incarnation=3, timeout=180)
-    assert (grown["worldSize"], grown["ready"]) == (3, "3/3"), grown
-    assert (grown.get("preemptions", 0), grown.get("restarts", 0)) == (0, 0), grown
-    assert [world_size(p) for p in incarnation_pods(e2e, 3)] == ["3", "3", "3"]
+    grown = patch_replicas(e2e, 3, incarnation=3)
     from_two = exit_checkpoint(e2e, grown["resumeFrom"], ranks=2)
     assert {m.incarnation for m in from_two.manifests.values()} == {"2"}
     assert_no_step_lost(e2e, from_two.step)
@@ -216,11 +223,7 @@ def test_an_fsdp2_job_patched_from_two_ranks_to_three_resumes_resharded_at_one_c
     e2e.wait_phase("Running", timeout=150)
     e2e.wait("a periodic checkpoint", lambda: e2e.status().get("lastCheckpoint"), timeout=120)
 
-    e2e.kubectl("patch", "tj", "mlp", "--type=merge", "-p", json.dumps({"spec": {"replicas": 3}}))
-    status = e2e.wait_phase("Running", incarnation=2, timeout=180)
-    assert (status["worldSize"], status["ready"]) == (3, "3/3"), status
-    assert (status.get("preemptions", 0), status.get("restarts", 0)) == (0, 0), status
-    assert [world_size(p) for p in incarnation_pods(e2e, 2)] == ["3", "3", "3"]
+    status = patch_replicas(e2e, 3, incarnation=2)
 
     saved = exit_checkpoint(e2e, status["resumeFrom"], ranks=2)
     keys = e2e.object_keys()
