@@ -45,6 +45,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -80,8 +81,10 @@ CONFIG_SYNC_SECONDS = 60
 class ClusterBench:
     """Control plane, MinIO, node agents in their own processes, torpor and the no-op operator."""
 
-    def __init__(self, workdir: Path, namespace: str = "bench", traced: bool = False) -> None:
+    def __init__(self, workdir: Path, namespace: str = "bench", traced: bool = False,
+                 torpor_env: dict[str, str] | None = None) -> None:
         self.workdir, self.ns, self.traced = workdir, namespace, traced
+        self.torpor_env = torpor_env or {}
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     @contextlib.contextmanager
@@ -114,7 +117,7 @@ class ClusterBench:
             env = {**env, "TORPOR_TRACEMALLOC_OUT": str(self.workdir / "tracemalloc.txt")}
             self.start("torpor", [sys.executable, str(ROOT / "bench" / "traced_operator.py")], env)
         else:
-            self.start("torpor", [sys.executable, "-m", "torpor_operator"], env)
+            self.start("torpor", [sys.executable, "-m", "torpor_operator"], {**env, **self.torpor_env})
         self.noop_log = self.workdir / "noop.log"
         self.start("noop", [sys.executable, str(ROOT / "bench" / "bench_operator_latency.py"), "--noop-operator",
                             str(self.noop_log), "--namespace", self.ns,
@@ -368,6 +371,17 @@ def report_sizes(results: dict[int, tuple[float, float, float]]) -> None:
               "the time to annotate every pod", flush=True)
 
 
+def _pairs(items: list[str]) -> dict[str, str]:
+    """``KEY=VALUE`` arguments as a mapping; a malformed one is refused by name."""
+    pairs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--torpor-env wants KEY=VALUE, got {item!r}")
+        pairs[key] = value
+    return pairs
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=500)
@@ -380,6 +394,8 @@ def main() -> int:
     parser.add_argument("--keep", type=Path, help="keep logs and state in this directory")
     parser.add_argument("--py-spy", metavar="PATH",
                         help="profile torpor's idle window with this py-spy binary and print where it went")
+    parser.add_argument("--torpor-env", action="append", default=[], metavar="KEY=VALUE",
+                        help="an environment variable for torpor's process only (e.g. MALLOC_ARENA_MAX=2); repeatable")
     parser.add_argument("--tracemalloc", action="store_true",
                         help="run torpor under tracemalloc and print where its memory is after scenario 1, then stop")
     args, _ = parser.parse_known_args()
@@ -391,7 +407,8 @@ def main() -> int:
         # job was stopped for real (the run of 2026-12-03 12:35); the node names are big-{i}-0
         pools.update({f"big-{i}": 1 for i in range(math.ceil(sizes[-1] / PODS_PER_NODE))})
     print(f"{os.cpu_count()} CPUs; node agents: {pools} (one process per pool)", flush=True)
-    with workdir(args.keep) as tmp, ClusterBench(tmp, traced=args.tracemalloc).running(pools) as b:
+    bench = partial(ClusterBench, traced=args.tracemalloc, torpor_env=_pairs(args.torpor_env))
+    with workdir(args.keep) as tmp, bench(tmp).running(pools) as b:
         flags = FlagWatch(b.cp.kubeconfig, b.ns)
         b.kubectl("create", "configmap", "noop-target")
         b.kubectl("label", "configmap", "noop-target", f"{NOOP_LABEL}=yes")
