@@ -90,7 +90,7 @@ def test_resume_from_torpor_resume_from_matches_an_uninterrupted_run(stopped: tu
     assert periodic == {"hf-1_5": (True, {Reason.PERIODIC}), "hf-1_10": (True, {Reason.PERIODIC})}
 
     expected = {r["step"]: r["loss"] for r in read_jsonl(plain / "losses.jsonl")}
-    got = {r["step"]: r["loss"] for r in read_jsonl(stopped_dir / "losses.jsonl") + read_jsonl(resumed / "losses.jsonl")}
+    got = {r["step"]: r["loss"] for path in (stopped_dir, resumed) for r in read_jsonl(path / "losses.jsonl")}
     assert sorted(got) == sorted(expected) == list(range(1, STEPS + 1))
     for step in expected:
         assert got[step] == pytest.approx(expected[step], rel=1e-5), f"step {step}"
@@ -134,5 +134,5 @@ def test_bad_exit_check_steps_in_the_environment_names_the_variable(monkeypatch:
     from torpor.transformers import TorporCallback
 
     monkeypatch.setenv("TORPOR_EXIT_CHECK_STEPS", "zero")
-    with pytest.raises(ValueError, match="TORPOR_EXIT_CHECK_STEPS.*zero"):
+    with pytest.raises(ValueError, match=r"TORPOR_EXIT_CHECK_STEPS.*zero"):
         TorporCallback.from_env()

@@ -20,10 +20,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "examples"))
 
-from hf_train import build  # noqa: E402
-from transformers import TrainerCallback  # noqa: E402
+from transformers import TrainerCallback
 
-from torpor.transformers import TorporCallback  # noqa: E402
+from hf_train import build
+from torpor.transformers import TorporCallback
 
 
 class InStep(TrainerCallback):
