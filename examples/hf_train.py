@@ -13,12 +13,14 @@ it with ``TORPOR_RESUME_FROM``) and it continues from there.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from typing import Any
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
 
+from torpor.env import RuntimeEnv
 from torpor.transformers import TorporCallback  # torpor
 
 
@@ -48,7 +50,8 @@ def training_args(output_dir: str, max_steps: int, save_steps: int, seed: int = 
     return TrainingArguments(
         output_dir=output_dir, max_steps=max_steps, per_device_train_batch_size=4, learning_rate=1e-3,
         warmup_steps=2, lr_scheduler_type="linear", logging_steps=1, save_strategy="steps" if save_steps else "no",
-        save_steps=save_steps or 500, save_total_limit=2, report_to=[], use_cpu=True, ddp_backend="gloo",
+        save_steps=save_steps or 500, save_total_limit=2, report_to=[], use_cpu=True,
+        ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,  # gloo needs several ranks
         ddp_find_unused_parameters=False,
         dataloader_num_workers=0, seed=seed, disable_tqdm=True,
     )
@@ -74,7 +77,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output-dir", default="hf-output")
     parser.add_argument("--max-steps", type=int, default=40)
-    parser.add_argument("--save-steps", type=int, default=0, help="periodic HF saves (0: only the stop's)")
+    parser.add_argument("--save-steps", type=int, default=RuntimeEnv.from_environ().save_steps or 0,
+                        help="periodic saves, stored by torpor too (default: TORPOR_SAVE_STEPS, the operator's "
+                             "spec.checkpoint.saveSteps; 0: only the stop's)")
     parser.add_argument("--step-seconds", type=float, default=0.0, help="simulated extra work per step")
     opts = parser.parse_args()
 
