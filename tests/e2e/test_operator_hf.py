@@ -5,6 +5,7 @@ agent and MinIO (issue 14, item 4).
 
 from __future__ import annotations
 
+import json
 import sys
 from typing import TYPE_CHECKING
 
@@ -16,7 +17,7 @@ if TYPE_CHECKING:  # the fixtures' types; conftest modules are not importable by
     from conftest import Env
 
 pytestmark = pytest.mark.cluster
-STEPS = 80
+STEPS = 50
 
 
 def test_a_drain_stops_both_trainer_ranks_at_one_step_and_the_job_resumes_and_completes(e2e: Env) -> None:
@@ -44,4 +45,9 @@ def test_a_drain_stops_both_trainer_ranks_at_one_step_and_the_job_resumes_and_co
 
     done = e2e.wait_phase("Succeeded", timeout=150)
     assert done.get("preemptions") == 1, done
+    # both ranks of incarnation 2 continued from that checkpoint (a fresh start would also "succeed")
+    e2e.wait("ranks ended", lambda: len(e2e.pods()) == 2 and all(e2e.terminated(p) for p in e2e.pods()))
+    finished = [json.loads(e2e.terminated(p)["message"]) for p in e2e.pods()]
+    assert {(m["reason"], m["step"], m.get("resumed_from")) for m in finished} == \
+        {("completed", STEPS, checkpoint.name)}, finished
     assert "Preempted" in e2e.reasons() and "Restarted" in e2e.reasons()
