@@ -11,6 +11,7 @@ run: the same losses step by step and the same final weights.
 from __future__ import annotations
 
 import json
+import os
 import signal
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import torch
 from torpor_harness import REPO, launch_ranks, logs, read_jsonl, wait_all
 
 from torpor.checkpoints import Reason, scan
-from torpor.storage import LocalStorage
+from torpor.storage import LocalStorage, open_storage
 
 HF_RANK = REPO / "tests" / "runtime" / "procs" / "hf_rank.py"
 STEPS = 10
@@ -72,7 +73,49 @@ def test_sigterm_on_rank_1_stops_both_ranks_at_one_step_saved_and_exits_143(
     assert [r["step"] for r in read_jsonl(logdir / "losses.jsonl")] == list(range(1, STOP_AT + 1))
 
 
-def test_resume_from_torpor_resume_from_matches_an_uninterrupted_run(stopped: tuple[Path, list[int], Path]) -> None:
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The same training without a stop, in a root of its own, also storing HF's periodic saves
+    (``save_steps`` 5): its log dir and its ``--final`` prefix."""
+    tmp = tmp_path_factory.mktemp("hf-plain")
+    codes, logdir = run(tmp, "plain", {}, "--final", str(tmp / "final"), "--save-steps", "5")
+    assert codes == [0, 0], logs(logdir)
+    periodic = {c.name: (c.complete, {m.reason for m in c.manifests.values()}) for c in
+                scan(LocalStorage(tmp / "ckpt"))}
+    assert periodic == {"hf-1_5": (True, {Reason.PERIODIC}), "hf-1_10": (True, {Reason.PERIODIC})}
+    return logdir, tmp / "final"
+
+
+def assert_resumed_like_uninterrupted(stopped_dir: Path, resumed_dir: Path, resumed_final: Path,
+                                      uninterrupted: tuple[Path, Path]) -> None:
+    """Losses and learning rates step by step, then weights, trainer state, scheduler, optimizer, RNG."""
+    plain_dir, plain_final = uninterrupted
+    expected = read_jsonl(plain_dir / "losses.jsonl")
+    before, after = read_jsonl(stopped_dir / "losses.jsonl"), read_jsonl(resumed_dir / "losses.jsonl")
+    # the resumed Trainer continued at the stored global step (trainer_state.json), it did not start over
+    assert [r["step"] for r in before] == list(range(1, STOP_AT + 1))
+    assert [r["step"] for r in after] == list(range(STOP_AT + 1, STEPS + 1))
+    assert [r["step"] for r in expected] == list(range(1, STEPS + 1))
+    for want, have in zip(expected, before + after, strict=True):
+        # the loss needs the model, the optimizer's moments and the dropout generators back; the LR the scheduler
+        assert have["loss"] == pytest.approx(want["loss"], rel=1e-5), f"loss at step {want['step']}"
+        assert have["learning_rate"] == pytest.approx(want["learning_rate"], rel=1e-5), f"lr at step {want['step']}"
+    for rank in range(2):
+        want_w = torch.load(f"{plain_final}-{rank}.pt", weights_only=True)
+        have_w = torch.load(f"{resumed_final}-{rank}.pt", weights_only=True)
+        assert want_w.keys() == have_w.keys()
+        for key in want_w:
+            torch.testing.assert_close(have_w[key], want_w[key], rtol=1e-5, atol=1e-7, msg=key)
+        want, have = (json.loads(Path(f"{final}-{rank}.json").read_text()) for final in (plain_final, resumed_final))
+        # global_step from trainer_state, the LR from scheduler.pt, Adam's step count from optimizer.pt (a fresh
+        # optimizer would count only the resumed steps), this rank's generator from its rng_state_{rank}.pth
+        assert want["global_step"] == have["global_step"] == STEPS and want["optimizer_steps"] == [STEPS]
+        assert have["last_lr"] == pytest.approx(want["last_lr"], rel=1e-6)
+        assert (have["optimizer_steps"], have["cpu_rng"]) == (want["optimizer_steps"], want["cpu_rng"]), rank
+
+
+def test_resume_from_torpor_resume_from_matches_an_uninterrupted_run(
+        stopped: tuple[Path, list[int], Path], uninterrupted: tuple[Path, Path]) -> None:
     tmp, codes, stopped_dir = stopped
     assert codes == [143, 143], logs(stopped_dir)
     name = f"hf-1_{STOP_AT}"
@@ -81,25 +124,35 @@ def test_resume_from_torpor_resume_from_matches_an_uninterrupted_run(stopped: tu
     assert resumed_codes == [0, 0], logs(resumed)
     for message in messages(resumed):
         assert (message["reason"], message["step"], message["resumed_from"]) == ("completed", STEPS, name)
-    # the uninterrupted run, in a root of its own, also stores HF's periodic saves (save_steps)
-    plain_codes, plain = run(tmp / "resumed", "plain", {"TORPOR_CHECKPOINT_URI": str(tmp / "plain-ckpt")},
-                             "--final", str(tmp / "plain-final"), "--save-steps", "5")
-    assert plain_codes == [0, 0], logs(plain)
-    periodic = {c.name: (c.complete, {m.reason for m in c.manifests.values()}) for c in
-                scan(LocalStorage(tmp / "plain-ckpt"))}
-    assert periodic == {"hf-1_5": (True, {Reason.PERIODIC}), "hf-1_10": (True, {Reason.PERIODIC})}
+    assert_resumed_like_uninterrupted(stopped_dir, resumed, tmp / "resumed-final", uninterrupted)
 
-    expected = {r["step"]: r["loss"] for r in read_jsonl(plain / "losses.jsonl")}
-    got = {r["step"]: r["loss"] for path in (stopped_dir, resumed) for r in read_jsonl(path / "losses.jsonl")}
-    assert sorted(got) == sorted(expected) == list(range(1, STEPS + 1))
-    for step in expected:
-        assert got[step] == pytest.approx(expected[step], rel=1e-5), f"step {step}"
-    for rank in range(2):
-        want = torch.load(tmp / f"plain-final-{rank}.pt", weights_only=True)
-        have = torch.load(tmp / f"resumed-final-{rank}.pt", weights_only=True)
-        assert want.keys() == have.keys()
-        for key in want:
-            torch.testing.assert_close(have[key], want[key], rtol=1e-5, atol=1e-7, msg=key)
+
+@pytest.mark.s3
+def test_encrypted_in_s3_a_stop_on_rank_1_resumes_like_an_uninterrupted_run(
+        s3_bucket: str, tmp_path: Path, uninterrupted: tuple[Path, Path]) -> None:
+    uri = f"s3://{s3_bucket}/jobs/hf"
+    key_file = tmp_path / "key"
+    key_file.write_bytes(os.urandom(32))  # a mounted Secret holds the raw key bytes
+    env = {"TORPOR_JOB": "ns/hf", "TORPOR_CHECKPOINT_URI": uri, "TORPOR_ENC_KEY_FILE": str(key_file),
+           "TORPOR_ENC_MODE": "AES-GCM"}
+    codes, stopped_dir = run(tmp_path, "stopped", env, "--kill-at", str(STOP_AT), "--rank", "1")
+    assert codes == [143, 143], logs(stopped_dir)
+    name = f"hf-1_{STOP_AT}"
+    assert {m["checkpoint"] for m in messages(stopped_dir)} == {name}
+    store = open_storage(uri)
+    [ckpt] = scan(store)
+    assert ckpt.name == name and ckpt.complete and ckpt.resumable, ckpt.problem
+    for manifest in ckpt.manifests.values():
+        assert manifest.extra["encryption"] == "AES-GCM" and manifest.auth
+        sealed = store.get_bytes(manifest.shard.key)
+        assert sealed.startswith(b"TORPENC") and b"trainer_state" not in sealed and b"global_step" not in sealed
+    assert key_file.read_bytes().hex() not in logs(stopped_dir)
+
+    resumed_codes, resumed = run(tmp_path, "resumed", {**env, "TORPOR_RESUME_FROM": name},
+                                 "--final", str(tmp_path / "resumed-final"))
+    assert resumed_codes == [0, 0], logs(resumed)
+    assert {m["resumed_from"] for m in messages(resumed)} == {name}
+    assert_resumed_like_uninterrupted(stopped_dir, resumed, tmp_path / "resumed-final", uninterrupted)
 
 
 def test_graceful_exit_file_on_rank_0_stops_both_ranks_with_75(tmp_path: Path) -> None:

@@ -1,14 +1,18 @@
 """One rank of ``examples/hf_train.py``'s Trainer with what the tests observe and do inside steps.
 
 ``--losses``: one JSON line per logged step (step, loss: the Trainer's own, averaged over the
-ranks); ``--final``: the model's weights when training returns. ``--kill-at STEP`` with
-``--kill-rank R``: rank R sends itself SIGTERM inside step STEP (a real signal, mid-step);
-``--exit-file-at STEP``: rank R writes ``{"GracefulExit": 1}`` to ``$TORPOR_EXIT_FILE`` instead.
+ranks, and the learning rate the scheduler gave that step); ``--final``: the model's weights
+when training returns (``{final}-{rank}.pt``) and what else a resume must bring back
+(``{final}-{rank}.json``: the Trainer's global step, the scheduler's last LR, the optimizer's
+own step count, a digest of the CPU generator). ``--kill-at STEP`` with ``--rank R``: rank R
+sends itself SIGTERM inside step STEP (a real signal, mid-step); ``--exit-file-at STEP``: rank R
+writes ``{"GracefulExit": 1}`` to ``$TORPOR_EXIT_FILE`` instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import signal
@@ -48,7 +52,16 @@ class Losses(TrainerCallback):
     def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
         if logs and "loss" in logs and args.process_index == 0:
             with open(self.path, "a") as f:
-                f.write(json.dumps({"step": state.global_step, "loss": logs["loss"]}) + "\n")
+                f.write(json.dumps({"step": state.global_step, "loss": logs["loss"],
+                                    "learning_rate": logs.get("learning_rate")}) + "\n")
+
+
+def restored(trainer: Any) -> dict[str, Any]:
+    """What a resume must bring back besides the weights: trainer state, scheduler, optimizer, RNG."""
+    steps = {int(s["step"]) for s in trainer.optimizer.state_dict()["state"].values()}
+    return {"global_step": trainer.state.global_step, "last_lr": trainer.lr_scheduler.get_last_lr(),
+            "optimizer_steps": sorted(steps),
+            "cpu_rng": hashlib.sha256(torch.random.get_rng_state().numpy().tobytes()).hexdigest()}
 
 
 def main() -> None:
@@ -74,6 +87,7 @@ def main() -> None:
     if opts.final:
         state = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
         torch.save(state, f"{opts.final}-{os.environ['RANK']}.pt")
+        Path(f"{opts.final}-{os.environ['RANK']}.json").write_text(json.dumps(restored(trainer)))
     print(f"trained to step {trainer.state.global_step}, saved {torpor_cb.saved}, "
           f"stop {torpor_cb.stop_message.to_json() if torpor_cb.stop_message else None}")
 
