@@ -13,8 +13,11 @@ more callback, and torpor's ``on_step_end``: the request check and, with ranks, 
 all-reduce MAX). It is timed on its own because on a loaded machine the step itself varies
 far more than the 1 % being measured; the whole steps are printed beside it.
 
-Measured in one process and as 2 gloo ranks on loopback (``--ranks``; DDP's own gradient
-all-reduce keeps the ranks in step, so the figure is torpor's collective, not their skew).
+Measured in one process and as 2 gloo ranks on loopback (``--ranks``). With ranks, two more
+sides: the plain ``Trainer`` plus a bare callback doing one all-reduce MAX of one int at
+``on_step_end`` (the floor of *any* per-step agreement on this machine: after DDP's gradient
+all-reduce each rank still runs its optimizer step alone, so the next collective also waits for
+the slower rank to be scheduled), and torpor with ``check_every_n_steps=10``.
 
     PYTHONPATH=runtime python bench/bench_hf_overhead.py
 """
@@ -56,7 +59,9 @@ def main() -> None:
     if opts.ranks > 1:
         ranked = run_ranks(opts)
         report(f"{opts.ranks} gloo ranks", ranked)
-        line += f", {overhead(ranked):+.3f}% with {opts.ranks} gloo ranks (its all-reduce included)"
+        line += (f", {overhead(ranked):+.3f}% with {opts.ranks} gloo ranks (its all-reduce included; "
+                 f"{overhead(ranked, 'torpor-every-10'):+.3f}% with check_every_n_steps=10, a bare all-reduce "
+                 f"{overhead(ranked, 'raw-allreduce'):+.3f}%)")
     print(line + " (target <= 1%)", flush=True)
 
 
@@ -78,20 +83,26 @@ def run_ranks(opts: Any) -> dict[str, Any]:
         return json.loads(out.read_text())
 
 
-def overhead(result: dict[str, Any]) -> float:
-    """Extra time in the callback handler per step with torpor, as a percentage of the step without it."""
-    return (result["handler"]["torpor"] - result["handler"]["plain"]) / result["step"]["plain"] * 100
+def overhead(result: dict[str, Any], side: str = "torpor") -> float:
+    """Extra time in the callback handler per step on ``side``, as a percentage of the step without torpor."""
+    return (result["handler"][side] - result["handler"]["plain"]) / result["step"]["plain"] * 100
 
 
 def report(label: str, result: dict[str, Any]) -> None:
     print(f"[hf] {label}: matmul {result['n']}x{result['n']} in the forward", flush=True)
-    for side in ("plain", "torpor"):
+    for side in result["samples"]:
         steps = ", ".join(f"{x * 1000:.2f}" for x in result["samples"][side])
-        print(f"[hf]   {side:6s} {result['step'][side] * 1000:8.3f} ms/step, in the callback handler "
+        print(f"[hf]   {side:16s} {result['step'][side] * 1000:8.3f} ms/step, in the callback handler "
               f"{result['handler'][side] * 1e6:7.1f} us/step (rounds: {steps})", flush=True)
-    extra = (result["handler"]["torpor"] - result["handler"]["plain"]) * 1e6
-    print(f"[hf]   {label}: TorporCallback adds {extra:.1f} us/step = {overhead(result):+.3f}% of a "
-          f"{result['step']['plain'] * 1000:.1f} ms step", flush=True)
+    for side in result["samples"]:
+        if side != "plain":
+            extra = (result["handler"][side] - result["handler"]["plain"]) * 1e6
+            print(f"[hf]   {label}: {side} adds {extra:.1f} us/step = {overhead(result, side):+.3f}% of a "
+                  f"{result['step']['plain'] * 1000:.1f} ms step", flush=True)
+    if "raw-allreduce" in result["handler"]:
+        floor = result["handler"]["raw-allreduce"] - result["handler"]["plain"]
+        ratio = (result["handler"]["torpor"] - result["handler"]["plain"]) / floor if floor > 0 else float("nan")
+        print(f"[hf]   {label}: torpor / a bare all-reduce of one int = {ratio:.2f}x", flush=True)
 
 
 def measure(opts: Any) -> dict[str, Any]:
@@ -140,6 +151,12 @@ def measure(opts: Any) -> dict[str, Any]:
         def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
             return {"x": torch.ones(8), "y": torch.tensor(1.0)}
 
+    class RawAllReduce(TrainerCallback):
+        """The floor of any per-step agreement: one all-reduce MAX of one int, nothing else."""
+
+        def on_step_end(self, *args: Any, **kwargs: Any) -> None:
+            _distributed.max_over_ranks(0)
+
     class Marks(TrainerCallback):
         def __init__(self) -> None:
             self.ends: list[float] = []
@@ -168,12 +185,15 @@ def measure(opts: Any) -> dict[str, Any]:
                                  dataloader_num_workers=0,
                                  ddp_find_unused_parameters=False)
 
-        def run(with_torpor: bool) -> tuple[float, float]:
+        def run(side: str) -> tuple[float, float]:
             marks = Marks()
             callbacks: list[TrainerCallback] = [marks]
-            if with_torpor:  # the ranks share the checkpoint root (nothing is saved: no stop, no save due)
+            if side.startswith("torpor"):  # the ranks share the root (nothing is saved: no stop, no save due)
                 root = str(Path(opts.worker).parent / "ckpt") if opts.worker else str(Path(tmp) / "ckpt")
-                callbacks.append(TorporCallback(root, config_file=str(exit_file), exit_process=False))
+                callbacks.append(TorporCallback(root, config_file=str(exit_file), exit_process=False,
+                                                check_every_n_steps=10 if side == "torpor-every-10" else 1))
+            elif side == "raw-allreduce":
+                callbacks.append(RawAllReduce())
             trainer = Trainer(model=model, args=args, train_dataset=Data(), callbacks=callbacks)
             handler_time[0] = 0.0
             in_handler: list[float] = []
@@ -190,11 +210,12 @@ def measure(opts: Any) -> dict[str, Any]:
             steps = len(marks.ends) - 1
             return (marks.ends[-1] - marks.ends[0]) / steps, (in_handler[-1] - in_handler[0]) / steps
 
-        samples: dict[str, list[float]] = {"plain": [], "torpor": []}
-        inside: dict[str, list[float]] = {"plain": [], "torpor": []}
+        sides = ("plain", "torpor", "torpor-every-10", "raw-allreduce") if distributed else ("plain", "torpor")
+        samples: dict[str, list[float]] = {side: [] for side in sides}
+        inside: dict[str, list[float]] = {side: [] for side in sides}
         for _ in range(opts.rounds):
-            for side in ("plain", "torpor"):
-                per_step, handler = run(side == "torpor")
+            for side in sides:
+                per_step, handler = run(side)
                 samples[side].append(per_step)
                 inside[side].append(handler)
     rank = _distributed.rank() if distributed else 0
