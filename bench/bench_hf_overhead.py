@@ -45,6 +45,7 @@ def main() -> None:
     p.add_argument("--step-ms", type=float, default=10.0, help="target matmul time per step in ms (default 10)")
     p.add_argument("--ranks", type=int, default=2, help="gloo ranks of the second measurement (default 2; 0: skip)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # a rank of the multi-rank run: its JSON out
+    p.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)  # the matmul size every rank uses
     opts = p.parse_args()
     if opts.worker:
         result = measure(opts)
@@ -57,7 +58,7 @@ def main() -> None:
     line = (f"RATIO per-step overhead of TorporCallback in a HF Trainer: {overhead(single):+.3f}% of the step "
             "in 1 process")
     if opts.ranks > 1:
-        ranked = run_ranks(opts)
+        ranked = run_ranks(opts, single["n"])
         report(f"{opts.ranks} gloo ranks", ranked)
         line += (f", {overhead(ranked):+.3f}% with {opts.ranks} gloo ranks (its all-reduce included; "
                  f"{overhead(ranked, 'torpor-every-10'):+.3f}% with check_every_n_steps=10, a bare all-reduce "
@@ -65,8 +66,12 @@ def main() -> None:
     print(line + " (target <= 1%)", flush=True)
 
 
-def run_ranks(opts: Any) -> dict[str, Any]:
-    """Run :func:`measure` as ``opts.ranks`` gloo ranks on loopback; rank 0's result."""
+def run_ranks(opts: Any, n: int) -> dict[str, Any]:
+    """Run :func:`measure` as ``opts.ranks`` gloo ranks on loopback; rank 0's result.
+
+    Every rank gets the matmul size ``n`` the one-process run chose: sized per rank, the ranks
+    could differ, and DDP's broadcast of the model's buffers (the matrix is one) would mismatch.
+    """
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hack"))
     from processes import free_port
 
@@ -75,7 +80,7 @@ def run_ranks(opts: Any) -> dict[str, Any]:
         env = {**os.environ, "WORLD_SIZE": str(opts.ranks), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
                "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
         argv = [sys.executable, __file__, "--steps", str(opts.steps), "--rounds", str(opts.rounds),
-                "--step-ms", str(opts.step_ms), "--worker", str(out)]
+                "--step-ms", str(opts.step_ms), "--worker", str(out), "--n", str(n)]
         procs = [subprocess.Popen(argv, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(opts.ranks)]
         codes = [proc.wait(timeout=1800) for proc in procs]
         if codes != [0] * opts.ranks:
@@ -120,7 +125,7 @@ def measure(opts: Any) -> dict[str, Any]:
     a = torch.randn(n, n)
     for _ in range(20):
         a @ a  # the first calls initialise the BLAS: not part of any step
-    while n < 4096:  # size the matmul to the target step time
+    while n < 4096 and not opts.n:  # size the matmul to the target step time
         a = torch.randn(n, n)
         a @ a
         started = time.perf_counter()
@@ -129,6 +134,7 @@ def measure(opts: Any) -> dict[str, Any]:
         if (time.perf_counter() - started) / 10 * 1000 >= opts.step_ms:
             break
         n = int(n * 1.15) + 1
+    n = opts.n or n
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
 
     class Busy(PreTrainedModel):
