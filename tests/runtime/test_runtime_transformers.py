@@ -28,13 +28,14 @@ STEPS = 10
 STOP_AT = 4
 
 
-def run(tmp: Path, tag: str, env: dict[str, str], *argv: str) -> tuple[list[int], Path]:
+def run(tmp: Path, tag: str, env: dict[str, str], *argv: str,
+        rank_env: dict[int, dict[str, str]] | None = None) -> tuple[list[int], Path]:
     """Two ranks of ``procs/hf_rank.py`` with the checkpoint root ``tmp/ckpt``; their codes and log dir."""
     logdir = tmp / tag
     logdir.mkdir()
     procs = launch_ranks(2, {"TORPOR_CHECKPOINT_URI": str(tmp / "ckpt"), **env},
                          ["--output-dir", str(logdir / "out"), "--losses", str(logdir / "losses.jsonl"),
-                          "--max-steps", str(STEPS), *argv], logdir, script=HF_RANK)
+                          "--max-steps", str(STEPS), *argv], logdir, script=HF_RANK, rank_env=rank_env)
     return wait_all(procs, logdir, timeout=120), logdir
 
 
@@ -155,17 +156,22 @@ def test_encrypted_in_s3_a_stop_on_rank_1_resumes_like_an_uninterrupted_run(
     assert_resumed_like_uninterrupted(stopped_dir, resumed, tmp_path / "resumed-final", uninterrupted)
 
 
-def test_graceful_exit_file_on_rank_0_stops_both_ranks_with_75(tmp_path: Path) -> None:
-    exit_file = tmp_path / "exit.json"
-    codes, logdir = run(tmp_path, "file", {"TORPOR_JOB": "ns/hf", "TORPOR_EXIT_FILE": str(exit_file)},
-                        "--exit-file-at", "3", "--rank", "0")
+def test_graceful_exit_file_of_rank_1_alone_stops_both_ranks_at_one_step_with_75(tmp_path: Path) -> None:
+    # each rank watches a file of its own (as each pod has its own), and only rank 1's says GracefulExit
+    files = {rank: tmp_path / f"exit-{rank}.json" for rank in range(2)}
+    codes, logdir = run(tmp_path, "file", {"TORPOR_JOB": "ns/hf"}, "--exit-file-at", "3", "--rank", "1",
+                        rank_env={rank: {"TORPOR_EXIT_FILE": str(path)} for rank, path in files.items()})
     assert codes == [75, 75], logs(logdir)
-    steps = {m["step"] for m in messages(logdir)}
-    assert len(steps) == 1 and {m["reason"] for m in messages(logdir)} == {"file"}
-    [step] = steps
+    assert not files[0].exists() and json.loads(files[1].read_text()) == {"GracefulExit": 1}
+    first, second = messages(logdir)
+    assert {m["reason"] for m in (first, second)} == {"file"} and first["step"] == second["step"]
+    assert (first["local"], second["local"]) == (False, True)  # rank 0 followed rank 1's file
+    step = first["step"]
     assert step >= 3  # the watcher polls every 10 ms: the step after the write at the latest, on both ranks
     [ckpt] = scan(LocalStorage(tmp_path / "ckpt"))
-    assert ckpt.complete and ckpt.step == step and ckpt.name == f"hf-1_{step}"
+    assert ckpt.complete and ckpt.step == step and ckpt.name == f"hf-1_{step}" == first["checkpoint"]
+    assert {r: (m.step, m.reason) for r, m in ckpt.manifests.items()} == {0: (step, Reason.EXIT),
+                                                                            1: (step, Reason.EXIT)}
 
 
 @pytest.mark.parametrize(("kwargs", "field"), [
