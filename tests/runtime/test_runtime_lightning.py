@@ -1,0 +1,142 @@
+"""``torpor.lightning`` under real Lightning: DDP strategy, two gloo processes on the CPU, real signals.
+
+A stop requested on rank 1 alone (a SIGTERM from ``os.kill`` inside a step, or the GracefulExit
+file) stops both ranks after the same step, each writes its own ``rank_{r}/`` part of one
+checkpoint of Lightning's state, and both exit as torpor's own loop does under the operator
+(143 or 75, with the termination message). The resumed run, started as the operator starts it
+(``TORPOR_RESUME_FROM``), trains exactly the steps an uninterrupted run trains, with the same
+losses and the same final weights.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torpor_harness import launch_ranks, logs, read_jsonl, wait_all
+
+from torpor.checkpoints import scan
+from torpor.storage import open_storage
+from torpor.termination import TerminationMessage
+
+RANK = Path(__file__).parent / "procs" / "lightning_rank.py"
+SAMPLES, BATCH, EPOCHS = 160, 8, 3  # 10 steps per epoch on each of 2 ranks: 30 steps
+STOP_AT = 14  # epoch 2, its 4th step: the resume continues in the middle of an epoch
+
+
+def _run(logdir: Path, ckpt: Path, argv: list[str], env: dict[str, str] | None = None) -> list[int]:
+    logdir.mkdir(parents=True, exist_ok=True)
+    # As torchrun starts two processes on one node (the harness sets RANK = LOCAL_RANK).
+    common = {"LOCAL_WORLD_SIZE": "2", "TORPOR_JOB": "lt", "TORPOR_CHECKPOINT_URI": str(ckpt),
+              "TORPOR_INCARNATION": "1", **(env or {})}
+    procs = launch_ranks(2, common, ["--samples", str(SAMPLES), "--batch-size", str(BATCH), "--epochs",
+                                     str(EPOCHS), "--losses", str(logdir / "losses.jsonl"),
+                                     "--weights", str(logdir / "weights-{rank}.pt"), *argv],
+                         logdir, script=RANK)
+    return wait_all(procs, logdir, timeout=150)
+
+
+def _message(logdir: Path, rank: int) -> TerminationMessage:
+    return TerminationMessage.from_json((logdir / f"termination-{rank}.json").read_text())
+
+
+def _losses(logdir: Path) -> dict[tuple[int, int], float]:
+    return {(line["rank"], line["step"]): line["loss"] for line in read_jsonl(logdir / "losses.jsonl")}
+
+
+@pytest.fixture(scope="module")
+def stopped(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A run stopped by SIGTERM to rank 1 inside step ``STOP_AT``, and an uninterrupted run."""
+    root = tmp_path_factory.mktemp("lightning")
+    first = root / "first"
+    codes = _run(first, root / "ckpt", ["--signal-at", str(STOP_AT), "--signal-rank", "1"])
+    return {"root": root, "first": first, "codes": codes}
+
+
+def test_sigterm_on_rank_1_saves_every_rank_at_one_step_and_exits_143(stopped: dict[str, Any]) -> None:
+    first = stopped["first"]
+    assert stopped["codes"] == [143, 143], logs(first)
+    messages = [_message(first, rank) for rank in (0, 1)]
+    for rank, message in enumerate(messages):
+        assert message.reason == "signal" and message.signal == "SIGTERM", message
+        assert message.exit_code == 143 and message.step == STOP_AT and message.rank == rank, message
+        assert message.world_size == 2 and message.job == "lt", message
+    assert messages[0].checkpoint == messages[1].checkpoint == "Net-2_4"
+    assert (messages[0].local, messages[1].local) == (False, True)  # only rank 1 got the signal
+    [ckpt] = scan(open_storage(str(stopped["root"] / "ckpt")))
+    assert ckpt.complete and ckpt.name == "Net-2_4", ckpt
+    parts = sorted((m.rank, m.step, m.reason.value) for m in ckpt.manifests.values())
+    assert parts == [(0, STOP_AT, "exit"), (1, STOP_AT, "exit")]
+    # both ranks trained exactly the steps up to the stop, none after it
+    assert max(step for _, step in _losses(first)) == STOP_AT, logs(first)
+    assert not (first / "weights-0.pt").exists()  # the process ended at the stop, fit never returned
+
+
+def test_the_run_resumed_from_torpor_resume_from_matches_an_uninterrupted_one(stopped: dict[str, Any]) -> None:
+    root, first = stopped["root"], stopped["first"]
+    assert stopped["codes"] == [143, 143], logs(first)
+    second, straight = root / "second", root / "straight"
+    codes = _run(second, root / "ckpt", [], {"TORPOR_RESUME_FROM": "Net-2_4", "TORPOR_INCARNATION": "2"})
+    assert codes == [0, 0], logs(second)
+    assert [_message(second, r).reason for r in (0, 1)] == ["completed", "completed"]
+    assert _message(second, 0).resumed_from == "Net-2_4"
+    assert _run(straight, root / "ckpt-straight", []) == [0, 0], logs(straight)
+
+    expected = _losses(straight)
+    assert len(expected) == 2 * SAMPLES // (2 * BATCH) * EPOCHS
+    resumed = {**_losses(first), **_losses(second)}
+    assert min(step for _, step in _losses(second)) == STOP_AT + 1  # no step trained twice
+    assert sorted(resumed) == sorted(expected)
+    for key, loss in expected.items():
+        assert resumed[key] == pytest.approx(loss, rel=1e-5), key
+    for rank in (0, 1):
+        got, want = torch.load(second / f"weights-{rank}.pt"), torch.load(straight / f"weights-{rank}.pt")
+        assert got.keys() == want.keys()
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_the_exit_file_on_rank_1_stops_every_rank_at_one_step_with_75(tmp_path: Path) -> None:
+    exit_file = tmp_path / "graceful-exit.json"
+    exit_file.write_text(json.dumps({"GracefulExit": 0}))
+    codes = _run(tmp_path / "run", tmp_path / "ckpt", ["--exit-file-at", "6"],
+                 {"TORPOR_EXIT_FILE": str(exit_file)})
+    assert codes == [75, 75], logs(tmp_path / "run")
+    messages = [_message(tmp_path / "run", rank) for rank in (0, 1)]
+    assert [m.reason for m in messages] == ["file", "file"]
+    assert messages[0].step == messages[1].step >= 6
+    [ckpt] = scan(open_storage(str(tmp_path / "ckpt")))
+    assert ckpt.complete and ckpt.name == messages[0].checkpoint
+    assert {m.step for m in ckpt.manifests.values()} == {messages[0].step}
+
+
+@pytest.mark.parametrize(("kwargs", "field"), [
+    ({"check_every_n_steps": 0}, "check_every_n_steps must be an int >= 1, got 0"),
+    ({"sig": signal.SIGKILL}, "sig=SIGKILL cannot be caught"),
+    ({"save_export": True}, "save_export=True is not supported"),
+    ({"resume": 3}, "resume must be 'latest', a checkpoint name or path, or None, got 3"),
+    ({"lightning_broadcast": "no"}, "lightning_broadcast must be a bool, got 'no'"),
+    ({"file_name": "a/b"}, "file_name='a/b' is not a valid checkpoint name"),
+])
+def test_bad_options_name_the_field_and_value(kwargs: dict[str, Any], field: str) -> None:
+    import torpor.lightning
+
+    with pytest.raises(ValueError, match=field.replace("(", r"\(").replace(")", r"\)")):
+        torpor.lightning.OnRequestExit(**kwargs)
+
+
+@pytest.mark.parametrize(("environ", "message"), [
+    ({"WORLD_SIZE": "3", "LOCAL_WORLD_SIZE": "2"}, "WORLD_SIZE=3 is not a multiple of LOCAL_WORLD_SIZE=2"),
+    ({"WORLD_SIZE": "two"}, "WORLD_SIZE must be a positive int, got 'two'"),
+])
+def test_bad_launcher_variables_name_the_variable_and_value(environ: dict[str, str], message: str) -> None:
+    import torpor.lightning
+
+    with pytest.raises(ValueError, match=message):
+        torpor.lightning.distributed_kwargs(environ)
+    assert torpor.lightning.distributed_kwargs({"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2"}) == {"devices": 2,
+                                                                                                 "num_nodes": 2}
