@@ -16,11 +16,14 @@ What it does, each time with torpor's own machinery (:class:`torpor.OnRequestExi
   *replaces* Lightning's and chains to the handler that was there before Lightning's, and the
   GracefulExit file is watched from a thread. Every ``check_every_n_steps`` optimizer steps
   (``TORPOR_EXIT_CHECK_STEPS``) the ranks all-reduce their requests (MAX), in
-  ``on_train_batch_end``: one rank's SIGTERM is enough. Lightning's own answer is a broadcast of
-  rank 0's ``received_sigterm`` at *every* step (``_TrainingEpochLoop._broadcast_sigterm_tensor``),
-  in which only rank 0's signal counts; with torpor's handler in place it would only ever carry a
-  0, so it is switched off for the run (``lightning_broadcast=False``, the default) and torpor's
-  all-reduce every n steps is the only collective the stop check costs. ``bench/`` measures both.
+  ``on_train_batch_end``: one rank's SIGTERM is enough. It is the step's one collective of
+  :mod:`torpor._agreement`, as in :class:`torpor.Loop`: a periodic monitor's facts (a
+  ``saveSeconds`` save due on some rank's clock, a failed background save) ride in it too.
+  Lightning's own answer is a broadcast of rank 0's ``received_sigterm`` at *every* step
+  (``_TrainingEpochLoop._broadcast_sigterm_tensor``), in which only rank 0's signal counts; with
+  torpor's handler in place it would only ever carry a 0, so it is switched off for the run
+  (``lightning_broadcast=False``, the default) and torpor's all-reduce every n steps is the
+  only collective the stop check costs. ``bench/`` measures both.
 * **The checkpoint is Lightning's own, in torpor's layout.** At the agreed step every rank writes
   ``rank_{r}/{file_name}-{epoch}_{step}.ckpt`` and its manifest (local or ``s3://``, encrypted
   with the run's key, pruned by the operator): rank 0's holds the model and everything
@@ -28,16 +31,20 @@ What it does, each time with torpor's own machinery (:class:`torpor.OnRequestExi
   progress, callbacks' states, hyper-parameters), every rank's its own generators and position.
   What cannot load with ``torch.load(weights_only=True)`` is refused at ``on_train_start``,
   naming its place (``state['lightning']['hyper_parameters']['fn']``), not at a resume.
+* **Periodic saves** (optional): ``from_env`` adds a :class:`torpor.CheckpointMonitor` when
+  the operator's ``TORPOR_SAVE_STEPS``/``TORPOR_SAVE_SECONDS`` are set, writing the same
+  checkpoint as the exit save under its own prefix (``CKP-{epoch}_{step}``), with its
+  retention, and a final save when ``fit`` ends without a stop.
 * **Resume is automatic**, as Lightning's own SLURM requeue resumes from its ``hpc`` checkpoint:
   in ``setup`` (the process group exists, the optimizers not yet), every rank loads the
   checkpoint torpor picks (``TORPOR_RESUME_FROM`` under the operator, else the newest complete
-  one of this ``file_name``; a damaged one falls back to the next older, all ranks alike) and
-  hands it to Lightning's checkpoint connector, which restores model, optimizers, schedulers,
-  loops and callbacks from it as from ``fit(ckpt_path=...)``. A ``ckpt_path`` passed to ``fit``
-  still wins. A stop in the middle of an epoch resumes exactly: the generators are restored and
-  the batches that epoch had already trained on are passed over by index, without loading them
-  (a ``DataLoader`` with a batch sampler; a loader with ``state_dict``/``load_state_dict`` is
-  left to Lightning, which restores it itself).
+  one of this ``file_name`` or the monitor's ``prefix``; a damaged one falls back to the next
+  older, all ranks alike) and hands it to Lightning's checkpoint connector, which restores
+  model, optimizers, schedulers, loops and callbacks from it as from ``fit(ckpt_path=...)``. A
+  ``ckpt_path`` passed to ``fit`` still wins. A stop in the middle of an epoch resumes exactly:
+  the generators are restored and the batches that epoch had already trained on are passed
+  over by index, without loading them (a ``DataLoader`` with a batch sampler; a loader with
+  ``state_dict``/``load_state_dict`` is left to Lightning, which restores it itself).
 * **The exit is torpor's**: once ``fit`` has torn down (``teardown`` hook), under the operator
   (``TORPOR_JOB`` set, or ``exit_process=True``) the termination message is written and the
   process ends with 143 after a saved SIGTERM (75 for the file); a run that ends without a stop
@@ -66,10 +73,13 @@ import lightning.pytorch as pl
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from torch.utils.data import DataLoader
 
-from torpor import _distributed, _exit, _resuming
+from torpor import _distributed, _exit, _monitor, _resuming
+from torpor._agreement import UNCHECKED, Agreed, decode, encode, merge
+from torpor._background import drain_all
 from torpor._callbacks import RunArgs, RunContext
 from torpor._loading import LoadedCheckpoint, load_checkpoint
-from torpor._loop import exit_if_requested, exit_process_of
+from torpor._loop import _prefixes_of, exit_if_requested, exit_process_of
+from torpor._sharing import route_options, share_settings
 from torpor._user_state import check_loadable
 from torpor.env import RuntimeEnv
 from torpor.errors import TorporWarning
@@ -170,20 +180,26 @@ class OnRequestExit(pl.Callback):
             (default ``False``: with torpor's handler in place it can only carry 0).
         exit: a :class:`torpor.OnRequestExit` to drive (``from_env`` makes one); else one is made
             from ``options``.
+        monitor: a :class:`torpor.CheckpointMonitor` for periodic saves (and a final one when
+            ``fit`` ends without a stop), or ``None``; it writes where, and as, the exit save does
+            (one directory, one cipher: :mod:`torpor._sharing`) and its facts ride in the exit's
+            agreement, so it adds no collective of its own at a step that does not save.
         **options: :class:`torpor.OnRequestExit`'s (``file_name``, ``directory``, ``sig``,
             ``config_file``, ``check_every_n_steps``, ``file_poll_seconds``, ``exit_process``,
             ``integrated_save``, ``enc_key``, ``enc_mode``, ``save_ckpt``), checked by it.
 
     Raises:
         ValueError: a bad option (the message names it and its value), ``save_export=True``,
-            ``resume`` not a str or ``None``, ``lightning_broadcast`` not a bool; at ``setup``, a
-            strategy other than DDP or a single device.
+            ``resume`` not a str or ``None``, ``lightning_broadcast`` not a bool, ``monitor`` not a
+            ``CheckpointMonitor``; the exit and the monitor given different directories or keys;
+            at ``setup``, a strategy other than DDP or a single device.
         TypeError: an unknown option; at ``on_train_start``, a part of Lightning's checkpoint that
             ``weights_only`` loading would refuse (the message names where it is).
     """
 
     def __init__(self, *, resume: str | None = "latest", lightning_broadcast: bool = False,
-                 exit: _exit.OnRequestExit | None = None, **options: Any) -> None:
+                 exit: _exit.OnRequestExit | None = None, monitor: _monitor.CheckpointMonitor | None = None,
+                 **options: Any) -> None:
         if options.get("save_export") or (exit is not None and exit.save_export):
             raise ValueError("save_export=True is not supported by torpor.lightning (a Lightning batch has no "
                              "fixed inputs to trace a torch.export program with); export from the checkpoint")
@@ -193,8 +209,14 @@ class OnRequestExit(pl.Callback):
             raise ValueError(f"resume must be 'latest', a checkpoint name or path, or None, got {resume!r}")
         if not isinstance(lightning_broadcast, bool):
             raise ValueError(f"lightning_broadcast must be a bool, got {lightning_broadcast!r}")
+        if monitor is not None and not isinstance(monitor, _monitor.CheckpointMonitor):
+            raise ValueError(f"monitor must be a torpor.CheckpointMonitor or None, got {monitor!r}")
         self.exit = exit if exit is not None else _exit.OnRequestExit(**{**options, "save_export": False})
         """The torpor callback that handles the signal and file, agrees, saves and reports."""
+        self.monitor = monitor
+        """The periodic and final saves (``saveSteps``/``saveSeconds``), or ``None``."""
+        self._savers: list[Any] = [self.exit, *([monitor] if monitor is not None else [])]
+        share_settings(self._savers, RuntimeEnv.from_environ().checkpoint_uri)  # one directory, one cipher
         self.resume = resume
         self.lightning_broadcast = lightning_broadcast
         self.loaded: LoadedCheckpoint | None = None
@@ -202,16 +224,37 @@ class OnRequestExit(pl.Callback):
         self._ctx: RunContext | None = None
         self._last_step = -1
         self._patched_loop: Any = None
+        self._torn_down = False
 
     @classmethod
     def from_env(cls, *, resume: str | None = "latest", lightning_broadcast: bool = False,
                  **overrides: Any) -> OnRequestExit:
-        """Configured by the operator's ``TORPOR_*`` variables, as :meth:`torpor.OnRequestExit.from_env`
-        (keyword arguments override them)."""
+        """Configured by the operator's ``TORPOR_*`` variables, as :func:`torpor.callbacks_from_env`.
+
+        The :class:`torpor.OnRequestExit` always; a :class:`torpor.CheckpointMonitor` (periodic saves
+        every ``TORPOR_SAVE_STEPS`` steps or ``TORPOR_SAVE_SECONDS`` seconds, retention of its own
+        prefix, a final save at the end of ``fit``) when either variable is set (the operator always
+        sets both, from ``spec.checkpoint.saveSteps``/``saveSeconds``, 0 when not given) or an option
+        only the monitor takes is passed (``save_checkpoint_steps=50``, ``prefix=``...). Unlike
+        ``callbacks_from_env``, whose monitor saves every step when neither variable is set, a
+        Lightning script run by hand gets no periodic saves it did not ask for: Lightning's own
+        ``ModelCheckpoint`` is the usual tool there. Keyword arguments are routed to whichever
+        callback takes them (``directory``, ``enc_key``, ``enc_mode``, ``integrated_save`` to both).
+
+        Raises:
+            TypeError: a keyword neither callback takes (the message names it).
+            ValueError: ``save_export=True``; a bad value (the message names the option).
+        """
         if overrides.get("save_export"):
             raise ValueError("save_export=True is not supported by torpor.lightning")
-        inner = _exit.OnRequestExit.from_env(**{**overrides, "save_export": False})
-        return cls(resume=resume, lightning_broadcast=lightning_broadcast, exit=inner)
+        exit_options, monitor_options = route_options({**overrides, "save_export": False}, _exit.OnRequestExit,
+                                                      _monitor.CheckpointMonitor, caller="OnRequestExit.from_env")
+        env = RuntimeEnv.from_environ()
+        monitor_only = set(monitor_options) - set(exit_options)
+        periodic = env.save_steps is not None or env.save_seconds > 0 or bool(monitor_only)
+        return cls(resume=resume, lightning_broadcast=lightning_broadcast,
+                   exit=_exit.OnRequestExit.from_env(**exit_options),
+                   monitor=_monitor.CheckpointMonitor.from_env(**monitor_options) if periodic else None)
 
     @property
     def stop_message(self) -> TerminationMessage | None:
@@ -233,14 +276,14 @@ class OnRequestExit(pl.Callback):
                              "'ddp' (or one device); sharded strategies write checkpoints torpor cannot lay out")
         holder = _LightningState(trainer)
         self._ctx = RunContext(RunArgs(network=pl_module, state={STATE_KEY: holder}))
-        self._last_step = -1
+        self._last_step, self._torn_down = -1, False
         if self.resume is None:
             return
         enc = self.exit.encryption
         loaded = load_checkpoint(self.resume, pl_module, directory=self.exit.directory,
                                  enc_key=enc.key if enc is not None else None,
                                  enc_mode=enc.mode if enc is not None else None,
-                                 state={STATE_KEY: holder}, prefixes={self.exit.file_name}, restore_rng=False)
+                                 state={STATE_KEY: holder}, prefixes=_prefixes_of(self._savers), restore_rng=False)
         if loaded is None or holder.loaded is None:
             return
         checkpoint = holder.loaded
@@ -261,6 +304,8 @@ class OnRequestExit(pl.Callback):
         check_loadable(args.state[STATE_KEY].state_dict(), f"state[{STATE_KEY!r}]")
         lightning_handler = signal.getsignal(self.exit.sig)
         self.exit.on_train_begin(ctx)  # installs the handler (chained), the file watcher, opens the store
+        if self.monitor is not None:
+            self.monitor.on_train_begin(ctx)
         if self.exit._installed:
             # Chain to what was there before Lightning's handler, never to Lightning's: it broadcasts
             # from inside the signal handler and kills the launcher's children.
@@ -309,20 +354,48 @@ class OnRequestExit(pl.Callback):
         args.batch_num = int(batches) if batches != math.inf else None
         args.net_outputs = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
         if ctx.exit_code is None:
-            self.exit.on_train_step_end(ctx)  # the agreement, the save and the stop message
+            args.agreed = self._agree(ctx, step)
+            try:
+                self.exit.on_train_step_end(ctx)  # on an agreed stop: the exit save and the stop message
+                if self.monitor is not None:
+                    self.monitor.on_train_step_end(ctx)  # a periodic save when due (none at an exit save's step)
+            finally:
+                args.agreed = None
         if ctx.exit_code is not None:
             trainer.should_stop = True
 
+    def _agree(self, ctx: RunContext, step: int) -> Agreed:
+        """The step's one collective, as :class:`torpor.Loop` makes it (:mod:`torpor._agreement`).
+
+        Every ``check_every_n_steps`` steps the savers' local facts (this rank's stop request; the
+        monitor's seconds-save due on this rank's clock, its background save failed) go into one
+        all-reduce MAX; in between nothing is decided (``UNCHECKED``). One process agrees with
+        itself at every step. Lightning ends the epoch itself, so ``EXHAUSTED`` is never sent.
+        """
+        distributed = _distributed.is_initialized() and _distributed.world_size() > 1
+        if distributed and step % self.exit.check_every_n_steps:
+            return UNCHECKED
+        vector = encode(merge(*(saver.step_facts(ctx) for saver in self._savers)))
+        return decode(_distributed.max_each(vector) if distributed else vector)
+
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Restore the handler before Lightning restores its own originals (in its teardown)."""
+        """The monitor's final save; then every save is durable and the handler is restored,
+        before Lightning restores its own originals (in its teardown)."""
+        if self.monitor is not None and self._ctx is not None:
+            self.monitor.on_train_end(self._ctx)
         self._restore_lightning()
 
     def _restore_lightning(self) -> None:
         if self._patched_loop is not None:
             vars(self._patched_loop).pop("_broadcast_sigterm_tensor", None)
             self._patched_loop = None
-        if self._ctx is not None:
-            self.exit.on_train_teardown(self._ctx)
+        if self._ctx is not None and not self._torn_down:
+            self._torn_down = True
+            for label, exc in drain_all():
+                _log.error("background save of %r failed at the end of training: %s: %s",
+                           label, type(exc).__name__, exc)
+            for saver in reversed(self._savers):
+                saver.on_train_teardown(self._ctx)
 
     # -- the end -----------------------------------------------------------------------
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -339,6 +412,8 @@ class OnRequestExit(pl.Callback):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         """An exception ended ``fit``: restore the handler and, under the operator, say ``error``."""
+        if self.monitor is not None and self._ctx is not None and not isinstance(exception, SystemExit):
+            self.monitor.on_train_exception(self._ctx, exception)  # waits for a background save; exception_save
         self._restore_lightning()
         if isinstance(exception, SystemExit) or self._ctx is None:
             return  # our own exit (or Lightning's), already reported
