@@ -2,7 +2,8 @@
 ``kubectl drain`` of a rank's node, on the real control plane, node agent and MinIO.
 
 The same two ranks also run uninterrupted, as plain local processes, beside the job: the
-job's losses, across the preemption, must be theirs.
+job's losses, across the preemption, must be theirs. The job's ``spec.checkpoint.saveSteps`` (20)
+reaches the callback as ``TORPOR_SAVE_STEPS``: its last step is a periodic checkpoint of both ranks.
 """
 
 from __future__ import annotations
@@ -66,6 +67,10 @@ def test_a_drain_stops_the_lightning_job_at_one_step_and_it_resumes_to_the_unint
         assert 0 < step < 60
 
         e2e.wait_phase("Succeeded", timeout=150)
+        # saveSteps: 20 reached the callback (TORPOR_SAVE_STEPS): the last step is a periodic save of both ranks
+        [last] = [c for c in e2e.checkpoints() if c.step == 60]
+        assert last.complete and sorted(last.manifests) == [0, 1], e2e.object_keys()
+        assert {m.reason for m in last.manifests.values()} == {Reason.PERIODIC}, last
         assert [p.wait(timeout=120) for p in straight] == [0, 0], [
             (e2e.tmp / f"straight-{r}.log").read_text()[-2000:] for r in (0, 1)]
     finally:
