@@ -9,7 +9,10 @@ round so that load from other processes hits every side alike:
 * ``torpor``           — with the callback (default: Lightning's broadcast off, torpor's
                          all-reduce of the stop code every step, ``check_every_n_steps=1``);
 * ``torpor_k10``       — the same with ``check_every_n_steps=10`` (``TORPOR_EXIT_CHECK_STEPS``);
-* ``torpor_keep``      — the callback with Lightning's broadcast kept (``lightning_broadcast=True``).
+* ``torpor_keep``      — the callback with Lightning's broadcast kept (``lightning_broadcast=True``);
+* ``torpor_monitor``   — the callback with a ``CheckpointMonitor`` beside it, as ``from_env`` builds
+                         under the operator, with no save due (``saveSteps`` unset: its facts ride
+                         in the same all-reduce; the final save at the end is not a step's cost).
 
 Timed directly, since the step varies by more than the 1 % being measured: the time inside
 the callback's ``on_train_batch_end`` and inside Lightning's ``_broadcast_sigterm_tensor``, per
@@ -29,7 +32,7 @@ from typing import Any
 
 from _common import load_note, median
 
-SIDES = ("lightning", "torpor", "torpor_k10", "torpor_keep")
+SIDES = ("lightning", "torpor", "torpor_k10", "torpor_keep", "torpor_monitor")
 
 
 def main() -> None:
@@ -82,7 +85,7 @@ def report(result: dict[str, Any]) -> None:
         print(f"[lightning]   {side:12s} step {median(result['step'][side]) * 1000:7.3f} ms   torpor hook "
               f"{hook * 1e6:8.1f} us   Lightning broadcast {bcast * 1e6:8.1f} us", flush=True)
     lightning_bcast = median(result["broadcast"]["lightning"])
-    for side in ("torpor", "torpor_k10"):
+    for side in ("torpor", "torpor_k10", "torpor_monitor"):
         hook = median(result["hook"][side])
         print(f"RATIO {side}: torpor's per-step cost {hook * 1e6:.1f} us = {hook / step * 100:+.3f}% of the "
               f"{step * 1000:.1f} ms step (target <= 1%); {hook / lightning_bcast:.2f}x Lightning's own per-step "
@@ -107,6 +110,7 @@ def measure(opts: Any) -> dict[str, Any]:
     from lightning.pytorch.strategies import DDPStrategy
     from torch.utils.data import DataLoader, TensorDataset
 
+    import torpor
     import torpor.lightning
 
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
@@ -168,8 +172,10 @@ def measure(opts: Any) -> dict[str, Any]:
         callbacks: list[pl.Callback] = [clock]
         hook: list[float] = []
         if side != "lightning":
+            monitor = (torpor.CheckpointMonitor(save_checkpoint_steps=0, save_checkpoint_seconds=0)
+                       if side == "torpor_monitor" else None)
             cb = torpor.lightning.OnRequestExit(
-                directory=str(root / f"{side}-{round_}"), resume=None, exit_process=False,
+                directory=str(root / f"{side}-{round_}"), resume=None, exit_process=False, monitor=monitor,
                 check_every_n_steps=10 if side == "torpor_k10" else 1, lightning_broadcast=side == "torpor_keep")
             timed(cb, "on_train_batch_end", hook)
             callbacks.insert(0, cb)
