@@ -12,11 +12,18 @@ round so that load from other processes hits every side alike:
 * ``torpor_keep``      — the callback with Lightning's broadcast kept (``lightning_broadcast=True``);
 * ``torpor_monitor``   — the callback with a ``CheckpointMonitor`` beside it, as ``from_env`` builds
                          under the operator, with no save due (``saveSteps`` unset: its facts ride
-                         in the same all-reduce; the final save at the end is not a step's cost).
+                         in the same all-reduce; the final save at the end is not a step's cost);
+* ``raw_allreduce``    — plain Lightning plus a callback that all-reduces six ints (MAX) at every
+                         batch end: the floor any agreed per-step collective costs here.
 
 Timed directly, since the step varies by more than the 1 % being measured: the time inside
 the callback's ``on_train_batch_end`` and inside Lightning's ``_broadcast_sigterm_tensor``, per
 step (medians over rounds); the whole step (median interval between batch ends) is printed too.
+
+A collective's time on one rank includes waiting for the other, so on a loaded machine it is
+mostly the ranks' skew, which DDP's gradient all-reduce would otherwise absorb a moment later.
+``--align`` puts a ``barrier()`` at every batch end, before the callback, on every side alike:
+the ranks meet first, and what is timed after it is the collectives' own latency.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from typing import Any
 
 from _common import load_note, median
 
-SIDES = ("lightning", "torpor", "torpor_k10", "torpor_keep", "torpor_monitor")
+SIDES = ("lightning", "torpor", "torpor_k10", "torpor_keep", "torpor_monitor", "raw_allreduce")
 
 
 def main() -> None:
@@ -44,6 +51,8 @@ def main() -> None:
     p.add_argument("--step-ms", type=float, default=10.0, help="target step time in ms (default 10)")
     p.add_argument("--matmul-ms", type=float, default=5.0,
                    help="the matmul's share of it (default 5: Lightning's own per-step work is the rest here)")
+    p.add_argument("--align", action="store_true",
+                   help="a barrier before the timed hooks on every side: time the collectives without the ranks' skew")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     opts = p.parse_args()
     if opts.worker:
@@ -67,7 +76,8 @@ def run_ranks(opts: Any) -> dict[str, Any]:
         env.update({"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
                     "MASTER_PORT": str(free_port()), "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"})
         argv = [sys.executable, __file__, "--steps", str(opts.steps), "--rounds", str(opts.rounds),
-                "--step-ms", str(opts.step_ms), "--matmul-ms", str(opts.matmul_ms), "--worker", str(out)]
+                "--step-ms", str(opts.step_ms), "--matmul-ms", str(opts.matmul_ms), "--worker", str(out),
+                *(["--align"] if opts.align else [])]
         procs = [subprocess.Popen(argv, cwd=tmp, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in (0, 1)]
         codes = [proc.wait(timeout=1800) for proc in procs]
         if codes != [0, 0]:
@@ -78,7 +88,8 @@ def run_ranks(opts: Any) -> dict[str, Any]:
 def report(result: dict[str, Any]) -> None:
     step = median(result["step"]["lightning"])
     print(f"[lightning] 2 gloo ranks, DDP, matmul {result['n']}x{result['n']}, {result['steps']} steps x "
-          f"{len(result['step']['lightning'])} rounds", flush=True)
+          f"{len(result['step']['lightning'])} rounds{', aligned by a barrier' if result.get('align') else ''}",
+          flush=True)
     for side in SIDES:
         hook = median(result["hook"][side]) if result["hook"][side] else 0.0
         bcast = median(result["broadcast"][side]) if result["broadcast"][side] else 0.0
@@ -91,6 +102,10 @@ def report(result: dict[str, Any]) -> None:
               f"{step * 1000:.1f} ms step (target <= 1%); {hook / lightning_bcast:.2f}x Lightning's own per-step "
               f"SIGTERM broadcast ({lightning_bcast * 1e6:.1f} us, {lightning_bcast / step * 100:+.3f}%), which "
               f"it replaces: net {(hook - lightning_bcast) / step * 100:+.3f}% of the step", flush=True)
+    raw = median(result["hook"]["raw_allreduce"])
+    for side in ("torpor", "torpor_monitor"):
+        print(f"RATIO {side} / a raw all-reduce of six ints in a callback ({raw * 1e6:.1f} us): "
+              f"{median(result['hook'][side]) / raw:.2f}x", flush=True)
     between = median(result["hook_between"]["torpor_k10"])
     print(f"RATIO the callback at a step without the agreement (k=10, 9 steps in 10): {between * 1e6:.1f} us = "
           f"{between / step * 100:+.3f}% of the step (target <= 1%)", flush=True)
@@ -144,6 +159,16 @@ def measure(opts: Any) -> dict[str, Any]:
         def configure_optimizers(self) -> Any:
             return torch.optim.SGD(self.parameters(), lr=0.01)
 
+    class RawAllReduce(pl.Callback):
+        def on_train_batch_end(self, *args: Any) -> None:
+            t = torch.tensor([0] * 6, dtype=torch.int64)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+            t.tolist()
+
+    class Align(pl.Callback):
+        def on_train_batch_end(self, *args: Any) -> None:
+            torch.distributed.barrier()
+
     class Clock(pl.Callback):
         def __init__(self) -> None:
             self.marks: list[float] = []
@@ -171,7 +196,11 @@ def measure(opts: Any) -> dict[str, Any]:
         clock = Clock()
         callbacks: list[pl.Callback] = [clock]
         hook: list[float] = []
-        if side != "lightning":
+        if side == "raw_allreduce":
+            raw = RawAllReduce()
+            timed(raw, "on_train_batch_end", hook)
+            callbacks.insert(0, raw)
+        elif side != "lightning":
             monitor = (torpor.CheckpointMonitor(save_checkpoint_steps=0, save_checkpoint_seconds=0)
                        if side == "torpor_monitor" else None)
             cb = torpor.lightning.OnRequestExit(
@@ -179,6 +208,8 @@ def measure(opts: Any) -> dict[str, Any]:
                 check_every_n_steps=10 if side == "torpor_k10" else 1, lightning_broadcast=side == "torpor_keep")
             timed(cb, "on_train_batch_end", hook)
             callbacks.insert(0, cb)
+        if opts.align:
+            callbacks.insert(0, Align())  # Lightning calls callbacks in list order: before torpor's
         trainer = pl.Trainer(accelerator="cpu", strategy=DDPStrategy(process_group_backend="gloo",
                                                                      timeout=timedelta(seconds=300)),
                              devices=2, num_nodes=1, max_steps=opts.steps + 1, callbacks=callbacks, logger=False,
@@ -217,7 +248,7 @@ def measure(opts: Any) -> dict[str, Any]:
             run(side, round_)
     rank = torch.distributed.get_rank()
     torch.distributed.destroy_process_group()
-    return {"rank": rank, "n": n, "steps": opts.steps, **samples}
+    return {"rank": rank, "n": n, "steps": opts.steps, "align": opts.align, **samples}
 
 
 if __name__ == "__main__":
