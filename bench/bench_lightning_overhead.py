@@ -18,7 +18,8 @@ round so that load from other processes hits every side alike:
 
 Timed directly, since the step varies by more than the 1 % being measured: the time inside
 the callback's ``on_train_batch_end`` and inside Lightning's ``_broadcast_sigterm_tensor``, per
-step (medians over rounds); the whole step (median interval between batch ends) is printed too.
+step (means per fit, medians over rounds; the median step of each fit too, which leaves the
+scheduler's tail out); the whole step (median interval between batch ends) is printed too.
 
 A collective's time on one rank includes waiting for the other, so on a loaded machine it is
 mostly the ranks' skew, which DDP's gradient all-reduce would otherwise absorb a moment later.
@@ -93,8 +94,11 @@ def report(result: dict[str, Any]) -> None:
     for side in SIDES:
         hook = median(result["hook"][side]) if result["hook"][side] else 0.0
         bcast = median(result["broadcast"][side]) if result["broadcast"][side] else 0.0
-        print(f"[lightning]   {side:12s} step {median(result['step'][side]) * 1000:7.3f} ms   torpor hook "
-              f"{hook * 1e6:8.1f} us   Lightning broadcast {bcast * 1e6:8.1f} us", flush=True)
+        hook_med = median(result["hook_median"][side]) if result["hook_median"][side] else 0.0
+        bcast_med = median(result["broadcast_median"][side]) if result["broadcast_median"][side] else 0.0
+        print(f"[lightning]   {side:14s} step {median(result['step'][side]) * 1000:7.3f} ms   hook mean "
+              f"{hook * 1e6:7.1f} us (median step {hook_med * 1e6:7.1f})   Lightning broadcast mean "
+              f"{bcast * 1e6:7.1f} us (median step {bcast_med * 1e6:7.1f})", flush=True)
     lightning_bcast = median(result["broadcast"]["lightning"])
     for side in ("torpor", "torpor_k10", "torpor_monitor"):
         hook = median(result["hook"][side])
@@ -106,6 +110,10 @@ def report(result: dict[str, Any]) -> None:
     for side in ("torpor", "torpor_monitor"):
         print(f"RATIO {side} / a raw all-reduce of six ints in a callback ({raw * 1e6:.1f} us): "
               f"{median(result['hook'][side]) / raw:.2f}x", flush=True)
+    torpor_med = median(result["hook_median"]["torpor"])
+    print(f"RATIO medians of a step's time (the scheduler's tail left out): torpor's hook {torpor_med * 1e6:.1f} us = "
+          f"{torpor_med / median(result['hook_median']['raw_allreduce']):.2f}x the raw all-reduce, "
+          f"{torpor_med / median(result['broadcast_median']['lightning']):.2f}x Lightning's broadcast", flush=True)
     between = median(result["hook_between"]["torpor_k10"])
     print(f"RATIO the callback at a step without the agreement (k=10, 9 steps in 10): {between * 1e6:.1f} us = "
           f"{between / step * 100:+.3f}% of the step (target <= 1%)", flush=True)
@@ -190,7 +198,8 @@ def measure(opts: Any) -> dict[str, Any]:
     data = TensorDataset(torch.randn(16 * (opts.steps + 1), 16), torch.randint(0, 4, (16 * (opts.steps + 1),)))
     root = Path(tempfile.mkdtemp(prefix="bench-lightning-"))
     samples: dict[str, dict[str, list[float]]] = {k: {s: [] for s in SIDES}
-                                                  for k in ("step", "hook", "broadcast", "hook_between")}
+                                                  for k in ("step", "hook", "broadcast", "hook_between",
+                                                            "hook_median", "broadcast_median")}
 
     def run(side: str, round_: int) -> None:
         clock = Clock()
@@ -234,11 +243,13 @@ def measure(opts: Any) -> dict[str, Any]:
         samples["step"][side].append((marks[-1] - marks[0]) / (len(marks) - 1))
         if hook:
             samples["hook"][side].append(sum(hook[1:]) / len(hook[1:]))
+            samples["hook_median"][side].append(median(hook[1:]))
             # steps without the agreement (k=10: 9 in 10): what the callback costs besides its collective
             between = [t for i, t in enumerate(hook, start=1) if i % 10 and i > 1]
             samples["hook_between"][side].append(median(between))
         if broadcast:
             samples["broadcast"][side].append(sum(broadcast[1:]) / len(broadcast[1:]))
+            samples["broadcast_median"][side].append(median(broadcast[1:]))
         else:
             samples["broadcast"][side].append(0.0)
 
