@@ -13,6 +13,7 @@ periodic checkpoint matches the uninterrupted one too.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 from pathlib import Path
@@ -32,7 +33,7 @@ STEPS = SAMPLES // (2 * BATCH) * EPOCHS
 STOP_AT = 14  # epoch 2, its 4th step: the resume continues in the middle of an epoch
 
 
-def _run(logdir: Path, ckpt: Path, argv: list[str], env: dict[str, str] | None = None) -> list[int]:
+def _run(logdir: Path, ckpt: Path | str, argv: list[str], env: dict[str, str] | None = None) -> list[int]:
     logdir.mkdir(parents=True, exist_ok=True)
     # As torchrun starts two processes on one node (the harness sets RANK = LOCAL_RANK).
     common = {"LOCAL_WORLD_SIZE": "2", "TORPOR_JOB": "lt", "TORPOR_CHECKPOINT_URI": str(ckpt),
@@ -134,6 +135,35 @@ def test_a_run_resumed_from_a_periodic_checkpoint_matches_an_uninterrupted_one(s
     # its last step saved once, by the periodic save at step 30 (no final save of the same step beside it)
     last = [c for c in scan(open_storage(str(root / "ckpt-after-stop"))) if c.step == STEPS]
     assert [(c.name, c.complete, sorted(c.manifests)) for c in last] == [("CKP-3_10", True, [0, 1])], last
+
+
+@pytest.mark.s3
+def test_encrypted_in_s3_a_stop_on_rank_1_resumes_like_an_uninterrupted_one(s3_bucket: str, tmp_path: Path,
+                                                                            straight: Path) -> None:
+    uri = f"s3://{s3_bucket}/jobs/lt"
+    key_file = tmp_path / "key"
+    key_file.write_bytes(os.urandom(32))  # a mounted Secret holds the raw key bytes
+    env = {"TORPOR_ENC_KEY_FILE": str(key_file), "TORPOR_ENC_MODE": "AES-GCM"}
+    first, second = tmp_path / "first", tmp_path / "second"
+    codes = _run(first, uri, ["--signal-at", str(STOP_AT), "--signal-rank", "1"], env)
+    assert codes == [143, 143], logs(first)
+    assert {_message(first, rank).checkpoint for rank in (0, 1)} == {"Net-2_4"}
+    store = open_storage(uri)
+    found = {c.name: c for c in scan(store)}
+    assert {"CKP-1_5", "CKP-1_10", "Net-2_4"} <= set(found), found  # the periodic saves are sealed too
+    for ckpt in found.values():
+        assert ckpt.complete and ckpt.resumable and sorted(ckpt.manifests) == [0, 1], ckpt.problem
+        for manifest in ckpt.manifests.values():
+            assert manifest.extra["encryption"] == "AES-GCM" and manifest.auth, manifest
+            sealed = store.get_bytes(manifest.shard.key)
+            # Lightning's own keys never appear in the clear
+            assert sealed.startswith(b"TORPENC") and b"optimizer_states" not in sealed and b"loops" not in sealed
+    assert key_file.read_bytes().hex() not in logs(first)
+
+    codes = _run(second, uri, [], {**env, "TORPOR_RESUME_FROM": "Net-2_4", "TORPOR_INCARNATION": "2"})
+    assert codes == [0, 0], logs(second)
+    assert {_message(second, rank).resumed_from for rank in (0, 1)} == {"Net-2_4"}
+    _assert_matches(straight, first, second, STOP_AT)
 
 
 def test_the_exit_file_on_rank_1_stops_every_rank_at_one_step_with_75(tmp_path: Path) -> None:
