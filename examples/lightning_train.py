@@ -10,7 +10,8 @@ from the launcher's variables. The same file runs:
 * under the operator:    SIGTERM or ``{"GracefulExit": 1}`` on any rank stops every rank after the
   same step with a checkpoint of every rank in torpor's layout; the process exits 143 (75 for
   the file) with a termination message, and the next incarnation resumes from the checkpoint
-  named in ``TORPOR_RESUME_FROM`` (``examples/trainingjob.yaml`` with this script as command).
+  named in ``TORPOR_RESUME_FROM`` (``examples/trainingjob.yaml`` with this script as command);
+  ``spec.checkpoint.saveSteps`` (``TORPOR_SAVE_STEPS``) adds periodic checkpoints of every rank.
 
 Options let tests observe it: ``--losses FILE`` appends one JSON line per optimizer step
 (``{"rank", "step", "epoch", "loss"}``), ``--max-steps N`` ends training after step N.
