@@ -54,3 +54,20 @@ def test_a_replicated_run_never_imports_dcp(tmp_path) -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+def test_lightning_is_imported_only_by_torpor_lightning() -> None:
+    """``torpor[lightning]`` is optional: torpor and its torch-dependent names never import it."""
+    code = (
+        "import sys, torpor\n"
+        "for name in ('Model', 'Loop', 'OnRequestExit', 'CheckpointMonitor', 'load_checkpoint'):\n"
+        "    getattr(torpor, name)\n"
+        "found = sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning'))\n"
+        "assert not found, found\n"
+        "import torpor.lightning\n"
+        "assert 'lightning.pytorch' in sys.modules\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"

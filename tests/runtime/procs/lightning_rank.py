@@ -1,0 +1,64 @@
+"""One rank of ``examples/lightning_train.py`` under real Lightning DDP, with a test's hooks.
+
+``argv``: ``--signal-at STEP --signal-rank R`` makes rank R send itself SIGTERM (``os.kill``)
+inside optimizer step STEP (from ``on_train_batch_start``); ``--exit-file-at STEP`` makes rank 1
+write ``{"GracefulExit": 1}`` into ``TORPOR_EXIT_FILE`` at that step; ``--weights FILE`` saves the
+final weights when ``fit`` returns. Everything else goes to the example.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+import torpor.lightning
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "examples"))
+import lightning_train
+
+
+class AtStep(pl.Callback):
+    """At the start of optimizer step ``step`` on rank ``rank``: a real SIGTERM, or the exit file."""
+
+    def __init__(self, step: int, rank: int, action: str) -> None:
+        self.step, self.rank, self.action = step, rank, action
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if trainer.global_rank != self.rank or trainer.global_step + 1 != self.step:
+            return
+        if self.action == "signal":
+            os.kill(os.getpid(), signal.SIGTERM)
+        else:
+            Path(os.environ["TORPOR_EXIT_FILE"]).write_text(json.dumps({"GracefulExit": 1}))
+            # Hold this rank in its step until torpor's watcher thread has seen the file (a condition,
+            # not a sleep): the run is too short to outlast the watcher's poll period otherwise.
+            [torpor_cb] = [cb for cb in trainer.callbacks if isinstance(cb, torpor.lightning.OnRequestExit)]
+            deadline = time.monotonic() + 30
+            while not torpor_cb.exit._watcher.requested:
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the exit file watcher did not see the file within 30 s")
+                time.sleep(0.01)  # polling the watcher's flag, as the harness's wait_for does
+
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--signal-at", type=int, default=0)
+parser.add_argument("--signal-rank", type=int, default=1)
+parser.add_argument("--exit-file-at", type=int, default=0)
+parser.add_argument("--weights", default=None)
+opts, rest = parser.parse_known_args()
+hooks = ([AtStep(opts.signal_at, opts.signal_rank, "signal")] if opts.signal_at else []) + \
+        ([AtStep(opts.exit_file_at, 1, "file")] if opts.exit_file_at else [])
+trainer = lightning_train.main(rest, extra_callbacks=hooks)
+if opts.weights:
+    torch.save({k: v.detach().clone() for k, v in trainer.lightning_module.state_dict().items()},
+               opts.weights.format(rank=trainer.global_rank))
