@@ -51,7 +51,9 @@ class Classifier(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         optimizer = torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
-        return {"optimizer": optimizer, "lr_scheduler": torch.optim.lr_scheduler.StepLR(optimizer, 50, gamma=0.9)}
+        # stepped every optimizer step, so its state changes within a run (a resume must restore it)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 8, gamma=0.7)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
 class LossLog(pl.Callback):

@@ -75,6 +75,49 @@ def max_each(values: Sequence[int]) -> list[int]:
     return [int(v) for v in t.tolist()]
 
 
+class LateMax:
+    """An element-wise all-reduce MAX started at one check and read at the next.
+
+    Why: a blocking all-reduce at a step boundary waits until every rank gets there — a host
+    sync of 0.1–2 ms per step that the framework integrations would add to every step (the
+    per-step sync Lightning users complain about, #21487). Started with ``async_op`` and read
+    one check later, it runs beside that step's compute. Every rank still reads the same
+    result at the same step, so the ranks still act at one step: one check after the request.
+
+    At most one reduction is in flight. Every rank must call :meth:`start` and :meth:`take`
+    at the same checks (the callers make them at the same global steps); a reduction still in
+    flight at the end is waited for by :meth:`take` (every rank started it, so it completes).
+    """
+
+    def __init__(self) -> None:
+        self._pending: tuple[dist.Work, torch.Tensor] | None = None
+
+    @property
+    def in_flight(self) -> bool:
+        """Whether a reduction was started and not yet taken."""
+        return self._pending is not None
+
+    def start(self, values: Sequence[int]) -> None:
+        """Start reducing ``values`` (one process: nothing to start, :meth:`take` gives them back)."""
+        if self._pending is not None:
+            raise RuntimeError("LateMax.start: the previous reduction was not taken")
+        t = torch.tensor([int(v) for v in values], dtype=torch.int64,
+                         device=_device() if is_initialized() else torch.device("cpu"))
+        work = dist.all_reduce(t, op=dist.ReduceOp.MAX, async_op=True) \
+            if is_initialized() and dist.get_world_size() > 1 else None
+        self._pending = (work, t)  # type: ignore[assignment]
+
+    def take(self) -> list[int] | None:
+        """The reduction started last, waited for; ``None`` when none is in flight."""
+        if self._pending is None:
+            return None
+        work, t = self._pending
+        self._pending = None
+        if work is not None:
+            work.wait()
+        return [int(v) for v in t.tolist()]
+
+
 def all_ok(ok: bool) -> bool:
     """Whether ``ok`` holds on every rank: the barrier that also carries the outcome.
 

@@ -23,7 +23,10 @@ What it does, each time with torpor's own machinery (:class:`torpor.OnRequestExi
   (``_TrainingEpochLoop._broadcast_sigterm_tensor``), in which only rank 0's signal counts; with
   torpor's handler in place it would only ever carry a 0, so it is switched off for the run
   (``lightning_broadcast=False``, the default) and torpor's all-reduce every n steps is the
-  only collective the stop check costs. ``bench/`` measures both.
+  only collective the stop check costs. It is started at one check and read at the next
+  (``agree_late=True``, the default), so it runs beside the next step's compute rather than
+  holding every step up, and the ranks stop one check after the request, still all at one
+  step. ``bench/`` measures all of it.
 * **The checkpoint is Lightning's own, in torpor's layout.** At the agreed step every rank writes
   ``rank_{r}/{file_name}-{epoch}_{step}.ckpt`` and its manifest (local or ``s3://``, encrypted
   with the run's key, pruned by the operator): rank 0's holds the model and everything
@@ -69,8 +72,12 @@ import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-import lightning.pytorch as pl
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+try:
+    import lightning.pytorch as pl
+    from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+except ModuleNotFoundError as missing:  # the optional extra is not installed
+    raise ModuleNotFoundError(f"torpor.lightning needs Lightning ({missing}): pip install 'torpor[lightning]'",
+                              name=missing.name) from missing
 from torch.utils.data import DataLoader
 
 from torpor import _distributed, _exit, _monitor, _resuming
@@ -178,6 +185,10 @@ class OnRequestExit(pl.Callback):
             checkpoint name or path (loaded or raises), or ``None`` (never).
         lightning_broadcast: keep Lightning's per-step broadcast of rank 0's SIGTERM flag
             (default ``False``: with torpor's handler in place it can only carry 0).
+        agree_late: read each check's all-reduce at the next check (default ``True``): it runs
+            beside a step's compute instead of holding every step up, and every rank still acts
+            at one step — one check after the request (``torpor._distributed.LateMax``).
+            ``False``: a blocking all-reduce, acted on at the step it is made.
         exit: a :class:`torpor.OnRequestExit` to drive (``from_env`` makes one); else one is made
             from ``options``.
         monitor: a :class:`torpor.CheckpointMonitor` for periodic saves (and a final one when
@@ -199,16 +210,20 @@ class OnRequestExit(pl.Callback):
 
     def __init__(self, *, resume: str | None = "latest", lightning_broadcast: bool = False,
                  exit: _exit.OnRequestExit | None = None, monitor: _monitor.CheckpointMonitor | None = None,
-                 **options: Any) -> None:
+                 agree_late: bool = True, **options: Any) -> None:
+        if exit is not None and not isinstance(exit, _exit.OnRequestExit):
+            raise ValueError(f"exit must be a torpor.OnRequestExit or None, got {exit!r}")
         if options.get("save_export") or (exit is not None and exit.save_export):
             raise ValueError("save_export=True is not supported by torpor.lightning (a Lightning batch has no "
                              "fixed inputs to trace a torch.export program with); export from the checkpoint")
         if exit is not None and options:
             raise ValueError(f"pass either exit= or OnRequestExit options, not both (got {sorted(options)})")
-        if resume is not None and not isinstance(resume, str):
+        if resume is not None and (not isinstance(resume, str) or not resume):
             raise ValueError(f"resume must be 'latest', a checkpoint name or path, or None, got {resume!r}")
         if not isinstance(lightning_broadcast, bool):
             raise ValueError(f"lightning_broadcast must be a bool, got {lightning_broadcast!r}")
+        if not isinstance(agree_late, bool):
+            raise ValueError(f"agree_late must be a bool, got {agree_late!r}")
         if monitor is not None and not isinstance(monitor, _monitor.CheckpointMonitor):
             raise ValueError(f"monitor must be a torpor.CheckpointMonitor or None, got {monitor!r}")
         self.exit = exit if exit is not None else _exit.OnRequestExit(**{**options, "save_export": False})
@@ -219,6 +234,8 @@ class OnRequestExit(pl.Callback):
         share_settings(self._savers, RuntimeEnv.from_environ().checkpoint_uri)  # one directory, one cipher
         self.resume = resume
         self.lightning_broadcast = lightning_broadcast
+        self.agree_late = agree_late
+        self._late = _distributed.LateMax()
         self.loaded: LoadedCheckpoint | None = None
         """What ``setup`` resumed from, or ``None``."""
         self._ctx: RunContext | None = None
@@ -228,7 +245,7 @@ class OnRequestExit(pl.Callback):
 
     @classmethod
     def from_env(cls, *, resume: str | None = "latest", lightning_broadcast: bool = False,
-                 **overrides: Any) -> OnRequestExit:
+                 agree_late: bool = True, **overrides: Any) -> OnRequestExit:
         """Configured by the operator's ``TORPOR_*`` variables, as :func:`torpor.callbacks_from_env`.
 
         The :class:`torpor.OnRequestExit` always; a :class:`torpor.CheckpointMonitor` (periodic saves
@@ -252,7 +269,7 @@ class OnRequestExit(pl.Callback):
         env = RuntimeEnv.from_environ()
         monitor_only = set(monitor_options) - set(exit_options)
         periodic = env.save_steps is not None or env.save_seconds > 0 or bool(monitor_only)
-        return cls(resume=resume, lightning_broadcast=lightning_broadcast,
+        return cls(resume=resume, lightning_broadcast=lightning_broadcast, agree_late=agree_late,
                    exit=_exit.OnRequestExit.from_env(**exit_options),
                    monitor=_monitor.CheckpointMonitor.from_env(**monitor_options) if periodic else None)
 
@@ -315,6 +332,12 @@ class OnRequestExit(pl.Callback):
                 loop = trainer.fit_loop.epoch_loop
                 loop._broadcast_sigterm_tensor = _no_broadcast
                 self._patched_loop = loop
+            if self.exit.sig == signal.SIGTERM and getattr(trainer, "received_sigterm", False):
+                # a SIGTERM between Lightning's handler and ours (sanity check, loaders' setup):
+                # Lightning only flagged it; it becomes torpor's request, agreed at the first check
+                self.exit._signum = signal.SIGTERM
+                trainer.received_sigterm = False  # Lightning would raise on this rank alone
+        self._last_step = trainer.global_step  # the first boundary is the first optimizer step from here
         if self.loaded is not None:
             self._continue_epoch(trainer, self.loaded)
             if self.loaded.rng is not None:
@@ -361,6 +384,10 @@ class OnRequestExit(pl.Callback):
                     self.monitor.on_train_step_end(ctx)  # a periodic save when due (none at an exit save's step)
             finally:
                 args.agreed = None
+            if self._late_check(step) and ctx.exit_code is None:
+                # this check's facts, taken after the savers acted on the last one's (a seconds-save
+                # made now is not due again), go out now and are read at the next check
+                self._late.start(encode(merge(*(saver.step_facts(ctx) for saver in self._savers))))
         if ctx.exit_code is not None:
             trainer.should_stop = True
 
@@ -375,12 +402,21 @@ class OnRequestExit(pl.Callback):
         distributed = _distributed.is_initialized() and _distributed.world_size() > 1
         if distributed and step % self.exit.check_every_n_steps:
             return UNCHECKED
+        if distributed and self.agree_late:
+            agreed = self._late.take()  # the last check's facts (started there: :meth:`_late_check`)
+            return decode(agreed) if agreed is not None else UNCHECKED
         vector = encode(merge(*(saver.step_facts(ctx) for saver in self._savers)))
         return decode(_distributed.max_each(vector) if distributed else vector)
+
+    def _late_check(self, step: int) -> bool:
+        """Whether this step starts a late agreement (a check step of a distributed run)."""
+        return (self.agree_late and _distributed.is_initialized() and _distributed.world_size() > 1
+                and not step % self.exit.check_every_n_steps)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """The monitor's final save; then every save is durable and the handler is restored,
         before Lightning restores its own originals (in its teardown)."""
+        self._late.take()  # a check still in flight: every rank started it, every rank waits for it
         if self.monitor is not None and self._ctx is not None:
             self.monitor.on_train_end(self._ctx)
         self._restore_lightning()

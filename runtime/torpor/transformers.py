@@ -56,8 +56,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import transformers
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+try:
+    import transformers
+    from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+except ModuleNotFoundError as missing:  # the optional extra is not installed
+    raise ModuleNotFoundError(f"torpor.transformers needs Hugging Face transformers ({missing}): "
+                              "pip install 'torpor[transformers]'", name=missing.name) from missing
 
 from torpor import _distributed
 from torpor._exit import OnRequestExit
@@ -139,10 +144,14 @@ class TorporCallback(TrainerCallback):
         enc_key: encrypt every file with this key; ``from_env`` reads ``TORPOR_ENC_KEY_FILE`` /
             ``TORPOR_ENC_KEY``.
         enc_mode: ``AES-GCM``, ``AES-CBC`` or ``SM4-CBC``.
+        agree_late: read each check's all-reduce at the next check (default ``True``): it runs
+            beside a step's compute instead of holding every step up, and every rank still
+            stops at one step — one check after the request (``torpor._distributed.LateMax``).
+            ``False``: a blocking all-reduce, acted on at the step it is made.
 
     Raises:
         ValueError: as :class:`torpor.OnRequestExit` for the arguments it shares (the message
-            names the field and value), ``save_periodic`` not a bool.
+            names the field and value), ``save_periodic`` or ``agree_late`` not a bool.
     """
 
     def __init__(
@@ -158,9 +167,12 @@ class TorporCallback(TrainerCallback):
         save_periodic: bool = True,
         enc_key: bytes | None = None,
         enc_mode: str = "AES-GCM",
+        agree_late: bool = True,
     ) -> None:
         if not isinstance(save_periodic, bool):
             raise ValueError(f"save_periodic must be a bool, got {save_periodic!r} ({type(save_periodic).__name__})")
+        if not isinstance(agree_late, bool):
+            raise ValueError(f"agree_late must be a bool, got {agree_late!r}")
         # The handler, its chaining, the file watcher and the validation of what they take are OnRequestExit's.
         self._exit = OnRequestExit(save_ckpt=False, save_export=False, file_name=file_name, directory=directory,
                                    sig=sig, config_file=config_file, check_every_n_steps=check_every_n_steps,
@@ -179,6 +191,9 @@ class TorporCallback(TrainerCallback):
         """Names of the checkpoints this run stored, oldest first."""
         self.resumed_from: str | None = None
         """Name of the checkpoint :meth:`checkpoint_to_resume` materialised, if any."""
+        self.agree_late = agree_late
+        self._late = _distributed.LateMax()
+        self._late_local = 0  # this rank's code in the reduction in flight
         self._stop: tuple[int, int] | None = None  # (agreed code, this rank's code) once a stop is agreed
         self._storage: Storage | None = None
         self._taken: set[str] | None = None
@@ -284,7 +299,11 @@ class TorporCallback(TrainerCallback):
     # -- hooks -------------------------------------------------------------------------
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        **kwargs: Any) -> None:
-        """Install the signal handler (chained) and the file watcher; learn the names taken."""
+        """Install the signal handler (chained) and the file watcher; learn the names taken.
+        A callback used for a second ``train()`` starts over: no stop, nothing saved yet."""
+        self._stop, self.stop_message, self.saved = None, None, []
+        self._late.take()
+        self._exit._signum = None
         self._exit._install()
         self._taken = taken_names(self._store())
         # One token per run (rank 0's), in every manifest's save_id: a collective, so here, on every rank.
@@ -300,7 +319,15 @@ class TorporCallback(TrainerCallback):
         if _distributed.is_initialized() and _distributed.world_size() > 1:
             if state.global_step % self.check_every_n_steps:
                 return
-            code = _distributed.max_over_ranks(local)
+            if self.agree_late:  # read the last check's reduction; this check's goes out now
+                agreed, local_then = self._late.take(), self._late_local
+                code = agreed[0] if agreed is not None else 0
+                if not code:
+                    self._late.start([local])
+                    self._late_local = local
+                local = local_then
+            else:
+                code = _distributed.max_over_ranks(local)
         else:
             code = local
         if code:
@@ -378,6 +405,7 @@ class TorporCallback(TrainerCallback):
                      **kwargs: Any) -> None:
         """Restore the previous handler; under the operator end the process as torpor's loop
         does: a stop's message and code (``SystemExit``), else the ``completed`` message."""
+        self._late.take()  # a check still in flight: every rank started it, every rank waits for it
         self._exit._uninstall()
         env = RuntimeEnv.from_environ()
         if not self._exits(env):

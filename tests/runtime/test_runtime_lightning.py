@@ -30,10 +30,13 @@ from torpor.termination import TerminationMessage
 RANK = Path(__file__).parent / "procs" / "lightning_rank.py"
 SAMPLES, BATCH, EPOCHS = 160, 8, 3  # 10 steps per epoch on each of 2 ranks: 30 steps
 STEPS = SAMPLES // (2 * BATCH) * EPOCHS
-STOP_AT = 14  # epoch 2, its 4th step: the resume continues in the middle of an epoch
+STOP_AT = 14  # the signal: in epoch 2's 4th step
+SAVED_AT = STOP_AT + 1  # the stop: the check of step 14 is read at step 15 (agree_late), mid-epoch 2
+EXIT_SAVE = "Net-2_5"
 
 
-def _run(logdir: Path, ckpt: Path | str, argv: list[str], env: dict[str, str] | None = None) -> list[int]:
+def _run(logdir: Path, ckpt: Path | str, argv: list[str], env: dict[str, str] | None = None,
+         rank_env: dict[int, dict[str, str]] | None = None) -> list[int]:
     logdir.mkdir(parents=True, exist_ok=True)
     # As torchrun starts two processes on one node (the harness sets RANK = LOCAL_RANK).
     common = {"LOCAL_WORLD_SIZE": "2", "TORPOR_JOB": "lt", "TORPOR_CHECKPOINT_URI": str(ckpt),
@@ -41,7 +44,7 @@ def _run(logdir: Path, ckpt: Path | str, argv: list[str], env: dict[str, str] | 
     procs = launch_ranks(2, common, ["--samples", str(SAMPLES), "--batch-size", str(BATCH), "--epochs",
                                      str(EPOCHS), "--losses", str(logdir / "losses.jsonl"),
                                      "--weights", str(logdir / "weights-{rank}.pt"), *argv],
-                         logdir, script=RANK)
+                         logdir, script=RANK, rank_env=rank_env)
     return wait_all(procs, logdir, timeout=150)
 
 
@@ -94,19 +97,19 @@ def test_sigterm_on_rank_1_saves_every_rank_at_one_step_and_exits_143(stopped: d
     messages = [_message(first, rank) for rank in (0, 1)]
     for rank, message in enumerate(messages):
         assert message.reason == "signal" and message.signal == "SIGTERM", message
-        assert message.exit_code == 143 and message.step == STOP_AT and message.rank == rank, message
+        assert message.exit_code == 143 and message.step == SAVED_AT and message.rank == rank, message
         assert message.world_size == 2 and message.job == "lt", message
-    assert messages[0].checkpoint == messages[1].checkpoint == "Net-2_4"
+    assert messages[0].checkpoint == messages[1].checkpoint == EXIT_SAVE
     assert (messages[0].local, messages[1].local) == (False, True)  # only rank 1 got the signal
     found = {c.name: c for c in scan(open_storage(str(stopped["root"] / "ckpt")))}
     # the periodic saves (TORPOR_SAVE_STEPS=5) of both ranks, then the exit save, nothing after it
     assert sorted((c.step, c.name) for c in found.values() if c.complete) == [
-        (5, "CKP-1_5"), (10, "CKP-1_10"), (14, "Net-2_4")], found
-    ckpt = found["Net-2_4"]
+        (5, "CKP-1_5"), (10, "CKP-1_10"), (SAVED_AT, EXIT_SAVE)], found
+    ckpt = found[EXIT_SAVE]
     parts = sorted((m.rank, m.step, m.reason.value) for m in ckpt.manifests.values())
-    assert parts == [(0, STOP_AT, "exit"), (1, STOP_AT, "exit")]
+    assert parts == [(0, SAVED_AT, "exit"), (1, SAVED_AT, "exit")]
     # both ranks trained exactly the steps up to the stop, none after it
-    assert max(step for _, step in _losses(first)) == STOP_AT, logs(first)
+    assert max(step for _, step in _losses(first)) == SAVED_AT, logs(first)
     assert not (first / "weights-0.pt").exists()  # the process ended at the stop, fit never returned
 
 
@@ -115,11 +118,11 @@ def test_the_run_resumed_from_torpor_resume_from_matches_an_uninterrupted_one(st
     root, first = stopped["root"], stopped["first"]
     assert stopped["codes"] == [143, 143], logs(first)
     second = root / "second"
-    codes = _run(second, root / "ckpt", [], {"TORPOR_RESUME_FROM": "Net-2_4", "TORPOR_INCARNATION": "2"})
+    codes = _run(second, root / "ckpt", [], {"TORPOR_RESUME_FROM": EXIT_SAVE, "TORPOR_INCARNATION": "2"})
     assert codes == [0, 0], logs(second)
     assert [_message(second, r).reason for r in (0, 1)] == ["completed", "completed"]
-    assert _message(second, 0).resumed_from == "Net-2_4"
-    _assert_matches(straight, first, second, STOP_AT)
+    assert _message(second, 0).resumed_from == EXIT_SAVE
+    _assert_matches(straight, first, second, SAVED_AT)
 
 
 def test_a_run_resumed_from_a_periodic_checkpoint_matches_an_uninterrupted_one(stopped: dict[str, Any],
@@ -147,10 +150,10 @@ def test_encrypted_in_s3_a_stop_on_rank_1_resumes_like_an_uninterrupted_one(s3_b
     first, second = tmp_path / "first", tmp_path / "second"
     codes = _run(first, uri, ["--signal-at", str(STOP_AT), "--signal-rank", "1"], env)
     assert codes == [143, 143], logs(first)
-    assert {_message(first, rank).checkpoint for rank in (0, 1)} == {"Net-2_4"}
+    assert {_message(first, rank).checkpoint for rank in (0, 1)} == {EXIT_SAVE}
     store = open_storage(uri)
     found = {c.name: c for c in scan(store)}
-    assert {"CKP-1_5", "CKP-1_10", "Net-2_4"} <= set(found), found  # the periodic saves are sealed too
+    assert {"CKP-1_5", "CKP-1_10", EXIT_SAVE} <= set(found), found  # the periodic saves are sealed too
     for ckpt in found.values():
         assert ckpt.complete and ckpt.resumable and sorted(ckpt.manifests) == [0, 1], ckpt.problem
         for manifest in ckpt.manifests.values():
@@ -160,21 +163,25 @@ def test_encrypted_in_s3_a_stop_on_rank_1_resumes_like_an_uninterrupted_one(s3_b
             assert sealed.startswith(b"TORPENC") and b"optimizer_states" not in sealed and b"loops" not in sealed
     assert key_file.read_bytes().hex() not in logs(first)
 
-    codes = _run(second, uri, [], {**env, "TORPOR_RESUME_FROM": "Net-2_4", "TORPOR_INCARNATION": "2"})
+    codes = _run(second, uri, [], {**env, "TORPOR_RESUME_FROM": EXIT_SAVE, "TORPOR_INCARNATION": "2"})
     assert codes == [0, 0], logs(second)
-    assert {_message(second, rank).resumed_from for rank in (0, 1)} == {"Net-2_4"}
-    _assert_matches(straight, first, second, STOP_AT)
+    assert {_message(second, rank).resumed_from for rank in (0, 1)} == {EXIT_SAVE}
+    _assert_matches(straight, first, second, SAVED_AT)
 
 
-def test_the_exit_file_on_rank_1_stops_every_rank_at_one_step_with_75(tmp_path: Path) -> None:
-    exit_file = tmp_path / "graceful-exit.json"
-    exit_file.write_text(json.dumps({"GracefulExit": 0}))
+def test_the_exit_file_of_rank_1_alone_stops_every_rank_at_one_step_with_75(tmp_path: Path) -> None:
+    # each rank watches a file of its own (a ConfigMap reaches one node first): only rank 1's is written
+    files = {rank: tmp_path / f"graceful-exit-{rank}.json" for rank in (0, 1)}
+    for path in files.values():
+        path.write_text(json.dumps({"GracefulExit": 0}))
     codes = _run(tmp_path / "run", tmp_path / "ckpt", ["--exit-file-at", "6"],
-                 {"TORPOR_EXIT_FILE": str(exit_file)})
+                 rank_env={rank: {"TORPOR_EXIT_FILE": str(path)} for rank, path in files.items()})
     assert codes == [75, 75], logs(tmp_path / "run")
+    assert json.loads(files[0].read_text()) == {"GracefulExit": 0}
     messages = [_message(tmp_path / "run", rank) for rank in (0, 1)]
     assert [m.reason for m in messages] == ["file", "file"]
-    assert messages[0].step == messages[1].step >= 6
+    assert (messages[0].local, messages[1].local) == (False, True)  # rank 0 stopped on rank 1's request
+    assert messages[0].step == messages[1].step == 7  # written in step 6, read one check later
     ckpt = next(c for c in scan(open_storage(str(tmp_path / "ckpt"))) if c.name == messages[0].checkpoint)
     assert ckpt.complete
     assert {m.step for m in ckpt.manifests.values()} == {messages[0].step}
@@ -200,6 +207,12 @@ def test_seconds_saves_are_agreed_so_both_ranks_save_at_the_same_steps(tmp_path:
     ({"resume": 3}, "resume must be 'latest', a checkpoint name or path, or None, got 3"),
     ({"lightning_broadcast": "no"}, "lightning_broadcast must be a bool, got 'no'"),
     ({"file_name": "a/b"}, "file_name='a/b' is not a valid checkpoint name"),
+    ({"resume": ""}, "resume must be 'latest', a checkpoint name or path, or None, got ''"),
+    ({"exit": 5}, "exit must be a torpor.OnRequestExit or None, got 5"),
+    ({"agree_late": "yes"}, "agree_late must be a bool, got 'yes'"),
+    ({"directory": 7}, "directory"),
+    ({"file_poll_seconds": -1}, "file_poll_seconds"),
+    ({"exit_process": "no"}, "exit_process"),
 ])
 def test_bad_options_name_the_field_and_value(kwargs: dict[str, Any], field: str) -> None:
     import torpor.lightning
