@@ -579,6 +579,11 @@ class Shell:
                 found = result.checkpoints
         if found is not None and key in self._retained and self._retained[key] == found:
             return  # the same checkpoints as the last pass: every other change comes by the watch
+        if found == [] and job.status.last_checkpoint is None and not self._retained.get(key):
+            # nothing stored yet, and the job says so: a decision reads the same as before the pass
+            # (a new job whose launch listing was cut short by the bucket timeout gets here once)
+            self._retained[key] = found
+            return
         await self.reconcile(*key, trigger="retention")
         if found is not None and key in self.jobs:
             self._retained[key] = found

@@ -230,3 +230,50 @@ def test_a_retention_pass_that_finds_what_the_last_one_found_reconciles_nothing(
         return counts
 
     assert asyncio.run(passes()) == [1, 1, 2, 3, 4], "first pass, same again, a new one, a deletion, after a deletion"
+
+
+def test_a_retention_pass_over_an_empty_prefix_of_a_job_that_shows_no_checkpoint_reconciles_nothing() -> None:
+    """A new job whose launch listing timed out is passed once; finding nothing stored for a job
+    whose status shows no checkpoint, that pass changes no decision input: no reconcile (500 new
+    jobs made 500 reconciles in the bench's idle minute). A job that shows one is reconciled."""
+    from torpor_operator.bucket import PruneResult
+
+    def body(status: dict[str, object]) -> dict[str, object]:
+        return {"apiVersion": "torpor.dev/v1alpha1", "kind": "TrainingJob",
+                "metadata": {"name": "a", "namespace": "team", "uid": "uid-a", "generation": 1},
+                "spec": {"replicas": 1, "checkpoint": {"uri": "s3://bucket/runs", "saveSteps": 10},
+                         "template": {"spec": {"containers": [{"name": "train", "image": "x",
+                                                               "command": ["python"]}]}}},
+                "status": status}
+
+    class Empty:
+        def prune(self, *_: object) -> PruneResult:
+            return PruneResult([])
+
+    class Jobs:
+        def __init__(self, status: dict[str, object]) -> None:
+            self.body = body(status)
+
+        def read_job(self, *_: object) -> dict[str, object]:
+            return self.body
+
+    class PassShell(Shell):
+        def __init__(self, status: dict[str, object]) -> None:
+            super().__init__(OperatorSettings(), kube=Jobs(status), bucket=Bucket(),  # type: ignore[arg-type]
+                             metrics=Metrics(CollectorRegistry()))
+            self.bucket = Empty()  # type: ignore[assignment]
+            self.reconciled = 0
+
+        async def reconcile(self, namespace: str, name: str, **_: object) -> None:
+            self.reconciled += 1
+
+    async def reconciles(status: dict[str, object]) -> int:
+        shell = PassShell(status)
+        shell.jobs.add(A)
+        for _ in range(2):
+            await shell._prune(A)
+        return shell.reconciled
+
+    assert asyncio.run(reconciles({"phase": "Running"})) == 0
+    shown = {"phase": "Running", "lastCheckpoint": {"name": "Net-1_10", "step": 10}}
+    assert asyncio.run(reconciles(shown)) == 1  # its checkpoints are gone: the status must follow
