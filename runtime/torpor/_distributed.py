@@ -91,6 +91,7 @@ class LateMax:
 
     def __init__(self) -> None:
         self._pending: tuple[dist.Work, torch.Tensor] | None = None
+        self._group: dist.ProcessGroup | None = None
 
     @property
     def in_flight(self) -> bool:
@@ -101,10 +102,15 @@ class LateMax:
         """Start reducing ``values`` (one process: nothing to start, :meth:`take` gives them back)."""
         if self._pending is not None:
             raise RuntimeError("LateMax.start: the previous reduction was not taken")
-        t = torch.tensor([int(v) for v in values], dtype=torch.int64,
-                         device=_device() if is_initialized() else torch.device("cpu"))
-        work = dist.all_reduce(t, op=dist.ReduceOp.MAX, async_op=True) \
-            if is_initialized() and dist.get_world_size() > 1 else None
+        t = torch.tensor([int(v) for v in values], dtype=torch.int64)
+        work = None
+        if is_initialized() and dist.get_world_size() > 1:
+            if self._group is None:
+                # A gloo group of its own (made by every rank at the same first check): the flags
+                # stay on the CPU (no CUDA sync under NCCL), and the reduction is not queued behind
+                # the training's own collectives on the default group, nor they behind it.
+                self._group = dist.new_group(backend="gloo")
+            work = dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._group, async_op=True)
         self._pending = (work, t)  # type: ignore[assignment]
 
     def take(self) -> list[int] | None:
