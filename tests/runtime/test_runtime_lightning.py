@@ -200,6 +200,19 @@ def test_seconds_saves_are_agreed_so_both_ranks_save_at_the_same_steps(tmp_path:
         assert len({m.step for m in ckpt.manifests.values()}) == 1, ckpt
 
 
+def test_the_only_collective_of_a_step_is_torpors_one_check(tmp_path: Path) -> None:
+    # Lightning's own per-step broadcast of rank 0's SIGTERM flag is switched off, and torpor adds
+    # one all-reduce per check (started at one check, read at the next): one per step at k=1.
+    counts = tmp_path / "collectives-{rank}.json"
+    codes = _run(tmp_path / "run", tmp_path / "ckpt", ["--collectives", str(counts)], {"TORPOR_SAVE_STEPS": ""})
+    assert codes == [0, 0], logs(tmp_path / "run")
+    for rank in (0, 1):
+        seen = json.loads(Path(str(counts).format(rank=rank)).read_text())
+        steps = seen.pop("steps")
+        assert steps == STEPS, seen
+        assert seen == {**dict.fromkeys(seen, 0), "all_reduce": steps}, (rank, seen)
+
+
 @pytest.mark.parametrize(("kwargs", "field"), [
     ({"check_every_n_steps": 0}, "check_every_n_steps must be an int >= 1, got 0"),
     ({"sig": signal.SIGKILL}, "sig=SIGKILL cannot be caught"),

@@ -3,7 +3,10 @@
 ``argv``: ``--signal-at STEP --signal-rank R`` makes rank R send itself SIGTERM (``os.kill``)
 inside optimizer step STEP (from ``on_train_batch_start``); ``--exit-file-at STEP`` makes rank 1
 write ``{"GracefulExit": 1}`` into ``TORPOR_EXIT_FILE`` at that step; ``--weights FILE`` saves the
-final weights when ``fit`` returns. Everything else goes to the example.
+final weights when ``fit`` returns; ``--collectives FILE`` counts the Python-level collectives
+(``torch.distributed.broadcast``/``all_reduce``/``barrier``/...) made while the steps run, from the
+first batch to the end of training, into FILE (``{rank}`` is this rank). Everything else goes to
+the example.
 """
 
 from __future__ import annotations
@@ -50,14 +53,46 @@ class AtStep(pl.Callback):
                 time.sleep(0.01)  # polling the watcher's flag, as the harness's wait_for does
 
 
+class CountCollectives(pl.Callback):
+    """How many collectives Python code (torpor, Lightning) makes during the steps: DDP's own
+    gradient all-reduce runs in its C++ reducer and is not counted."""
+
+    NAMES = ("broadcast", "all_reduce", "barrier", "all_gather", "all_gather_object", "broadcast_object_list",
+             "reduce", "gather", "scatter")
+
+    def __init__(self, path: str) -> None:
+        self.path, self.counts, self.saved, self.first = path, dict.fromkeys(self.NAMES, 0), {}, None
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *_: Any) -> None:
+        if self.first is not None:
+            return
+        self.first = trainer.global_step
+        for name in self.NAMES:
+            original = self.saved[name] = getattr(torch.distributed, name)
+
+            def counted(*args: Any, _name: str = name, _original: Any = original, **kwargs: Any) -> Any:
+                self.counts[_name] += 1
+                return _original(*args, **kwargs)
+
+            setattr(torch.distributed, name, counted)
+
+    def on_train_end(self, trainer: pl.Trainer, *_: Any) -> None:
+        for name, original in self.saved.items():
+            setattr(torch.distributed, name, original)
+        steps = trainer.global_step - (self.first or 0)
+        Path(self.path.format(rank=trainer.global_rank)).write_text(json.dumps({"steps": steps, **self.counts}))
+
+
 parser = argparse.ArgumentParser()
 parser.add_argument("--signal-at", type=int, default=0)
 parser.add_argument("--signal-rank", type=int, default=1)
 parser.add_argument("--exit-file-at", type=int, default=0)
 parser.add_argument("--weights", default=None)
+parser.add_argument("--collectives", default=None)
 opts, rest = parser.parse_known_args()
 hooks = ([AtStep(opts.signal_at, opts.signal_rank, "signal")] if opts.signal_at else []) + \
-        ([AtStep(opts.exit_file_at, 1, "file")] if opts.exit_file_at else [])
+        ([AtStep(opts.exit_file_at, 1, "file")] if opts.exit_file_at else []) + \
+        ([CountCollectives(opts.collectives)] if opts.collectives else [])
 trainer = lightning_train.main(rest, extra_callbacks=hooks)
 if opts.weights:
     torch.save({k: v.detach().clone() for k, v in trainer.lightning_module.state_dict().items()},
