@@ -200,6 +200,17 @@ def test_seconds_saves_are_agreed_so_both_ranks_save_at_the_same_steps(tmp_path:
         assert len({m.step for m in ckpt.manifests.values()}) == 1, ckpt
 
 
+def test_an_exception_in_a_step_ends_every_rank_with_exit_1_and_an_error_message(tmp_path: Path) -> None:
+    # a crash is not a stop: no exit save, the `error` message the operator counts as a failure
+    codes = _run(tmp_path / "run", tmp_path / "ckpt", ["--raise-at", "7"], {"TORPOR_SAVE_STEPS": ""})
+    assert codes == [1, 1], logs(tmp_path / "run")
+    for rank in (0, 1):
+        message = _message(tmp_path / "run", rank)
+        assert (message.reason, message.exit_code, message.rank) == ("error", 1, rank), message
+        assert message.error == "RuntimeError: a bug in step 7 of rank " + str(rank), message
+    assert not [c for c in scan(open_storage(str(tmp_path / "ckpt"))) if c.complete]
+
+
 def test_the_only_collective_of_a_step_is_torpors_one_check(tmp_path: Path) -> None:
     # Lightning's own per-step broadcast of rank 0's SIGTERM flag is switched off, and torpor adds
     # one all-reduce per check (started at one check, read at the next): one per step at k=1.

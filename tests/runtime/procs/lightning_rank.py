@@ -1,7 +1,8 @@
 """One rank of ``examples/lightning_train.py`` under real Lightning DDP, with a test's hooks.
 
 ``argv``: ``--signal-at STEP --signal-rank R`` makes rank R send itself SIGTERM (``os.kill``)
-inside optimizer step STEP (from ``on_train_batch_start``); ``--exit-file-at STEP`` makes rank 1
+inside optimizer step STEP (from ``on_train_batch_start``); ``--raise-at STEP`` makes every rank
+raise ``RuntimeError`` there (a crash, not a stop); ``--exit-file-at STEP`` makes rank 1
 write ``{"GracefulExit": 1}`` into ``TORPOR_EXIT_FILE`` at that step; ``--weights FILE`` saves the
 final weights when ``fit`` returns; ``--collectives FILE`` counts the Python-level collectives
 (``torch.distributed.broadcast``/``all_reduce``/``barrier``/...) made while the steps run, from the
@@ -41,6 +42,8 @@ class AtStep(pl.Callback):
             return
         if self.action == "signal":
             os.kill(os.getpid(), signal.SIGTERM)
+        elif self.action == "raise":
+            raise RuntimeError(f"a bug in step {self.step} of rank {self.rank}")
         else:
             Path(os.environ["TORPOR_EXIT_FILE"]).write_text(json.dumps({"GracefulExit": 1}))
             # Hold this rank in its step until torpor's watcher thread has seen the file (a condition,
@@ -89,10 +92,12 @@ parser.add_argument("--signal-rank", type=int, default=1)
 parser.add_argument("--exit-file-at", type=int, default=0)
 parser.add_argument("--weights", default=None)
 parser.add_argument("--collectives", default=None)
+parser.add_argument("--raise-at", type=int, default=0, help="every rank raises RuntimeError in this step")
 opts, rest = parser.parse_known_args()
 hooks = ([AtStep(opts.signal_at, opts.signal_rank, "signal")] if opts.signal_at else []) + \
         ([AtStep(opts.exit_file_at, 1, "file")] if opts.exit_file_at else []) + \
-        ([CountCollectives(opts.collectives)] if opts.collectives else [])
+        ([CountCollectives(opts.collectives)] if opts.collectives else []) + \
+        ([AtStep(opts.raise_at, r, "raise") for r in (0, 1)] if opts.raise_at else [])
 trainer = lightning_train.main(rest, extra_callbacks=hooks)
 if opts.weights:
     torch.save({k: v.detach().clone() for k, v in trainer.lightning_module.state_dict().items()},
