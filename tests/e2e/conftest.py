@@ -210,6 +210,19 @@ class Env:
 
         return scan(open_storage(f"s3://{self.bucket}/runs/{self.ns}/{name}"))
 
+    def pruned_by_the_operator(self, keep: int, resume_from: str, timeout: float = 90) -> list[Any]:
+        """Wait until the operator's retention has left the job's ``keep`` newest checkpoints and
+        the one its incarnation resumed from (kept while the job points at it), each whole, and no
+        other object under the prefix; the checkpoints left."""
+        def pruned() -> list[Any] | None:
+            found = self.checkpoints()
+            newest = sorted(found, key=lambda c: (c.step, c.name))[-keep:]
+            names = {c.name for c in found}
+            ok = names == {c.name for c in newest} | {resume_from} and all(c.complete for c in found) and \
+                {k.rsplit("/", 1)[1].split(".")[0] for k in self.object_keys()} == names
+            return found if ok else None
+        return self.wait("the operator's retention", pruned, timeout)
+
     def terminated(self, pod: dict[str, Any]) -> dict[str, Any] | None:
         for cs in pod.get("status", {}).get("containerStatuses") or []:
             state = cs.get("state", {}).get("terminated")

@@ -51,3 +51,8 @@ def test_a_drain_stops_both_trainer_ranks_at_one_step_and_the_job_resumes_and_co
     assert {(m["reason"], m["step"], m.get("resumed_from")) for m in finished} == \
         {("completed", STEPS, checkpoint.name)}, finished
     assert "Preempted" in e2e.reasons() and "Restarted" in e2e.reasons()
+    # the Trainer's checkpoints are pruned by the operator's retention (keepMax: 3 in
+    # examples/trainingjob.yaml) as any torpor job's: 5 periodic saves and the exit save -> the newest
+    # 3, and the exit save the job resumed from
+    kept = e2e.pruned_by_the_operator(3, checkpoint.name)
+    assert max(c.step for c in kept) == STEPS and len(kept) <= 4, [c.name for c in kept]

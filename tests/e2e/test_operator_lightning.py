@@ -3,7 +3,8 @@
 
 The same two ranks also run uninterrupted, as plain local processes, beside the job: the
 job's losses, across the preemption, must be theirs. The job's ``spec.checkpoint.saveSteps`` (20)
-reaches the callback as ``TORPOR_SAVE_STEPS``: its last step is a periodic checkpoint of both ranks.
+reaches the callback as ``TORPOR_SAVE_STEPS``: its last step is a periodic checkpoint of both ranks;
+the ranks keep every checkpoint, and the operator's retention (``keepMax: 3``) prunes them.
 """
 
 from __future__ import annotations
@@ -46,7 +47,9 @@ def _uninterrupted(tmp: Path, losses: Path) -> list[subprocess.Popen[bytes]]:
 
 def test_a_drain_stops_the_lightning_job_at_one_step_and_it_resumes_to_the_uninterrupted_losses(e2e: Env) -> None:
     body = e2e.example(*ARGS, "--losses", str(e2e.losses()), "--step-delay", "0.15")
-    body["spec"]["template"]["spec"]["containers"][0]["command"] = [sys.executable, "examples/lightning_train.py"]
+    # the ranks keep every checkpoint (TORPOR_KEEP_MAX=0 over the operator's value): only the operator prunes
+    body["spec"]["template"]["spec"]["containers"][0]["command"] = [
+        "env", "TORPOR_KEEP_MAX=0", sys.executable, "examples/lightning_train.py"]
     e2e.create(body)
     straight_losses = e2e.tmp / "straight-losses.jsonl"
     straight = _uninterrupted(e2e.tmp, straight_losses)
@@ -71,6 +74,10 @@ def test_a_drain_stops_the_lightning_job_at_one_step_and_it_resumes_to_the_unint
         [last] = [c for c in e2e.checkpoints() if c.step == 60]
         assert last.complete and sorted(last.manifests) == [0, 1], e2e.object_keys()
         assert {m.reason for m in last.manifests.values()} == {Reason.PERIODIC}, last
+        # the operator's retention (keepMax: 3, examples/trainingjob.yaml) prunes Lightning's checkpoints
+        # as any torpor job's: the newest 3 and the exit save the job resumed from
+        kept = e2e.pruned_by_the_operator(3, checkpoint.name)
+        assert 60 in {c.step for c in kept} and len(kept) <= 4, [c.name for c in kept]
         assert [p.wait(timeout=120) for p in straight] == [0, 0], [
             (e2e.tmp / f"straight-{r}.log").read_text()[-2000:] for r in (0, 1)]
     finally:
