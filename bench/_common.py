@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import statistics
 import sys
@@ -133,3 +134,14 @@ def load_note() -> str:
     """The machine's load when the benchmark ran, printed with the results."""
     one, five, _ = os.getloadavg()
     return f"cpus={os.cpu_count()} loadavg(1m,5m)={one:.2f},{five:.2f}"
+
+
+def as_worker(worker: str | None, measure: Callable[[], dict]) -> bool:
+    """A rank process of a multi-rank bench (``--worker FILE``): measure; rank 0 writes the result
+    to FILE for the parent. Whether this process was a worker (then the caller returns)."""
+    if not worker:
+        return False
+    result = measure()
+    if result["rank"] == 0:
+        Path(worker).write_text(json.dumps(result))
+    return True

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import load_note, median
+from _common import as_worker, load_note, median
 
 
 def main() -> None:
@@ -47,10 +47,7 @@ def main() -> None:
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # a rank of the multi-rank run: its JSON out
     p.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)  # the matmul size every rank uses
     opts = p.parse_args()
-    if opts.worker:
-        result = measure(opts)
-        if result["rank"] == 0:
-            Path(opts.worker).write_text(json.dumps(result))
+    if as_worker(opts.worker, lambda: measure(opts)):
         return
     print(f"[hf] {load_note()}", flush=True)
     single = measure(opts)

@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import load_note, median
+from _common import as_worker, load_note, median
 
 SIDES = ("lightning", "torpor", "torpor_k10", "torpor_keep", "torpor_monitor", "raw_allreduce")
 
@@ -56,10 +56,7 @@ def main() -> None:
                    help="a barrier before the timed hooks on every side: time the collectives without the ranks' skew")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     opts = p.parse_args()
-    if opts.worker:
-        result = measure(opts)
-        if result["rank"] == 0:
-            Path(opts.worker).write_text(json.dumps(result))
+    if as_worker(opts.worker, lambda: measure(opts)):
         return
     print(f"[lightning] {load_note()}", flush=True)
     result = run_ranks(opts)

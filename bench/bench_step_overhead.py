@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import load_note, median
+from _common import as_worker, load_note, median
 
 
 def main() -> None:
@@ -39,10 +39,7 @@ def main() -> None:
     p.add_argument("--ranks", type=int, default=2, help="gloo ranks of the second measurement (default 2; 0: skip)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # a rank of the multi-rank run: its JSON out
     opts = p.parse_args()
-    if opts.worker:
-        result = measure(opts)
-        if result["rank"] == 0:
-            Path(opts.worker).write_text(json.dumps(result))
+    if as_worker(opts.worker, lambda: measure(opts)):
         return
     print(f"[step] {load_note()}", flush=True)
     single = measure(opts)

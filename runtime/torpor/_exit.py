@@ -87,6 +87,22 @@ def _check_path(name: str, value: object, optional: bool = False) -> str | None:
     return value
 
 
+def exit_options_from_env() -> dict[str, Any]:
+    """What the operator's variables say of a stop: ``TORPOR_CHECKPOINT_URI`` (when given),
+    ``TORPOR_EXIT_SIGNAL``, ``TORPOR_EXIT_FILE``, ``TORPOR_EXIT_CHECK_STEPS`` and the key
+    variables, as keyword arguments of :class:`OnRequestExit` — and of the framework callbacks
+    that take the same ones (``torpor.transformers.TorporCallback``)."""
+    env = RuntimeEnv.from_environ()
+    return {
+        "directory": given_checkpoint_uri(),
+        "sig": env.exit_signal,
+        "config_file": env.exit_file,
+        "check_every_n_steps": env.exit_check_steps,
+        "enc_key": read_enc_key(),
+        "enc_mode": env.enc_mode or "AES-GCM",
+    }
+
+
 class OnRequestExit(Callback):
     """Save and stop after the current step when asked by a signal or a JSON file.
 
@@ -215,17 +231,7 @@ class OnRequestExit(Callback):
     def from_env(cls, **overrides: Any) -> OnRequestExit:
         """Configured from ``TORPOR_CHECKPOINT_URI``, ``TORPOR_EXIT_FILE``, ``TORPOR_EXIT_SIGNAL``
         and ``TORPOR_EXIT_CHECK_STEPS``; keyword arguments override them."""
-        env = RuntimeEnv.from_environ()
-        kwargs: dict[str, Any] = {
-            "directory": given_checkpoint_uri(),
-            "sig": env.exit_signal,
-            "config_file": env.exit_file,
-            "check_every_n_steps": env.exit_check_steps,
-            "enc_key": read_enc_key(),
-            "enc_mode": env.enc_mode or "AES-GCM",
-        }
-        kwargs.update(overrides)
-        return cls(**kwargs)
+        return cls(**{**exit_options_from_env(), **overrides})
 
     @property
     def exit_directory(self) -> str:

@@ -65,7 +65,7 @@ except ModuleNotFoundError as missing:  # the optional extra is not installed
                               "pip install 'torpor[transformers]'", name=missing.name) from missing
 
 from torpor import _distributed
-from torpor._exit import OnRequestExit
+from torpor._exit import OnRequestExit, exit_options_from_env
 from torpor._loading import UNLOADABLE, _all_read, _decided, _warn, load_shard, split_source
 from torpor._saving import PendingSave, taken_names, write_pending
 from torpor._state import SHARD_FORMAT
@@ -203,17 +203,7 @@ class TorporCallback(TrainerCallback):
     def from_env(cls, **overrides: Any) -> TorporCallback:
         """Configured from ``TORPOR_CHECKPOINT_URI``, ``TORPOR_EXIT_FILE``, ``TORPOR_EXIT_SIGNAL``,
         ``TORPOR_EXIT_CHECK_STEPS`` and the key variables; keyword arguments override them."""
-        env = RuntimeEnv.from_environ()
-        kwargs: dict[str, Any] = {
-            "directory": env.checkpoint_uri,
-            "sig": env.exit_signal,
-            "config_file": env.exit_file,
-            "check_every_n_steps": env.exit_check_steps,
-            "enc_key": read_enc_key(),
-            "enc_mode": env.enc_mode or "AES-GCM",
-        }
-        kwargs.update(overrides)
-        return cls(**kwargs)
+        return cls(**{**exit_options_from_env(), **overrides})
 
     def _store(self) -> Storage:
         if self._storage is None:

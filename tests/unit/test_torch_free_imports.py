@@ -10,6 +10,13 @@ TORCH_FREE = ["torpor", "torpor.checkpoints", "torpor.retention", "torpor.storag
               "torpor.run"]
 
 
+def _prints_ok(code: str) -> None:
+    """Run ``code`` in a fresh interpreter (nothing imported yet): it must print ``ok``."""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok", result.stdout
+
+
 def test_torch_free_modules_do_not_import_torch() -> None:
     code = (
         "import importlib, sys\n"
@@ -21,9 +28,7 @@ def test_torch_free_modules_do_not_import_torch() -> None:
         "assert not loaded, loaded\n"
         "print('ok')\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "ok"
+    _prints_ok(code)
 
 
 def test_torch_names_load_on_first_use() -> None:
@@ -51,9 +56,7 @@ def test_a_replicated_run_never_imports_dcp(tmp_path) -> None:
         "assert 'torch.distributed.checkpoint' not in sys.modules\n"
         "print('ok')\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "ok"
+    _prints_ok(code)
 
 
 def test_lightning_is_imported_only_by_torpor_lightning() -> None:
@@ -68,6 +71,30 @@ def test_lightning_is_imported_only_by_torpor_lightning() -> None:
         "assert 'lightning.pytorch' in sys.modules\n"
         "print('ok')\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "ok"
+    _prints_ok(code)
+
+
+def test_torpor_and_its_training_api_never_import_transformers() -> None:
+    """``torpor[transformers]`` is optional: only ``torpor.transformers`` imports transformers/accelerate."""
+    _prints_ok(
+        "import sys, torpor\n"
+        "torpor.Model, torpor.Loop, torpor.load_checkpoint, torpor.callbacks_from_env()\n"
+        "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('transformers', 'accelerate'))\n"
+        "assert not loaded, loaded\n"
+        "print('ok')\n"
+    )
+
+
+def test_an_integration_without_its_extra_says_which_extra_to_install() -> None:
+    # None in sys.modules makes an import fail as a missing package does (ModuleNotFoundError)
+    for module, package, extra in (("torpor.lightning", "lightning", "lightning"),
+                                   ("torpor.transformers", "transformers", "transformers")):
+        _prints_ok(
+            f"import sys\nsys.modules[{package!r}] = None\n"
+            "try:\n"
+            f"    import {module}\n"
+            "except ModuleNotFoundError as exc:\n"
+            f"    assert \"pip install 'torpor[{extra}]'\" in str(exc), exc\n"
+            f"    assert exc.name.split('.')[0] == {package!r}, exc.name\n"
+            "    print('ok')\n"
+        )
