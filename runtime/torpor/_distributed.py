@@ -93,11 +93,6 @@ class LateMax:
         self._pending: tuple[dist.Work, torch.Tensor] | None = None
         self._group: dist.ProcessGroup | None = None
 
-    @property
-    def in_flight(self) -> bool:
-        """Whether a reduction was started and not yet taken."""
-        return self._pending is not None
-
     def start(self, values: Sequence[int]) -> None:
         """Start reducing ``values`` (one process: nothing to start, :meth:`take` gives them back)."""
         if self._pending is not None:
