@@ -92,6 +92,11 @@ _LAUNCHING = (None, "Restarting", "Suspended", "Stopping")
 #: How long one reading of the peering records answers :meth:`Shell.acting`, seconds: a burst of
 #: wake-ups costs one GET; kopf itself reacts to a record within about this long.
 _ACTING_CACHE_SECONDS = 1.0
+#: When a wake-up finds this replica paused it is tried again after this long, seconds, not
+#: dropped: kopf may have resumed the replica a moment before the cached reading expired, and the
+#: reconcile kopf ran on resuming is what scheduled this wake-up (an exit deadline, say): dropped,
+#: nothing would bring it back. Longer than the cache, so the next try reads the records afresh.
+_PAUSED_WAKE_RETRY_SECONDS = 2 * _ACTING_CACHE_SECONDS
 #: How long one run of the deletion handler waits for the ranks to stop before kopf retries it
 #: (kopf logs each retry: once a minute for a rank stuck Terminating, not every poll).
 _STOP_WAIT_SECONDS = 60.0
@@ -468,9 +473,13 @@ class Shell:
         self._wakeups[key] = loop.call_later(max(delay, 0.05), lambda: loop.create_task(self._wake(key)))
 
     async def _wake(self, key: tuple[str, str]) -> None:
-        # dropped when paused: kopf lists every job again on resuming, and that reconcile reschedules
+        handle = self._wakeups.get(key)
         if await self.acting():
             await self.reconcile(*key, retry=True, trigger="wakeup")
+        elif self._wakeups.get(key) is handle and (key in self.jobs or key in self._errors):
+            # paused: tried again, unless a reconcile scheduled another wake-up meanwhile or the
+            # job was forgotten (kopf's listing on resuming reschedules every job it finds)
+            self._schedule(key, _PAUSED_WAKE_RETRY_SECONDS)
 
     async def acting(self) -> bool:
         """Whether kopf lets this replica act: always when standalone; with peering, while no live
