@@ -549,6 +549,12 @@ class Shell:
         (the API server away, the bucket away) is logged and counted, and that job is tried again
         next pass."""
         for key in self.schedule.due_keys(self.jobs, time.monotonic()):
+            # asked again at its turn: the passes before it took time, and a new job's launch
+            # listing may have made its first pass meanwhile; a new job still listing is left to it
+            listing = self._listings.get(key)
+            launching = listing is not None and listing.future is not None and not listing.future.done()
+            if (launching and self.schedule.never_passed(key)) or not self.schedule.due(key, time.monotonic()):
+                continue
             try:
                 await self._prune(key)
             except Exception as exc:

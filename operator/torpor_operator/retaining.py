@@ -123,6 +123,10 @@ class RetentionSchedule:
         if key not in self._passes:
             self.passed(key, "Pending", now, generation=generation)
 
+    def never_passed(self, key: Key) -> bool:
+        """Whether no pass (nor a launch's empty listing) was recorded for ``key`` yet."""
+        return key not in self._passes
+
     def forget(self, key: Key) -> None:
         """Drop a deleted job."""
         self._facts.pop(key, None)

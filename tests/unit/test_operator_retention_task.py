@@ -179,6 +179,39 @@ def test_a_new_jobs_empty_launch_listing_leaves_it_out_of_the_next_retention_pas
     assert asyncio.run(scenario()) == [B]
 
 
+def test_a_job_whose_launch_listing_lands_while_a_pass_runs_is_left_out_of_that_pass() -> None:
+    """500 jobs created at once: a pass that wakes while their launch listings are still queued
+    finds them all due, then takes ~0.1 s each, one after another — by the time it reaches a job,
+    that job's own listing has long recorded its first pass. Each job is asked again right before
+    its turn, and one whose launch listing is still running is left to it."""
+    from torpor_operator.handlers import _Listing
+    from torpor_operator.retaining import JobFacts
+
+    async def scenario() -> list[tuple[str, str]]:
+        loop = asyncio.get_running_loop()
+
+        class LandingShell(RecordingShell):
+            async def _prune(self, key: tuple[str, str]) -> None:
+                await super()._prune(key)
+                if key == A:  # while A is passed, B's launch listing lands: empty prefix
+                    listing = _Listing(started=time.monotonic(), generation=1)
+                    listing.future = loop.create_future()
+                    listing.future.set_result([])
+                    self._listed(B, listing)
+
+        shell = LandingShell(OperatorSettings())
+        shell.jobs |= {A, B, C}
+        for key in (A, B, C):
+            shell.schedule.observe(key, JobFacts(phase="Pending", generation=1))
+        running = shell._listings[C] = _Listing(started=time.monotonic(), generation=1)
+        running.future = loop.create_future()  # C's launch listing is still under way
+        await shell.prune_all()
+        running.future.cancel()
+        return shell.passes
+
+    assert asyncio.run(scenario()) == [A]
+
+
 def test_a_retention_pass_that_finds_what_the_last_one_found_reconciles_nothing() -> None:
     """Each pass of a job that saves periodically was a GET, a listing and a whole reconcile (three
     LISTs of children, a status patch) even when the listing showed nothing new; now the second
