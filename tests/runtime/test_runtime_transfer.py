@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import boto3
+import botocore.exceptions
 import pytest
 from torpor_harness import five_mib_parts as harness_parts
 
@@ -174,3 +175,20 @@ def test_stores_opened_with_one_client_share_it(s3_bucket: str) -> None:
     b.put_bytes("rank_0/x", b"b")
     assert (a.get_bytes("rank_0/x"), b.get_bytes("rank_0/x")) == (b"a", b"b")
     assert a._client() is b._client() is client  # type: ignore[attr-defined]
+
+
+def test_clients_for_other_credentials_share_botocores_model_and_keep_their_own_keys(
+        s3_bucket: str, minio: MinioServer) -> None:
+    """The operator keeps a client per endpoint and Secret version: each one decoded botocore's
+    S3 model anew (~13 MiB). They now share one loader; each still signs with its own keys."""
+    from torpor.storage import s3_client
+
+    env = minio.env()
+    right = s3_client(endpoint_url=env["AWS_ENDPOINT_URL"],
+                      credentials=(env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]))
+    wrong = s3_client(endpoint_url=env["AWS_ENDPOINT_URL"], credentials=(env["AWS_ACCESS_KEY_ID"], "not-the-key"))
+    assert right.meta.service_model._service_description is wrong.meta.service_model._service_description
+    right.put_object(Bucket=s3_bucket, Key="k", Body=b"x")
+    with pytest.raises(botocore.exceptions.ClientError, match="SignatureDoesNotMatch"):
+        wrong.get_object(Bucket=s3_bucket, Key="k")
+    assert right.get_object(Bucket=s3_bucket, Key="k")["Body"].read() == b"x"
