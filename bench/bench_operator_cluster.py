@@ -198,9 +198,9 @@ def bulk(b: ClusterBench, jobs: int, idle: float, py_spy: str | None = None) -> 
         print_profile(profile)
     print(f"\n[1] {jobs} one-rank TrainingJobs created at once -> all Running in {elapsed:.0f}s "
           f"({jobs / elapsed * 60:.0f} jobs/min), then {idle:.0f}s idle")
-    print(f"{'':12} {'peak RSS':>9} {'CPU s to Running':>17} {f'idle CPU % ({idle:.0f}s)':>18}")
+    print(f"{'':12} {'peak RSS':>9} {'RSS now':>8} {'CPU s to Running':>17} {f'idle CPU % ({idle:.0f}s)':>18}")
     for name in after:
-        print(f"{name:12} {idled[name][1]:7.0f}MB {after[name][2] - before[name][2]:17.1f} "
+        print(f"{name:12} {idled[name][1]:7.0f}MB {idled[name][0]:6.0f}MB {after[name][2] - before[name][2]:17.1f} "
               f"{(idled[name][2] - after[name][2]) / idle * 100:18.2f}")
     t, n = ((after[k][2] - before[k][2]) for k in ("torpor", "kopf no-op"))
     print(f"ratio torpor / kopf no-op: peak RSS {idled['torpor'][1] / idled['kopf no-op'][1]:.2f}x, "

@@ -142,6 +142,8 @@ class Shell:
         self.checkpoints: dict[tuple[str, str], list[CheckpointInfo]] = {}
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._waiting: set[tuple[str, str]] = set()
+        self._running = asyncio.Semaphore(settings.reconcile_concurrency)
+        """Reconciles of different jobs at once (``TORPOR_RECONCILE_CONCURRENCY``)."""
         self._requests: set[asyncio.Task[None]] = set()
         """Reconciles the watch handlers asked for and did not wait for (:meth:`request`)."""
         self._wakeups: dict[tuple[str, str], asyncio.TimerHandle] = {}
@@ -211,7 +213,9 @@ class Shell:
         if key in self._waiting:
             return
         self._waiting.add(key)
-        async with self._locks.setdefault(key, asyncio.Lock()):
+        # the job's lock, then a turn among all jobs: a request for the job that comes meanwhile
+        # still finds it waiting and is coalesced with it
+        async with self._locks.setdefault(key, asyncio.Lock()), self._running:
             self._waiting.discard(key)
             self.metrics.reconciles.labels(trigger=trigger).inc()
             with self.metrics.reconcile.time():

@@ -156,6 +156,12 @@ class OperatorSettings:
     """Threads for bucket work (listings, retention), apart from the ones the API calls use, so
     a slow store never queues the calls that write GracefulExit. >= 1."""
 
+    reconcile_concurrency: int = dataclasses.field(default=32, metadata=_env("TORPOR_RECONCILE_CONCURRENCY"))
+    """Most reconciles of different jobs running at once; the others wait their turn, holding
+    nothing but the job's name. Each running one holds its job, pods, children and decision, so
+    500 jobs created at once held 500 of those together at the peak. The API server answers a
+    few at a time anyway; one job's reconciles are serialised regardless. >= 1."""
+
     api_workers: int = dataclasses.field(default=16, metadata=_env("TORPOR_API_WORKERS"))
     """Most API calls one decision makes at once: the pod annotations of a stop (one per rank)
     are patched in parallel, at most this many in flight, so that a 1024-rank job is told to
@@ -242,6 +248,9 @@ class OperatorSettings:
             )
         if not _is_int(self.bucket_workers) or self.bucket_workers < 1:
             raise SettingsError(f"bucket_workers must be a whole number >= 1, got {self.bucket_workers!r}")
+        if not _is_int(self.reconcile_concurrency) or self.reconcile_concurrency < 1:
+            raise SettingsError(f"reconcile_concurrency must be a whole number >= 1, "
+                                f"got {self.reconcile_concurrency!r}")
         if not _is_int(self.api_workers) or not 1 <= self.api_workers <= API_WORKERS_LIMIT:
             raise SettingsError(f"api_workers must be a whole number in 1..{API_WORKERS_LIMIT}, "
                                 f"got {self.api_workers!r}")

@@ -71,3 +71,35 @@ def test_the_operators_exit_cancels_the_reconciles_still_waiting(refused_api: Ku
         assert not shell._requests and shell.metrics.reconcile_errors._value.get() == 0
 
     asyncio.run(asyncio.wait_for(run(), 30))
+
+
+def test_reconciles_of_different_jobs_run_at_most_reconcile_concurrency_at_once(refused_api: KubeClient) -> None:
+    """500 jobs created at once held 500 reconciles' jobs, pods and decisions together at the
+    operator's peak RSS; the bound keeps that to ``TORPOR_RECONCILE_CONCURRENCY``, and every
+    job is still reconciled, including one asked for again while it waits (coalesced)."""
+    shell = Shell(OperatorSettings(reconcile_concurrency=2), refused_api, Bucket(), Metrics(CollectorRegistry()))
+    running: set[str] = set()
+    most = 0
+    done: list[str] = []
+
+    async def reconcile(key: tuple[str, str], triggered_at: float | None, *, fresh: bool) -> None:
+        nonlocal most
+        running.add(key[1])
+        most = max(most, len(running))
+        await asyncio.sleep(0.05)  # the reads of a real reconcile
+        running.discard(key[1])
+        done.append(key[1])
+
+    shell._reconcile = reconcile  # type: ignore[method-assign]
+
+    async def run() -> None:
+        for i in range(6):
+            shell.request("team", f"job-{i}", triggered_at=0.0, trigger="job")
+        await asyncio.sleep(0)
+        shell.request("team", "job-5", triggered_at=0.0, trigger="pod")  # still waiting: coalesced
+        while shell._requests:
+            await asyncio.wait(list(shell._requests), timeout=10)
+
+    asyncio.run(asyncio.wait_for(run(), 30))
+    assert most == 2
+    assert sorted(done) == [f"job-{i}" for i in range(6)]

@@ -24,6 +24,7 @@ def test_defaults() -> None:
     assert s.peering_priority is None  # drawn at start-up
     assert s.peering_lifetime_seconds == 60
     assert s.lost_node_force_delete_seconds == 30
+    assert s.reconcile_concurrency == 32
 
 
 def test_every_field_has_a_variable_and_a_docstring() -> None:
@@ -101,6 +102,8 @@ def test_backoff_doubles_up_to_the_cap() -> None:
         ({"TORPOR_LOST_NODE_FORCE_DELETE_SECONDS": "-1"}, "TORPOR_LOST_NODE_FORCE_DELETE_SECONDS: "
          "lost_node_force_delete_seconds must be a finite number of seconds >= 0, got -1.0"),
         ({"TORPOR_PEERING_LIFETIME_SECONDS": "7.5"}, "TORPOR_PEERING_LIFETIME_SECONDS must be an integer, got '7.5'"),
+        ({"TORPOR_RECONCILE_CONCURRENCY": "0"},
+         "TORPOR_RECONCILE_CONCURRENCY: reconcile_concurrency must be a whole number >= 1, got 0"),
     ],
 )
 def test_errors_name_the_variable_and_the_value(env: dict[str, str], expected: str) -> None:
