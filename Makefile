@@ -45,7 +45,7 @@ lint: setup
 	$(PY) hack/generate.py --check
 
 test: setup tools lint
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests --durations=30
 
 test-unit: setup
 	$(PY) -m pytest tests/unit
