@@ -55,7 +55,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -92,7 +92,7 @@ _LAUNCHING = (None, "Restarting", "Suspended", "Stopping")
 #: How long one reading of the peering records answers :meth:`Shell.acting`, seconds: a burst of
 #: wake-ups costs one GET; kopf itself reacts to a record within about this long.
 _ACTING_CACHE_SECONDS = 1.0
-#: When a wake-up finds this replica paused it is tried again after this long, seconds, not
+#: When a wake-up finds this replica paused it is tried once more after this long, seconds, not
 #: dropped: kopf may have resumed the replica a moment before the cached reading expired, and the
 #: reconcile kopf ran on resuming is what scheduled this wake-up (an exit deadline, say): dropped,
 #: nothing would bring it back. Longer than the cache, so the next try reads the records afresh.
@@ -412,8 +412,9 @@ class Shell:
                 self._list(key, job, since)
             return self.checkpoints.get(key)
         try:
-            return await asyncio.wait_for(asyncio.shield(self._list(key, job, since)),
-                                          self.settings.bucket_timeout_seconds)
+            async with self._off_turn():
+                return await asyncio.wait_for(asyncio.shield(self._list(key, job, since)),
+                                              self.settings.bucket_timeout_seconds)
         except TimeoutError:
             log.warning("listing the checkpoints of %s takes longer than %.1f s; deciding without it",
                         job.ref.key, self.settings.bucket_timeout_seconds)
@@ -421,6 +422,19 @@ class Shell:
         except Exception as exc:  # the bucket is away: the ranks resolve "newest" themselves
             log.warning("cannot list checkpoints of %s: %s", job.ref.key, exc)
             return None
+
+    @contextlib.asynccontextmanager
+    async def _off_turn(self) -> AsyncIterator[None]:
+        """Give this reconcile's turn (``TORPOR_RECONCILE_CONCURRENCY``) to another job while it
+        waits for the bucket, and take one again after: 32 jobs waiting on a dead store for their
+        listing would otherwise hold every turn for ``bucket_timeout_seconds``, and a cordon's
+        reconcile would wait behind them. Only a reconcile holding a turn calls it. A reconcile
+        cancelled while it waits for its turn back (the operator's exit) leaves one turn more."""
+        self._running.release()
+        try:
+            yield
+        finally:
+            await self._running.acquire()
 
     def _list(self, key: tuple[str, str], job: Job, since: float | None) -> asyncio.Future[list[CheckpointInfo]]:
         """A listing of the job's prefix on the bucket pool that began after ``since`` (or is still
@@ -467,23 +481,26 @@ class Shell:
     async def _in_bucket_pool(self, call: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.bucket_pool, call, *args)
 
-    def _schedule(self, key: tuple[str, str], delay: float | None) -> None:
+    def _schedule(self, key: tuple[str, str], delay: float | None, *, retried: bool = False) -> None:
         if delay is None:
             return
         old = self._wakeups.pop(key, None)
         if old is not None:
             old.cancel()
         loop = asyncio.get_running_loop()
-        self._wakeups[key] = loop.call_later(max(delay, 0.05), lambda: loop.create_task(self._wake(key)))
+        self._wakeups[key] = loop.call_later(max(delay, 0.05),
+                                             lambda: loop.create_task(self._wake(key, retried=retried)))
 
-    async def _wake(self, key: tuple[str, str]) -> None:
+    async def _wake(self, key: tuple[str, str], *, retried: bool = False) -> None:
         handle = self._wakeups.get(key)
         if await self.acting():
             await self.reconcile(*key, retry=True, trigger="wakeup")
-        elif self._wakeups.get(key) is handle and (key in self.jobs or key in self._errors):
-            # paused: tried again, unless a reconcile scheduled another wake-up meanwhile or the
-            # job was forgotten (kopf's listing on resuming reschedules every job it finds)
-            self._schedule(key, _PAUSED_WAKE_RETRY_SECONDS)
+        elif not retried and self._wakeups.get(key) is handle and (key in self.jobs or key in self._errors):
+            # paused: tried once more, unless a reconcile scheduled another wake-up meanwhile or
+            # the job was forgotten. Once is enough: the retry comes after the cached reading has
+            # expired, so a replica it still finds paused is paused, and kopf's listing on
+            # resuming reschedules every job it finds (a standby does not poll its jobs for ever)
+            self._schedule(key, _PAUSED_WAKE_RETRY_SECONDS, retried=True)
 
     async def acting(self) -> bool:
         """Whether kopf lets this replica act: always when standalone; with peering, while no live
@@ -554,9 +571,13 @@ class Shell:
         next pass."""
         for key in self.schedule.due_keys(self.jobs, time.monotonic()):
             # asked again at its turn: the passes before it took time, and a new job's launch
-            # listing may have made its first pass meanwhile; a new job still listing is left to it
+            # listing may have made its first pass meanwhile; a new job still making its first
+            # listing is left to it (only the first: a job reconciled again and again against a
+            # slow store may have a listing in flight at every pass, and one that found
+            # checkpoints is no pass, so it would never be pruned)
             listing = self._listings.get(key)
-            launching = listing is not None and listing.future is not None and not listing.future.done()
+            launching = (key not in self._listed_at and listing is not None and listing.future is not None
+                         and not listing.future.done())
             if (launching and self.schedule.never_passed(key)) or not self.schedule.due(key, time.monotonic()):
                 continue
             try:

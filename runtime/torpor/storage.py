@@ -927,8 +927,11 @@ def s3_client(settings: S3Settings | None = None, *, parameter_validation: bool 
         parameter_validation=parameter_validation,
     )
     keys = {"aws_access_key_id": credentials[0], "aws_secret_access_key": credentials[1]} if credentials else {}
-    return boto3.session.Session(botocore_session=_botocore_session()).client(
-        "s3", endpoint_url=endpoint, config=config, **keys)
+    with _LOADER_LOCK:  # the first client decodes the model once; boto3's session edits the loader
+        session = boto3.session.Session(botocore_session=_botocore_session())
+        paths = _LOADER.search_paths  # each boto3 session appends its data directory to them
+        paths[:] = list(dict.fromkeys(paths))
+        return session.client("s3", endpoint_url=endpoint, config=config, **keys)
 
 
 _LOADER_LOCK = threading.Lock()
@@ -940,16 +943,16 @@ def _botocore_session() -> Any:
     is then) that shares one data loader with every other: botocore's decoded S3 model and
     endpoint rules, ~13 MiB, are then held once per process instead of once per client. The
     operator keeps a client per endpoint and Secret version, so that was 13 MiB per team's
-    credentials; with the shared loader a further client costs ~0.5 MiB (bench/README.md)."""
+    credentials; with the shared loader a further client costs ~0.5 MiB (bench/README.md).
+    Called with ``_LOADER_LOCK`` held."""
     import botocore.loaders
     import botocore.session
 
     global _LOADER
-    with _LOADER_LOCK:
-        if _LOADER is None:
-            _LOADER = botocore.loaders.create_loader(os.environ.get("AWS_DATA_PATH"))
-        session = botocore.session.Session()
-        session.register_component("data_loader", _LOADER)
+    if _LOADER is None:
+        _LOADER = botocore.loaders.create_loader(os.environ.get("AWS_DATA_PATH"))
+    session = botocore.session.Session()
+    session.register_component("data_loader", _LOADER)
     return session
 
 

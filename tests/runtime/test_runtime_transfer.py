@@ -188,6 +188,8 @@ def test_clients_for_other_credentials_share_botocores_model_and_keep_their_own_
                       credentials=(env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]))
     wrong = s3_client(endpoint_url=env["AWS_ENDPOINT_URL"], credentials=(env["AWS_ACCESS_KEY_ID"], "not-the-key"))
     assert right.meta.service_model._service_description is wrong.meta.service_model._service_description
+    paths = torpor.storage._LOADER.search_paths
+    assert len(paths) == len(set(paths))  # boto3 appends its data directory per session: not per client here
     right.put_object(Bucket=s3_bucket, Key="k", Body=b"x")
     with pytest.raises(botocore.exceptions.ClientError, match="SignatureDoesNotMatch"):
         wrong.get_object(Bucket=s3_bucket, Key="k")

@@ -45,3 +45,46 @@ def test_a_failed_listing_passes_no_checkpoints_not_the_cached_ones(refused_endp
     key = ("team", "demo")
     shell.checkpoints[key] = [CheckpointInfo("CKP-1_10", 10, datetime(2026, 1, 1, tzinfo=UTC), True)]
     assert asyncio.run(shell._checkpoints(key, job)) is None
+
+
+def test_a_reconcile_waiting_for_a_dead_bucket_gives_its_turn_to_another_job() -> None:
+    """With ``TORPOR_RECONCILE_CONCURRENCY`` turns all held by jobs waiting for their listing on a
+    store that never answers, a cordon's reconcile of another job would wait for
+    ``bucket_timeout_seconds``; the waiting one gives its turn up while it waits."""
+    import threading
+
+    stuck = threading.Event()
+    bucket = Bucket()
+    bucket.list = lambda spec, ref: stuck.wait(30) and []  # type: ignore[method-assign]
+    shell = Shell(OperatorSettings(reconcile_concurrency=1, bucket_timeout_seconds=5.0), kube=None,  # type: ignore[arg-type]
+                  bucket=bucket, metrics=Metrics(CollectorRegistry()))
+    waiting = Job.from_dict(job_body(status={"phase": "Stopping"}))
+    finished: dict[str, float] = {}
+
+    async def reconcile(key: tuple[str, str], triggered_at: float | None, *, fresh: bool) -> None:
+        if key[1] == "stuck":
+            await shell._checkpoints(key, waiting)
+        finished[key[1]] = asyncio.get_running_loop().time()
+
+    shell._reconcile = reconcile  # type: ignore[method-assign]
+
+    async def run() -> float:
+        started = asyncio.get_running_loop().time()
+        shell.request("team", "stuck", triggered_at=0.0, trigger="job")
+        await asyncio.sleep(0.05)  # it holds the only turn and waits for the bucket
+        shell.request("team", "cordoned", triggered_at=0.0, trigger="node")
+        while "cordoned" not in finished:
+            await asyncio.sleep(0.01)
+        took = finished["cordoned"] - started
+        stuck.set()
+        while shell._requests:
+            await asyncio.wait(list(shell._requests), timeout=10)
+        return took
+
+    try:
+        took = asyncio.run(asyncio.wait_for(run(), 30))
+    finally:
+        stuck.set()
+        shell.bucket_pool.shutdown(wait=False)
+    assert took < 1.0, f"the other job waited {took:.1f} s for a turn"
+    assert "stuck" in finished and shell._running._value == 1  # every turn back

@@ -70,3 +70,23 @@ def test_a_paused_wakeup_of_a_forgotten_job_is_not_tried_again(refused_api: Kube
         assert KEY not in shell._wakeups
 
     asyncio.run(asyncio.wait_for(run(), 30))
+
+
+def test_a_wakeup_that_finds_the_replica_paused_twice_is_dropped(refused_api: KubeClient) -> None:
+    """The retry reads the records afresh: still paused means paused, and kopf's listing on
+    resuming reschedules every job, so a standby does not poll its jobs every 2 s for ever."""
+    settings = OperatorSettings(peering="p", peering_priority=1)
+    shell = Shell(settings, refused_api, Bucket(), Metrics(CollectorRegistry()), identity="low")
+    shell.kube.read_peering = lambda name, namespace: {  # type: ignore[method-assign]
+        "high": {"priority": 2, "lifetime": 60, "lastseen": datetime.now(UTC).isoformat()}}
+
+    async def run() -> None:
+        shell.jobs.add(KEY)
+        await shell._wake(KEY)
+        assert KEY in shell._wakeups  # tried once more ...
+        shell._wakeups[KEY].cancel()
+        await shell._wake(KEY, retried=True)
+        assert shell._wakeups[KEY].cancelled()  # ... and not again: nothing new was scheduled
+        assert shell.metrics.reconcile_errors._value.get() == 0
+
+    asyncio.run(asyncio.wait_for(run(), 30))

@@ -212,6 +212,28 @@ def test_a_job_whose_launch_listing_lands_while_a_pass_runs_is_left_out_of_that_
     assert asyncio.run(scenario()) == [A]
 
 
+def test_a_job_with_a_listing_in_flight_at_every_pass_is_passed_once_one_listing_has_landed() -> None:
+    """Only a job's first listing is left to itself: a job reconciled again and again against a
+    slow store can have a listing in flight at every pass, and a listing that found checkpoints
+    records no pass, so leaving every such job out would never prune it."""
+    from torpor_operator.handlers import _Listing
+    from torpor_operator.retaining import JobFacts
+
+    async def scenario() -> list[tuple[str, str]]:
+        loop = asyncio.get_running_loop()
+        shell = RecordingShell(OperatorSettings())
+        shell.jobs |= {A}
+        shell.schedule.observe(A, JobFacts(phase="Stopping", generation=1))
+        shell._listed_at[A] = time.monotonic() - 30  # an earlier listing landed (and found checkpoints)
+        running = shell._listings[A] = _Listing(started=time.monotonic(), generation=1)
+        running.future = loop.create_future()  # and another is under way now
+        await shell.prune_all()
+        running.future.cancel()
+        return shell.passes
+
+    assert asyncio.run(scenario()) == [A]
+
+
 def test_a_retention_pass_that_finds_what_the_last_one_found_reconciles_nothing() -> None:
     """Each pass of a job that saves periodically was a GET, a listing and a whole reconcile (three
     LISTs of children, a status patch) even when the listing showed nothing new; now the second
