@@ -56,11 +56,17 @@ def test_a_wakeup_that_meets_a_stale_paused_reading_runs_once_the_replica_acts(r
     asyncio.run(asyncio.wait_for(run(), 30))
 
 
-def test_a_paused_wakeup_of_a_forgotten_job_is_not_tried_again(refused_api: KubeClient) -> None:
-    settings = OperatorSettings(peering="p", peering_priority=1)
-    shell = Shell(settings, refused_api, Bucket(), Metrics(CollectorRegistry()), identity="low")
+def _outranked(api: KubeClient) -> Shell:
+    """A replica "low" that a live "high" of a higher priority outranks for the next minute."""
+    shell = Shell(OperatorSettings(peering="p", peering_priority=1), api, Bucket(), Metrics(CollectorRegistry()),
+                  identity="low")
     shell.kube.read_peering = lambda name, namespace: {  # type: ignore[method-assign]
         "high": {"priority": 2, "lifetime": 60, "lastseen": datetime.now(UTC).isoformat()}}
+    return shell
+
+
+def test_a_paused_wakeup_of_a_forgotten_job_is_not_tried_again(refused_api: KubeClient) -> None:
+    shell = _outranked(refused_api)
 
     async def run() -> None:
         shell.jobs.add(KEY)
@@ -75,10 +81,7 @@ def test_a_paused_wakeup_of_a_forgotten_job_is_not_tried_again(refused_api: Kube
 def test_a_wakeup_that_finds_the_replica_paused_twice_is_dropped(refused_api: KubeClient) -> None:
     """The retry reads the records afresh: still paused means paused, and kopf's listing on
     resuming reschedules every job, so a standby does not poll its jobs every 2 s for ever."""
-    settings = OperatorSettings(peering="p", peering_priority=1)
-    shell = Shell(settings, refused_api, Bucket(), Metrics(CollectorRegistry()), identity="low")
-    shell.kube.read_peering = lambda name, namespace: {  # type: ignore[method-assign]
-        "high": {"priority": 2, "lifetime": 60, "lastseen": datetime.now(UTC).isoformat()}}
+    shell = _outranked(refused_api)
 
     async def run() -> None:
         shell.jobs.add(KEY)
