@@ -76,7 +76,7 @@ from torpor_operator.metrics import Metrics
 from torpor_operator.observing import CheckpointInfo, NodeView, avoided_nodes
 from torpor_operator.peering import blockers
 from torpor_operator.placing import node_change
-from torpor_operator.reconciling import Job, decide
+from torpor_operator.reconciling import LAUNCHING_PHASES, Job, decide, wants_fresh_checkpoints
 from torpor_operator.retaining import JobFacts, RetentionSchedule, settled, ttl_expiry
 from torpor_operator.settings import OperatorSettings
 from torpor_operator.spec import SpecError
@@ -87,8 +87,6 @@ __all__ = ["Shell"]
 
 log = logging.getLogger("torpor.handlers")
 
-#: Phases in which a decision may start an incarnation and must know the newest checkpoint.
-_LAUNCHING = (None, "Restarting", "Suspended", "Stopping")
 #: How long one reading of the peering records answers :meth:`Shell.acting`, seconds: a burst of
 #: wake-ups costs one GET; kopf itself reacts to a record within about this long.
 _ACTING_CACHE_SECONDS = 1.0
@@ -314,7 +312,7 @@ class Shell:
             return
         self.jobs.add(key)
         pods, children = await reads
-        checkpoints = await self._checkpoints(key, job, observed_at)
+        checkpoints = await self._checkpoints(key, job, observed_at, fresh=wants_fresh_checkpoints(job, pods))
         # the nodes hosting its ranks, the nodes a new rank may have to avoid (going away, lost),
         # and those its pods avoid now (one that is back frees a Pending rank)
         hosts = {(p.get("spec") or {}).get("nodeName") for p in pods}
@@ -390,10 +388,12 @@ class Shell:
         self.pod_index.seed(namespace, name, items, version)
         return items
 
-    async def _checkpoints(self, key: tuple[str, str], job: Job,
-                           since: float | None = None) -> list[CheckpointInfo] | None:
-        """The job's checkpoints: listed afresh where a decision may start an incarnation, else the
-        last listing (for ``status.lastCheckpoint``), never waiting for the bucket.
+    async def _checkpoints(self, key: tuple[str, str], job: Job, since: float | None = None, *,
+                           fresh: bool | None = None) -> list[CheckpointInfo] | None:
+        """The job's checkpoints: listed afresh where the decision needs it (``fresh``; by default
+        in the phases that may start an incarnation, see
+        :func:`~torpor_operator.reconciling.wants_fresh_checkpoints`), else the last listing (for
+        ``status.lastCheckpoint``), never waiting for the bucket.
 
         A fresh listing is one that began after ``since`` (when the pods were read: it sees every
         save of a rank that had ended by then) and is waited for at most
@@ -407,7 +407,9 @@ class Shell:
         phases it only feeds ``lastCheckpoint``, and dropping it would make every later reconcile
         list the unreachable bucket before deciding.
         """
-        if job.status.phase not in _LAUNCHING:
+        if fresh is None:
+            fresh = job.status.phase in LAUNCHING_PHASES
+        if not fresh:
             if key not in self.checkpoints:
                 self._list(key, job, since)
             return self.checkpoints.get(key)

@@ -153,6 +153,31 @@ class _World:
         return nodes_to_avoid(self.nodes.values(), tolerations, self.settings.termination_taints)
 
 
+#: Phases whose decision may start an incarnation: ``TORPOR_RESUME_FROM`` must name the newest
+#: checkpoint, so the shell lists the bucket afresh for them.
+LAUNCHING_PHASES: tuple[str | None, ...] = (None, "Restarting", "Suspended", "Stopping")
+
+
+def wants_fresh_checkpoints(job: Job, pods: Iterable[Mapping[str, Any]]) -> bool:
+    """Whether deciding on ``job`` needs a listing of its checkpoints begun after the pods were
+    read, not the last one the operator has.
+
+    A launching phase does (the new ranks resume from what it names); so does a running job one
+    of whose current ranks has ended: the decision may be the job's last (``Succeeded`` or
+    ``Failed``), and the ``status.lastCheckpoint`` it leaves must show the save the ranks made on
+    their way out, not the one before it. Every other reconcile reads the last listing, never
+    waiting for the bucket.
+    """
+    phase = job.status.phase
+    if phase in LAUNCHING_PHASES:
+        return True
+    if phase != "Running":
+        return False
+    container, uid, incarnation = job.spec.training_container, job.ref.uid, job.status.incarnation
+    views = (PodView.from_dict(p, container) for p in pods if controlled_by(p, uid))
+    return any(v is not None and v.incarnation == incarnation and v.terminated for v in views)
+
+
 def decide(
     job: Job,
     pods: Iterable[Mapping[str, Any]],

@@ -13,13 +13,13 @@ from datetime import UTC, datetime
 
 import pytest
 from prometheus_client import CollectorRegistry
-from test_operator_world import job_body
+from test_operator_world import job_body, pod
 
 from torpor_operator.bucket import Bucket
 from torpor_operator.handlers import Shell
 from torpor_operator.metrics import Metrics
 from torpor_operator.observing import CheckpointInfo
-from torpor_operator.reconciling import Job
+from torpor_operator.reconciling import Job, wants_fresh_checkpoints
 from torpor_operator.settings import OperatorSettings
 
 
@@ -88,3 +88,44 @@ def test_a_reconcile_waiting_for_a_dead_bucket_gives_its_turn_to_another_job() -
         shell.bucket_pool.shutdown(wait=False)
     assert took < 1.0, f"the other job waited {took:.1f} s for a turn"
     assert "stuck" in finished and shell._running._value == 1  # every turn back
+
+
+RUNNING = {"phase": "Running", "incarnation": 2}
+
+
+@pytest.mark.parametrize(("status", "pods", "fresh"), [
+    pytest.param(RUNNING, [pod("demo", 2, 0, exit_code=0), pod("demo", 2, 1)], True, id="a current rank completed"),
+    pytest.param(RUNNING, [pod("demo", 2, 0, exit_code=1), pod("demo", 2, 1)], True, id="a current rank failed"),
+    pytest.param(RUNNING, [pod("demo", 2, 0), pod("demo", 2, 1)], False, id="every rank running"),
+    pytest.param(RUNNING, [pod("demo", 1, 0, exit_code=143), pod("demo", 2, 0), pod("demo", 2, 1)], False,
+                 id="only an old incarnation's rank ended"),
+    pytest.param(RUNNING, [pod("demo", 2, 0, exit_code=0, owner_uid="other"), pod("demo", 2, 1)], False,
+                 id="the ended pod belongs to another job"),
+    pytest.param({"phase": "Succeeded", "incarnation": 2}, [pod("demo", 2, 0, exit_code=0)], False, id="Succeeded"),
+    pytest.param({"phase": "Restarting", "incarnation": 2}, [], True, id="Restarting"),
+    pytest.param({}, [], True, id="new job"),
+])
+def test_a_decision_lists_afresh_where_it_may_launch_or_finish_the_job(
+        status: dict[str, object], pods: list[dict[str, object]], fresh: bool) -> None:
+    """A running job whose rank has ended may be decided ``Succeeded`` (or ``Failed``) now: its
+    ``status.lastCheckpoint`` is written once, and must show the save the ranks made on their way out."""
+    assert wants_fresh_checkpoints(Job.from_dict(job_body(status=status)), pods) is fresh
+
+
+def test_a_running_job_whose_ranks_completed_sees_their_final_save() -> None:
+    """The cached listing predates the ranks' exit save (step 60); the decision gets the fresh one."""
+    final = [CheckpointInfo("CKP-1_40", 40, datetime(2026, 1, 1, tzinfo=UTC), True),
+             CheckpointInfo("CKP-1_60", 60, datetime(2026, 1, 1, 0, 1, tzinfo=UTC), True)]
+    bucket = Bucket()
+    bucket.list = lambda spec, ref: final  # type: ignore[method-assign]
+    shell = Shell(OperatorSettings(), kube=None, bucket=bucket, metrics=Metrics(CollectorRegistry()))  # type: ignore[arg-type]
+    key = ("team", "demo")
+    shell.jobs.add(key)
+    shell.checkpoints[key] = final[:1]
+    job = Job.from_dict(job_body(status=RUNNING))
+    ended = [pod("demo", 2, 0, exit_code=0), pod("demo", 2, 1, exit_code=0)]
+    try:
+        listed = asyncio.run(shell._checkpoints(key, job, 0.0, fresh=wants_fresh_checkpoints(job, ended)))
+    finally:
+        shell.bucket_pool.shutdown(wait=False)
+    assert listed is not None and max(c.step for c in listed) == 60
