@@ -54,6 +54,13 @@ class Decision:
     """Decide again after this many seconds even without a watch event (deadlines, backoff)."""
 
     @property
+    def writes_children(self) -> bool:
+        """Whether applying it creates, deletes or patches a non-pod child (a Service, a
+        ConfigMap, a PodDisruptionBudget): the children a reconcile read are then out of date."""
+        return (any(o.get("kind") != "Pod" for o in self.create) or any(r.kind != "Pod" for r in self.delete)
+                or self.graceful_exit is not None)
+
+    @property
     def empty(self) -> bool:
         """Nothing to do."""
         return not (self.create or self.delete or self.graceful_exit or self.annotate or self.stop_sidecars

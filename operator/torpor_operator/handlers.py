@@ -2,8 +2,9 @@
 
 Level-triggered: every watch event of a TrainingJob, of one of its pods, or of a node hosting
 one of its pods that changes what a decision reads (:mod:`torpor_operator.watching`) leads to
-one *reconcile* of that job, which reads the job fresh, its pods from the pod watch's index
-(:mod:`torpor_operator.indexing`) and its other children by LIST, decides, and applies.
+one *reconcile* of that job, which reads the job, its pods and its other children — from the
+watches' caches where they can answer (:mod:`torpor_operator.indexing`,
+:mod:`torpor_operator.caching`), else by a GET and LISTs — decides, and applies.
 Reconciles of one job are serialised by a lock and coalesced (an event that arrives while a
 reconcile is already waiting adds nothing: the waiting one will read the newer state), so a
 burst of pod events costs one or two passes. The handlers do not wait for the reconcile
@@ -68,6 +69,7 @@ from urllib3.exceptions import HTTPError
 
 from torpor_operator.applying import CreateRefused, KubeClient, api_message
 from torpor_operator.bucket import Bucket
+from torpor_operator.caching import ChildIndex, JobCache
 from torpor_operator.contract import GROUP, LABEL_JOB, PLURAL, VERSION
 from torpor_operator.credentials import CREDENTIALS_REASONS, CredentialsError
 from torpor_operator.deleting import stop_ranks
@@ -136,6 +138,8 @@ class Shell:
         self.seen_jobs = Seen("TrainingJob")
         self.seen_pods = Seen("Pod")
         self.pod_index = PodIndex()
+        self.job_cache = JobCache()
+        self.child_index = ChildIndex()
         self.jobs: set[tuple[str, str]] = set()
         self.checkpoints: dict[tuple[str, str], list[CheckpointInfo]] = {}
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
@@ -169,6 +173,7 @@ class Shell:
         return {"jobs": lambda: len(self.jobs), "job_events": lambda: len(self.seen_jobs),
                 "pods": lambda: len(self.seen_pods), "nodes": lambda: len(self.nodes),
                 "pod_index": lambda: len(self.pod_index), "pod_index_jobs": self.pod_index.jobs,
+                "job_bodies": lambda: len(self.job_cache), "child_index": lambda: len(self.child_index),
                 "checkpoints": lambda: len(self.checkpoints), "locks": lambda: len(self._locks),
                 "wakeups": lambda: len(self._wakeups), "listings": lambda: len(self._listings),
                 "listed_at": lambda: len(self._listed_at), "retained": lambda: len(self._retained),
@@ -234,6 +239,7 @@ class Shell:
         """A reconcile met an API error: log it, retry after a backoff, and show it on the job when
         the API answered (a refused connection cannot be shown there)."""
         namespace, name = key
+        self.child_index.invalidate(key)
         errors = self._errors[key] = self._errors.get(key, 0) + 1
         delay = self.settings.api_retry_seconds(errors)
         self._retry_at[key] = time.monotonic() + delay
@@ -283,49 +289,51 @@ class Shell:
         namespace, name = key
         # the job, its pods and its children are read at once: a reconcile waits for one round
         # trip to the API server, not four in a row (reconciles of one job are serialised, so
-        # each read sees every write of the reconciles before it)
+        # each read sees every write of the reconciles before it); none where the caches answer
         observed_at = time.monotonic()
-        reads = asyncio.gather(self._pods(namespace, name, fresh),
-                               asyncio.to_thread(self.kube.list_children, namespace, name))
-        try:
-            body = await asyncio.to_thread(self.kube.read_job, namespace, name)
-        except BaseException:
-            await asyncio.gather(reads, return_exceptions=True)
-            raise
-        if body is None or body["metadata"].get("deletionTimestamp"):
-            await asyncio.gather(reads, return_exceptions=True)  # a LIST's answer must not outlive forget
-            self.forget(key)
-            return
-        try:
-            job = Job.from_dict(body)
-        except SpecError as exc:
-            await asyncio.gather(reads, return_exceptions=True)
-            old = JobStatus.from_dict(body.get("status"))
-            new = invalid_spec(old, str(exc), body["metadata"].get("generation"), datetime.now(UTC))
-            if new is None:
-                return  # already recorded for this generation: no second Event
-            log.warning("TrainingJob %s/%s cannot run: %s", namespace, name, exc)
-            patch = merge_patch(old, new)
-            if patch:
-                self._wrote(key, await asyncio.to_thread(self.kube.patch_status, namespace, name, patch))
-            await asyncio.to_thread(self.kube.post_event, body, "Warning", "InvalidSpec", str(exc))
-            return
-        self.jobs.add(key)
-        pods, children = await reads
-        checkpoints = await self._checkpoints(key, job, observed_at, fresh=wants_fresh_checkpoints(job, pods))
-        # the nodes hosting its ranks, the nodes a new rank may have to avoid (going away, lost),
-        # and those its pods avoid now (one that is back frees a Pending rank)
-        hosts = {(p.get("spec") or {}).get("nodeName") for p in pods}
-        hosts.update(n for p in pods for n in avoided_nodes((p.get("metadata") or {}).get("annotations")))
-        taints = self.settings.termination_taints
-
-        def wanted(node: str, body: dict[str, Any]) -> bool:
-            view = NodeView.from_dict(body)
-            return node in hosts or view.going_away(taints) is not None or view.lost() is not None
-
-        nodes = [n for node, n in self.nodes.items() if wanted(node, n)]
-        decision = decide(job, pods, nodes, checkpoints, datetime.now(UTC), self.settings, children)
+        pods_read = asyncio.ensure_future(self._pods(namespace, name, fresh))
+        cached, checked = not fresh, False
+        checkpoints: list[CheckpointInfo] | None = None
+        while True:
+            try:
+                body, children, from_cache = await self._read(key, cached=cached)
+            except BaseException:
+                await asyncio.gather(pods_read, return_exceptions=True)
+                raise
+            if body is None or body["metadata"].get("deletionTimestamp"):
+                await asyncio.gather(pods_read, return_exceptions=True)  # a LIST's answer must not outlive forget
+                self.forget(key)
+                return
+            try:
+                job = Job.from_dict(body)
+            except SpecError as exc:
+                await asyncio.gather(pods_read, return_exceptions=True)
+                old = JobStatus.from_dict(body.get("status"))
+                new = invalid_spec(old, str(exc), body["metadata"].get("generation"), datetime.now(UTC))
+                if new is None:
+                    return  # already recorded for this generation: no second Event
+                log.warning("TrainingJob %s/%s cannot run: %s", namespace, name, exc)
+                patch = merge_patch(old, new)
+                if patch:
+                    self._wrote(key, await asyncio.to_thread(self.kube.patch_status, namespace, name, patch))
+                await asyncio.to_thread(self.kube.post_event, body, "Warning", "InvalidSpec", str(exc))
+                return
+            self.jobs.add(key)
+            pods = await pods_read
+            if not checked:  # once per reconcile: a decision made again keeps the first listing
+                checkpoints = await self._checkpoints(key, job, observed_at,
+                                                      fresh=wants_fresh_checkpoints(job, pods))
+                nodes = self._nodes_for(pods)
+                checked = True
+            decision = decide(job, pods, nodes, checkpoints, datetime.now(UTC), self.settings, children)
+            if not (from_cache and decision.create):
+                break
+            # a decision that creates is made from a GET and a LIST (:mod:`torpor_operator.caching`)
+            self.metrics.cache_rereads.inc()
+            cached = False
         if not decision.empty:
+            if decision.writes_children:  # the next reconcile LISTs them (:mod:`torpor_operator.caching`)
+                self.child_index.invalidate(key)
             if decision.status and key in self.seen_jobs:
                 self.seen_jobs.expect(key, body, decision.status)
             self.pod_index.expect(namespace, name, [o["metadata"]["name"] for o in decision.create
@@ -354,6 +362,47 @@ class Shell:
                               None if expires is None else (expires - datetime.now(UTC)).total_seconds())
                   if d is not None]
         self._schedule(key, min(delays) if delays else None)
+
+    def _nodes_for(self, pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The nodes a decision reads: those hosting the job's ranks, those a new rank may have to
+        avoid (going away, lost), and those its pods avoid now (one that is back frees a Pending rank)."""
+        hosts = {(p.get("spec") or {}).get("nodeName") for p in pods}
+        hosts.update(n for p in pods for n in avoided_nodes((p.get("metadata") or {}).get("annotations")))
+        taints = self.settings.termination_taints
+
+        def wanted(node: str, body: dict[str, Any]) -> bool:
+            view = NodeView.from_dict(body)
+            return node in hosts or view.going_away(taints) is not None or view.lost() is not None
+
+        return [n for node, n in self.nodes.items() if wanted(node, n)]
+
+    async def _read(self, key: tuple[str, str], *, cached: bool
+                    ) -> tuple[dict[str, Any] | None, list[dict[str, Any]], bool]:
+        """The job's body (``None``: gone) and its non-pod children, from the caches where
+        ``cached`` and they can answer (:mod:`torpor_operator.caching`), else by a GET and a LIST
+        at once; and whether any of it came from a cache."""
+        namespace, name = key
+        body = self.job_cache.get(key) if cached else None
+        children = self.child_index.children(key) if cached else None
+        from_cache = body is not None or children is not None
+        listing = None
+        if children is None:
+            self.metrics.child_lists.inc()
+            listing = asyncio.ensure_future(asyncio.to_thread(self.kube.list_children, namespace, name))
+        try:
+            if body is None:
+                self.metrics.job_reads.inc()
+                body = await asyncio.to_thread(self.kube.read_job, namespace, name)
+                self.job_cache.answered(key, body)
+            if listing is not None:
+                children = await listing
+                if key in self.seen_jobs:  # never for a job deleted meanwhile (its forget has run)
+                    self.child_index.listed(key, children)
+        except BaseException:
+            if listing is not None:
+                await asyncio.gather(listing, return_exceptions=True)
+            raise
+        return body, list(children or ()), from_cache
 
     async def _expire(self, key: tuple[str, str], body: dict[str, Any], expires: datetime) -> bool:
         """Delete a finished job whose ``spec.ttlSecondsAfterFinished`` has passed (its children go
@@ -464,6 +513,7 @@ class Shell:
         shown and not yet deleted: a late answer never brings a deleted job's entry back."""
         if key in self.seen_jobs:
             self.seen_jobs.record(key, job)
+            self.job_cache.answered(key, job)
 
     def _listed(self, key: tuple[str, str], listing: _Listing) -> None:
         if self._listings.get(key) is listing:
@@ -528,6 +578,10 @@ class Shell:
             else:
                 blocking += blockers(records, self.identity, priority, datetime.now(UTC))
         acting = not blocking
+        if self._acting is not None and self._acting[1] != acting:
+            # the other replica may have written the jobs and their children meanwhile
+            self.job_cache.clear()
+            self.child_index.clear()
         if self._acting is None or self._acting[1] != acting:
             if acting:
                 log.info("peering %s: no live replica of priority >= %d; scheduled reconciles and retention run "
@@ -546,6 +600,8 @@ class Shell:
         while they terminate, bring them back until their own deletion events)."""
         self.jobs.discard(key)
         self.seen_jobs.drop(key)
+        self.job_cache.drop(key)
+        self.child_index.invalidate(key)
         self.checkpoints.pop(key, None)
         self._listed_at.pop(key, None)
         self._retained.pop(key, None)
@@ -797,6 +853,9 @@ async def on_job(event: dict[str, Any], body: kopf.Body, namespace: str, name: s
     if event.get("type") == "DELETED":
         shell.forget(key)
         return
+    shell.job_cache.watched(key, body)
+    if event.get("type") is None:  # kopf's listing: maybe after a pause, when another replica acted
+        shell.child_index.invalidate(key)
     if not shell.seen_jobs.changed(key, body) and event.get("type") is not None:
         shell.metrics.watch_events.labels(resource="trainingjobs", outcome="unchanged").inc()
         return
@@ -817,7 +876,12 @@ async def on_pod(event: dict[str, Any], body: kopf.Body, labels: dict[str, str],
     if event.get("type") == "DELETED":
         shell.seen_pods.drop(key)
         shell.pod_index.delete(namespace, name, body)
-    else:
+    elif event.get("type") is None and job is not None:
+        # kopf's listing, maybe on resuming after a pause: another replica may have written the
+        # job and its children meanwhile, and the job's own listing may come after this one
+        shell.job_cache.suspect((namespace, job))
+        shell.child_index.invalidate((namespace, job))
+    if event.get("type") != "DELETED":
         if job is not None:
             shell.pod_index.put(namespace, job, body)
         if not shell.seen_pods.changed(key, body) and event.get("type") is not None:

@@ -45,6 +45,14 @@ class Metrics:
         self.pod_lists = Counter("torpor_pod_lists_total", "LISTs of a job's pods: the pod index could not answer "
                                  "(first reconcile of a job, a pod just created not yet watched) or a resync",
                                  registry=registry)
+        self.job_reads = Counter("torpor_job_reads_total", "GETs of a job by a reconcile: the job cache could not "
+                                 "answer (not watched yet, a resumed replica) or a retention pass, an API retry, "
+                                 "a decision that creates", registry=registry)
+        self.child_lists = Counter("torpor_child_lists_total", "LISTs of a job's Services, ConfigMaps and PDBs: the "
+                                   "child index could not answer (first reconcile, a child written since, a "
+                                   "resync, a retention pass, an API error)", registry=registry)
+        self.cache_rereads = Counter("torpor_cache_rereads_total", "Decisions made from the caches that would "
+                                     "create pods or children, made again from a GET and a LIST", registry=registry)
         self.cached = Gauge("torpor_cached_entries", "Entries held in the operator's caches, by cache; every "
                             "per-job cache empties when its jobs are deleted", ["cache"], registry=registry)
         self._phases: dict[str, str] = {}

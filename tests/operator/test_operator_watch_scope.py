@@ -39,6 +39,14 @@ class Metrics:
     def value(self, name: str, **labels: str) -> float:
         return self.read().get((name, tuple(sorted(labels.items()))), 0.0)
 
+    def started(self) -> float:
+        """Reconciles begun (any trigger)."""
+        return sum(v for (name, _), v in self.read().items() if name == "torpor_reconciles_total")
+
+    def finished(self) -> float:
+        """Reconciles ended."""
+        return self.value("torpor_reconcile_seconds_count")
+
     def caches(self) -> dict[str, float]:
         return {dict(labels)["cache"]: v for (name, labels), v in self.read().items()
                 if name == "torpor_cached_entries"}
@@ -148,7 +156,7 @@ def test_a_big_template_is_not_copied_into_an_annotation(control_plane: ControlP
     control_plane.kubectl("delete", "-n", namespace, "tj", "big", "--wait=true", "--timeout=90s")
 
 
-def test_a_pod_change_is_reconciled_from_the_watch_without_a_list(control_plane: ControlPlane, namespace: str,
+def test_a_pod_change_is_reconciled_from_the_watch_without_a_get_or_a_list(control_plane: ControlPlane, namespace: str,
                                                                   s3_bucket: str,
                                                                   operator_process: OperatorProcess) -> None:
     # no retention pass (each LISTs its job's pods) during the test
@@ -157,11 +165,19 @@ def test_a_pod_change_is_reconciled_from_the_watch_without_a_list(control_plane:
     create(control_plane, namespace, job(s3_bucket))
     k.wait("Pending", lambda: k.status().get("phase") == "Pending")
     wait_for_condition(lambda: metrics.caches().get("pod_index", 0) == 2, timeout=30, what="2 pods indexed")
-    lists = metrics.value("torpor_pod_lists_total")
-    assert lists >= 1  # the job's first reconcile LISTs: the index answers for a job only after one
+    reads = ("torpor_pod_lists_total", "torpor_child_lists_total", "torpor_job_reads_total")
+    # a first change, reconciled after the launch's own reconciles (the one after the launch's
+    # writes LISTs the children written); once it has ended, every LIST of the launch is counted
+    started = metrics.started()
+    control_plane.kubectl("annotate", "-n", namespace, "pod", "shell-1-0", "example.com/warm=1")
+    wait_for_condition(lambda: metrics.started() > started and metrics.started() == metrics.finished(),
+                       timeout=30, what="the first annotation's reconcile ended")
+    before_reads = {name: metrics.value(name) for name in reads}
+    assert before_reads["torpor_pod_lists_total"] >= 1  # the first reconcile LISTs: the index answers only after one
     for rank in (0, 1):  # a change a decision reads (a pod's annotations) reconciles the job
         before = metrics.value("torpor_reconciles_total", trigger="pod")
         control_plane.kubectl("annotate", "-n", namespace, "pod", f"shell-1-{rank}", "example.com/note=1")
         wait_for_condition(lambda before=before: metrics.value("torpor_reconciles_total", trigger="pod") > before,
                            timeout=30, what=f"a reconcile for rank {rank}'s annotation")
-    assert metrics.value("torpor_pod_lists_total") == lists
+    # the job from its watch, the pods from the pod index, the children from the last LIST
+    assert {name: metrics.value(name) for name in reads} == before_reads

@@ -1,0 +1,216 @@
+"""The job cache and the child index a reconcile reads instead of a GET and three LISTs
+(issue 13, item 1: a cordon's reconcile waits for no read): pure bookkeeping first, then the
+shell deciding from them, with a stand-in API that counts what it is asked (no cluster; the same
+path against the real API server is in tests/operator/test_operator_watch_scope.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from collections import Counter
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from test_operator_world import Cluster, job_body, node
+
+from torpor_operator.bucket import Bucket
+from torpor_operator.caching import ChildIndex, JobCache
+from torpor_operator.decisions import Decision
+from torpor_operator.handlers import Shell
+from torpor_operator.metrics import Metrics
+from torpor_operator.settings import OperatorSettings
+from torpor_operator.watching import slim_node
+
+KEY = ("team", "demo")
+
+
+def at(body: dict[str, Any], version: int, **status: Any) -> dict[str, Any]:
+    body = copy.deepcopy(body)
+    body["metadata"]["resourceVersion"] = str(version)
+    body["status"].update(status)
+    return body
+
+
+# --- JobCache ------------------------------------------------------------------------------------
+
+def test_the_newest_body_wins_whatever_order_the_watch_and_the_answers_come_in() -> None:
+    cache = JobCache()
+    assert cache.get(KEY) is None  # the watch has not shown it: GET
+    cache.watched(KEY, at(job_body(), 5, phase="Pending"))
+    cache.answered(KEY, at(job_body(), 7, phase="Running"))  # the operator's status patch
+    cache.watched(KEY, at(job_body(), 6, phase="Pending"))  # a watch event older than that answer
+    assert cache.get(KEY)["status"]["phase"] == "Running"  # type: ignore[index]
+    cache.watched(KEY, at(job_body(), 8, phase="Stopping"))
+    assert cache.get(KEY)["status"]["phase"] == "Stopping"  # type: ignore[index]
+
+
+def test_a_new_job_of_the_name_replaces_the_old_one_whatever_its_version() -> None:
+    cache = JobCache()
+    cache.watched(KEY, at(job_body(), 9))
+    again = at(job_body(), 3)
+    again["metadata"]["uid"] = "uid-2"
+    cache.watched(KEY, again)
+    assert cache.get(KEY)["metadata"]["uid"] == "uid-2"  # type: ignore[index]
+
+
+def test_an_answer_never_brings_a_deleted_job_back_and_managed_fields_are_not_kept() -> None:
+    cache = JobCache()
+    cache.answered(KEY, at(job_body(), 5))  # a GET before the watch showed the job
+    assert cache.get(KEY) is None and len(cache) == 0
+    body = at(job_body(), 6)
+    body["metadata"]["managedFields"] = [{"manager": "kubectl"}]
+    cache.watched(KEY, body)
+    assert "managedFields" not in cache.get(KEY)["metadata"]  # type: ignore[index]
+    cache.drop(KEY)
+    cache.answered(KEY, at(job_body(), 7))  # the answer to a patch sent before the deletion
+    assert cache.get(KEY) is None and len(cache) == 0
+
+
+def test_a_suspect_body_is_read_again_until_a_newer_one_comes() -> None:
+    cache = JobCache()
+    cache.watched(KEY, at(job_body(), 5))
+    cache.suspect(KEY)  # kopf lists again (a resumed replica): another one may have written the job
+    assert cache.get(KEY) is None
+    cache.answered(KEY, at(job_body(), 9))  # the GET
+    assert cache.get(KEY) is not None
+    cache.clear()  # this replica was paused
+    assert cache.get(KEY) is None
+    cache.watched(KEY, at(job_body(), 10))
+    assert cache.get(KEY) is not None
+
+
+# --- ChildIndex ----------------------------------------------------------------------------------
+
+def test_children_are_answered_from_the_last_list_until_written_or_resync() -> None:
+    index = ChildIndex(resync_seconds=300)
+    assert index.children(KEY, now=0) is None
+    index.listed(KEY, [{"kind": "ConfigMap", "metadata": {"name": "demo-1-exit", "managedFields": [{}]}}], now=0)
+    assert index.children(KEY, now=299) == [{"kind": "ConfigMap", "metadata": {"name": "demo-1-exit"}}]
+    assert index.children(KEY, now=300) is None  # a child someone else changed is seen at the resync
+    index.listed(KEY, [], now=300)
+    index.invalidate(KEY)  # the operator wrote one
+    assert index.children(KEY, now=301) is None and len(index) == 0
+
+
+def test_a_decision_says_whether_it_writes_children() -> None:
+    assert not Decision().writes_children
+    assert not Decision(create=[{"kind": "Pod", "metadata": {"name": "demo-1-0"}}]).writes_children
+    assert not Decision(annotate=(("demo-1-0", {"a": "b"}),), status={"phase": "Stopping"}).writes_children
+    assert Decision(graceful_exit=("demo-1-exit", 1)).writes_children
+    assert Decision(create=[{"kind": "ConfigMap", "metadata": {"name": "demo-1-exit"}}]).writes_children
+
+
+# --- the shell -----------------------------------------------------------------------------------
+
+class CountingApi:
+    """The API calls a reconcile makes, answered from a :class:`Cluster` and counted."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+        self.calls: Counter[str] = Counter()
+        self.gone = False
+        self.applied: list[Decision] = []
+
+    def read_job(self, namespace: str, name: str) -> dict[str, Any] | None:
+        self.calls["GET job"] += 1
+        return None if self.gone else copy.deepcopy(self.cluster.body)
+
+    def list_children(self, namespace: str, job: str) -> list[dict[str, Any]]:
+        self.calls["LIST children"] += 1
+        return copy.deepcopy(list(self.cluster.children.values()))
+
+    def list_pods_at(self, namespace: str, job: str) -> tuple[list[dict[str, Any]], str | None]:
+        self.calls["LIST pods"] += 1
+        return copy.deepcopy(list(self.cluster.pods.values())), None
+
+    def apply(self, namespace: str, job: str, decision: Decision) -> dict[str, Any] | None:
+        self.applied.append(decision)
+        self.cluster.apply(decision)
+        return copy.deepcopy(self.cluster.body) if decision.status else None
+
+    def post_events(self, body: dict[str, Any], decision: Decision) -> None:
+        pass
+
+
+def shell_for(cluster: Cluster) -> tuple[Shell, CountingApi]:
+    api = CountingApi(cluster)
+    shell = Shell(OperatorSettings(), kube=api, bucket=Bucket(), metrics=Metrics(CollectorRegistry()))  # type: ignore[arg-type]
+    shell.checkpoints[KEY] = []  # the job's listing is made: no bucket in these tests
+    shell.nodes = {name: slim_node(n) for name, n in cluster.nodes.items()}
+    return shell, api
+
+
+def watched(shell: Shell, cluster: Cluster) -> None:
+    """The job's watch event, as ``on_job`` takes it."""
+    shell.job_cache.watched(KEY, copy.deepcopy(cluster.body))
+    shell.seen_jobs.changed(KEY, cluster.body)
+
+
+def running() -> Cluster:
+    cluster = Cluster(job_body())
+    cluster.step()  # launch
+    cluster.run()
+    cluster.step()  # Running
+    assert cluster.status["phase"] == "Running"
+    return cluster
+
+
+def test_a_cordon_of_a_running_jobs_node_writes_the_flag_without_reading_the_api() -> None:
+    """The reconcile of a node event is the latency the users see: its job from the watch, its
+    pods from the pod index, its children from the last LIST; only the writes go to the API."""
+    cluster = running()
+    shell, api = shell_for(cluster)
+    watched(shell, cluster)
+    asyncio.run(shell._reconcile(KEY, None, fresh=False))  # the first reconcile in the process
+    assert api.calls == Counter({"LIST children": 1, "LIST pods": 1})
+    cluster.nodes["node-a"] = node("node-a", unschedulable=True)
+    shell.nodes["node-a"] = slim_node(cluster.nodes["node-a"])
+    api.calls.clear()
+    asyncio.run(shell._reconcile(KEY, None, fresh=False))
+    assert api.applied[-1].graceful_exit == ("demo-1-exit", 1)
+    assert api.calls == Counter(), "no GET of the job, no LIST of its children or pods"
+    assert cluster.flag() == 1
+    # the flag is a write of a child: the next reconcile LISTs the children again
+    asyncio.run(shell._reconcile(KEY, None, fresh=False))
+    assert api.calls == Counter({"LIST children": 1})
+
+
+def test_a_retention_pass_or_an_api_retry_reads_everything_afresh() -> None:
+    cluster = running()
+    shell, api = shell_for(cluster)
+    watched(shell, cluster)
+    asyncio.run(shell._reconcile(KEY, None, fresh=False))
+    api.calls.clear()
+    asyncio.run(shell._reconcile(KEY, None, fresh=True))
+    assert api.calls == Counter({"GET job": 1, "LIST children": 1, "LIST pods": 1})
+
+
+def test_a_launch_decided_from_the_caches_is_decided_again_from_a_get_that_finds_the_job_gone() -> None:
+    """kopf's listing after a watch gap tells no deletions: a job deleted meanwhile stays in the
+    cache. Its pods vanish (the garbage collector), and a decision from the cache would make
+    them again — for ever, each one collected at once. The GET that any create waits for finds
+    the job gone, and the shell forgets it."""
+    cluster = Cluster(job_body())
+    shell, api = shell_for(cluster)
+    watched(shell, cluster)
+    shell.child_index.listed(KEY, [])
+    shell.pod_index.listing(*KEY)
+    shell.pod_index.seed(*KEY, [], "1")
+    api.gone = True
+    asyncio.run(shell._reconcile(KEY, None, fresh=False))
+    assert api.applied == [], "nothing created for a job that is gone"
+    assert api.calls["GET job"] == 1
+    assert shell.job_cache.get(KEY) is None and KEY not in shell.jobs
+
+
+def test_a_launch_decided_from_the_caches_is_applied_once_the_get_and_list_agree() -> None:
+    cluster = Cluster(job_body())
+    shell, api = shell_for(cluster)
+    watched(shell, cluster)
+    shell.child_index.listed(KEY, [])
+    shell.pod_index.listing(*KEY)
+    shell.pod_index.seed(*KEY, [], "1")
+    asyncio.run(shell._reconcile(KEY, None, fresh=False))
+    assert api.calls == Counter({"GET job": 1, "LIST children": 1})
+    assert len(api.applied) == 1 and {o["kind"] for o in api.applied[0].create} >= {"Pod", "ConfigMap"}
+    assert shell.metrics.cache_rereads._value.get() == 1  # type: ignore[attr-defined]
