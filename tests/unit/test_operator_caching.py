@@ -214,3 +214,70 @@ def test_a_launch_decided_from_the_caches_is_applied_once_the_get_and_list_agree
     assert api.calls == Counter({"GET job": 1, "LIST children": 1})
     assert len(api.applied) == 1 and {o["kind"] for o in api.applied[0].create} >= {"Pod", "ConfigMap"}
     assert shell.metrics.cache_rereads._value.get() == 1  # type: ignore[attr-defined]
+
+
+def test_after_kopfs_listing_the_next_reconcile_reads_the_job_and_its_children_afresh() -> None:
+    """kopf lists again after a watch gap and when a paused replica resumes: another replica may
+    have written the job and its children meanwhile, and a pod's listing event may come before
+    its job's. Either listing event makes the next reconcile GET the job and LIST its children."""
+    import kopf
+
+    from torpor_operator import handlers
+
+    cluster = running()
+    shell, api = shell_for(cluster)
+    memo = kopf.Memo(shell=shell)
+    watched(shell, cluster)
+    asyncio.run(shell._reconcile(KEY, None, fresh=False))
+    pod = copy.deepcopy(next(iter(cluster.pods.values())))
+
+    async def listed_pod() -> None:
+        await handlers.on_pod(event={"type": None, "object": pod}, body=kopf.Body(pod),
+                              labels=pod["metadata"]["labels"], namespace="team", name=pod["metadata"]["name"],
+                              memo=memo)
+        await asyncio.gather(*shell._requests)
+
+    async def listed_job() -> None:
+        body = copy.deepcopy(cluster.body)
+        await handlers.on_job(event={"type": None, "object": body}, body=kopf.Body(body), namespace="team",
+                              name="demo", memo=memo)
+        await asyncio.gather(*shell._requests)
+
+    api.calls.clear()
+    asyncio.run(listed_pod())
+    assert api.calls == Counter({"GET job": 1, "LIST children": 1})
+    api.calls.clear()
+    asyncio.run(shell._reconcile(KEY, None, fresh=False))
+    assert api.calls == Counter(), "the GET's answer and the LIST are cached again"
+    asyncio.run(listed_job())
+    assert api.calls == Counter({"LIST children": 1}), "the job's listing is its body: no GET"
+
+
+def test_a_replica_that_was_paused_reads_every_job_afresh() -> None:
+    """While outranked, kopf stopped this replica's watches and another replica acted: once it
+    acts again (:meth:`Shell.acting`), no job is decided from what it held before."""
+    from datetime import UTC, datetime
+
+    from torpor_operator import handlers
+
+    cluster = running()
+    shell, api = shell_for(cluster)
+    watched(shell, cluster)
+    asyncio.run(shell._reconcile(KEY, None, fresh=False))
+    shell.settings = OperatorSettings(peering="p", peering_priority=1)
+    shell.identity = "low"
+    records: dict[str, Any] = {"high": {"priority": 2, "lifetime": 60, "lastseen": datetime.now(UTC).isoformat()}}
+    api.read_peering = lambda name, namespace: dict(records)  # type: ignore[attr-defined]
+
+    async def acting() -> bool:
+        shell._acting = None if shell._acting is None else (shell._acting[0] - handlers._ACTING_CACHE_SECONDS,
+                                                            shell._acting[1])  # the reading has expired
+        return await shell.acting()
+
+    shell._acting = (0.0, True)
+    assert asyncio.run(acting()) is False  # outranked: paused
+    records.clear()
+    assert asyncio.run(acting()) is True  # the other replica is gone: acting again
+    api.calls.clear()
+    asyncio.run(shell._reconcile(KEY, None, fresh=False))
+    assert api.calls == Counter({"GET job": 1, "LIST children": 1})
