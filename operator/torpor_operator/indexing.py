@@ -166,6 +166,21 @@ class PodIndex:
             grace_seconds = int((old[1].get("spec") or {}).get("terminationGracePeriodSeconds", 30))
         old[1]["metadata"] = {**meta, "deletionTimestamp": at, "deletionGracePeriodSeconds": grace_seconds}
 
+    def annotated(self, namespace: str, name: str, annotations: Mapping[str, str], *,
+                  apply: bool = True) -> dict[str, Any] | None:
+        """The operator's annotation patch of a pod returned: the held copy carries the
+        annotations until the watch shows the pod (a decision in between would tell the rank
+        again). The held copy with them, or ``None`` if the index holds no such pod; with
+        ``apply=False`` only that copy, the index unchanged (what the patch will make of the pod)."""
+        old = self._pods.get((namespace, name))
+        if old is None:
+            return None
+        meta = old[1].get("metadata") or {}
+        copy = {**old[1], "metadata": {**meta, "annotations": {**(meta.get("annotations") or {}), **annotations}}}
+        if apply:
+            self._pods[(namespace, name)] = (old[0], copy)
+        return copy
+
     def listing(self, namespace: str, job: str) -> None:
         """A LIST of the job's pods begins: deletions seen from now on are remembered for :meth:`seed`."""
         self._deleted.setdefault((namespace, job), set())

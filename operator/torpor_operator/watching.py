@@ -9,8 +9,9 @@ pod (its template, volumes, env, the kubelet's status) is several times that, fo
 
 A watch event reconciles its job only when the object's *decision-relevant content*
 (:func:`relevant`) differs from the last one the shell saw or wrote itself (:class:`Seen`):
-kopf's annotation patches, a resourceVersion-only change, a node's heartbeat and the operator's
-own status patch (whose result is recorded when the patch returns) cost no reconcile. Time-based
+kopf's annotation patches, a resourceVersion-only change, a node's heartbeat, a kubelet's
+bookkeeping of a pod and the operator's own status and pod-annotation patches (recorded as they
+are sent and, for the status, as the API answers) cost no reconcile. Time-based
 steps never depended on such events: they are scheduled from ``Decision.requeue_after``.
 """
 
@@ -29,9 +30,6 @@ __all__ = ["POD_SELECTOR", "NoDiffBase", "Seen", "merge", "relevant", "slim_node
 
 #: The server-side label selector of the pod watch: every pod torpor makes has the label.
 POD_SELECTOR = LABEL_JOB
-
-#: Pod metadata that changes without a change of the pod itself.
-_POD_NOISE = ("resourceVersion", "managedFields", "generation")
 
 
 def slim_node(node: Mapping[str, Any]) -> dict[str, Any]:
@@ -110,9 +108,10 @@ def relevant(kind: str, body: Mapping[str, Any]) -> dict[str, Any]:
     - ``TrainingJob``: uid, generation, deletionTimestamp, ``spec`` and ``status`` — not its
       annotations (kopf's state lives there, and no decision reads them), labels, finalizers or
       resourceVersion. A status the operator wrote itself is told apart by :class:`Seen`.
-    - ``Pod``: everything but ``resourceVersion``, ``managedFields`` and ``generation``, and
-      the conditions' ``lastProbeTime``: decisions read labels, annotations, owners, spec and
-      most of the status, and a rank's pod changes rarely otherwise.
+    - ``Pod``: what the pod index keeps of it (:func:`slim_pod`, the fields decisions read) but
+      its ``resourceVersion``: a kubelet's IPs, image IDs and probe times change no decision, and
+      the operator's own annotation patch is recorded before it is sent
+      (:meth:`Seen.record` of :meth:`~torpor_operator.indexing.PodIndex.annotated`).
     - ``Node``: :func:`slim_node`.
 
     Raises:
@@ -125,11 +124,9 @@ def relevant(kind: str, body: Mapping[str, Any]) -> dict[str, Any]:
         return {"metadata": {k: meta.get(k) for k in ("uid", "generation", "deletionTimestamp")},
                 "spec": body.get("spec"), "status": body.get("status")}
     if kind == "Pod":
-        status = dict(body.get("status") or {})
-        if status.get("conditions"):
-            status["conditions"] = [{k: v for k, v in c.items() if k != "lastProbeTime"} for c in status["conditions"]]
-        return {"metadata": {k: v for k, v in meta.items() if k not in _POD_NOISE},
-                "spec": body.get("spec"), "status": status}
+        slim = slim_pod(body)
+        slim["metadata"].pop("resourceVersion", None)
+        return slim
     raise ValueError(f"relevant: kind must be TrainingJob, Pod or Node, got {kind!r}")
 
 

@@ -281,3 +281,56 @@ def test_a_replica_that_was_paused_reads_every_job_afresh() -> None:
     api.calls.clear()
     asyncio.run(shell._reconcile(KEY, None, fresh=False))
     assert api.calls == Counter({"GET job": 1, "LIST children": 1})
+
+
+def test_the_stops_own_annotations_reconcile_nothing_and_are_not_written_twice() -> None:
+    """A stop annotates every live rank; each patch's watch event used to reconcile the job, and a
+    reconcile before the event reached the index annotated the rank again (1024 ranks: 1024
+    events, and patches twice over)."""
+    import kopf
+
+    from torpor_operator import handlers
+
+    cluster = running()
+    shell, api = shell_for(cluster)
+    memo = kopf.Memo(shell=shell)
+
+    async def pod_event(name: str) -> None:
+        body = copy.deepcopy(cluster.pods[name])
+        await handlers.on_pod(event={"type": "MODIFIED", "object": body}, body=kopf.Body(body),
+                              labels=body["metadata"]["labels"], namespace="team", name=name, memo=memo)
+
+    watched(shell, cluster)
+    for name in cluster.pods:  # the pods as the watch showed them before the stop
+        asyncio.run(pod_event(name))
+    asyncio.run(asyncio.sleep(0))
+    for task in list(shell._requests):
+        task.cancel()
+    asyncio.run(shell._reconcile(KEY, None, fresh=False))
+    cluster.nodes["node-a"] = node("node-a", unschedulable=True)
+    shell.node_seen("node-a", slim_node(cluster.nodes["node-a"]))
+    asyncio.run(shell._reconcile(KEY, None, fresh=False))
+    told = [p for p, _ in api.applied[-1].annotate]
+    assert told == sorted(cluster.pods), "every rank is told"
+    applied = len(api.applied)
+    asyncio.run(shell._reconcile(KEY, None, fresh=False))  # before the watch shows the annotations
+    assert not any(d.annotate for d in api.applied[applied:]), "each rank told once"
+    events = shell.metrics.watch_events.labels(resource="pods", outcome="reconcile")._value.get()
+    for name in told:  # the annotation patches' own watch events
+        asyncio.run(pod_event(name))
+    assert shell.metrics.watch_events.labels(resource="pods", outcome="reconcile")._value.get() == events
+    assert not shell._requests, "no reconcile for the operator's own writes"
+
+
+def test_a_decision_reads_the_nodes_of_its_ranks_and_those_in_trouble_not_every_node() -> None:
+    cluster = Cluster(job_body())
+    shell, _ = shell_for(cluster)
+    for i in range(100):
+        shell.node_seen(f"idle-{i}", slim_node(node(f"idle-{i}")))
+    shell.node_seen("cordoned", slim_node(node("cordoned", unschedulable=True)))
+    shell.node_seen("lost", slim_node(node("lost", ready="Unknown")))
+    pods = [{"spec": {"nodeName": "node-a"}, "metadata": {}}]
+    assert [n["metadata"]["name"] for n in shell._nodes_for(pods)] == ["cordoned", "lost", "node-a"]
+    shell.node_seen("cordoned", slim_node(node("cordoned")))  # uncordoned
+    shell.node_seen("lost", None)  # deleted
+    assert [n["metadata"]["name"] for n in shell._nodes_for(pods)] == ["node-a"]

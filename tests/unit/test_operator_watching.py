@@ -174,3 +174,17 @@ def test_the_pod_index_keeps_a_pod_as_the_fields_decisions_read() -> None:
     assert "managedFields" not in slim["metadata"] and "volumes" not in slim["spec"]
     # what each rank costs the index: the figure is in bench/README.md (issue 13, item 4)
     assert len(json.dumps(slim)) < len(json.dumps(whole)) / 2, (len(json.dumps(slim)), len(json.dumps(whole)))
+
+
+def test_a_kubelets_bookkeeping_of_a_pod_is_no_change_and_the_slim_copy_is_its_own_slim_copy() -> None:
+    """A pod's relevant content is what the pod index keeps (the fields decisions read): so the
+    operator can tell its own annotation patch's event from the slim copy it holds."""
+    before = kubelet_pod()
+    after = copy.deepcopy(before)
+    after["metadata"]["resourceVersion"] = "78"
+    after["status"].update(podIP="10.1.0.8", hostIP="10.0.0.2")
+    after["status"]["containerStatuses"][0].update(imageID="sha256:" + "1" * 64, restartCount=0)
+    after["status"]["conditions"][0]["lastTransitionTime"] = "2026-01-01T11:05:00Z"
+    assert relevant("Pod", before) == relevant("Pod", after)
+    assert slim_pod(slim_pod(before)) == slim_pod(before)
+    assert relevant("Pod", slim_pod(before)) == relevant("Pod", before)
