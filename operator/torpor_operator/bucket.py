@@ -133,6 +133,10 @@ class Bucket:
             if where is not None:
                 self._caches.pop(where, None)
 
+    def known_jobs(self) -> int:
+        """How many jobs the bucket knows where to scan (``torpor_cached_entries{cache="bucket_jobs"}``)."""
+        return len(self._where)
+
     def cached_jobs(self) -> int:
         """How many jobs have parsed manifests cached (``torpor_cached_entries{cache="manifests"}``)."""
         return len(self._caches)

@@ -171,7 +171,8 @@ class Shell:
 
     def cache_sizes(self) -> dict[str, Callable[[], int]]:
         """Every cache of the shell, by the name ``torpor_cached_entries`` gives it. All but
-        ``nodes`` are per job (``pods``: per pod of a job) and empty once their jobs are gone."""
+        ``nodes`` and ``troubled_nodes`` are per job (``pods``: per pod of a job) and empty once
+        their jobs are gone."""
         return {"jobs": lambda: len(self.jobs), "job_events": lambda: len(self.seen_jobs),
                 "pods": lambda: len(self.seen_pods), "nodes": lambda: len(self.nodes),
                 "pod_index": lambda: len(self.pod_index), "pod_index_jobs": self.pod_index.jobs,
@@ -181,7 +182,9 @@ class Shell:
                 "listed_at": lambda: len(self._listed_at), "retained": lambda: len(self._retained),
                 "errors": lambda: len(self._errors),
                 "retry_at": lambda: len(self._retry_at), "credentials_shown": lambda: len(self._credentials_shown),
-                "manifests": self.bucket.cached_jobs}
+                "manifests": self.bucket.cached_jobs, "bucket_jobs": self.bucket.known_jobs,
+                "schedule": lambda: len(self.schedule), "phases": self.metrics.phases_known,
+                "troubled_nodes": lambda: len(self.troubled)}
 
     def request(self, namespace: str, name: str, *, triggered_at: float, trigger: str) -> None:
         """Reconcile the job in a task of its own, and return at once.

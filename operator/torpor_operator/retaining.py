@@ -127,6 +127,10 @@ class RetentionSchedule:
         """Whether no pass (nor a launch's empty listing) was recorded for ``key`` yet."""
         return key not in self._passes
 
+    def __len__(self) -> int:
+        """Jobs the schedule holds facts or a pass of (``torpor_cached_entries{cache="schedule"}``)."""
+        return len(self._facts.keys() | self._passes.keys())
+
     def forget(self, key: Key) -> None:
         """Drop a deleted job."""
         self._facts.pop(key, None)

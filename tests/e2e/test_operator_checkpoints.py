@@ -135,14 +135,20 @@ def test_a_stale_multipart_upload_of_a_killed_save_is_aborted(e2e: Env) -> None:
     assert remaining == names[1:]  # the incomplete checkpoint went with it
 
 
-def test_a_finished_job_is_deleted_ttl_seconds_after_it_finished_and_its_checkpoints_stay(e2e: Env) -> None:
-    e2e.create(e2e.example("--max-steps", "8", "--step-delay", "0", checkpoint={"saveSteps": 4},
+@pytest.mark.parametrize("delete_on_job_deletion", [False, True], ids=["checkpoints-stay", "deleteOnJobDeletion"])
+def test_a_finished_job_is_deleted_ttl_seconds_after_it_finished_and_its_checkpoints_stay_unless_asked(
+        e2e: Env, delete_on_job_deletion: bool) -> None:
+    e2e.create(e2e.example("--max-steps", "8", "--step-delay", "0",
+                           checkpoint={"saveSteps": 4, "deleteOnJobDeletion": delete_on_job_deletion},
                            ttlSecondsAfterFinished=2))
     e2e.wait("the job deleted after it finished", lambda: e2e.get("tj")["items"] == [], timeout=180)
     reasons = e2e.reasons()
     assert "Succeeded" in reasons and "Expired" in reasons, reasons
     e2e.wait("its pods gone with it (owner references)", lambda: e2e.pods() == [], timeout=120)
-    assert [c.step for c in e2e.checkpoints() if c.complete][-1] == 8, "the checkpoints stay"
+    if delete_on_job_deletion:  # the expiry is a deletion like kubectl's: the finalizer removes the prefix
+        assert e2e.object_keys() == []
+    else:
+        assert [c.step for c in e2e.checkpoints() if c.complete][-1] == 8, "the checkpoints stay"
 
 
 def test_deleting_a_job_stops_its_ranks_before_deleting_its_checkpoints(e2e: Env) -> None:

@@ -21,7 +21,7 @@ from operator_process import OperatorProcess
 pytestmark = pytest.mark.cluster
 
 #: Caches that are not per job: the nodes of the cluster.
-CLUSTER_WIDE = {"nodes"}
+CLUSTER_WIDE = {"nodes", "troubled_nodes"}
 
 
 class Metrics:
