@@ -185,17 +185,23 @@ def test_a_retention_pass_or_an_api_retry_reads_everything_afresh() -> None:
     assert api.calls == Counter({"GET job": 1, "LIST children": 1, "LIST pods": 1})
 
 
-def test_a_launch_decided_from_the_caches_is_decided_again_from_a_get_that_finds_the_job_gone() -> None:
-    """kopf's listing after a watch gap tells no deletions: a job deleted meanwhile stays in the
-    cache. Its pods vanish (the garbage collector), and a decision from the cache would make
-    them again — for ever, each one collected at once. The GET that any create waits for finds
-    the job gone, and the shell forgets it."""
+def new_job_all_cached() -> tuple[Cluster, Shell, CountingApi]:
+    """A new job whose body, (no) children and (no) pods are all in the caches: its launch is due."""
     cluster = Cluster(job_body())
     shell, api = shell_for(cluster)
     watched(shell, cluster)
     shell.child_index.listed(KEY, [])
     shell.pod_index.listing(*KEY)
     shell.pod_index.seed(*KEY, [], "1")
+    return cluster, shell, api
+
+
+def test_a_launch_decided_from_the_caches_is_decided_again_from_a_get_that_finds_the_job_gone() -> None:
+    """kopf's listing after a watch gap tells no deletions: a job deleted meanwhile stays in the
+    cache. Its pods vanish (the garbage collector), and a decision from the cache would make
+    them again — for ever, each one collected at once. The GET that any create waits for finds
+    the job gone, and the shell forgets it."""
+    _, shell, api = new_job_all_cached()
     api.gone = True
     asyncio.run(shell._reconcile(KEY, None, fresh=False))
     assert api.applied == [], "nothing created for a job that is gone"
@@ -204,12 +210,7 @@ def test_a_launch_decided_from_the_caches_is_decided_again_from_a_get_that_finds
 
 
 def test_a_launch_decided_from_the_caches_is_applied_once_the_get_and_list_agree() -> None:
-    cluster = Cluster(job_body())
-    shell, api = shell_for(cluster)
-    watched(shell, cluster)
-    shell.child_index.listed(KEY, [])
-    shell.pod_index.listing(*KEY)
-    shell.pod_index.seed(*KEY, [], "1")
+    _, shell, api = new_job_all_cached()
     asyncio.run(shell._reconcile(KEY, None, fresh=False))
     assert api.calls == Counter({"GET job": 1, "LIST children": 1})
     assert len(api.applied) == 1 and {o["kind"] for o in api.applied[0].create} >= {"Pod", "ConfigMap"}
