@@ -62,15 +62,25 @@ class JobCache:
         self._suspect: set[Key] = set()
         """Jobs whose held body is answered by a GET until a newer one comes (:meth:`suspect`)."""
 
-    def watched(self, key: Key, body: Mapping[str, Any]) -> None:
-        """A watch event (added, modified, listed) of the job; one older than the body held is ignored."""
+    def watched(self, key: Key, body: Mapping[str, Any], *, listed: bool = False) -> None:
+        """A watch event (added, modified, listed) of the job; one older than the body held is
+        ignored. A listed one (kopf's listing: at start-up, after a watch gap, on resuming) is
+        held suspect: a reconcile may have written the job since the listing was read, before the
+        cache held it and could keep that write's answer."""
         self._put(key, body)
+        if listed:
+            self._suspect.add(key)
 
     def answered(self, key: Key, body: Mapping[str, Any] | None) -> None:
         """The API's answer to a read or a write of the job (``None``: the job was gone). Only for
-        a job the watch has shown and not yet deleted: a late answer never brings a deleted job back."""
-        if body is not None and key in self._bodies:
-            self._put(key, body)
+        a job the watch has shown and not yet deleted, and of the same uid: a late answer never
+        brings a deleted job back, nor replaces a new job of the name by the old one."""
+        held = self._bodies.get(key)
+        if body is None or held is None:
+            return
+        if (held.get("metadata") or {}).get("uid") != (body.get("metadata") or {}).get("uid"):
+            return
+        self._put(key, body)
 
     def _put(self, key: Key, body: Mapping[str, Any]) -> None:
         held = self._bodies.get(key)
@@ -114,9 +124,19 @@ class ChildIndex:
         self.resync_seconds = resync_seconds
         self._children: dict[Key, tuple[float, list[dict[str, Any]]]] = {}
         """(namespace, job) -> (``time.monotonic()`` of the LIST, its items)."""
+        self._epoch = 0
+        """Counts invalidations: a LIST begun before one (of any job) is not kept."""
 
-    def listed(self, key: Key, items: Iterable[Mapping[str, Any]], now: float | None = None) -> None:
-        """The answer of a LIST of the job's children, begun after the operator's last write of them."""
+    def token(self) -> int:
+        """Taken as a LIST begins, handed to :meth:`listed` with its answer."""
+        return self._epoch
+
+    def listed(self, key: Key, items: Iterable[Mapping[str, Any]], token: int | None = None,
+               now: float | None = None) -> None:
+        """The answer of a LIST of the job's children, begun after the operator's last write of
+        them; dropped when an invalidation came while it ran (``token``: :meth:`token` at its start)."""
+        if token is not None and token != self._epoch:
+            return
         now = time.monotonic() if now is None else now
         self._children[key] = (now, [_without_managed_fields(i) for i in items])
 
@@ -133,10 +153,12 @@ class ChildIndex:
 
     def invalidate(self, key: Key) -> None:
         """The operator wrote (or may have written) a child of the job, or the job is gone."""
+        self._epoch += 1
         self._children.pop(key, None)
 
     def clear(self) -> None:
         """Forget every job's children."""
+        self._epoch += 1
         self._children.clear()
 
     def __len__(self) -> int:

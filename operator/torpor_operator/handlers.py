@@ -297,7 +297,7 @@ class Shell:
         # each read sees every write of the reconciles before it); none where the caches answer
         observed_at = time.monotonic()
         pods_read = asyncio.ensure_future(self._pods(namespace, name, fresh))
-        cached, checked = not fresh, False
+        cached, checked, listed_fresh = not fresh, False, False
         checkpoints: list[CheckpointInfo] | None = None
         while True:
             try:
@@ -325,11 +325,12 @@ class Shell:
                 return
             self.jobs.add(key)
             pods = await pods_read
-            if not checked:  # once per reconcile: a decision made again keeps the first listing
-                checkpoints = await self._checkpoints(key, job, observed_at,
-                                                      fresh=wants_fresh_checkpoints(job, pods))
+            want = wants_fresh_checkpoints(job, pods)
+            # once per reconcile, unless the job read again wants a fresh listing the first did not make
+            if not checked or (want and not listed_fresh):
+                checkpoints = await self._checkpoints(key, job, observed_at, fresh=want)
                 nodes = self._nodes_for(pods)
-                checked = True
+                checked, listed_fresh = True, want
             decision = decide(job, pods, nodes, checkpoints, datetime.now(UTC), self.settings, children)
             if not (from_cache and decision.create):
                 break
@@ -354,12 +355,16 @@ class Shell:
             for ref in decision.delete:
                 if ref.kind == "Pod":
                     self.pod_index.deleted(namespace, ref.name, deleted_at, ref.grace_period_seconds)
+        if key not in self.jobs:
+            return  # deleted while the decision was applied: its forget has run, nothing comes back
         if decision.graceful_exit is not None and triggered_at is not None:
             self.metrics.reaction.observe(time.monotonic() - triggered_at)
         for event in decision.events:
             log.info("%s/%s %s: %s", namespace, name, event.reason, event.message)
         if decision.events:
             await asyncio.to_thread(self.kube.post_events, body, decision)
+        if key not in self.jobs:
+            return
         self.metrics.observe(f"{namespace}/{name}", decision, job.status)
         status = decision.status or {}
         phase = status.get("phase", job.status.phase)
@@ -405,7 +410,7 @@ class Shell:
         body = self.job_cache.get(key) if cached else None
         children = self.child_index.children(key) if cached else None
         from_cache = body is not None or children is not None
-        listing = None
+        listing, token = None, self.child_index.token()
         if children is None:
             self.metrics.child_lists.inc()
             listing = asyncio.ensure_future(asyncio.to_thread(self.kube.list_children, namespace, name))
@@ -417,7 +422,7 @@ class Shell:
             if listing is not None:
                 children = await listing
                 if key in self.seen_jobs:  # never for a job deleted meanwhile (its forget has run)
-                    self.child_index.listed(key, children)
+                    self.child_index.listed(key, children, token)
         except BaseException:
             if listing is not None:
                 await asyncio.gather(listing, return_exceptions=True)
@@ -873,8 +878,9 @@ async def on_job(event: dict[str, Any], body: kopf.Body, namespace: str, name: s
     if event.get("type") == "DELETED":
         shell.forget(key)
         return
-    shell.job_cache.watched(key, body)
-    if event.get("type") is None:  # kopf's listing: maybe after a pause, when another replica acted
+    listed = event.get("type") is None  # kopf's listing: maybe after a pause, when another replica acted
+    shell.job_cache.watched(key, body, listed=listed)
+    if listed:
         shell.child_index.invalidate(key)
     if not shell.seen_jobs.changed(key, body) and event.get("type") is not None:
         shell.metrics.watch_events.labels(resource="trainingjobs", outcome="unchanged").inc()

@@ -126,6 +126,8 @@ def relevant(kind: str, body: Mapping[str, Any]) -> dict[str, Any]:
     if kind == "Pod":
         slim = slim_pod(body)
         slim["metadata"].pop("resourceVersion", None)
+        for key in ("apiVersion", "kind"):  # a LIST's items carry neither, a watch event's both
+            slim.pop(key, None)
         return slim
     raise ValueError(f"relevant: kind must be TrainingJob, Pod or Node, got {kind!r}")
 

@@ -79,6 +79,28 @@ def test_a_suspect_body_is_read_again_until_a_newer_one_comes() -> None:
     assert cache.get(KEY) is not None
 
 
+def test_a_listed_body_is_suspect_until_an_answer_confirms_it() -> None:
+    """At start-up a reconcile made from a pod event may write the job before its watch shows it
+    (the answer cannot be kept: the cache does not hold the job yet); kopf's listing, read before
+    that write, then arrives: decided from, it would take the write back."""
+    cache = JobCache()
+    cache.watched(KEY, at(job_body(), 5, phase="Running"), listed=True)
+    assert cache.get(KEY) is None
+    cache.answered(KEY, at(job_body(), 7, phase="Stopping"))
+    assert cache.get(KEY)["status"]["phase"] == "Stopping"  # type: ignore[index]
+
+
+def test_an_answer_about_an_older_job_of_the_name_is_not_kept() -> None:
+    """A GET in flight while the job was deleted and made again answers with the old job."""
+    cache = JobCache()
+    new = at(job_body(), 20, phase="Pending")
+    new["metadata"]["uid"] = "uid-2"
+    cache.watched(KEY, new)
+    cache.answered(KEY, at(job_body(), 30, phase="Stopping"))  # uid-1, the deleted one
+    assert cache.get(KEY)["metadata"]["uid"] == "uid-2"  # type: ignore[index]
+    assert cache.get(KEY)["status"]["phase"] == "Pending"  # type: ignore[index]
+
+
 # --- ChildIndex ----------------------------------------------------------------------------------
 
 def test_children_are_answered_from_the_last_list_until_written_or_resync() -> None:
@@ -90,6 +112,16 @@ def test_children_are_answered_from_the_last_list_until_written_or_resync() -> N
     index.listed(KEY, [], now=300)
     index.invalidate(KEY)  # the operator wrote one
     assert index.children(KEY, now=301) is None and len(index) == 0
+
+
+def test_a_list_that_an_invalidation_overtook_is_not_kept() -> None:
+    index = ChildIndex()
+    token = index.token()
+    index.invalidate(("team", "other"))  # kopf lists again, say, while this LIST runs
+    index.listed(KEY, [], token, now=0)
+    assert index.children(KEY, now=1) is None
+    index.listed(KEY, [], index.token(), now=0)
+    assert index.children(KEY, now=1) == []
 
 
 def test_a_decision_says_whether_it_writes_children() -> None:
@@ -218,9 +250,10 @@ def test_a_launch_decided_from_the_caches_is_applied_once_the_get_and_list_agree
 
 
 def test_after_kopfs_listing_the_next_reconcile_reads_the_job_and_its_children_afresh() -> None:
-    """kopf lists again after a watch gap and when a paused replica resumes: another replica may
-    have written the job and its children meanwhile, and a pod's listing event may come before
-    its job's. Either listing event makes the next reconcile GET the job and LIST its children."""
+    """kopf lists again at start-up, after a watch gap and when a paused replica resumes: another
+    replica (or this one, before the cache held the job) may have written the job and its
+    children since the listing was read, and a pod's listing event may come before its job's.
+    Either listing event makes the next reconcile GET the job and LIST its children."""
     import kopf
 
     from torpor_operator import handlers
@@ -251,7 +284,7 @@ def test_after_kopfs_listing_the_next_reconcile_reads_the_job_and_its_children_a
     asyncio.run(shell._reconcile(KEY, None, fresh=False))
     assert api.calls == Counter(), "the GET's answer and the LIST are cached again"
     asyncio.run(listed_job())
-    assert api.calls == Counter({"LIST children": 1}), "the job's listing is its body: no GET"
+    assert api.calls == Counter({"GET job": 1, "LIST children": 1}), "a listed body is suspect too"
 
 
 def test_a_replica_that_was_paused_reads_every_job_afresh() -> None:
@@ -335,3 +368,50 @@ def test_a_decision_reads_the_nodes_of_its_ranks_and_those_in_trouble_not_every_
     shell.node_seen("cordoned", slim_node(node("cordoned")))  # uncordoned
     shell.node_seen("lost", None)  # deleted
     assert [n["metadata"]["name"] for n in shell._nodes_for(pods)] == ["node-a"]
+
+
+def test_a_launch_made_again_lists_the_checkpoints_afresh_when_the_job_read_again_wants_it() -> None:
+    """The cache said Pending (a launch half made: its pods are missing), the GET says Restarting:
+    the pods it makes must name the newest checkpoint, so the decision made again lists afresh."""
+    cluster = Cluster(job_body())
+    cluster.step()  # launched: Pending
+    shell, api = shell_for(cluster)
+    watched(shell, cluster)
+    cluster.pods.clear()
+    shell.child_index.listed(KEY, list(cluster.children.values()))
+    shell.pod_index.listing(*KEY)
+    shell.pod_index.seed(*KEY, [], "1")
+    cluster.status["phase"] = "Restarting"  # what the API holds now
+    asked: list[bool | None] = []
+
+    async def checkpoints(key: tuple[str, str], job: object, since: float | None = None, *,
+                          fresh: bool | None = None) -> list[object]:
+        asked.append(fresh)
+        return []
+
+    shell._checkpoints = checkpoints  # type: ignore[method-assign,assignment]
+    asyncio.run(shell._reconcile(KEY, None, fresh=False))
+    assert asked == [False, True], "the first decision from the cache, the second from the GET"
+
+
+def test_a_job_deleted_while_its_decision_is_applied_leaves_nothing_behind() -> None:
+    """Its DELETED event runs ``forget`` while the reconcile waits for the API: what the reconcile
+    does after (the phase gauge, the retention schedule, a wake-up) must not bring it back."""
+    cluster = running()
+    shell, api = shell_for(cluster)
+    watched(shell, cluster)
+    asyncio.run(shell._reconcile(KEY, None, fresh=False))
+    cluster.nodes["node-a"] = node("node-a", unschedulable=True)
+    shell.node_seen("node-a", slim_node(cluster.nodes["node-a"]))
+    applying = api.apply
+
+    def apply_then_deleted(namespace: str, job: str, decision: Decision) -> dict[str, Any] | None:
+        answer = applying(namespace, job, decision)
+        shell.forget(KEY)  # the DELETED event, handled on the loop while this thread ran
+        return answer
+
+    api.apply = apply_then_deleted  # type: ignore[method-assign]
+    asyncio.run(shell._reconcile(KEY, None, fresh=False))
+    assert api.applied[-1].graceful_exit is not None
+    held = {name: size() for name, size in shell.cache_sizes().items() if name not in ("nodes", "troubled_nodes")}
+    assert not any(held.values()), held

@@ -188,3 +188,5 @@ def test_a_kubelets_bookkeeping_of_a_pod_is_no_change_and_the_slim_copy_is_its_o
     assert relevant("Pod", before) == relevant("Pod", after)
     assert slim_pod(slim_pod(before)) == slim_pod(before)
     assert relevant("Pod", slim_pod(before)) == relevant("Pod", before)
+    listed = {k: v for k, v in before.items() if k not in ("apiVersion", "kind")}  # a LIST's item
+    assert relevant("Pod", listed) == relevant("Pod", before)
