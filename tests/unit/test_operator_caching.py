@@ -375,7 +375,7 @@ def test_a_launch_made_again_lists_the_checkpoints_afresh_when_the_job_read_agai
     the pods it makes must name the newest checkpoint, so the decision made again lists afresh."""
     cluster = Cluster(job_body())
     cluster.step()  # launched: Pending
-    shell, api = shell_for(cluster)
+    shell, _ = shell_for(cluster)
     watched(shell, cluster)
     cluster.pods.clear()
     shell.child_index.listed(KEY, list(cluster.children.values()))
