@@ -35,16 +35,15 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from torpor_operator.watching import resource_version as _version
+
 __all__ = ["ChildIndex", "JobCache"]
 
 Key = tuple[str, str]
 
 
-def _version(obj: Mapping[str, Any]) -> int | None:
-    try:
-        return int((obj.get("metadata") or {}).get("resourceVersion") or "")
-    except ValueError:
-        return None
+def _uid(obj: Mapping[str, Any]) -> str | None:
+    return (obj.get("metadata") or {}).get("uid")
 
 
 def _without_managed_fields(obj: Mapping[str, Any]) -> dict[str, Any]:
@@ -69,7 +68,7 @@ class JobCache:
         cache held it and could keep that write's answer."""
         self._put(key, body)
         if listed:
-            self._suspect.add(key)
+            self.suspect(key)
 
     def answered(self, key: Key, body: Mapping[str, Any] | None) -> None:
         """The API's answer to a read or a write of the job (``None``: the job was gone). Only for
@@ -78,7 +77,7 @@ class JobCache:
         held = self._bodies.get(key)
         if body is None or held is None:
             return
-        if (held.get("metadata") or {}).get("uid") != (body.get("metadata") or {}).get("uid"):
+        if _uid(held) != _uid(body):
             return
         self._put(key, body)
 
@@ -86,8 +85,7 @@ class JobCache:
         held = self._bodies.get(key)
         if held is not None:
             old, new = _version(held), _version(body)
-            uid_same = (held.get("metadata") or {}).get("uid") == (body.get("metadata") or {}).get("uid")
-            if uid_same and old is not None and new is not None and new < old:
+            if _uid(held) == _uid(body) and old is not None and new is not None and new < old:
                 return
         self._bodies[key] = _without_managed_fields(body)
         self._suspect.discard(key)

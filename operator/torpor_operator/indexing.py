@@ -32,19 +32,13 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from torpor_operator.watching import resource_version as _version
 from torpor_operator.watching import slim_pod
 
 __all__ = ["PodIndex"]
 
 Key = tuple[str, str]
 _DELETION = ("deletionTimestamp", "deletionGracePeriodSeconds")
-
-
-def _version(obj: Mapping[str, Any]) -> int | None:
-    try:
-        return int((obj.get("metadata") or {}).get("resourceVersion") or "")
-    except ValueError:
-        return None
 
 
 class PodIndex:

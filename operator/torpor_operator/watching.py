@@ -26,10 +26,19 @@ import kopf
 
 from torpor_operator.contract import ENV, LABEL_JOB
 
-__all__ = ["POD_SELECTOR", "NoDiffBase", "Seen", "merge", "relevant", "slim_node", "slim_pod"]
+__all__ = ["POD_SELECTOR", "NoDiffBase", "Seen", "merge", "relevant", "resource_version", "slim_node", "slim_pod"]
 
 #: The server-side label selector of the pod watch: every pod torpor makes has the label.
 POD_SELECTOR = LABEL_JOB
+
+
+def resource_version(obj: Mapping[str, Any]) -> int | None:
+    """An object's ``metadata.resourceVersion`` as the etcd revision it is (what orders a watch
+    event against a LIST or a write's answer), or ``None`` when it has none or it is not a number."""
+    try:
+        return int((obj.get("metadata") or {}).get("resourceVersion") or "")
+    except ValueError:
+        return None
 
 
 def slim_node(node: Mapping[str, Any]) -> dict[str, Any]:
